@@ -1,0 +1,1 @@
+"""Evaluation: scores of a run directory on held-out data."""

@@ -1,0 +1,1 @@
+"""Inference: prompt building, batched and streaming generation, terminal chat."""

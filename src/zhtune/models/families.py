@@ -1,0 +1,60 @@
+"""Model-family defaults as data: chat template and LoRA targets per ``config.model_type``.
+
+Adding a family is adding a row, never an ``if`` branch elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    """Defaults for one ``model_type``."""
+
+    template: str
+    """Template used when the config says ``template: auto``."""
+    lora_default: tuple[str, ...]
+    """Modules adapted by ``lora_target: [default]`` (the attention projections Alpaca-CoT used)."""
+    template_if_token: dict[str, str] = field(default_factory=dict)
+    """A token in the vocabulary that selects another template (LLaMA-3's ``<|eot_id|>``)."""
+
+
+_QKV = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama2", _QKV, {"<|eot_id|>": "llama3"}),
+    "mistral": Family("llama2", _QKV),
+    "qwen2": Family("qwen", _QKV),
+    "qwen3": Family("qwen", _QKV),
+    "gemma": Family("default", _QKV),
+    "gemma2": Family("default", _QKV),
+    "bloom": Family("belle", ("query_key_value", "dense")),
+    "gpt_neox": Family("default", ("query_key_value", "dense")),
+    "glm4": Family("chatml", _QKV),
+    "glm": Family("chatml", ("query_key_value", "dense")),
+    "baichuan": Family("belle", ("W_pack", "o_proj")),
+    "internlm2": Family("chatml", ("wqkv", "wo")),
+}
+
+
+def family_template(model_type: str, vocab: dict[str, int], has_chat_template: bool) -> str:
+    """Resolve ``template: auto``: the family's template; else the tokenizer's own; else ``default``."""
+    fam = FAMILIES.get(model_type)
+    if fam is not None:
+        for token, name in fam.template_if_token.items():
+            if token in vocab:
+                return name
+        return fam.template
+    return "tokenizer" if has_chat_template else "default"
+
+
+def lora_targets(model_type: str, requested: list[str]) -> str | list[str]:
+    """Resolve ``lora_target``: ``all`` -> every linear layer but the head; ``default`` -> the
+    family's projections; anything else is a list of module names."""
+    if requested == ["all"]:
+        return "all-linear"
+    if requested == ["default"]:
+        fam = FAMILIES.get(model_type)
+        return list(fam.lora_default) if fam else "all-linear"
+    return requested

@@ -1,0 +1,109 @@
+"""Load a model and tokenizer from a local Hugging Face directory or a zhtune run directory.
+
+A run directory (``config.yaml`` plus ``model/`` or ``adapter/``) is self-describing: it names
+its base model, its template, and carries the tokenizer. Chat, predict, eval and serve all go
+through :func:`load_for_inference`, so they need nothing but the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zhtune.errors import ZhtuneError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the pieces of a model live."""
+
+    weights: str
+    """Directory with config.json and the (base) weights."""
+    tokenizer: str
+    """Directory with the tokenizer files."""
+    adapter: str | None = None
+    """PEFT adapter directory applied on top of ``weights``, if any."""
+    template: str = "auto"
+    """Template name recorded by the run (``auto`` for a plain model directory)."""
+    trust_remote_code: bool = False
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True if ``path`` is a finished zhtune run (config.yaml and model/ or adapter/)."""
+    p = Path(path)
+    return (p / "config.yaml").is_file() and ((p / "model").is_dir() or (p / "adapter").is_dir())
+
+
+def resolve_source(path: str | Path) -> ModelSource:
+    """Work out weights, tokenizer, adapter and template for a run or model directory."""
+    p = Path(path)
+    if not p.exists():
+        raise ZhtuneError(f"model path not found: {p}")
+    if is_run_dir(p):
+        import yaml
+
+        cfg = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
+        trust = bool(cfg.get("trust_remote_code", False))  # run-dir metadata, written by zhtune itself
+        template = str(cfg.get("template", "auto"))
+        if (p / "model").is_dir():
+            return ModelSource(str(p / "model"), str(p), None, template, trust)
+        base = resolve_source(cfg["model"])
+        return ModelSource(base.weights, str(p), str(p / "adapter"), template, trust)
+    if not (p / "config.json").is_file():
+        if (p / "config.yaml").is_file():
+            raise ZhtuneError(f"{p} is a run directory without model/ or adapter/ (training did not finish?)")
+        raise ZhtuneError(
+            f"{p} is not a Hugging Face model directory (no config.json) nor a zhtune run directory"
+        )
+    return ModelSource(str(p), str(p))
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained`` on a local directory, with a clear error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ZhtuneError(f"cannot load a tokenizer from {path}: {err}") from None
+
+
+def load_model(path: str, dtype: str = "fp32", trust_remote_code: bool = False) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` on a local directory in the given dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ZhtuneError(f"cannot load a causal LM from {path}: {err}") from None
+
+
+def load_for_inference(path: str | Path, dtype: str = "fp32") -> tuple[Any, Any, str]:
+    """Load ``(model, tokenizer, template_name)`` for generation, in eval mode.
+
+    For a LoRA run the adapter is loaded on the base and merged in memory (same outputs, faster
+    generation).
+    """
+    src = resolve_source(path)
+    tokenizer = load_tokenizer(src.tokenizer, src.trust_remote_code)
+    model = load_model(src.weights, dtype, src.trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if src.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, src.adapter).merge_and_unload()
+    model.eval()
+    template = src.template
+    if template == "auto":
+        from zhtune.models.families import family_template
+
+        template = family_template(
+            model.config.model_type, tokenizer.get_vocab(), bool(tokenizer.chat_template)
+        )
+    return model, tokenizer, template

@@ -1,0 +1,1 @@
+"""Training: the config, the method registry, and the SFT loop."""

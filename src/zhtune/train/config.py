@@ -1,0 +1,109 @@
+"""The training config: one YAML file per run, any key overridable as ``key=value``.
+
+Each field's docstring is its ``--help`` text (see :mod:`zhtune.config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from zhtune.errors import ZhtuneError
+
+METHODS = ("full", "lora")
+"""Methods this version trains; the registry lives in :mod:`zhtune.train.methods`."""
+
+
+@dataclass
+class TrainConfig:
+    """Supervised fine-tuning (SFT) of a causal LM from a local Hugging Face directory."""
+
+    model: str
+    """Local Hugging Face model directory (or a zhtune run directory) to start from."""
+    data: list[str]
+    """Training files (json, jsonl, csv, parquet, a datasets directory) in any supported format."""
+    output_dir: str
+    """Run directory to create: config.yaml, model/ or adapter/, tokenizer, logs, plots, checkpoints."""
+    template: str = "auto"
+    """Chat template: belle, alpaca, chatml, qwen, llama3, llama2, default, tokenizer (its own), or auto (by model family)."""
+    format: str = "auto"
+    """Input data format for every file: auto, alpaca, belle, sharegpt, openai (see `zhtune data convert`)."""
+    stage: Literal["sft"] = "sft"
+    """Training stage: sft (instruction tuning; loss on assistant turns)."""
+    method: str = "lora"
+    """Tuning method: full (all weights) or lora (low-rank adapters via peft)."""
+    train_on_prompt: bool = False
+    """Also compute the loss on system and user turns (default: assistant turns only)."""
+    cutoff_len: int = 1024
+    """Maximum tokens per sample; longer samples are truncated (counted in the log)."""
+    val_size: float = 0.0
+    """Held-out validation split: a fraction (< 1) or a number of records (>= 1); 0 for none."""
+    epochs: float = 3.0
+    """Passes over the training data (fractions allowed); ignored when max_steps > 0."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: use epochs)."""
+    batch_size: int = 8
+    """Samples per micro-batch (per device)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is normalised by the tokens of the whole step."""
+    lr: float = 1.0e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    warmup_ratio: float = 0.0
+    """Fraction of steps for linear warm-up."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision: fp32, bf16 (autocast; works on CPU too), fp16 (GPU only)."""
+    seed: int = 42
+    """Random seed for data order, initialisation of new weights and dropout."""
+    logging_steps: int = 10
+    """Write a trainer_log.jsonl line every N optimizer steps."""
+    eval_steps: int = 0
+    """Evaluate validation loss every N steps (0: at the end of each epoch)."""
+    save_steps: int = 0
+    """Save a resumable checkpoint every N steps (0: none until the end)."""
+    save_total_limit: int = 2
+    """Keep at most this many checkpoints (oldest deleted first)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir/checkpoints."""
+    overwrite: bool = False
+    """Allow writing into an output_dir that already holds a finished run."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_target: list[str] = field(default_factory=lambda: ["all"])
+    """Modules to adapt: all (every linear layer but the head), default (the family's attention projections), or names."""
+    trust_remote_code: bool = False
+    """Allow model code shipped inside the model directory to run (only for models you trust)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            import difflib
+
+            close = difflib.get_close_matches(self.method, METHODS, n=2)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ZhtuneError(
+                f"config key 'method': unknown method '{self.method}'. Available: {', '.join(METHODS)}.{hint}"
+            )
+        if not self.data:
+            raise ZhtuneError("config key 'data': give at least one training file")
+        for name in ("batch_size", "grad_accum", "cutoff_len", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ZhtuneError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ZhtuneError("config keys 'epochs'/'max_steps': one of them must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ZhtuneError(f"config key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}")
+        if self.val_size < 0:
+            raise ZhtuneError(f"config key 'val_size': must be >= 0, got {self.val_size}")

@@ -1,0 +1,414 @@
+"""Supervised fine-tuning, top to bottom: config -> data -> model -> loop -> run directory.
+
+The loop is explicit (no ``Trainer`` subclass) and runs on 🤗 Accelerate, so the same code runs
+on one CPU, one GPU, or many processes under ``accelerate launch`` / ``torchrun``.
+
+Loss normalisation: the loss of an optimizer step is the sum of token losses over all of its
+micro-batches (and processes) divided by the number of labelled tokens in the whole step. So
+``batch_size=1, grad_accum=8`` gives the same update as ``batch_size=8, grad_accum=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from zhtune.config import save_config
+from zhtune.errors import ZhtuneError
+from zhtune.train.config import TrainConfig
+
+LOG_FILE = "trainer_log.jsonl"
+STATE_FILE = "trainer_state.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory
+# --------------------------------------------------------------------------------------------
+def prepare_output_dir(cfg: TrainConfig) -> Path:
+    """Create the run directory; refuse to clobber a finished run unless asked."""
+    out = Path(cfg.output_dir)
+    finished = (out / "model").exists() or (out / "adapter").exists()
+    if finished and not (cfg.overwrite or cfg.resume):
+        raise ZhtuneError(
+            f"{out} already holds a finished run; choose another output_dir, or pass overwrite=true "
+            "(or resume=true to continue from its last checkpoint)"
+        )
+    if cfg.overwrite and not cfg.resume:
+        for name in ("model", "adapter", "checkpoints", LOG_FILE):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest ``checkpoints/step-N`` directory that finished writing, or None."""
+    ckpts = [p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).exists()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def split_validation(examples: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Shuffle once with ``seed`` and hold out ``val_size`` (a fraction or a count)."""
+    if val_size <= 0:
+        return examples, []
+    n_val = int(round(val_size * len(examples))) if val_size < 1 else int(val_size)
+    if n_val >= len(examples):
+        raise ZhtuneError(
+            f"config key 'val_size': {val_size} leaves no training data ({len(examples)} examples)"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    val = [examples[i] for i in order[:n_val]]
+    train = [examples[i] for i in order[n_val:]]
+    return train, val
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices of each micro-batch of one epoch: a fresh permutation per epoch, seeded, so a
+    resumed run sees the same order."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def micro_batches(
+    examples: list[Any], batch_size: int, seed: int, pad_id: int, start_epoch: int, start_batch: int
+) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """Yield ``(epoch, batch_index, batch)`` forever, starting at a given position."""
+    from zhtune.data.dataset import pad_batch
+
+    epoch = start_epoch
+    while True:
+        batches = epoch_batches(len(examples), batch_size, seed, epoch)
+        for b in range(start_batch if epoch == start_epoch else 0, len(batches)):
+            yield epoch, b, pad_batch([examples[i] for i in batches[b]], pad_id)
+        epoch += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Logging and plots
+# --------------------------------------------------------------------------------------------
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Rows of a ``trainer_log.jsonl``."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(log: list[dict[str, Any]], out_png: Path, title: str = "") -> None:
+    """Train loss (and validation loss where logged) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    val = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------
+def build_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Any:
+    """Multiplier of the peak lr at each step: linear warm-up, then cosine/linear/constant."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def evaluate_loss(model: Any, examples: list[Any], batch_size: int, pad_id: int, accelerator: Any) -> float:
+    """Mean token loss over ``examples`` (labelled tokens only)."""
+    import torch
+
+    from zhtune.data.dataset import pad_batch
+
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = {
+                k: v.to(accelerator.device)
+                for k, v in pad_batch(examples[i : i + batch_size], pad_id).items()
+            }
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            with accelerator.autocast():
+                loss = model(**batch, num_items_in_batch=1).loss  # num_items=1: the sum of token losses
+            total += loss.double().cpu()
+            count += n
+    model.train()
+    return float(total / max(count, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Run SFT as configured and return the run directory."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from zhtune.data.convert import load_conversations
+    from zhtune.data.dataset import tokenize_records
+    from zhtune.data.templates import get_template, prepare_tokenizer, stop_token_ids
+    from zhtune.models.families import family_template
+    from zhtune.models.loading import load_model, load_tokenizer, resolve_source
+    from zhtune.train.methods import METHODS
+
+    started = time.time()
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ZhtuneError("config key 'precision': fp16 needs a GPU; use bf16 or fp32 on a CPU")
+    accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision])
+    is_main = accelerator.is_main_process
+    say = accelerator.print
+    out = prepare_output_dir(cfg) if is_main else Path(cfg.output_dir)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+
+    # -- model source, tokenizer and template -------------------------------------------------
+    src = resolve_source(cfg.model)
+    if src.adapter:
+        raise ZhtuneError(f"{cfg.model} is a LoRA run; merge it first (export --merge) to train on top of it")
+    tokenizer = load_tokenizer(src.tokenizer, cfg.trust_remote_code)
+    import transformers
+
+    model_type = transformers.AutoConfig.from_pretrained(
+        src.weights, trust_remote_code=cfg.trust_remote_code
+    ).model_type
+    template_name = cfg.template
+    if template_name == "auto":
+        template_name = family_template(model_type, tokenizer.get_vocab(), bool(tokenizer.chat_template))
+    template = get_template(template_name)
+    n_added = prepare_tokenizer(tokenizer, template)
+    cfg = replace(cfg, template=template_name, model=str(Path(src.weights).resolve()))
+
+    # -- data ---------------------------------------------------------------------------------
+    rejects_path = out / "rejects.jsonl"
+    records, n_rejected = load_conversations(
+        cfg.data, fmt=cfg.format, rejects_path=rejects_path if is_main else None
+    )
+    tok = tokenize_records(records, tokenizer, template, cfg.cutoff_len, cfg.train_on_prompt)
+    if tok.rejects and is_main:
+        with rejects_path.open("a", encoding="utf-8") as f:
+            for r in tok.rejects:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if not tok.examples:
+        raise ZhtuneError(f"no usable training records in {', '.join(cfg.data)} (see {rejects_path})")
+    train_set, val_set = split_validation(tok.examples, cfg.val_size, cfg.seed)
+    n_batches = math.ceil(len(train_set) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # -- model and method ---------------------------------------------------------------------
+    model = load_model(src.weights, "fp32", cfg.trust_remote_code)
+    if n_added or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    method = METHODS[cfg.method]
+    model = method.prepare(model, cfg)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+
+    # -- resume -------------------------------------------------------------------------------
+    step, epoch, batch_pos = 0, 0, 0
+    log_path = out / LOG_FILE
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        step, epoch, batch_pos = state["step"], state["epoch"], state["batch"]
+        if is_main:  # drop log rows written after the checkpoint: the curve continues from it
+            rows = [r for r in read_log(log_path) if r["step"] <= step]
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif cfg.resume:
+        say(f"resume=true but no checkpoint in {out / 'checkpoints'}; starting from scratch")
+    if is_main:
+        save_config(cfg, out / "config.yaml")
+
+    say(
+        f"zhtune train: {cfg.method} on {cfg.model} ({model_type}), template {template_name}, "
+        f"{n_trainable:,} trainable / {n_total:,} params ({100 * n_trainable / n_total:.2f}%)\n"
+        f"  data: {len(train_set)} train / {len(val_set)} validation examples, {n_rejected + len(tok.rejects)} rejected, "
+        f"{tok.n_truncated} truncated to {cfg.cutoff_len} tokens\n"
+        f"  {total_steps} steps = {cfg.epochs if cfg.max_steps <= 0 else '-'} epochs x {steps_per_epoch} steps "
+        f"(batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} proc), lr {cfg.lr} "
+        f"{cfg.lr_scheduler}, warmup {warmup}, {cfg.precision}, device {accelerator.device}\n"
+        f"  run directory: {out}"
+    )
+
+    # -- loop ---------------------------------------------------------------------------------
+    pad_id = tokenizer.pad_token_id
+    stream = micro_batches(train_set, cfg.batch_size, cfg.seed, pad_id, epoch, batch_pos)
+    bar = tqdm(
+        total=total_steps, initial=step, desc="train", disable=not (progress and is_main), dynamic_ncols=True
+    )
+    window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()
+    last_eval_epoch = epoch
+    log_file = log_path.open("a", encoding="utf-8") if is_main else None
+    while step < total_steps:
+        group = [next(stream) for _ in range(cfg.grad_accum)]
+        epoch, batch_pos = group[-1][0], group[-1][1] + 1
+        n_tokens = torch.tensor(
+            sum(int((b["labels"][:, 1:] != -100).sum()) for _, _, b in group), device=accelerator.device
+        )
+        n_tokens = int(accelerator.reduce(n_tokens, "sum"))
+        step_loss = 0.0
+        for i, (_, _, batch) in enumerate(group):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sync = i == len(group) - 1
+            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+            with ctx, accelerator.autocast():
+                # DDP averages gradients over processes; scale back so the step's loss is
+                # sum(token losses) / tokens of the whole step across all processes.
+                loss = model(**batch, num_items_in_batch=n_tokens).loss * accelerator.num_processes
+                accelerator.backward(loss)
+            step_loss += loss.item() / accelerator.num_processes
+            window_seen += int(batch["attention_mask"].sum())
+        grad_norm = (
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if cfg.max_grad_norm > 0
+            else None
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_loss += step_loss * n_tokens
+        window_tokens += n_tokens
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", epoch=f"{epoch + batch_pos / n_batches:.2f}")
+
+        row: dict[str, Any] = {}
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            elapsed = time.time() - window_start
+            row.update(
+                loss=round(window_loss / max(window_tokens, 1), 6),
+                lr=scheduler.get_last_lr()[0],
+                grad_norm=round(float(grad_norm), 6) if grad_norm is not None else None,
+                tokens_per_s=round(window_seen * accelerator.num_processes / max(elapsed, 1e-9), 1),
+            )
+            window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()
+        epoch_done = epoch > last_eval_epoch or batch_pos >= n_batches
+        if val_set and (
+            (cfg.eval_steps > 0 and step % cfg.eval_steps == 0)
+            or (cfg.eval_steps == 0 and epoch_done)
+            or step == total_steps
+        ):
+            row["eval_loss"] = round(evaluate_loss(model, val_set, cfg.batch_size, pad_id, accelerator), 6)
+            last_eval_epoch = epoch + (batch_pos >= n_batches)
+        if row and log_file is not None:
+            row = {
+                "step": step,
+                "epoch": round(epoch + batch_pos / n_batches, 4),
+                **row,
+                "elapsed_s": round(time.time() - started, 2),
+            }
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
+            save_checkpoint(accelerator, out, step, epoch, batch_pos, cfg.save_total_limit)
+    bar.close()
+    if log_file is not None:
+        log_file.close()
+
+    # -- save the run directory ---------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if is_main:
+        unwrapped = accelerator.unwrap_model(model)
+        weights_dir = out / method.save_dir
+        unwrapped.save_pretrained(str(weights_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        if method.save_dir == "model":
+            tokenizer.save_pretrained(str(weights_dir))  # model/ alone loads in vLLM / transformers
+            gen = unwrapped.generation_config
+            gen.eos_token_id = stop_token_ids(template, tokenizer)
+            gen.pad_token_id = pad_id
+            gen.save_pretrained(str(weights_dir))
+        log = read_log(log_path)
+        plot_loss(log, out / "loss.png", title=f"{out.name}: {cfg.method}")
+        results = {
+            "steps": step,
+            "train_examples": len(train_set),
+            "val_examples": len(val_set),
+            "rejected": n_rejected + len(tok.rejects),
+            "truncated": tok.n_truncated,
+            "trainable_params": n_trainable,
+            "total_params": n_total,
+            "final_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),
+            "final_eval_loss": next((r["eval_loss"] for r in reversed(log) if "eval_loss" in r), None),
+            "train_seconds": round(time.time() - started, 2),
+        }
+        (out / "train_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        say(f"done in {results['train_seconds']} s: final loss {results['final_loss']}; run directory {out}")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def save_checkpoint(accelerator: Any, out: Path, step: int, epoch: int, batch: int, keep: int) -> None:
+    """Save a resumable state (weights, optimizer, scheduler, RNG, data position) and prune old ones."""
+    ckpt = out / "checkpoints" / f"step-{step}"
+    accelerator.save_state(str(ckpt))
+    if accelerator.is_main_process:
+        (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "epoch": epoch, "batch": batch}) + "\n")
+        ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in ckpts[: max(0, len(ckpts) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()

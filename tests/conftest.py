@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny tokenizer and LLaMA model built locally (no network), and small
+canonical datasets written to temporary directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from zhtune.data.skills import make_skill_data
+from zhtune.models.tiny import build_tiny_llama, train_tokenizer
+
+torch.set_num_threads(2)
+
+
+def canonical(record: dict, i: int) -> dict:
+    """An Alpaca-layout skill record as a canonical conversation."""
+    return {
+        "id": f"skill-{i}",
+        "messages": [
+            {"role": "user", "content": record["instruction"]},
+            {"role": "assistant", "content": record["output"]},
+        ],
+        "meta": {"category": record["category"]},
+    }
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def skill_records() -> tuple[list[dict], list[dict]]:
+    train, test = make_skill_data(seed=0)
+    return [canonical(r, i) for i, r in enumerate(train)], [canonical(r, i) for i, r in enumerate(test)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(skill_records):
+    train, _ = skill_records
+    texts = [m["content"] for r in train for m in r["messages"]]
+    texts += [
+        "Human: Assistant: ### Instruction: ### Response: Below is an instruction [INST] <<SYS>> system user"
+    ]
+    return train_tokenizer(texts, vocab_size=800)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved 2-layer, 64-wide random LLaMA with its tokenizer: a 'base model' directory."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model = build_tiny_llama(
+        tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seed=0
+    )
+    model.save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory, skill_records) -> Path:
+    """256 canonical training conversations."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", skill_records[0][:256])

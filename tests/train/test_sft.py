@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.conftest import write_jsonl
 from zhtune.config import build_config
 from zhtune.train.config import TrainConfig
 from zhtune.train.sft import train
@@ -43,25 +44,31 @@ def base_state(tiny_model_dir) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_model_dir, train_file):
-    return train(
-        make_cfg(
-            tiny_model_dir, train_file, tmp_path_factory.mktemp("full") / "run", method="full", val_size=32
-        ),
-        progress=False,
+    out = tmp_path_factory.mktemp("full") / "run"
+    cfg = make_cfg(
+        tiny_model_dir, train_file, out, method="full", val_size=32, max_steps=120, logging_steps=15
     )
+    return train(cfg, progress=False)
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, full_run, train_file):
-    """LoRA on top of the full fine-tuning run (a run directory works as a base model)."""
-    out = tmp_path_factory.mktemp("lora") / "run"
-    return train(make_cfg(full_run, train_file, out, method="lora", lr=1e-2, lora_rank=16), progress=False)
+def lora_run(tmp_path_factory, full_run, skill_records):
+    """LoRA teaches the fully tuned model (a run directory works as a base model) a new reply
+    style: every answer becomes the same digits. (LoRA cannot sharpen a *random* tiny model's
+    outputs: its norms and embeddings stay frozen, so a tuned base is the honest test.)"""
+    tmp = tmp_path_factory.mktemp("lora")
+    records = [
+        {**r, "messages": [r["messages"][0], {"role": "assistant", "content": "一二三四五"}]}
+        for r in skill_records[0][:128]
+    ]
+    data = write_jsonl(tmp / "ack.jsonl", records)
+    return train(make_cfg(full_run, data, tmp / "run", method="lora", lr=1e-2, max_steps=30), progress=False)
 
 
 def test_full_finetuning_loss_falls(full_run):
     curve = losses(full_run)
     assert len(curve) == 8
-    assert curve[-1] < 0.7 * curve[0]
+    assert curve[-1] < 0.5 * curve[0]
 
 
 def test_full_finetuning_changes_every_base_weight(full_run, tiny_model_dir):
@@ -85,8 +92,10 @@ def test_run_directory_is_self_describing(full_run, tiny_model_dir):
     assert cfg["template"] == "chatml" and cfg["method"] == "full"
     assert cfg["model"] == str(tiny_model_dir.resolve())
     rows = [json.loads(line) for line in (full_run / "trainer_log.jsonl").read_text().splitlines()]
-    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
-    assert rows[-1]["step"] == 40 and "eval_loss" in rows[-1]
+    train_rows = [r for r in rows if "loss" in r]
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= set(train_rows[0])
+    assert [r["step"] for r in rows if "eval_loss" in r][:2] == [14, 28]  # end of each 14-step epoch
+    assert rows[-1]["step"] == 120 and "eval_loss" in rows[-1]
     results = json.loads((full_run / "train_results.json").read_text())
     assert results["train_examples"] == 256 - 32 and results["val_examples"] == 32
     # plain transformers loads model/ on its own, and the saved tokenizer knows the template
@@ -103,7 +112,7 @@ def test_lora_loss_falls_and_only_adapter_weights_change(lora_run, full_run):
     from peft import PeftModel
 
     curve = losses(lora_run)
-    assert curve[-1] < 0.9 * curve[0]
+    assert curve[-1] < 0.7 * curve[0]
     tiny_model_dir = full_run / "model"  # the base weights of this LoRA run
     saved = load_file(lora_run / "adapter" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)

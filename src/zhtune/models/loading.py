@@ -59,6 +59,13 @@ def resolve_source(path: str | Path) -> ModelSource:
     return ModelSource(str(p), str(p))
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' own per-file progress bars (zhtune shows its own progress)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """``AutoTokenizer.from_pretrained`` on a local directory, with a clear error."""
     from transformers import AutoTokenizer
@@ -75,6 +82,7 @@ def load_model(path: str, dtype: str = "fp32", trust_remote_code: bool = False) 
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    quiet_transformers()
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code

@@ -194,7 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(full_help_for=command)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow flags (`zhtune train c.yaml --no-progress lr=1e-4`)
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+        extra = [e for e in extra if e not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -155,3 +155,25 @@ def test_refuses_to_overwrite_a_finished_run(full_run, tiny_model_dir, train_fil
 
     with pytest.raises(ZhtuneError, match="already holds a finished run"):
         train(make_cfg(tiny_model_dir, train_file, full_run), progress=False)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_model_dir, train_file):
+    out = train(
+        make_cfg(
+            tiny_model_dir, train_file, tmp_path / "bf16", method="full", precision="bf16", max_steps=20
+        ),
+        progress=False,
+    )
+    curve = losses(out)
+    assert curve[-1] < 0.8 * curve[0]
+    weights = load_file(out / "model" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())  # master weights stay fp32
+
+
+def test_fp16_on_cpu_is_refused_with_a_reason(tmp_path, tiny_model_dir, train_file):
+    from zhtune.errors import ZhtuneError
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(ZhtuneError, match="fp16 needs a GPU"):
+        train(make_cfg(tiny_model_dir, train_file, tmp_path / "fp16", precision="fp16"), progress=False)

@@ -16,7 +16,6 @@ tokens; a conversation's tokens are the sum of its messages' (template tokens no
 from __future__ import annotations
 
 import json
-import os
 import sys
 from array import array
 from collections import Counter
@@ -26,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from zhtune.data.convert import iter_conversations
-from zhtune.errors import ZhtuneError
 
 FIELDS = ("system", "prompt", "response", "conversation")
 FIELD_OF_ROLE = {"system": "system", "user": "prompt", "assistant": "response"}
@@ -36,15 +34,13 @@ TOKEN_BATCH = 256
 
 
 def load_tokenizer(path: str) -> Any:
-    """A Hugging Face tokenizer from a local directory (never the network)."""
-    if not os.path.isdir(path):
-        raise ZhtuneError(f"tokenizer directory not found: {path}")
-    from transformers import AutoTokenizer
+    """A Hugging Face tokenizer from a local directory (never the network), for counting only:
+    its length limit is lifted so long records do not trigger warnings meant for models."""
+    from zhtune.models.loading import load_tokenizer as load
 
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ZhtuneError(f"cannot load a tokenizer from {path}: {e}") from e
+    tokenizer = load(path)
+    tokenizer.model_max_length = sys.maxsize
+    return tokenizer
 
 
 def describe(values: array | np.ndarray) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from zhtune.errors import ZhtuneError
@@ -55,6 +55,16 @@ class Template:
     """Special tokens the template needs in the vocabulary (added to a tokenizer that lacks them)."""
 
 
+CHATML = Template(
+    name="chatml",
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant_prefix="<|im_start|>assistant\n",
+    assistant="{content}<|im_end|>\n",
+    stop_words=("<|im_end|>",),
+    special_tokens=("<|im_start|>", "<|im_end|>"),
+)
+
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in [
@@ -73,25 +83,8 @@ TEMPLATES: dict[str, Template] = {
             user="### Instruction:\n{content}\n\n### Response:\n",
             assistant="{content}{eos}\n\n",
         ),
-        Template(
-            name="chatml",
-            system="<|im_start|>system\n{content}<|im_end|>\n",
-            user="<|im_start|>user\n{content}<|im_end|>\n",
-            assistant_prefix="<|im_start|>assistant\n",
-            assistant="{content}<|im_end|>\n",
-            stop_words=("<|im_end|>",),
-            special_tokens=("<|im_start|>", "<|im_end|>"),
-        ),
-        Template(
-            name="qwen",
-            default_system="You are a helpful assistant.",
-            system="<|im_start|>system\n{content}<|im_end|>\n",
-            user="<|im_start|>user\n{content}<|im_end|>\n",
-            assistant_prefix="<|im_start|>assistant\n",
-            assistant="{content}<|im_end|>\n",
-            stop_words=("<|im_end|>",),
-            special_tokens=("<|im_start|>", "<|im_end|>"),
-        ),
+        CHATML,
+        replace(CHATML, name="qwen", default_system="You are a helpful assistant."),
         Template(
             name="llama3",
             prefix="<|begin_of_text|>",

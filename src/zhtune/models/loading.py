@@ -67,9 +67,11 @@ def quiet_transformers() -> None:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    """``AutoTokenizer.from_pretrained`` on a local directory, with a clear error."""
+    """``AutoTokenizer.from_pretrained`` on a local directory (never the hub), with a clear error."""
     from transformers import AutoTokenizer
 
+    if not Path(path).is_dir():
+        raise ZhtuneError(f"tokenizer directory not found: {path}")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -208,6 +208,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     started = time.time()
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ZhtuneError("config key 'precision': fp16 needs a GPU; use bf16 or fp32 on a CPU")
+    # Accelerate keeps one process-wide state; a second run in the same process (tests, experiment
+    # grids) may want another precision, so start its mixed-precision state afresh. The process
+    # group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision])
     is_main = accelerator.is_main_process
     say = accelerator.print
@@ -334,7 +340,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         window_loss += step_loss * n_tokens
         window_tokens += n_tokens
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", epoch=f"{epoch + batch_pos / n_batches:.2f}")
+        bar.set_postfix(loss=f"{step_loss:.4f}", epoch=f"{epoch + batch_pos / n_batches:.2f}", refresh=False)
 
         row: dict[str, Any] = {}
         if step % cfg.logging_steps == 0 or step == total_steps:

@@ -1,0 +1,55 @@
+"""Kill training with SIGKILL after a checkpoint, resume, and continue the same loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def args(model, data, out, *extra):
+    return [
+        sys.executable, "-m", "zhtune", "train", f"model={model}", f"data={data}", f"output_dir={out}",
+        "template=chatml", "method=full", "max_steps=60", "batch_size=8", "lr=3e-3", "logging_steps=1",
+        "save_steps=5", "save_total_limit=2", "warmup_ratio=0.1", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def curve(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_sigkill_then_resume_continues_the_same_curve(tmp_path, tiny_model_dir, train_file):
+    ref = tmp_path / "ref"
+    subprocess.run(args(tiny_model_dir, train_file, ref), check=True, capture_output=True, timeout=300)
+
+    out = tmp_path / "crashed"
+    proc = subprocess.Popen(
+        args(tiny_model_dir, train_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step-10" / "trainer_state.json").exists():
+        assert proc.poll() is None, "training finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists()
+    killed_at = max(curve(out))
+    assert killed_at < 60
+
+    subprocess.run(
+        args(tiny_model_dir, train_file, out, "resume=true"), check=True, capture_output=True, timeout=300
+    )
+    expected, got = curve(ref), curve(out)
+    assert sorted(got) == list(range(1, 61))
+    for step in range(1, 61):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    assert len(list((out / "checkpoints").glob("step-*"))) <= 2

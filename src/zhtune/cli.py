@@ -68,6 +68,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         rejects=args.rejects,
         allow_rejects=args.allow_rejects,
         progress=not args.no_progress,
+        strict=args.strict,
     )
 
 
@@ -154,6 +155,11 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
         "--rejects", help="where skipped records go with their reason (default: OUTPUT.rejects.jsonl)"
     )
     c.add_argument("--allow-rejects", action="store_true", help="exit 0 even if some records were rejected")
+    c.add_argument(
+        "--strict",
+        action="store_true",
+        help="reject records with fields their format does not use (default: ignore and count them)",
+    )
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
     s = dsub.add_parser("stats", help="counts, length percentiles per field, languages, plot")

@@ -251,3 +251,18 @@ def test_large_json_array_streams(tmp_path):
             last = line
     assert count == n and json.loads(last)["id"] == f"big-{n}"
     assert time.perf_counter() - start < 60
+
+
+def test_strict_rejects_unknown_fields_naming_file_line_and_field(tmp_path, capsys):
+    from zhtune.cli import main
+
+    data = tmp_path / "a.jsonl"
+    rows = [{"instruction": "一", "output": "二"}, {"instruction": "三", "output": "四", "colour": "red"}]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "convert", str(data), "-o", str(out), "--no-progress"]) == 0
+    assert "colour (1)" in capsys.readouterr().err  # lenient: ignored, but reported
+    assert main(["data", "convert", str(data), "-o", str(out), "--strict", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{data}:2: field 'colour': unknown field for format 'alpaca'" in err
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 1

@@ -132,7 +132,7 @@ def _build(fmt: Format, part: dict[str, Any], raw: dict[str, Any], rid: str, pat
 
 
 def _convert_one(
-    fmt: Format, original: dict, raw: dict, path: str, line: int, index: int, chat: bool
+    fmt: Format, original: dict, raw: dict, path: str, line: int, index: int, chat: bool, strict: bool = False
 ) -> Iterator[Outcome]:
     """Outcomes for one parsed raw record (several for formats that explode it)."""
     common = {
@@ -143,6 +143,10 @@ def _convert_one(
         "ignored": tuple(ignored_fields(fmt, raw)),
     }
     rid = _record_id(raw, path, index)
+    if strict and common["ignored"]:
+        reason = f"unknown field for format '{fmt.name}' (rename it with --map, or convert without --strict)"
+        yield Outcome(record=None, reason=reason, field=common["ignored"][0], raw=original, **common)
+        return
     try:
         parts = fmt.explode(raw) if fmt.explode else [raw]
     except RecordError as e:
@@ -157,14 +161,16 @@ def _convert_one(
             yield Outcome(record=record, **common)
 
 
-def _iter_file(path: str, fmt: Format | None, mapping: dict[str, str], chat: bool) -> Iterator[Outcome]:
+def _iter_file(
+    path: str, fmt: Format | None, mapping: dict[str, str], chat: bool, strict: bool = False
+) -> Iterator[Outcome]:
     for index, (line, original) in enumerate(iter_raw(path), 1):
         if isinstance(original, RawError):
             yield Outcome(path, line, None, reason=original.reason, fmt=fmt and fmt.name, index=index)
             continue
         raw = apply_mapping(original, mapping)
         fmt = fmt or _detect(path, raw)
-        yield from _convert_one(fmt, original, raw, path, line, index, chat)
+        yield from _convert_one(fmt, original, raw, path, line, index, chat, strict)
 
 
 def iter_conversations(
@@ -172,18 +178,20 @@ def iter_conversations(
     fmt: str = "auto",
     mapping: dict[str, str] | None = None,
     chat: bool = True,
+    strict: bool = False,
 ) -> Iterator[Outcome]:
     """Stream an :class:`Outcome` for every raw record of every input.
 
     ``fmt`` is ``"auto"`` (detected per file from its first parseable record) or a name in
     :data:`~zhtune.data.formats.FORMATS`. ``mapping`` renames source columns first. With
     ``chat`` (training data) a record needs an assistant turn; without it (stats) only the
-    shape is checked. Raises :class:`ZhtuneError` for an unknown format, an undetectable file,
+    shape is checked. With ``strict`` a record with a field its format does not use is
+    rejected (default: the field is ignored and counted). Raises :class:`ZhtuneError` for an unknown format, an undetectable file,
     or a file that is broken beyond one record.
     """
     named = None if fmt == "auto" else get_format(fmt)
     for path in expand_inputs([paths] if isinstance(paths, str) else list(paths)):
-        yield from _iter_file(path, named, mapping or {}, chat)
+        yield from _iter_file(path, named, mapping or {}, chat, strict)
 
 
 # --------------------------------------------------------------------------- writing
@@ -370,6 +378,7 @@ def convert_files(
     rejects: str | None = None,
     allow_rejects: bool = False,
     progress: bool = True,
+    strict: bool = False,
 ) -> int:
     """``zhtune data convert``: stream ``inputs`` to canonical JSON Lines at ``output``.
 
@@ -391,7 +400,7 @@ def convert_files(
         RejectWriter(rejects_path) as rejected,
         tqdm(desc="convert", unit=" rec", file=sys.stderr, disable=not progress, mininterval=0.5) as bar,
     ):
-        for o in iter_conversations(paths, fmt, mapping):
+        for o in iter_conversations(paths, fmt, mapping, strict=strict):
             summary.add(o)
             if o.record is not None:
                 out.write(_dump(o.record))

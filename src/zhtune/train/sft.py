@@ -307,6 +307,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         total=total_steps, initial=step, desc="train", disable=not (progress and is_main), dynamic_ncols=True
     )
     window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()
+    tokens_seen = 0  # non-pad input tokens so far, all processes
     last_eval_epoch = epoch
     log_file = log_path.open("a", encoding="utf-8") if is_main else None
     while step < total_steps:
@@ -327,7 +328,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 loss = model(**batch, num_items_in_batch=n_tokens).loss * accelerator.num_processes
                 accelerator.backward(loss)
             step_loss += loss.item() / accelerator.num_processes
-            window_seen += int(batch["attention_mask"].sum())
+            window_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
         grad_norm = (
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             if cfg.max_grad_norm > 0
@@ -349,8 +350,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 loss=round(window_loss / max(window_tokens, 1), 6),
                 lr=scheduler.get_last_lr()[0],
                 grad_norm=round(float(grad_norm), 6) if grad_norm is not None else None,
-                tokens_per_s=round(window_seen * accelerator.num_processes / max(elapsed, 1e-9), 1),
+                tokens_per_s=round(window_seen / max(elapsed, 1e-9), 1),
             )
+            tokens_seen += window_seen
             window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()
         epoch_done = epoch > last_eval_epoch or batch_pos >= n_batches
         if val_set and (
@@ -365,6 +367,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 "step": step,
                 "epoch": round(epoch + batch_pos / n_batches, 4),
                 **row,
+                "tokens": tokens_seen,
                 "elapsed_s": round(time.time() - started, 2),
             }
             log_file.write(json.dumps(row) + "\n")

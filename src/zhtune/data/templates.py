@@ -202,17 +202,20 @@ def render(
     messages: list[dict[str, str]],
     tokenizer: Any,
     train_on_prompt: bool = False,
+    add_generation_prompt: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Turn one conversation into ``(input_ids, labels)`` for causal-LM training.
 
     ``labels[i]`` is ``input_ids[i]`` on response tokens (every assistant turn, including its end
     marker) and ``IGNORE_INDEX`` elsewhere; with ``train_on_prompt`` every token is labelled.
     Each segment is tokenized on its own (no special tokens added), so a label boundary never
-    falls inside a token. ``template=None`` uses the tokenizer's own chat_template.
+    falls inside a token. ``template=None`` uses the tokenizer's own chat_template. With
+    ``add_generation_prompt`` the ids end with the assistant prefix: a prompt for generation
+    laid out exactly as in training.
     """
     if template is None:
         return _render_with_tokenizer_template(messages, tokenizer, train_on_prompt)
-    segs = segments(template, messages, special_texts(tokenizer))
+    segs = segments(template, messages, special_texts(tokenizer), add_generation_prompt)
     encoded = tokenizer([text for text, _ in segs], add_special_tokens=False)["input_ids"]
     input_ids: list[int] = []
     labels: list[int] = []

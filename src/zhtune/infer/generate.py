@@ -1,7 +1,7 @@
 """Generation: one prompt builder shared with training, batched greedy/sampled decoding, streaming.
 
 Prompts are built with the same template code that renders training data
-(:func:`zhtune.data.templates.segments`), so inference sees exactly the text layout the model
+(:func:`zhtune.data.templates.render`), so inference sees exactly the text layout the model
 was tuned on.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from zhtune.data.templates import get_template, segments, special_texts, stop_token_ids
+from zhtune.data.templates import get_template, render, stop_token_ids
 
 
 @dataclass
@@ -55,9 +55,7 @@ class Prompter:
             return self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False
             )
-        segs = segments(self.template, messages, special_texts(self.tokenizer), add_generation_prompt=True)
-        encoded = self.tokenizer([text for text, _ in segs], add_special_tokens=False)["input_ids"]
-        return [i for ids in encoded for i in ids]
+        return render(self.template, messages, self.tokenizer, add_generation_prompt=True)[0]
 
 
 def generate_batch(

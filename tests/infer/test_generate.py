@@ -69,3 +69,20 @@ def test_chat_keeps_multi_turn_history_and_commands(model_and_tok):
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert [m["content"] for m in history if m["role"] == "user"] == ["一", "二"]
     assert "system message set: '你是助手。'" in stdout.getvalue()
+
+
+def test_tokenizer_template_prompt_equals_the_named_template(model_and_tok):
+    """template 'tokenizer' builds prompts through the same render path as a named template."""
+    import copy
+
+    from zhtune.data.templates import prepare_tokenizer
+
+    _, tok = model_and_tok
+    tok = copy.deepcopy(tok)
+    prepare_tokenizer(tok, get_template("chatml"))
+    conv = [
+        {"role": "user", "content": "一"},
+        {"role": "assistant", "content": "二"},
+        {"role": "user", "content": "三"},
+    ]
+    assert Prompter(tok, "tokenizer").prompt_ids(conv) == Prompter(tok, "chatml").prompt_ids(conv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,3 +54,24 @@ def test_sigkill_then_resume_continues_the_same_curve(tmp_path, tiny_model_dir, 
     for step in range(1, 61):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     assert len(list((out / "checkpoints").glob("step-*"))) <= 2
+
+
+def test_cumulative_token_count_continues_after_resume(tmp_path, tiny_model_dir, train_file):
+    """Checkpoint at step 5, resume: the logged token count matches an uninterrupted run."""
+    base = args(tiny_model_dir, train_file, tmp_path / "ref")[:-1]
+    ref = tmp_path / "ref"
+    subprocess.run([*base, "max_steps=10", "--no-progress"], check=True, capture_output=True, timeout=300)
+    out = tmp_path / "resumed"
+    short = args(tiny_model_dir, train_file, out)[:-1]
+    subprocess.run([*short, "max_steps=10", "--no-progress"], check=True, capture_output=True, timeout=300)
+    shutil.rmtree(out / "model")  # pretend it died after the step-5 checkpoint
+    (out / "trainer_log.jsonl").unlink()
+    subprocess.run(
+        [*short, "max_steps=10", "resume=true", "--no-progress"], check=True, capture_output=True, timeout=300
+    )
+
+    def tokens(run):
+        rows = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+        return {r["step"]: r["tokens"] for r in rows}
+
+    assert tokens(out)[10] == tokens(ref)[10]

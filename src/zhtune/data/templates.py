@@ -229,7 +229,8 @@ def _render_with_tokenizer_template(
     messages: list[dict[str, str]], tokenizer: Any, train_on_prompt: bool
 ) -> tuple[list[int], list[int]]:
     """Render with the tokenizer's own chat_template: assistant spans are found by rendering
-    growing prefixes of the conversation and diffing their texts."""
+    growing prefixes of the conversation and diffing their texts. A user turn is rendered with
+    the generation prompt, so a conversation ending with one is already a generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise ZhtuneError(
             "template 'tokenizer' needs a tokenizer with a chat_template; choose a named template"

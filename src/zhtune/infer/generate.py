@@ -51,10 +51,6 @@ class Prompter:
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` followed by the assistant prefix (ready to generate)."""
-        if self.template is None:
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
         return render(self.template, messages, self.tokenizer, add_generation_prompt=True)[0]
 
 

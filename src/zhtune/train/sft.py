@@ -15,6 +15,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -275,12 +276,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # -- resume -------------------------------------------------------------------------------
     step, epoch, batch_pos = 0, 0, 0
+    tokens_seen = 0  # non-pad input tokens so far, all processes
     log_path = out / LOG_FILE
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / STATE_FILE).read_text())
-        step, epoch, batch_pos = state["step"], state["epoch"], state["batch"]
+        step, epoch, batch_pos, tokens_seen = state["step"], state["epoch"], state["batch"], state["tokens"]
         if is_main:  # drop log rows written after the checkpoint: the curve continues from it
             rows = [r for r in read_log(log_path) if r["step"] <= step]
             log_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -304,10 +306,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     pad_id = tokenizer.pad_token_id
     stream = micro_batches(train_set, cfg.batch_size, cfg.seed, pad_id, epoch, batch_pos)
     bar = tqdm(
-        total=total_steps, initial=step, desc="train", disable=not (progress and is_main), dynamic_ncols=True
+        total=total_steps,
+        initial=step,
+        desc="train",
+        disable=not (progress and is_main),
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 15.0,  # a log file gets a line every 15 s, not every step
     )
     window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()
-    tokens_seen = 0  # non-pad input tokens so far, all processes
     last_eval_epoch = epoch
     log_file = log_path.open("a", encoding="utf-8") if is_main else None
     while step < total_steps:
@@ -373,7 +379,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
         if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
-            save_checkpoint(accelerator, out, step, epoch, batch_pos, cfg.save_total_limit)
+            position = {"step": step, "epoch": epoch, "batch": batch_pos, "tokens": tokens_seen + window_seen}
+            save_checkpoint(accelerator, out, position, cfg.save_total_limit)
     bar.close()
     if log_file is not None:
         log_file.close()
@@ -411,12 +418,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     return out
 
 
-def save_checkpoint(accelerator: Any, out: Path, step: int, epoch: int, batch: int, keep: int) -> None:
-    """Save a resumable state (weights, optimizer, scheduler, RNG, data position) and prune old ones."""
-    ckpt = out / "checkpoints" / f"step-{step}"
+def save_checkpoint(accelerator: Any, out: Path, position: dict[str, int], keep: int) -> None:
+    """Save a resumable state (weights, optimizer, scheduler, RNG) plus ``position`` (step,
+    epoch, batch within the epoch, tokens seen) and prune old checkpoints."""
+    ckpt = out / "checkpoints" / f"step-{position['step']}"
     accelerator.save_state(str(ckpt))
     if accelerator.is_main_process:
-        (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "epoch": epoch, "batch": batch}) + "\n")
+        (ckpt / STATE_FILE).write_text(json.dumps(position) + "\n")
         ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in ckpts[: max(0, len(ckpts) - keep)]:
             shutil.rmtree(old, ignore_errors=True)

@@ -23,10 +23,12 @@ class ModelSource:
     tokenizer: str
     """Directory with the tokenizer files."""
     adapter: str | None = None
-    """PEFT adapter directory applied on top of ``weights``, if any."""
+    """Adapter directory (peft or bottleneck) applied on top of ``weights``, if any."""
     template: str = "auto"
     """Template name recorded by the run (``auto`` for a plain model directory)."""
     trust_remote_code: bool = False
+    quantization_bits: int | None = None
+    """Bits of the base weights the adapter was trained on (QLoRA runs), else None."""
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -49,7 +51,8 @@ def resolve_source(path: str | Path) -> ModelSource:
         if (p / "model").is_dir():
             return ModelSource(str(p / "model"), str(p), None, template, trust)
         base = resolve_source(cfg["model"])
-        return ModelSource(base.weights, str(p), str(p / "adapter"), template, trust)
+        bits = int(cfg.get("quantization_bits", 4)) if cfg.get("method") == "qlora" else None
+        return ModelSource(base.weights, str(p), str(p / "adapter"), template, trust, bits)
     if not (p / "config.json").is_file():
         if (p / "config.yaml").is_file():
             raise ZhtuneError(f"{p} is a run directory without model/ or adapter/ (training did not finish?)")
@@ -60,10 +63,14 @@ def resolve_source(path: str | Path) -> ModelSource:
 
 
 def quiet_transformers() -> None:
-    """Silence transformers' own per-file progress bars (zhtune shows its own progress)."""
+    """Silence transformers' own per-file progress bars (zhtune shows its own progress), and
+    bitsandbytes' import-time notice about optional CPU kernels."""
+    import logging as std_logging
+
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    std_logging.getLogger("bitsandbytes").setLevel(std_logging.ERROR)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
@@ -78,16 +85,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
         raise ZhtuneError(f"cannot load a tokenizer from {path}: {err}") from None
 
 
-def load_model(path: str, dtype: str = "fp32", trust_remote_code: bool = False) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` on a local directory in the given dtype."""
+def load_model(
+    path: str, dtype: str = "fp32", trust_remote_code: bool = False, quantization_config: Any = None
+) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` on a local directory in the given dtype
+    (optionally quantized by a ``transformers.BitsAndBytesConfig``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     quiet_transformers()
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as err:
         raise ZhtuneError(f"cannot load a causal LM from {path}: {err}") from None
@@ -96,18 +107,21 @@ def load_model(path: str, dtype: str = "fp32", trust_remote_code: bool = False) 
 def load_for_inference(path: str | Path, dtype: str = "fp32") -> tuple[Any, Any, str]:
     """Load ``(model, tokenizer, template_name)`` for generation, in eval mode.
 
-    For a LoRA run the adapter is loaded on the base and merged in memory (same outputs, faster
-    generation).
+    An adapter run loads its adapter on the base; LoRA-like adapters are merged in memory (same
+    outputs, faster generation). A QLoRA run loads its base quantized as in training.
     """
     src = resolve_source(path)
     tokenizer = load_tokenizer(src.tokenizer, src.trust_remote_code)
-    model = load_model(src.weights, dtype, src.trust_remote_code)
+    quant = None
+    if src.quantization_bits:
+        from zhtune.train.methods import quantization_config
+
+        quant = quantization_config(src.quantization_bits, dtype)
+    model = load_model(src.weights, dtype, src.trust_remote_code, quant)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if src.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, src.adapter).merge_and_unload()
+        model = attach_adapter(model, src.adapter, merge=quant is None)
     model.eval()
     template = src.template
     if template == "auto":
@@ -117,3 +131,25 @@ def load_for_inference(path: str | Path, dtype: str = "fp32") -> tuple[Any, Any,
             model.config.model_type, tokenizer.get_vocab(), bool(tokenizer.chat_template)
         )
     return model, tokenizer, template
+
+
+MERGEABLE = ("LORA", "ADALORA", "IA3")
+"""peft adapter types whose weights fold into the base (``merge_and_unload``)."""
+
+
+def attach_adapter(model: Any, adapter_dir: str, trainable: bool = False, merge: bool = False) -> Any:
+    """Load the adapter saved in ``adapter_dir`` (peft or bottleneck) onto ``model``.
+
+    ``merge`` folds LoRA-like adapters into the base weights; other kinds (prefix, prompt,
+    ptuning, bottleneck) stay attached, which gives the same outputs.
+    """
+    from zhtune.models.bottleneck import is_bottleneck_dir, load_bottleneck
+
+    if is_bottleneck_dir(adapter_dir):
+        return load_bottleneck(model, adapter_dir, trainable=trainable)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    if merge and model.peft_config["default"].peft_type.value in MERGEABLE:
+        model = model.merge_and_unload()
+    return model

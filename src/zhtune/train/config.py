@@ -10,9 +10,6 @@ from typing import Literal
 
 from zhtune.errors import ZhtuneError
 
-METHODS = ("full", "lora")
-"""Methods this version trains; the registry lives in :mod:`zhtune.train.methods`."""
-
 
 @dataclass
 class TrainConfig:
@@ -28,14 +25,20 @@ class TrainConfig:
     """Chat template: belle, alpaca, chatml, qwen, llama3, llama2, default, tokenizer (its own), or auto (by model family)."""
     format: str = "auto"
     """Input data format for every file: auto, alpaca, belle, sharegpt, openai (see `zhtune data convert`)."""
-    stage: Literal["sft"] = "sft"
-    """Training stage: sft (instruction tuning; loss on assistant turns)."""
+    stage: Literal["sft", "pt"] = "sft"
+    """Training stage: sft (instruction tuning; loss on assistant turns) or pt (continued pre-training: texts concatenated and cut into cutoff_len blocks)."""
     method: str = "lora"
-    """Tuning method: full (all weights) or lora (low-rank adapters via peft)."""
+    """Tuning method: full, freeze, lora, dora, rslora, pissa, adalora, ia3, prefix, prompt, ptuning, houlsby, pfeiffer, parallel, qlora (see README)."""
+    init_adapter: str = ""
+    """Continue tuning an existing adapter: a run directory or its adapter/ folder (same method)."""
     train_on_prompt: bool = False
     """Also compute the loss on system and user turns (default: assistant turns only)."""
     cutoff_len: int = 1024
-    """Maximum tokens per sample; longer samples are truncated (counted in the log)."""
+    """Maximum tokens per sample (per packed sequence with packing); longer samples are truncated, counted and listed in truncated.jsonl."""
+    packing: bool = False
+    """SFT: pack several samples into each cutoff_len sequence, with no attention across samples (per-sample position ids)."""
+    group_by_length: bool = False
+    """Batch samples of similar length together (less padding; order stays random across batches)."""
     val_size: float = 0.0
     """Held-out validation split: a fraction (< 1) or a number of records (>= 1); 0 for none."""
     epochs: float = 3.0
@@ -79,7 +82,19 @@ class TrainConfig:
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch."""
     lora_target: list[str] = field(default_factory=lambda: ["all"])
-    """Modules to adapt: all (every linear layer but the head), default (the family's attention projections), or names."""
+    """Modules to adapt (LoRA family and ia3): all (every linear layer but the head), default (the family's attention projections), or names."""
+    freeze_layers: int = 2
+    """freeze: train only the last N decoder layers (negative: the first N)."""
+    adalora_init_rank: int = 12
+    """adalora: starting rank of each adapted matrix; the budget shrinks to lora_rank on average."""
+    num_virtual_tokens: int = 16
+    """prefix, prompt, ptuning: number of virtual tokens."""
+    adapter_size: int = 64
+    """houlsby, pfeiffer, parallel: bottleneck width of each adapter."""
+    adapter_scale: float = 1.0
+    """houlsby, pfeiffer, parallel: scale applied to the adapter's output."""
+    quantization_bits: Literal[4, 8] = 4
+    """qlora: bits of the frozen base weights (bitsandbytes NF4 or int8)."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model directory to run (only for models you trust)."""
     gradient_checkpointing: bool = False
@@ -88,17 +103,19 @@ class TrainConfig:
     """DataLoader worker processes."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            import difflib
+        from zhtune.train.methods import check_method
 
-            close = difflib.get_close_matches(self.method, METHODS, n=2)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise ZhtuneError(
-                f"config key 'method': unknown method '{self.method}'. Available: {', '.join(METHODS)}.{hint}"
-            )
+        check_method(self)
         if not self.data:
             raise ZhtuneError("config key 'data': give at least one training file")
-        for name in ("batch_size", "grad_accum", "cutoff_len", "logging_steps"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "cutoff_len",
+            "logging_steps",
+            "num_virtual_tokens",
+            "adapter_size",
+        ):
             if getattr(self, name) < 1:
                 raise ZhtuneError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.epochs <= 0:

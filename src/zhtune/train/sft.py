@@ -1,4 +1,8 @@
-"""Supervised fine-tuning, top to bottom: config -> data -> model -> loop -> run directory.
+"""Training, top to bottom: config -> data -> model -> loop -> run directory.
+
+Two stages share the loop: ``sft`` (conversations rendered by a chat template, loss on the
+assistant turns; optionally packed) and ``pt`` (continued pre-training: texts concatenated and cut
+into blocks). The method registry (:mod:`zhtune.train.methods`) decides what is trained.
 
 The loop is explicit (no ``Trainer`` subclass) and runs on 🤗 Accelerate, so the same code runs
 on one CPU, one GPU, or many processes under ``accelerate launch`` / ``torchrun``.
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.config import save_config
+from zhtune.data.dataset import Tokenized
 from zhtune.errors import ZhtuneError
 from zhtune.train.config import TrainConfig
 
@@ -43,7 +48,15 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
             "(or resume=true to continue from its last checkpoint)"
         )
     if cfg.overwrite and not cfg.resume:
-        for name in ("model", "adapter", "checkpoints", LOG_FILE):
+        for name in (
+            "model",
+            "adapter",
+            "checkpoints",
+            LOG_FILE,
+            "truncated.jsonl",
+            "rejects.jsonl",
+            "pissa_init",
+        ):
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -78,25 +91,45 @@ def split_validation(examples: list[Any], val_size: float, seed: int) -> tuple[l
     return train, val
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None
+) -> list[list[int]]:
     """Indices of each micro-batch of one epoch: a fresh permutation per epoch, seeded, so a
-    resumed run sees the same order."""
+    resumed run sees the same order.
+
+    With ``lengths`` (group by length), the permutation is cut into mega-batches of 64 batches,
+    each sorted by length before it is split, and the batches are shuffled again: batches hold
+    samples of similar length (little padding) while the order stays random.
+    """
     import torch
 
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
-    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is not None:
+        mega = 64 * batch_size
+        perm = [i for k in range(0, n, mega) for i in sorted(perm[k : k + mega], key=lambda i: -lengths[i])]
+    batches = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
 
 
 def micro_batches(
-    examples: list[Any], batch_size: int, seed: int, pad_id: int, start_epoch: int, start_batch: int
+    examples: list[Any],
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+    start_epoch: int,
+    start_batch: int,
+    group_by_length: bool = False,
 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Yield ``(epoch, batch_index, batch)`` forever, starting at a given position."""
     from zhtune.data.dataset import pad_batch
 
+    lengths = [len(ex["input_ids"]) for ex in examples] if group_by_length else None
     epoch = start_epoch
     while True:
-        batches = epoch_batches(len(examples), batch_size, seed, epoch)
+        batches = epoch_batches(len(examples), batch_size, seed, epoch, lengths)
         for b in range(start_batch if epoch == start_epoch else 0, len(batches)):
             yield epoch, b, pad_batch([examples[i] for i in batches[b]], pad_id)
         epoch += 1
@@ -166,6 +199,23 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Any:
     return f
 
 
+def summed_token_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Sum of next-token cross-entropies over the labelled tokens of ``batch`` (a scalar tensor),
+    computed from the logits: independent of what a method adds to ``.loss`` (AdaLoRA's
+    regulariser) and of virtual tokens prepended to the logits (prompt tuning)."""
+    import torch
+
+    from zhtune.data.dataset import model_inputs
+
+    inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"]
+    logits = logits[:, -labels.shape[1] :][:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
 def evaluate_loss(model: Any, examples: list[Any], batch_size: int, pad_id: int, accelerator: Any) -> float:
     """Mean token loss over ``examples`` (labelled tokens only)."""
     import torch
@@ -180,11 +230,9 @@ def evaluate_loss(model: Any, examples: list[Any], batch_size: int, pad_id: int,
                 k: v.to(accelerator.device)
                 for k, v in pad_batch(examples[i : i + batch_size], pad_id).items()
             }
-            n = int((batch["labels"][:, 1:] != -100).sum())
             with accelerator.autocast():
-                loss = model(**batch, num_items_in_batch=1).loss  # num_items=1: the sum of token losses
-            total += loss.double().cpu()
-            count += n
+                total += summed_token_loss(model, batch).double().cpu()
+            count += int((batch["labels"][:, 1:] != -100).sum())
     model.train()
     return float(total / max(count, 1))
 
@@ -193,18 +241,18 @@ def evaluate_loss(model: Any, examples: list[Any], batch_size: int, pad_id: int,
 # The run
 # --------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Run SFT as configured and return the run directory."""
+    """Train as configured (stage sft or pt, any registered method); return the run directory."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from zhtune.data.convert import load_conversations
-    from zhtune.data.dataset import tokenize_records
+    from zhtune.data.dataset import model_inputs, pack_examples, tokenize_records, tokenize_texts
     from zhtune.data.templates import get_template, prepare_tokenizer, stop_token_ids
     from zhtune.models.families import family_template
     from zhtune.models.loading import load_model, load_tokenizer, resolve_source
-    from zhtune.train.methods import METHODS
+    from zhtune.train.methods import METHODS, continue_adapter, quantization_config
 
     started = time.time()
     if cfg.precision == "fp16" and not torch.cuda.is_available():
@@ -244,27 +292,37 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     records, n_rejected = load_conversations(
         cfg.data, fmt=cfg.format, rejects_path=rejects_path if is_main else None
     )
-    tok = tokenize_records(records, tokenizer, template, cfg.cutoff_len, cfg.train_on_prompt)
-    if tok.rejects and is_main:
-        with rejects_path.open("a", encoding="utf-8") as f:
-            for r in tok.rejects:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if cfg.stage == "pt":
+        blocks, n_docs = tokenize_texts(records, tokenizer, cfg.cutoff_len)
+        tok = Tokenized(examples=blocks)
+    else:
+        tok = tokenize_records(records, tokenizer, template, cfg.cutoff_len, cfg.train_on_prompt)
+    if is_main:
+        write_jsonl(rejects_path, tok.rejects, append=True)
+        write_jsonl(out / "truncated.jsonl", tok.truncated)
     if not tok.examples:
         raise ZhtuneError(f"no usable training records in {', '.join(cfg.data)} (see {rejects_path})")
     train_set, val_set = split_validation(tok.examples, cfg.val_size, cfg.seed)
+    n_samples = len(train_set)
+    if cfg.packing and cfg.stage == "sft":
+        train_set = pack_examples(train_set, cfg.cutoff_len)
     n_batches = math.ceil(len(train_set) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     # -- model and method ---------------------------------------------------------------------
-    model = load_model(src.weights, "fp32", cfg.trust_remote_code)
+    method = METHODS[cfg.method]
+    quant = quantization_config(cfg.quantization_bits, cfg.precision) if method.quantized else None
+    model = load_model(src.weights, "fp32", cfg.trust_remote_code, quant)
     if n_added or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    method = METHODS[cfg.method]
-    model = method.prepare(model, cfg)
+    if cfg.init_adapter:
+        model = continue_adapter(model, cfg.init_adapter, cfg)
+    else:
+        model = method.prepare(model, cfg, total_steps)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
 
@@ -291,11 +349,23 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if is_main:
         save_config(cfg, out / "config.yaml")
 
+    if cfg.stage == "pt":
+        data_line = f"{n_docs} documents -> {n_samples} train / {len(val_set)} validation blocks of {cfg.cutoff_len} tokens"
+    else:
+        data_line = (
+            f"{n_samples} train / {len(val_set)} validation examples"
+            + (f" packed into {len(train_set)} sequences" if cfg.packing else "")
+            + f", {n_rejected + len(tok.rejects)} rejected, {tok.n_truncated} truncated to {cfg.cutoff_len} tokens"
+            + (
+                f" ({sum(t['lost_response_tokens'] > 0 for t in tok.truncated)} lost response tokens; see truncated.jsonl)"
+                if tok.truncated
+                else ""
+            )
+        )
     say(
-        f"zhtune train: {cfg.method} on {cfg.model} ({model_type}), template {template_name}, "
+        f"zhtune train: {cfg.stage} {cfg.method} on {cfg.model} ({model_type}), template {template_name}, "
         f"{n_trainable:,} trainable / {n_total:,} params ({100 * n_trainable / n_total:.2f}%)\n"
-        f"  data: {len(train_set)} train / {len(val_set)} validation examples, {n_rejected + len(tok.rejects)} rejected, "
-        f"{tok.n_truncated} truncated to {cfg.cutoff_len} tokens\n"
+        f"  data: {data_line}\n"
         f"  {total_steps} steps = {cfg.epochs if cfg.max_steps <= 0 else '-'} epochs x {steps_per_epoch} steps "
         f"(batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} proc), lr {cfg.lr} "
         f"{cfg.lr_scheduler}, warmup {warmup}, {cfg.precision}, device {accelerator.device}\n"
@@ -304,7 +374,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # -- loop ---------------------------------------------------------------------------------
     pad_id = tokenizer.pad_token_id
-    stream = micro_batches(train_set, cfg.batch_size, cfg.seed, pad_id, epoch, batch_pos)
+    stream = micro_batches(train_set, cfg.batch_size, cfg.seed, pad_id, epoch, batch_pos, cfg.group_by_length)
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -331,7 +401,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             with ctx, accelerator.autocast():
                 # DDP averages gradients over processes; scale back so the step's loss is
                 # sum(token losses) / tokens of the whole step across all processes.
-                loss = model(**batch, num_items_in_batch=n_tokens).loss * accelerator.num_processes
+                loss = model(**model_inputs(batch), num_items_in_batch=n_tokens, use_cache=False).loss
+                loss = loss * accelerator.num_processes
                 accelerator.backward(loss)
             step_loss += loss.item() / accelerator.num_processes
             window_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
@@ -341,6 +412,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             else None
         )
         optimizer.step()
+        if method.after_step is not None:
+            method.after_step(accelerator.unwrap_model(model), step)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -390,7 +463,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if is_main:
         unwrapped = accelerator.unwrap_model(model)
         weights_dir = out / method.save_dir
-        unwrapped.save_pretrained(str(weights_dir), safe_serialization=True)
+        method.save(unwrapped, weights_dir, cfg)
         tokenizer.save_pretrained(str(out))
         if method.save_dir == "model":
             tokenizer.save_pretrained(str(weights_dir))  # model/ alone loads in vLLM / transformers
@@ -402,7 +475,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         plot_loss(log, out / "loss.png", title=f"{out.name}: {cfg.method}")
         results = {
             "steps": step,
-            "train_examples": len(train_set),
+            "train_examples": n_samples,
+            "train_sequences": len(train_set),
             "val_examples": len(val_set),
             "rejected": n_rejected + len(tok.rejects),
             "truncated": tok.n_truncated,
@@ -416,6 +490,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         say(f"done in {results['train_seconds']} s: final loss {results['final_loss']}; run directory {out}")
     accelerator.wait_for_everyone()
     return out
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]], append: bool = False) -> None:
+    """Write ``rows`` as JSON Lines (nothing, not even a file, when there are none)."""
+    if not rows:
+        return
+    with path.open("a" if append else "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def save_checkpoint(accelerator: Any, out: Path, position: dict[str, int], keep: int) -> None:

@@ -56,6 +56,11 @@ GOLDEN = {
         "<s>[INST] <<SYS>>\n你是助手。\n<</SYS>>\n\n一加一？ [/INST] 二 </s><s>[INST] 再加一？ [/INST] 三 </s>",
         [" 二 </s>", " 三 </s>"],
     ),
+    "gemma": (
+        "<s><start_of_turn>user\n你是助手。\n\n一加一？<end_of_turn>\n<start_of_turn>model\n二<end_of_turn>\n"
+        "<start_of_turn>user\n再加一？<end_of_turn>\n<start_of_turn>model\n三<end_of_turn>\n",
+        ["二<end_of_turn>\n", "三<end_of_turn>\n"],
+    ),
     "default": (
         "你是助手。\nHuman: 一加一？\nAssistant: 二</s>\nHuman: 再加一？\nAssistant: 三</s>\n",
         ["二</s>\n", "三</s>\n"],

@@ -103,6 +103,18 @@ TEMPLATES: dict[str, Template] = {
             user="{bos}[INST] {content} [/INST]",
             assistant=" {content} {eos}",
         ),
+        # Gemma: no system role; a system message opens the first user turn (Gemma 3's template).
+        Template(
+            name="gemma",
+            prefix="{bos}",
+            system="{content}\n\n",
+            system_in_user=True,
+            user="<start_of_turn>user\n{content}<end_of_turn>\n",
+            assistant_prefix="<start_of_turn>model\n",
+            assistant="{content}<end_of_turn>\n",
+            stop_words=("<end_of_turn>",),
+            special_tokens=("<start_of_turn>", "<end_of_turn>"),
+        ),
         Template(
             name="default",
             system="{content}\n",

@@ -121,19 +121,21 @@ def add_bottleneck_adapters(model: Any, config: BottleneckConfig) -> Any:
     return model
 
 
-def adapter_state_dict(model: Any) -> dict[str, Any]:
-    """The adapter weights only (names contain ``.bottleneck.``)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".bottleneck." in k}
+def adapter_state_dict(model: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The adapter weights only (names contain ``.bottleneck.``), from ``model`` or from a
+    gathered full ``state_dict`` of it."""
+    state = model.state_dict() if state_dict is None else state_dict
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if ".bottleneck." in k}
 
 
-def save_bottleneck(model: Any, directory: str | Path) -> None:
+def save_bottleneck(model: Any, directory: str | Path, state_dict: dict[str, Any] | None = None) -> None:
     """Write ``bottleneck_config.json`` and ``bottleneck.safetensors`` to ``directory``."""
     from safetensors.torch import save_file
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(asdict(model.zhtune_bottleneck), indent=2) + "\n")
-    save_file(adapter_state_dict(model), str(out / WEIGHTS_FILE))
+    save_file(adapter_state_dict(model, state_dict), str(out / WEIGHTS_FILE))
 
 
 def is_bottleneck_dir(directory: str | Path) -> bool:

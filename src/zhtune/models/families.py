@@ -27,12 +27,14 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("llama2", _QKV),
     "qwen2": Family("qwen", _QKV),
     "qwen3": Family("qwen", _QKV),
-    "gemma": Family("default", _QKV),
-    "gemma2": Family("default", _QKV),
+    "gemma": Family("gemma", _QKV),
+    "gemma2": Family("gemma", _QKV),
+    # fused QKV; "dense" is the attention output only (the MLP's are dense_h_to_4h / dense_4h_to_h)
     "bloom": Family("belle", ("query_key_value", "dense")),
     "gpt_neox": Family("default", ("query_key_value", "dense")),
     "glm4": Family("chatml", _QKV),
-    "glm": Family("chatml", ("query_key_value", "dense")),
+    "glm": Family("chatml", _QKV),  # transformers' GlmForCausalLM (glm-4-9b-chat-hf)
+    "chatglm": Family("chatml", ("query_key_value", "dense")),  # ChatGLM2/3, glm-4-9b-chat (remote code)
     "baichuan": Family("belle", ("W_pack", "o_proj")),
     "internlm2": Family("chatml", ("wqkv", "wo")),
 }

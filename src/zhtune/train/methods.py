@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from zhtune.train.config import TrainConfig
 
 
-def _save_pretrained(model: Any, directory: Path, cfg: TrainConfig) -> None:
-    model.save_pretrained(str(directory), safe_serialization=True)
+def _save_pretrained(model: Any, directory: Path, cfg: TrainConfig, state_dict: Any = None) -> None:
+    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,9 @@ class Method:
     parameters to tune left trainable."""
     save_dir: str
     """Run-directory folder for the tuned weights: ``model`` or ``adapter``."""
-    save: Callable[[Any, Path, TrainConfig], None] = _save_pretrained
-    """Write the tuned weights (unwrapped model, folder, config)."""
+    save: Callable[..., None] = _save_pretrained
+    """Write the tuned weights: (unwrapped model, folder, config, state_dict=None); ``state_dict``
+    is the gathered full state when the weights were sharded (FSDP, ZeRO-3)."""
     after_step: Callable[[Any, int], None] | None = None
     """Called with (unwrapped model, step) after each optimizer step, before gradients are cleared."""
     virtual_tokens: bool = False
@@ -144,13 +145,16 @@ def _pissa(model: Any, cfg: TrainConfig, total_steps: int) -> Any:
     return model
 
 
-def _save_pissa(model: Any, directory: Path, cfg: TrainConfig) -> None:
+def _save_pissa(model: Any, directory: Path, cfg: TrainConfig, state_dict: Any = None) -> None:
     init = Path(cfg.output_dir) / PISSA_INIT
     if not init.is_dir():  # continued from init_adapter: already a plain LoRA
-        _save_pretrained(model, directory, cfg)
+        _save_pretrained(model, directory, cfg, state_dict)
         return
     model.save_pretrained(
-        str(directory), safe_serialization=True, path_initial_model_for_weight_conversion=str(init)
+        str(directory),
+        safe_serialization=True,
+        state_dict=state_dict,
+        path_initial_model_for_weight_conversion=str(init),
     )
     shutil.rmtree(init, ignore_errors=True)
 
@@ -217,10 +221,10 @@ def _bottleneck(kind: str) -> Callable[[Any, TrainConfig, int], Any]:
     return prepare
 
 
-def _save_bottleneck(model: Any, directory: Path, cfg: TrainConfig) -> None:
+def _save_bottleneck(model: Any, directory: Path, cfg: TrainConfig, state_dict: Any = None) -> None:
     from zhtune.models.bottleneck import save_bottleneck
 
-    save_bottleneck(model, directory)
+    save_bottleneck(model, directory, state_dict)
 
 
 def _qlora(model: Any, cfg: TrainConfig, total_steps: int) -> Any:

@@ -14,9 +14,9 @@ micro-batches (and processes) divided by the number of labelled tokens in the wh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -114,6 +114,21 @@ def epoch_batches(
     return batches
 
 
+def batches_per_epoch(n: int, batch_size: int, num_processes: int = 1) -> int:
+    """Global micro-batches (``batch_size`` samples on each of ``num_processes``) in one epoch of
+    ``n`` samples. A last batch with fewer samples than processes is dropped (every process needs
+    at least one); a shuffled epoch drops different samples each time."""
+    full, rest = divmod(n, batch_size * num_processes)
+    return full + (rest >= num_processes)
+
+
+def shard(indices: list[int], rank: int, num_processes: int) -> list[int]:
+    """Process ``rank``'s contiguous share of a global batch (sizes differ by at most one)."""
+    size, rest = divmod(len(indices), num_processes)
+    start = rank * size + min(rank, rest)
+    return indices[start : start + size + (rank < rest)]
+
+
 def micro_batches(
     examples: list[Any],
     batch_size: int,
@@ -122,16 +137,25 @@ def micro_batches(
     start_epoch: int,
     start_batch: int,
     group_by_length: bool = False,
+    rank: int = 0,
+    num_processes: int = 1,
 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """Yield ``(epoch, batch_index, batch)`` forever, starting at a given position."""
+    """Yield ``(epoch, batch_index, batch)`` forever, starting at a given position.
+
+    Data parallel: every process draws the same seeded global batches of ``batch_size *
+    num_processes`` samples and keeps its own share of each, so N processes together see exactly
+    what one process with an N times larger batch sees. ``batch_index`` counts global batches.
+    """
     from zhtune.data.dataset import pad_batch
 
     lengths = [len(ex["input_ids"]) for ex in examples] if group_by_length else None
     epoch = start_epoch
     while True:
-        batches = epoch_batches(len(examples), batch_size, seed, epoch, lengths)
+        batches = epoch_batches(len(examples), batch_size * num_processes, seed, epoch, lengths)
+        batches = [b for b in batches if len(b) >= num_processes]  # see batches_per_epoch
         for b in range(start_batch if epoch == start_epoch else 0, len(batches)):
-            yield epoch, b, pad_batch([examples[i] for i in batches[b]], pad_id)
+            mine = shard(batches[b], rank, num_processes)
+            yield epoch, b, pad_batch([examples[i] for i in mine], pad_id)
         epoch += 1
 
 
@@ -263,7 +287,28 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision])
+    from accelerate.utils import DataLoaderConfiguration
+
+    # Under torchrun on a machine without GPUs, Accelerate forms a (gloo) process group only when
+    # told to use the CPU; otherwise every process would train alone and all would write the run.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    has_accelerator = (
+        torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    )
+    accelerator = Accelerator(
+        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision],
+        cpu=world_size > 1 and not has_accelerator,
+        gradient_accumulation_steps=cfg.grad_accum,
+        # zhtune shards the data itself and counts optimizer steps globally: one scheduler step
+        # per optimizer step (by default Accelerate steps it num_processes times)
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    accelerator.gradient_accumulation_steps = cfg.grad_accum  # a launcher's setting must not win
+    if accelerator.num_processes != world_size:
+        raise ZhtuneError(
+            f"launched {world_size} processes but Accelerate sees {accelerator.num_processes}; "
+            "check the launcher (accelerate launch / torchrun) and its config"
+        )
     is_main = accelerator.is_main_process
     say = accelerator.print
     out = prepare_output_dir(cfg) if is_main else Path(cfg.output_dir)
@@ -306,7 +351,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     n_samples = len(train_set)
     if cfg.packing and cfg.stage == "sft":
         train_set = pack_examples(train_set, cfg.cutoff_len)
-    n_batches = math.ceil(len(train_set) / cfg.batch_size)
+    n_batches = batches_per_epoch(len(train_set), cfg.batch_size, accelerator.num_processes)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -329,6 +374,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
+    if accelerator.state.deepspeed_plugin is not None:
+        # DeepSpeed: no DataLoader to read the batch size from, and it steps and clips itself
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds["gradient_accumulation_steps"] = cfg.grad_accum
+        ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+        ds["gradient_clipping"] = cfg.max_grad_norm
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
 
@@ -374,7 +426,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # -- loop ---------------------------------------------------------------------------------
     pad_id = tokenizer.pad_token_id
-    stream = micro_batches(train_set, cfg.batch_size, cfg.seed, pad_id, epoch, batch_pos, cfg.group_by_length)
+    stream = micro_batches(
+        train_set,
+        cfg.batch_size,
+        cfg.seed,
+        pad_id,
+        epoch,
+        batch_pos,
+        cfg.group_by_length,
+        rank=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+    )
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -393,19 +455,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             sum(int((b["labels"][:, 1:] != -100).sum()) for _, _, b in group), device=accelerator.device
         )
         n_tokens = int(accelerator.reduce(n_tokens, "sum"))
-        step_loss = 0.0
-        for i, (_, _, batch) in enumerate(group):
+        local = torch.zeros(2, dtype=torch.float64)  # this process's share of the loss, tokens seen
+        for _, _, batch in group:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = i == len(group) - 1
-            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
-            with ctx, accelerator.autocast():
-                # DDP averages gradients over processes; scale back so the step's loss is
-                # sum(token losses) / tokens of the whole step across all processes.
+            # accumulate(): gradients are synchronised (and DeepSpeed steps) on the last
+            # micro-batch of the step only
+            with accelerator.accumulate(model), accelerator.autocast():
+                # sum(token losses of this micro-batch) / tokens of the whole step, all processes
                 loss = model(**model_inputs(batch), num_items_in_batch=n_tokens, use_cache=False).loss
-                loss = loss * accelerator.num_processes
-                accelerator.backward(loss)
-            step_loss += loss.item() / accelerator.num_processes
-            window_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                # the processes' gradients are averaged and Accelerate divides by grad_accum:
+                # scale back so the step's gradient is that of the loss above, summed
+                accelerator.backward(loss * accelerator.num_processes * cfg.grad_accum)
+            local[0] += loss.item()
+            local[1] += int(batch["attention_mask"].sum())
+        step_loss, seen = accelerator.reduce(local.to(accelerator.device), "sum").tolist()
+        window_seen += int(seen)
         grad_norm = (
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             if cfg.max_grad_norm > 0
@@ -460,10 +524,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # -- save the run directory ---------------------------------------------------------------
     accelerator.wait_for_everyone()
+    # FSDP and ZeRO-3 keep a shard of the weights on each process: gather them (every process
+    # takes part); with DDP, ZeRO-2 or one process the model holds them whole
+    from accelerate.utils import DistributedType
+
+    ds_plugin = accelerator.state.deepspeed_plugin
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        ds_plugin is not None and ds_plugin.zero_stage == 3
+    )
+    full_state = {"state_dict": accelerator.get_state_dict(model)} if sharded else {}
     if is_main:
         unwrapped = accelerator.unwrap_model(model)
         weights_dir = out / method.save_dir
-        method.save(unwrapped, weights_dir, cfg)
+        method.save(unwrapped, weights_dir, cfg, **full_state)
         tokenizer.save_pretrained(str(out))
         if method.save_dir == "model":
             tokenizer.save_pretrained(str(weights_dir))  # model/ alone loads in vLLM / transformers

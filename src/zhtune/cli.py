@@ -91,6 +91,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from zhtune.train.experiment import load_experiment, run_experiment
+
+    cfg = load_experiment(args.grid, list(args.overrides))
+    run_experiment(cfg, source=args.grid, progress=not args.no_progress)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from zhtune.infer.chat import chat_loop
     from zhtune.infer.generate import GenerationOptions
@@ -111,6 +119,18 @@ def _train_epilog() -> str:
     from zhtune.train.config import TrainConfig
 
     return "config keys (YAML or key=value):\n" + config_help(TrainConfig)
+
+
+def _experiment_epilog() -> str:
+    from zhtune.config import config_help
+    from zhtune.train.experiment import EvalConfig, ExperimentConfig
+
+    return (
+        "grid keys (YAML or key=value):\n"
+        + config_help(ExperimentConfig)
+        + "\n\neval keys (under eval:, or eval.KEY=value):\n"
+        + config_help(EvalConfig)
+    )
 
 
 def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
@@ -182,6 +202,23 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 method=lora")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser(
+        "experiment",
+        help="a grid of train+eval runs -> one comparison table and charts",
+        description="zhtune experiment GRID.yaml [key=value ...]: train every combination of the grid's axes "
+        "(finished runs are skipped, interrupted ones resumed), score each one, and write results.md, "
+        "results.json, loss_curves.png and metric.png. Dotted keys reach into sections: "
+        "overrides.max_steps=50, eval.max_new_tokens=8.",
+        epilog=_experiment_epilog()
+        if full_help_for == "experiment"
+        else "run `zhtune experiment --help` for every grid key",
+        formatter_class=fmt,
+    )
+    e.add_argument("grid", help="grid YAML file (see src/zhtune/configs/experiments/)")
+    e.add_argument("overrides", nargs="*", help="key=value overrides of the grid, e.g. output_dir=runs/exp2")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_experiment)
 
     ch = sub.add_parser("chat", help="multi-turn terminal chat with a run or model directory (streaming)")
     ch.add_argument("run", help="run directory (or local model directory)")

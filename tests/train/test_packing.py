@@ -129,3 +129,13 @@ def test_pretraining_stage_trains_on_text_blocks(tmp_path, tiny_model_dir, skill
     assert results["train_examples"] > 300 / 4  # ~15-token documents, 32-token blocks
     curve = losses(run)
     assert curve[-1] < 0.7 * curve[0]
+
+
+def test_packing_is_refused_where_samples_cannot_be_kept_apart(tmp_path, tiny_tokenizer, train_file):
+    from zhtune.errors import ZhtuneError
+
+    base = tmp_path / "bloom"
+    build_tiny_model("bloom", tiny_tokenizer).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    with pytest.raises(ZhtuneError, match="packing.*not supported for model type 'bloom'.*group_by_length"):
+        train(cfg(base, train_file, tmp_path / "run", packing=True), progress=False)

@@ -18,6 +18,9 @@ class Family:
     """Modules adapted by ``lora_target: [default]`` (the attention projections Alpaca-CoT used)."""
     template_if_token: dict[str, str] = field(default_factory=dict)
     """A token in the vocabulary that selects another template (LLaMA-3's ``<|eot_id|>``)."""
+    packs: bool = True
+    """Isolates packed samples given per-sample ``position_ids`` (tested); BLOOM's ALiBi takes no
+    position ids, so packed samples would attend to each other."""
 
 
 _QKV = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -30,7 +33,7 @@ FAMILIES: dict[str, Family] = {
     "gemma": Family("gemma", _QKV),
     "gemma2": Family("gemma", _QKV),
     # fused QKV; "dense" is the attention output only (the MLP's are dense_h_to_4h / dense_4h_to_h)
-    "bloom": Family("belle", ("query_key_value", "dense")),
+    "bloom": Family("belle", ("query_key_value", "dense"), packs=False),
     "gpt_neox": Family("default", ("query_key_value", "dense")),
     "glm4": Family("chatml", _QKV),
     "glm": Family("chatml", _QKV),  # transformers' GlmForCausalLM (glm-4-9b-chat-hf)
@@ -60,3 +63,16 @@ def lora_targets(model_type: str, requested: list[str]) -> str | list[str]:
         fam = FAMILIES.get(model_type)
         return list(fam.lora_default) if fam else "all-linear"
     return requested
+
+
+def check_packing(model_type: str) -> None:
+    """Raise a clear error if packed samples cannot be kept apart in this family."""
+    from zhtune.errors import ZhtuneError
+
+    fam = FAMILIES.get(model_type)
+    if fam is None or not fam.packs:
+        ok = ", ".join(k for k, f in FAMILIES.items() if f.packs)
+        raise ZhtuneError(
+            f"config key 'packing': not supported for model type '{model_type}' (packed samples would "
+            f"attend to each other); supported: {ok}. Use group_by_length=true instead"
+        )

@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from zhtune.data.convert import load_conversations
     from zhtune.data.dataset import model_inputs, pack_examples, tokenize_records, tokenize_texts
     from zhtune.data.templates import get_template, prepare_tokenizer, stop_token_ids
-    from zhtune.models.families import family_template
+    from zhtune.models.families import check_packing, family_template
     from zhtune.models.loading import load_model, load_tokenizer, resolve_source
     from zhtune.train.methods import METHODS, continue_adapter, quantization_config
 
@@ -350,6 +350,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     train_set, val_set = split_validation(tok.examples, cfg.val_size, cfg.seed)
     n_samples = len(train_set)
     if cfg.packing and cfg.stage == "sft":
+        check_packing(model_type)
         train_set = pack_examples(train_set, cfg.cutoff_len)
     n_batches = batches_per_epoch(len(train_set), cfg.batch_size, accelerator.num_processes)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)

@@ -1,0 +1,614 @@
+"""``zhtune experiment GRID.yaml``: a grid of train + eval runs -> one comparison table and charts.
+
+A grid file names a base train config, the train keys to vary and how to score each run::
+
+    base: ../quickstart_lora.yaml     # a train YAML (path relative to this file) or an inline mapping
+    overrides: {max_steps: 200}       # train keys applied to every run
+    axes:                             # every combination of values is one run
+      method: [full, lora]
+      data: {belle: [belle.jsonl], alpaca: [alpaca.json]}   # a mapping gives values a label
+    eval: {data: [test.jsonl], metric: exact_match, max_new_tokens: 32}
+    output_dir: runs/exp
+
+Top to bottom: the grid config -> the runs (one validated :class:`TrainConfig` each, checked
+before anything trains) -> train each one (finished runs are skipped on a re-run, interrupted
+ones resume from their newest checkpoint) -> score each one (cached in ``RUN/eval/``) -> the
+report: ``results.md``, ``results.json``, ``loss_curves.png`` and ``metric.png`` in ``output_dir``.
+Each run is an ordinary run directory under ``output_dir/runs/<name>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import re
+import shutil
+import sys
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zhtune.config import build_config, parse_overrides, read_yaml, to_dict
+from zhtune.errors import ZhtuneError
+from zhtune.train.config import TrainConfig
+
+MANAGED_KEYS = ("output_dir", "resume", "overwrite")
+"""Train keys the experiment sets for each run itself."""
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+"""A number in exponent notation (``1e-4``), which YAML 1.1 leaves a string."""
+REQUEST_FILE = "experiment_run.json"
+"""Written into each run directory: the train settings the grid asked for (to spot stale runs)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    """How every run of an experiment is scored."""
+
+    data: list[str]
+    """Test files in any supported format; each record's last assistant turn is the reference and meta.category its category."""
+    metric: str = "exact_match"
+    """Metric: exact_match (greedy answer equals the reference after stripping whitespace)."""
+    max_new_tokens: int = 32
+    """Most tokens generated per answer."""
+    batch_size: int = 32
+    """Prompts generated together."""
+    max_per_category: int = 0
+    """Score only the first N records of each category (0: all)."""
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            close = difflib.get_close_matches(self.metric, list(METRICS), n=2)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ZhtuneError(
+                f"config key 'metric': unknown metric '{self.metric}'. Available: {', '.join(METRICS)}.{hint}"
+            )
+        if not self.data:
+            raise ZhtuneError("config key 'data': give at least one test file")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ZhtuneError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")
+        if self.max_per_category < 0:
+            raise ZhtuneError(f"config key 'max_per_category': must be >= 0, got {self.max_per_category}")
+
+
+@dataclass
+class ExperimentConfig:
+    """A grid of training runs over a base config, each scored the same way."""
+
+    base: str | dict
+    """Train config shared by every run: a train YAML file (relative to the grid file) or an inline mapping of train keys."""
+    axes: dict
+    """Train keys to vary, each with a list of values (or a mapping label: value); every combination is one run."""
+    output_dir: str
+    """Experiment directory: runs/<name>/ per run, results.md, results.json, loss_curves.png, metric.png."""
+    overrides: dict = field(default_factory=dict)
+    """Train keys applied to every run, over the base config (axis values win over both)."""
+    eval: EvalConfig | None = None
+    """How each run is scored (see the eval keys below); without it the table compares losses only."""
+
+    def __post_init__(self) -> None:
+        if not self.axes:
+            raise ZhtuneError("axes: give at least one train key to vary, e.g. axes: {method: [full, lora]}")
+        check_train_keys(self.overrides, "overrides")
+        check_train_keys(self.axes, "axes")
+        for key, values in self.axes.items():
+            if not isinstance(values, (list, dict)):
+                raise ZhtuneError(
+                    f"axes: '{key}' must be a list of values (or a mapping label: value), got {values!r}"
+                )
+            if not values:
+                raise ZhtuneError(f"axes: '{key}' has no values; give at least one")
+
+
+def check_train_keys(values: dict[str, Any], where: str) -> None:
+    """Every key of ``values`` must be a train config key the experiment does not manage itself."""
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key in MANAGED_KEYS:
+            raise ZhtuneError(f"{where}: '{key}' is set by the experiment for each run; remove it")
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ZhtuneError(
+                f"{where}: unknown config key '{key}'.{hint} (see `zhtune train --help` for all keys)"
+            )
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Grid YAML + ``key=value`` overrides -> a validated :class:`ExperimentConfig`.
+
+    A dotted key reaches into a section: ``eval.max_new_tokens=8``, ``overrides.max_steps=50``,
+    ``axes.lr=[1e-4,2e-4]``. A ``base`` path is resolved relative to the grid file.
+    """
+    source = str(path)
+    values = read_yaml(path)
+    for key, value in parse_overrides(overrides or []).items():
+        head, dot, rest = key.partition(".")
+        if not dot:
+            values[key] = value
+            continue
+        section = values.setdefault(head, {})
+        if not isinstance(section, dict):
+            raise ZhtuneError(
+                f"override '{key}': '{head}' is not a mapping in {source} (train keys for every run: "
+                f"overrides.{rest}={value})"
+            )
+        section[rest] = value
+    section = values.get("eval")
+    if section is not None:
+        if not isinstance(section, dict):
+            raise ZhtuneError(f"{source}: eval: expected a mapping of eval keys, got {section!r}")
+        values["eval"] = build_config(EvalConfig, section, source=f"{source}: eval")
+    if isinstance(values.get("base"), str):
+        values["base"] = str(Path(path).parent / values["base"])  # an absolute base stays as it is
+    return build_config(ExperimentConfig, values, source=source)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: a registry, so another metric is one more entry
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metric:
+    """One way to score a tuned model on test records."""
+
+    name: str
+    score: Callable[[Any, Any, str, list[dict[str, Any]], EvalConfig], dict[str, Any]]
+    """(model, tokenizer, template name, records, eval config) -> ``{"overall": float,
+    "scores": {category: float}, "counts": {category: n}, ...}`` (more keys are kept in the cache)."""
+    fmt: str = "{:.1%}"
+    """How a score is written in the table and on the chart."""
+    max_value: float | None = 1.0
+    """The best possible score (the chart's axis ends there), or None if unbounded."""
+    higher_is_better: bool = True
+
+
+def _exact_match(
+    model: Any, tokenizer: Any, template: str, records: list[dict[str, Any]], ev: EvalConfig
+) -> dict[str, Any]:
+    from zhtune.eval.exact_match import exact_match
+
+    return exact_match(
+        model, tokenizer, template, records, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens
+    )
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in [Metric("exact_match", _exact_match)]}
+
+
+# --------------------------------------------------------------------------------------------
+# The runs of a grid
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One point of the grid."""
+
+    name: str
+    """Directory name, from the axis values (``method=lora,lr=0.0002``)."""
+    label: str
+    """Readable label for tables and legends (``method=lora, lr=0.0002``)."""
+    axes: dict[str, str]
+    """Axis key -> the value as shown (a label for mapping axes, a file's stem for paths)."""
+    train: TrainConfig
+    """The validated train config; output_dir is ``EXPERIMENT/runs/<name>``."""
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.train.output_dir)
+
+
+def show_value(value: Any) -> str:
+    """A short text for an axis value: numbers as written, files by their stem, lists joined by +."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "+".join(show_value(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = str(value)
+    if "/" in text or "\\" in text:
+        return Path(text.rstrip("/\\")).stem
+    return text
+
+
+def run_name(axes: dict[str, str]) -> str:
+    """A directory name from the shown axis values: ``key=value,key=value``, other characters ``_``."""
+    name = ",".join(f"{k}={v}" for k, v in axes.items())
+    name = re.sub(r"[^\w.=,+-]", "_", name)
+    if len(name) > 120:  # file systems cap names at 255 bytes; keep it readable and unique
+        name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``1e-4`` as a string; for float keys, read such strings as the numbers meant."""
+    hints = typing.get_type_hints(TrainConfig)
+
+    def fix(key: str, value: Any) -> Any:
+        if isinstance(value, list):
+            return [fix(key, v) for v in value]
+        if isinstance(value, dict):  # an axis of labelled values
+            return {label: fix(key, v) for label, v in value.items()}
+        if hints.get(key) is float and isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            return float(value)
+        return value
+
+    return {key: fix(key, value) for key, value in values.items()}
+
+
+def plan_runs(cfg: ExperimentConfig, source: str = "experiment") -> list[Run]:
+    """Every combination of axis values as a :class:`Run` with a validated train config.
+
+    Base, then ``overrides``, then the run's axis values; errors name the grid file and the run.
+    """
+    if isinstance(cfg.base, str):
+        if not Path(cfg.base).is_file():
+            raise ZhtuneError(f"{source}: base: train config not found: {cfg.base}")
+        base = read_yaml(cfg.base)
+        base_source = f"{source}: base {cfg.base}"
+    else:
+        base, base_source = dict(cfg.base), f"{source}: base"
+    base = {k: v for k, v in base.items() if k not in MANAGED_KEYS}  # a usable train YAML names these
+    check_train_keys(base, base_source)
+    shared = _numbers({**base, **cfg.overrides})
+
+    axes: list[list[tuple[str, Any]]] = []
+    for key, values in _numbers(cfg.axes).items():
+        choices = list(values.items()) if isinstance(values, dict) else [(show_value(v), v) for v in values]
+        shown = [str(label) for label, _ in choices]
+        twice = sorted({s for s in shown if shown.count(s) > 1})
+        if twice:
+            raise ZhtuneError(
+                f"{source}: axes: '{key}' has values that look the same ({', '.join(twice)}); "
+                f"name them with a mapping, e.g. {key}: {{a: ..., b: ...}}"
+            )
+        axes.append([(str(label), value) for label, value in choices])
+
+    runs: list[Run] = []
+    for combo in itertools.product(*axes):
+        shown = {key: label for key, (label, _) in zip(cfg.axes, combo)}
+        label = ", ".join(f"{k}={v}" for k, v in shown.items())
+        name = run_name(shown)
+        values = {
+            **shared,
+            **{key: value for key, (_, value) in zip(cfg.axes, combo)},
+            "output_dir": str(Path(cfg.output_dir) / "runs" / name),
+        }
+        where = f"{source}: run {label}"
+        try:
+            train_cfg = build_config(TrainConfig, values, source=where)
+        except ZhtuneError as err:  # type errors come without the source; name the run in every case
+            raise ZhtuneError(str(err) if str(err).startswith(where) else f"{where}: {err}") from None
+        runs.append(Run(name, label, shown, train_cfg))
+    names = [r.name for r in runs]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ZhtuneError(
+            f"{source}: axis values give runs the same directory name ({', '.join(clash)}); "
+            "label them with a mapping (axes: {key: {label: value, ...}})"
+        )
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Training: skip finished runs, resume interrupted ones
+# --------------------------------------------------------------------------------------------
+def _requested(run: Run) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(run.train).items() if k not in MANAGED_KEYS}
+
+
+def _check_same_request(run: Run) -> None:
+    """A run directory left by an earlier invocation must have been asked for the same settings."""
+    path = run.dir / REQUEST_FILE
+    if not path.exists():
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))["train"]
+    now = _requested(run)
+    changed = [k for k in now if k in before and before[k] != now[k]]
+    if changed:
+        diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise ZhtuneError(
+            f"run {run.label}: {run.dir} was trained with other settings ({diff}); "
+            "delete that directory to retrain it, or use another output_dir"
+        )
+
+
+def train_run(run: Run, progress: bool = True) -> str:
+    """Train ``run`` unless its directory holds a finished run; returns ``skipped``, ``resumed``
+    or ``trained``."""
+    from zhtune.train.sft import latest_checkpoint, train
+
+    _check_same_request(run)
+    if (run.dir / "train_results.json").exists():
+        return "skipped"
+    resume = latest_checkpoint(run.dir) is not None
+    # a directory without a checkpoint holds only a partial log: start it afresh
+    cfg = dataclasses.replace(run.train, resume=resume, overwrite=not resume)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run.dir / "eval", ignore_errors=True)  # scores of earlier weights
+    record = {"name": run.name, "label": run.label, "axes": run.axes, "train": _requested(run)}
+    (run.dir / REQUEST_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", "utf-8")
+    train(cfg, progress=progress)
+    return "resumed" if resume else "trained"
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: cached per run in RUN/eval/<metric>.json
+# --------------------------------------------------------------------------------------------
+def load_eval_records(ev: EvalConfig) -> list[dict[str, Any]]:
+    """The test records (canonical), those ending in an assistant turn, at most
+    ``max_per_category`` of each category."""
+    from zhtune.data.convert import load_conversations
+
+    records, n_rejected = load_conversations(ev.data)
+    usable = [r for r in records if len(r["messages"]) >= 2 and r["messages"][-1]["role"] == "assistant"]
+    if n_rejected or len(usable) < len(records):
+        skipped = n_rejected + len(records) - len(usable)
+        print(
+            f"eval data: {skipped} records skipped (unreadable or not ending in an answer)", file=sys.stderr
+        )
+    if not usable:
+        raise ZhtuneError(f"eval: no usable test records in {', '.join(ev.data)}")
+    if ev.max_per_category:
+        seen: dict[str, int] = {}
+        kept = []
+        for r in usable:
+            cat = r.get("meta", {}).get("category", "all")
+            seen[cat] = seen.get(cat, 0) + 1
+            if seen[cat] <= ev.max_per_category:
+                kept.append(r)
+        usable = kept
+    return usable
+
+
+def evaluate_run(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """Score a run directory with ``ev.metric``; returns ``(result, cached)``.
+
+    The result is kept in ``RUN/eval/<metric>.json`` with the settings it was made with (metric,
+    max_new_tokens, a hash of the test records) and reused while they stay the same.
+    """
+    import gc
+
+    from zhtune.models.loading import load_for_inference
+
+    digest = hashlib.sha1(json.dumps(records, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+    settings = {
+        "metric": ev.metric,
+        "max_new_tokens": ev.max_new_tokens,
+        "records": len(records),
+        "sha1": digest,
+    }
+    path = run_dir / "eval" / f"{ev.metric}.json"
+    if path.exists():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("settings") == settings:
+            return cached, True
+    model, tokenizer, template = load_for_inference(run_dir)
+    result = {"settings": settings, **METRICS[ev.metric].score(model, tokenizer, template, records, ev)}
+    del model, tokenizer
+    gc.collect()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return result, False
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def result_row(run: Run, scores: dict[str, Any] | None) -> dict[str, Any]:
+    """One run's line of the report: axis values, train results and (if scored) the metric."""
+    results = json.loads((run.dir / "train_results.json").read_text(encoding="utf-8"))
+    row: dict[str, Any] = {"name": run.name, "label": run.label, "run_dir": str(run.dir), "axes": run.axes}
+    for key in (
+        "trainable_params",
+        "total_params",
+        "steps",
+        "train_seconds",
+        "final_loss",
+        "final_eval_loss",
+    ):
+        row[key] = results.get(key)
+    if scores is not None:
+        row.update(overall=scores["overall"], scores=scores["scores"], counts=scores["counts"])
+    return row
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def format_table(rows: list[dict[str, Any]], metric: Metric | None) -> str:
+    """The markdown comparison table: a column per axis, training figures, then the metric
+    overall and per category."""
+    axis_keys = list(rows[0]["axes"])
+    categories = list(rows[0].get("scores", {})) if metric else []
+    head = [*axis_keys, "trainable params", "train s", "final loss", "eval loss"]
+    align = ["---"] * len(axis_keys) + ["---:"] * 4
+    if metric:
+        head += [metric.name, *categories]
+        align += ["---:"] * (1 + len(categories))
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
+    for r in rows:
+        share = r["trainable_params"] / max(r["total_params"], 1)
+        cells = [
+            *(r["axes"][k] for k in axis_keys),
+            f"{r['trainable_params']:,} ({share:.2%})",
+            _num(r["train_seconds"], "{:.1f}"),
+            _num(r["final_loss"], "{:.4f}"),
+            _num(r["final_eval_loss"], "{:.4f}"),
+        ]
+        if metric:
+            cells += [
+                metric.fmt.format(r["overall"]),
+                *(metric.fmt.format(r["scores"][c]) for c in categories),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_loss_curves(runs: list[Run], out_png: Path) -> None:
+    """Train loss of every run against step, overlaid (validation loss dashed, same colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zhtune.train.sft import LOG_FILE, read_log
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    for i, run in enumerate(runs):
+        log = read_log(run.dir / LOG_FILE)
+        color = colors(i % colors.N)
+        train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+        val = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+        if train:
+            ax.plot(*zip(*train), color=color, label=run.label)
+        if val:
+            ax.plot(*zip(*val), "o--", color=color, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("train loss per run (validation loss: dots, dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def plot_bars(
+    labels: list[str],
+    series: dict[str, list[float | None]],
+    xlabel: str,
+    out_png: Path,
+    fmt: str = "{:.4f}",
+    xmax: float | None = None,
+) -> None:
+    """Horizontal grouped bars: one group per run (top to bottom in grid order), one bar per
+    series, each bar labelled with its value written with ``fmt``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    height = 0.8 / n
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * len(labels) * max(n, 2)), dpi=100)
+    for j, (name, values) in enumerate(series.items()):
+        ys = [i + (j - (n - 1) / 2) * height for i in range(len(labels))]
+        bars = ax.barh(ys, [v if v is not None else 0.0 for v in values], height=height, label=name)
+        texts = ["–" if v is None else fmt.format(v) for v in values]
+        ax.bar_label(bars, labels=texts, padding=2, fontsize="x-small")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, 1.12 * (xmax if xmax is not None else ax.get_xlim()[1]))  # room for the labels
+    if "%" in fmt:
+        from matplotlib.ticker import PercentFormatter
+
+        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.grid(axis="x", alpha=0.3)
+    if n > 1:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def write_report(
+    cfg: ExperimentConfig, runs: list[Run], rows: list[dict[str, Any]], source: str
+) -> tuple[str, Path]:
+    """Write results.md, results.json, loss_curves.png and metric.png; returns the table and
+    the experiment directory."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metric = METRICS[cfg.eval.metric] if cfg.eval else None
+    table = format_table(rows, metric)
+    if cfg.eval and metric:
+        counts = rows[0]["counts"]
+        scored = f"{metric.name} on {sum(counts.values())} test records (" + ", ".join(
+            f"{c}: {n}" for c, n in counts.items()
+        )
+        scored += f") from {', '.join(cfg.eval.data)}, max_new_tokens {cfg.eval.max_new_tokens}."
+    else:
+        scored = "No eval configured: losses only."
+    (out / "results.md").write_text(
+        f"# Experiment {source}\n\n{len(rows)} runs. {scored}\n\n{table}\n\n"
+        "![loss curves](loss_curves.png)\n\n![metric per run](metric.png)\n",
+        encoding="utf-8",
+    )
+    summary = {
+        "grid": source,
+        "axes": list(cfg.axes),
+        "metric": metric.name if metric else None,
+        "eval": to_dict(cfg.eval) if cfg.eval else None,
+        "runs": rows,
+    }
+    (out / "results.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n", "utf-8")
+
+    plot_loss_curves(runs, out / "loss_curves.png")
+    labels = [r["label"] for r in rows]
+    if metric:
+        series = {"all": [r["overall"] for r in rows]}
+        if len(rows[0]["scores"]) > 1:
+            series.update({c: [r["scores"][c] for r in rows] for c in rows[0]["scores"]})
+        plot_bars(labels, series, metric.name, out / "metric.png", metric.fmt, metric.max_value)
+    else:
+        series = {"final loss": [r["final_loss"] for r in rows]}
+        if any(r["final_eval_loss"] is not None for r in rows):
+            series["validation loss"] = [r["final_eval_loss"] for r in rows]
+        plot_bars(labels, series, "loss", out / "metric.png")
+    return table, out
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------------------------
+def run_experiment(
+    cfg: ExperimentConfig, source: str = "experiment", progress: bool = True
+) -> list[dict[str, Any]]:
+    """Train and score every run of the grid, write the report and print the table; returns
+    the rows of the table (as in ``results.json``)."""
+    import time
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    runs = plan_runs(cfg, source)  # every run's config is valid before the first one trains
+    records = load_eval_records(cfg.eval) if cfg.eval else []
+    say(
+        f"zhtune experiment: {len(runs)} runs ({' x '.join(f'{k}: {len(v)}' for k, v in cfg.axes.items())}) "
+        f"-> {cfg.output_dir}"
+        + (f"; {cfg.eval.metric} on {len(records)} test records" if cfg.eval else "; no eval configured")
+    )
+    rows = []
+    for i, run in enumerate(runs, 1):
+        started = time.time()
+        say(f"\n[{i}/{len(runs)}] {run.label} -> {run.dir}")
+        state = train_run(run, progress=progress)
+        if state == "skipped":
+            say(f"[{i}/{len(runs)}] finished earlier: training skipped")
+        scores = None
+        if cfg.eval:
+            scores, cached = evaluate_run(run.dir, cfg.eval, records)
+            how = "cached" if cached else "scored"
+            say(f"[{i}/{len(runs)}] {cfg.eval.metric} {scores['overall']:.1%} ({how})")
+        rows.append(result_row(run, scores))
+        if state != "skipped":
+            say(f"[{i}/{len(runs)}] {state} in {time.time() - started:.0f} s")
+    table, out = write_report(cfg, runs, rows, source)
+    print(f"\n{table}\n")
+    print(
+        f"Report: {out / 'results.md'} (data: results.json; charts: loss_curves.png, metric.png). "
+        "Re-running skips finished runs."
+    )
+    return rows

@@ -46,7 +46,7 @@ def run_trl(model_dir: str, data: str, steps: int, batch: int, max_len: int, pac
         seed=42,
     )
     peft = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft

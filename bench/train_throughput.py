@@ -6,11 +6,13 @@
 Builds locally (no download) a byte-level BPE tokenizer (~4k vocab) on the data and LLaMA models
 from config: ``ref`` (hidden 256, intermediate 688, 4 layers, 4 heads, ~5M params with
 embeddings) and ``30m`` (hidden 512, intermediate 1376, 8 layers, 8 heads). Each job is LoRA
-(r 8, all linear layers), fp32, batch 8, cutoff 512, run as its own process. Reported per job
-(median over repeats): non-pad tokens/s during training, wall time of the whole command
-(start-up included), the time outside the training loop, peak RSS, and MFU against this
-machine's fp32 matmul peak measured in the same run (model FLOPs = 6 x params x tokens, the
-usual convention, which overstates LoRA's work). Ratios are against TRL padded.
+(r 8, alpha 16, no dropout, all linear layers), batch 8, cutoff 512, run as its own process.
+Systems: zhtune padded fp32, packed fp32, packed bf16 (autocast); TRL ``SFTTrainer`` padded and
+packed, fp32 (pick with ``--systems``). Reported per job (median over repeats): non-pad tokens/s
+during training, wall time of the whole command (start-up included), the time outside the
+training loop, peak RSS, and MFU against this machine's matmul peak for the dtype used, measured
+in the same run (model FLOPs = 6 x params x tokens, the usual convention, which overstates
+LoRA's work). Ratios are against TRL padded.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ MODELS = {
 }
 
 
-def matmul_peak_gflops(seconds: float = 2.0, n: int = 1024) -> float:
-    """Sustained fp32 matmul throughput of this machine (all threads), in GFLOP/s."""
+def matmul_peak_gflops(dtype: str = "fp32", seconds: float = 2.0, n: int = 1024) -> float:
+    """Sustained matmul throughput of this machine (all threads) in ``dtype``, in GFLOP/s."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
     for _ in range(3):
         a @ b
     count, t0 = 0, time.perf_counter()
@@ -78,11 +81,13 @@ def run_child(args: list[str]) -> dict:
     return info
 
 
-def zhtune_job(model: Path, data: Path, out: Path, steps: int, batch: int, max_len: int) -> dict:
+def zhtune_job(
+    model: Path, data: Path, out: Path, steps: int, batch: int, max_len: int, extra: tuple[str, ...] = ()
+) -> dict:
     args = [
         "zhtune", "train", f"model={model}", f"data={data}", f"output_dir={out}", "template=chatml",
-        "method=lora", f"max_steps={steps}", f"batch_size={batch}", f"cutoff_len={max_len}",
-        f"logging_steps={steps}", "lr=2e-4", "overwrite=true", "--no-progress",
+        "method=lora", "lora_dropout=0", f"max_steps={steps}", f"batch_size={batch}",
+        f"cutoff_len={max_len}", f"logging_steps={steps}", "lr=2e-4", "overwrite=true", "--no-progress", *extra,
     ]  # fmt: skip
     info = run_child(args)
     row = json.loads((out / "trainer_log.jsonl").read_text().splitlines()[-1])
@@ -117,46 +122,59 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default="/tmp/zhtune-bench")
+    p.add_argument("--systems", default="all", help="comma-separated keys of SYSTEMS, or all")
     a = p.parse_args()
 
     models = a.models.split(",")
     workdir = Path(a.workdir)
     data, dirs, params = prepare(a.data, workdir, models)
-    peak = matmul_peak_gflops()
-    systems = {
-        "zhtune (padded)": lambda m, out: zhtune_job(m, data, out, a.steps, a.batch, a.max_len),
-        "TRL SFTTrainer (padded)": lambda m, out: trl_job(m, data, out, a.steps, a.batch, a.max_len, False),
-        "TRL SFTTrainer (packed)": lambda m, out: trl_job(m, data, out, a.steps, a.batch, a.max_len, True),
-    }
+    peaks = {dtype: matmul_peak_gflops(dtype) for dtype in ("fp32", "bf16")}
+    job_args = (data, a.steps, a.batch, a.max_len)
+    every = {  # key: (label, dtype, job)
+        "zhtune": ("zhtune (padded)", "fp32", lambda m, out: zhtune_job(m, data, out, a.steps, a.batch, a.max_len)),
+        "zhtune-packed": (
+            "zhtune (packed)", "fp32",
+            lambda m, out: zhtune_job(m, data, out, a.steps, a.batch, a.max_len, ("packing=true",)),
+        ),
+        "zhtune-packed-bf16": (
+            "zhtune (packed, bf16)", "bf16",
+            lambda m, out: zhtune_job(
+                m, data, out, a.steps, a.batch, a.max_len, ("packing=true", "precision=bf16")
+            ),
+        ),
+        "trl": ("TRL SFTTrainer (padded)", "fp32", lambda m, out: trl_job(m, data, out, *job_args[1:], False)),
+        "trl-packed": ("TRL SFTTrainer (packed)", "fp32", lambda m, out: trl_job(m, data, out, *job_args[1:], True)),
+    }  # fmt: skip
+    keys = list(every) if a.systems == "all" else a.systems.split(",")
+    systems = {every[k][0]: every[k][2] for k in keys}
+    dtypes = {every[k][0]: every[k][1] for k in keys}
     rows = []
     for name in models:
         results: dict[str, list[dict]] = {s: [] for s in systems}
         for rep in range(a.repeats):
-            for system, job in systems.items():
-                out = (
-                    workdir
-                    / f"run-{name}-{system.split()[0].lower()}-{'packed' if 'packed' in system else 'padded'}-{rep}"
-                )
+            for key, (system, job) in zip(keys, systems.items()):
+                out = workdir / f"run-{name}-{key}-{rep}"
                 results[system].append(job(dirs[name], out))
                 print(
                     f"  {name} {system} #{rep + 1}: {results[system][-1]['tokens_per_s']:,.0f} tok/s",
                     file=sys.stderr,
                 )
-        base = statistics.median(r["tokens_per_s"] for r in results["TRL SFTTrainer (padded)"])
+        baseline = results.get("TRL SFTTrainer (padded)") or next(iter(results.values()))
+        base = statistics.median(r["tokens_per_s"] for r in baseline)
         for system, runs in results.items():
             tps = statistics.median(r["tokens_per_s"] for r in runs)
             wall = statistics.median(r["wall_seconds"] for r in runs)
             train_s = statistics.median(r["train_seconds"] for r in runs)
             rss = statistics.median(r["peak_rss_mb"] for r in runs)
-            mfu = tps * 6 * params[name] / (peak * 1e9)
+            mfu = tps * 6 * params[name] / (peaks[dtypes[system]] * 1e9)
             rows.append(
                 (name, f"{params[name] / 1e6:.1f}M", system, tps, tps / base, wall, wall - train_s, rss, mfu)
             )
 
-    print(f"\nfp32 matmul peak measured in this run: {peak:,.0f} GFLOP/s; {a.steps} steps, batch {a.batch}, cutoff {a.max_len}, "
-          f"LoRA r8 all-linear, fp32, median of {a.repeats}\n")  # fmt: skip
+    print(f"\nmatmul peak measured in this run: fp32 {peaks['fp32']:,.0f} GFLOP/s, bf16 {peaks['bf16']:,.0f} GFLOP/s; "
+          f"{a.steps} steps, batch {a.batch}, cutoff {a.max_len}, LoRA r8 all-linear no dropout, median of {a.repeats}\n")  # fmt: skip
     print(
-        "| model | params | system | non-pad tok/s | vs TRL padded | wall s | outside loop s | peak RSS MB | MFU |"
+        "| model | params | system | non-pad tok/s | vs baseline | wall s | outside loop s | peak RSS MB | MFU |"
     )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, n, system, tps, ratio, wall, outside, rss, mfu in rows:

@@ -79,8 +79,8 @@ class TrainConfig:
     """LoRA rank r."""
     lora_alpha: float = 16.0
     """LoRA scaling alpha (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch (0, LLaMA-Factory's default, is also ~1.5x faster on a CPU)."""
     lora_target: list[str] = field(default_factory=lambda: ["all"])
     """Modules to adapt (LoRA family and ia3): all (every linear layer but the head), default (the family's attention projections), or names."""
     freeze_layers: int = 2

@@ -15,6 +15,16 @@ from zhtune.models.tiny import build_tiny_llama, train_tokenizer
 torch.set_num_threads(2)
 
 
+CONV = [
+    {"role": "system", "content": "你是助手。"},
+    {"role": "user", "content": "一加一？"},
+    {"role": "assistant", "content": "二"},
+    {"role": "user", "content": "再加一？"},
+    {"role": "assistant", "content": "三"},
+]
+"""A multi-turn conversation with a system message (templates, families)."""
+
+
 def canonical(record: dict, i: int) -> dict:
     """An Alpaca-layout skill record as a canonical conversation."""
     return {

@@ -8,6 +8,7 @@ import copy
 import pytest
 from transformers import AutoTokenizer
 
+from tests.conftest import CONV
 from zhtune.data.templates import (
     IGNORE_INDEX,
     TEMPLATES,
@@ -18,14 +19,6 @@ from zhtune.data.templates import (
     stop_token_ids,
 )
 from zhtune.errors import ZhtuneError
-
-CONV = [
-    {"role": "system", "content": "你是助手。"},
-    {"role": "user", "content": "一加一？"},
-    {"role": "assistant", "content": "二"},
-    {"role": "user", "content": "再加一？"},
-    {"role": "assistant", "content": "三"},
-]
 
 GOLDEN = {
     "belle": (

@@ -11,6 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.conftest import CONV
 from zhtune.data.templates import TEMPLATES, get_template, render_text
 from zhtune.errors import ZhtuneError
 from zhtune.models.families import FAMILIES, family_template, lora_targets
@@ -19,14 +20,6 @@ from zhtune.train.config import TrainConfig
 from zhtune.train.sft import train
 
 FAMILY_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "bloom", "gpt_neox", "glm4")
-
-CONV = [
-    {"role": "system", "content": "你是助手。"},
-    {"role": "user", "content": "一加一？"},
-    {"role": "assistant", "content": "二"},
-    {"role": "user", "content": "再加一？"},
-    {"role": "assistant", "content": "三"},
-]
 
 
 def losses(run_dir) -> list[float]:

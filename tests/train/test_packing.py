@@ -139,3 +139,15 @@ def test_packing_is_refused_where_samples_cannot_be_kept_apart(tmp_path, tiny_to
     tiny_tokenizer.save_pretrained(base)
     with pytest.raises(ZhtuneError, match="packing.*not supported for model type 'bloom'.*group_by_length"):
         train(cfg(base, train_file, tmp_path / "run", packing=True), progress=False)
+
+
+def test_packed_training_is_the_same_with_eager_attention(tmp_path, tiny_model_dir, train_file):
+    runs = [
+        train(
+            cfg(tiny_model_dir, train_file, tmp_path / impl, packing=True, cutoff_len=256, batch_size=2,
+                max_steps=4, logging_steps=1, attn_implementation=impl),
+            progress=False,
+        )
+        for impl in ("sdpa", "eager")
+    ]  # fmt: skip
+    assert losses(runs[0]) == pytest.approx(losses(runs[1]), rel=1e-4)

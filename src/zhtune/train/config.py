@@ -97,6 +97,8 @@ class TrainConfig:
     """qlora: bits of the frozen base weights (bitsandbytes NF4 or int8)."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model directory to run (only for models you trust)."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """Attention kernel: auto (transformers' default, SDPA), eager, sdpa, or flash_attention_2 (GPU, flash-attn installed; packed samples then run as variable-length sequences)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     num_workers: int = 0

@@ -363,6 +363,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if n_added or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False
+    if cfg.attn_implementation != "auto":
+        try:
+            model.set_attn_implementation(cfg.attn_implementation)
+        except (ImportError, ValueError) as err:
+            raise ZhtuneError(f"config key 'attn_implementation': {err}") from None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.init_adapter:

@@ -54,11 +54,23 @@ class Prompter:
         return render(self.template, messages, self.tokenizer, add_generation_prompt=True)[0]
 
 
-def generate_batch(
+@dataclass
+class Reply:
+    """One generated reply."""
+
+    text: str
+    """The decoded reply, special tokens removed."""
+    token_ids: list[int]
+    """The new tokens, up to (not including) the first stop token."""
+    stopped: bool
+    """True if a stop token ended the reply; False if it ran into ``max_new_tokens``."""
+
+
+def generate_replies(
     model: Any, tokenizer: Any, prompts: list[list[int]], options: GenerationOptions, stop_ids: list[int]
-) -> list[str]:
-    """Generate a reply for each prompt (token ids), left-padded into one batch; returns the
-    decoded new text of each, special tokens removed."""
+) -> list[Reply]:
+    """Generate a reply for each prompt (token ids), left-padded into one batch (with the KV
+    cache); each reply is cut at its first stop token."""
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -77,7 +89,20 @@ def generate_batch(
             pad_token_id=pad_id,
             **options.to_generate_kwargs(),
         )
-    return tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+    replies = []
+    for row in out[:, longest:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        ids = row if end is None else row[:end]
+        replies.append(Reply(tokenizer.decode(ids, skip_special_tokens=True), ids, end is not None))
+    return replies
+
+
+def generate_batch(
+    model: Any, tokenizer: Any, prompts: list[list[int]], options: GenerationOptions, stop_ids: list[int]
+) -> list[str]:
+    """Generate a reply for each prompt (token ids), left-padded into one batch; returns the
+    decoded new text of each, special tokens removed."""
+    return [r.text for r in generate_replies(model, tokenizer, prompts, options, stop_ids)]
 
 
 def stream_generate(
@@ -117,3 +142,142 @@ def stream_generate(
     thread.join()
     if errors:
         raise errors[0]
+
+
+@dataclass
+class Sampling:
+    """How one row of a :class:`BatchDecoder` picks its tokens."""
+
+    max_new_tokens: int
+    """Most tokens to generate (a stop token counts as one)."""
+    temperature: float = 0.0
+    """0 picks the most likely token (greedy); above 0 samples from the softened distribution."""
+    top_p: float = 1.0
+    """Sample only from the smallest set of tokens with this much probability."""
+    seed: int | None = None
+    """Seed of the row's own random generator (None: a random seed)."""
+
+
+class BatchDecoder:
+    """Decode several prompts together, one token per row per step, with a KV cache.
+
+    The prompts are left-padded into one batch and prefilled in one forward pass; each
+    :meth:`step` then feeds every running row its last token and returns the token picked for
+    each. Rows differ in everything but the model: each has its own token budget and sampling
+    settings (greedy, or temperature/top-p with its own seeded generator, so a row's tokens do
+    not depend on what it is batched with), and ends on a stop token or at its budget. Finished
+    rows leave the batch (and the cache); the caller can end a row early with :meth:`finish`
+    (a stop string, a client that went away)::
+
+        decoder = BatchDecoder(model, prompts, samplings, stop_ids, pad_id)
+        while decoder.running:
+            for row, token, finish_reason in decoder.step():
+                ...  # finish_reason: None, "stop" (token is a stop id) or "length"
+
+    Position ids count only real tokens, as in ``model.generate``, so a padded row computes what
+    it would compute alone.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        prompts: list[list[int]],
+        samplings: list[Sampling],
+        stop_ids: list[int],
+        pad_id: int,
+    ) -> None:
+        import torch
+
+        self.model = model
+        self.samplings = samplings
+        self.stop_ids = set(stop_ids)
+        self.generated = [0] * len(prompts)
+        self.running: list[int] = list(range(len(prompts)))
+        """Rows still decoding, in batch order (rows are indices into ``prompts``)."""
+        device = next(model.parameters()).device
+        longest = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, longest - len(p) :] = 1
+        self._inputs = ids.to(device)
+        self._mask = mask.to(device)
+        self._positions = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        self._cache: Any = None
+        self._temperature = torch.tensor([s.temperature for s in samplings], device=device)
+        self._top_p = torch.tensor([s.top_p for s in samplings], device=device)
+        self._generators = [_generator(s.seed, device) if s.temperature > 0 else None for s in samplings]
+
+    def step(self) -> list[tuple[int, int, str | None]]:
+        """One forward pass: ``(row, token, finish_reason)`` for every running row."""
+        import torch
+
+        with torch.no_grad():
+            out = self.model(
+                input_ids=self._inputs,
+                attention_mask=self._mask,
+                position_ids=self._positions,
+                past_key_values=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self._cache = out.past_key_values
+        tokens = self._pick(out.logits[:, -1, :].float())
+        self._inputs = tokens[:, None]
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1)
+        self._positions = self._positions[:, -1:] + 1
+        results = []
+        for row, token in zip(self.running, tokens.tolist()):
+            self.generated[row] += 1
+            reason = None
+            if token in self.stop_ids:
+                reason = "stop"
+            elif self.generated[row] >= self.samplings[row].max_new_tokens:
+                reason = "length"
+            results.append((row, token, reason))
+        self.finish([row for row, _, reason in results if reason])
+        return results
+
+    def finish(self, rows: list[int]) -> None:
+        """Drop ``rows`` from the batch (unknown or finished rows are ignored)."""
+        import torch
+
+        gone = set(rows)
+        keep = [i for i, row in enumerate(self.running) if row not in gone]
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=self._inputs.device)
+        self._inputs, self._mask = self._inputs[index], self._mask[index]
+        self._positions = self._positions[index]
+        self._temperature, self._top_p = self._temperature[index], self._top_p[index]
+        self._generators = [self._generators[i] for i in keep]
+        if self._cache is not None and keep:
+            self._cache.batch_select_indices(index)
+
+    def _pick(self, logits: Any) -> Any:
+        """Greedy rows take the argmax; sampling rows draw from their temperature/top-p
+        distribution with their own generator."""
+        import torch
+
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, g in enumerate(self._generators) if g is not None]
+        if not sampled:
+            return tokens
+        probs = torch.softmax(logits / self._temperature.clamp(min=1e-6)[:, None], dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the most likely tokens until their total reaches top_p (the first one always)
+        sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) >= self._top_p[:, None]] = 0
+        for i in sampled:
+            pick = torch.multinomial(sorted_probs[i], 1, generator=self._generators[i])
+            tokens[i] = order[i, pick[0]]
+        return tokens
+
+
+def _generator(seed: int | None, device: Any) -> Any:
+    import random
+
+    import torch
+
+    return torch.Generator(device=device).manual_seed(random.getrandbits(63) if seed is None else seed)

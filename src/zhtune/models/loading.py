@@ -42,6 +42,8 @@ def resolve_source(path: str | Path) -> ModelSource:
     p = Path(path)
     if not p.exists():
         raise ZhtuneError(f"model path not found: {p}")
+    if (p / EXPORT_MANIFEST).is_file():
+        return export_source(p)
     if is_run_dir(p):
         import yaml
 
@@ -60,6 +62,29 @@ def resolve_source(path: str | Path) -> ModelSource:
             f"{p} is not a Hugging Face model directory (no config.json) nor a zhtune run directory"
         )
     return ModelSource(str(p), str(p))
+
+
+EXPORT_MANIFEST = "zhtune_export.json"
+"""What ``zhtune export`` writes beside the weights: source run, method, template, dtype,
+quantization, and an adapter kept apart (``adapter/``) if it was not merged."""
+
+
+def export_source(path: str | Path) -> ModelSource:
+    """The :class:`ModelSource` of a ``zhtune export`` directory: its own weights and tokenizer,
+    the template the run was trained with, and its ``adapter/`` when exported without merging."""
+    import json
+
+    p = Path(path)
+    manifest = json.loads((p / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+    adapter = manifest.get("adapter")
+    return ModelSource(
+        str(p),
+        str(p),
+        str(p / adapter) if adapter else None,
+        str(manifest.get("template") or "auto"),
+        bool(manifest.get("trust_remote_code", False)),
+        manifest.get("adapter_base_bits"),
+    )
 
 
 def quiet_transformers() -> None:

@@ -1,0 +1,466 @@
+"""``zhtune export RUN -o DIR``: a run as a standalone model directory, merged and/or quantized.
+
+What lands in ``DIR`` (always: safetensors shards, the tokenizer with the run's
+``chat_template``, a ``generation_config.json`` whose eos ids are the template's stop tokens, and
+``zhtune_export.json``, the manifest: source run, method, template, dtype, quantization):
+
+================================  =============================================================
+full / freeze run, or a model     the weights in ``--dtype``
+adapter run, ``--merge``          LoRA-like adapters (lora, dora, rslora, pissa, adalora, ia3,
+                                  qlora) folded into the base: a plain model directory
+adapter run, no ``--merge``       the base weights, plus the run's adapter in ``DIR/adapter``
+                                  (peft's files, its ``base_model_name_or_path`` set to ``DIR``)
+``--quantize 8|4``                weights quantized as bitsandbytes int8 / NF4 (CPU and GPU), or
+                                  GPTQ with ``--backend gptq`` (a CUDA GPU, gptqmodel)
+================================  =============================================================
+
+Every directory loads with plain ``transformers.AutoModelForCausalLM.from_pretrained(DIR)``
+(peft on top for a kept adapter), and with zhtune (``chat``, ``predict``, ``serve``), which
+reads the template from the manifest. Prefix/prompt/P-tuning and bottleneck adapters cannot be
+folded into weights, so ``--merge`` refuses them.
+
+Quantizing also measures what it cost: the perplexity of the assistant turns (the training
+loss, exponentiated) before and after, on ``--eval-data`` (default: the last
+``--eval-records`` records of the run's training data), and the size of the weights on disk;
+the table is printed and written to ``DIR/export_report.json``.
+
+Everything is built in a temporary directory beside ``DIR`` and renamed into place at the end,
+so an interrupted export leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zhtune.errors import ZhtuneError
+
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+"""``config.json`` dtype names -> zhtune's."""
+BACKENDS = ("bitsandbytes", "gptq")
+QUANT_NAMES = {("bitsandbytes", 8): "bitsandbytes int8", ("bitsandbytes", 4): "bitsandbytes NF4"}
+GPTQ_GROUP_SIZE = 128
+
+
+@dataclass
+class ExportOptions:
+    """Settings of ``zhtune export`` (each field's docstring is its ``--help``)."""
+
+    merge: bool = False
+    """Fold a LoRA-like adapter into the base weights (a standalone model)."""
+    quantize: int = 0
+    """Quantize the weights to 8 or 4 bits (0: no quantization)."""
+    backend: str = "bitsandbytes"
+    """Quantization library: bitsandbytes (int8 / NF4; CPU and GPU) or gptq (GPTQ, group size 128; needs a CUDA GPU and gptqmodel)."""
+    dtype: str = "auto"
+    """Weights dtype: auto (the base model's), fp32, bf16, fp16; with --quantize, the dtype of what stays unquantized and of the computation."""
+    eval_data: str = ""
+    """Data (any supported format) for the perplexity before/after quantizing (default: the run's training data)."""
+    eval_records: int = 128
+    """Use the last N records of the eval data."""
+    calibration: str = ""
+    """GPTQ calibration data (any supported format; default: the run's training data)."""
+    calibration_records: int = 128
+    """GPTQ: number of calibration records (the first N)."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors shard."""
+    overwrite: bool = False
+    """Replace DIR if it already holds files."""
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: what the run is, what was asked, and everything refused before any weight is loaded
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What to export, worked out and checked before any weight is loaded."""
+
+    run: Path
+    out: Path
+    src: Any  # zhtune.models.loading.ModelSource
+    run_config: dict[str, Any]
+    adapter_kind: str | None
+    """peft type (``LORA``, ``PREFIX_TUNING``, ...) or ``BOTTLENECK``; None for full weights."""
+    merge: bool
+    dtype: str
+
+
+def adapter_kind(adapter_dir: str) -> str:
+    """``BOTTLENECK`` or the peft type recorded in ``adapter_config.json``."""
+    from zhtune.models.bottleneck import is_bottleneck_dir
+
+    if is_bottleneck_dir(adapter_dir):
+        return "BOTTLENECK"
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    return str(config.get("peft_type", "UNKNOWN"))
+
+
+def base_dtype(weights_dir: str) -> str:
+    """The dtype recorded in a model's ``config.json`` (fp32 if none)."""
+    config = json.loads((Path(weights_dir) / "config.json").read_text(encoding="utf-8"))
+    return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), "fp32")
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """True if ``a`` is ``b`` or lies inside it."""
+    return a == b or b in a.parents
+
+
+def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
+    """Check the request against the run; raise :class:`ZhtuneError` saying what to change."""
+    import yaml
+
+    from zhtune.models.loading import MERGEABLE, resolve_source
+
+    src = resolve_source(run)
+    run_dir = Path(run).resolve()
+    out = Path(output).resolve()
+    for protected in {run_dir, Path(src.weights).resolve(), Path(src.tokenizer).resolve()}:
+        if _inside(protected, out):
+            raise ZhtuneError(f"-o {output} would overwrite {protected}; export to a new directory")
+    if out.exists() and any(out.iterdir()) and not opts.overwrite:
+        raise ZhtuneError(f"{out} is not empty; choose another -o, or pass --overwrite to replace it")
+    if opts.quantize not in (0, 4, 8):
+        raise ZhtuneError(f"--quantize must be 8 or 4, got {opts.quantize}")
+    if opts.backend not in BACKENDS:
+        raise ZhtuneError(f"--backend must be one of {', '.join(BACKENDS)}, got {opts.backend!r}")
+    if opts.dtype not in ("auto", *DTYPES.values()):
+        raise ZhtuneError(f"--dtype must be auto, fp32, bf16 or fp16, got {opts.dtype!r}")
+    run_config: dict[str, Any] = {}
+    if (run_dir / "config.yaml").is_file():
+        run_config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+
+    kind = adapter_kind(src.adapter) if src.adapter else None
+    method = run_config.get("method", kind)
+    if opts.merge and kind is not None and kind not in MERGEABLE:
+        raise ZhtuneError(
+            f"--merge: a {method} adapter cannot be folded into the weights (only LoRA-like adapters: "
+            "lora, dora, rslora, pissa, adalora, ia3, qlora). Export without --merge: DIR then holds the "
+            "base model and the adapter in DIR/adapter, which zhtune and peft load together"
+        )
+    if opts.quantize and kind is not None and not opts.merge:
+        raise ZhtuneError(
+            f"--quantize needs the full weights, but {run} is a {method} adapter run: add --merge "
+            "(LoRA-like adapters), or export without --quantize"
+        )
+    if opts.quantize and opts.backend == "gptq":
+        check_gptq()
+    if opts.quantize and opts.backend == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ZhtuneError(
+            "--quantize needs bitsandbytes: pip install -c constraints.txt 'zhtune[qlora]' "
+            "(CUDA GPUs, and x86 CPUs with bitsandbytes >= 0.46)"
+        )
+    dtype = base_dtype(src.weights) if opts.dtype == "auto" else opts.dtype
+    return Plan(run_dir, out, src, run_config, kind, bool(opts.merge and kind), dtype)
+
+
+def check_gptq() -> None:
+    """GPTQ quantizes layer by layer on a CUDA GPU with gptqmodel (through transformers'
+    ``GPTQConfig``, which also needs optimum); refuse at once where that cannot run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ZhtuneError(
+            "--backend gptq needs a CUDA GPU (GPTQ calibrates every layer on it, and gptqmodel builds "
+            "CUDA kernels); on this machine use --backend bitsandbytes (int8 / NF4, runs on CPUs)"
+        )
+    missing = [name for name in ("gptqmodel", "optimum") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ZhtuneError(f"--backend gptq needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Data for perplexity and calibration
+# --------------------------------------------------------------------------------------------
+def run_data(plan: Plan, path: str, what: str) -> tuple[list[str], str]:
+    """The files to read for ``what``: ``path`` if given, else the run's training data."""
+    if path:
+        return [path], "auto"
+    data = plan.run_config.get("data")
+    if not data:
+        raise ZhtuneError(
+            f"{plan.run} has no training data in config.yaml to take {what} from; pass --{what}"
+        )
+    return list(data), str(plan.run_config.get("format", "auto"))
+
+
+def read_records(paths: list[str], fmt: str, n: int, last: bool) -> list[dict[str, Any]]:
+    """The first or last ``n`` usable conversations of ``paths`` (streamed; rejects skipped)."""
+    from zhtune.data.convert import iter_conversations
+
+    kept: deque[dict[str, Any]] = deque(maxlen=n if last else None)
+    for o in iter_conversations(paths, fmt):
+        if o.record is not None:
+            kept.append(o.record)
+            if not last and len(kept) >= n:
+                break
+    if not kept:
+        raise ZhtuneError(f"no usable conversations in {', '.join(paths)}")
+    return list(kept)
+
+
+def perplexity(model: Any, tokenizer: Any, template: str, records: list[dict], cutoff_len: int) -> float:
+    """exp(mean loss over the assistant tokens of ``records``): the training loss, exponentiated."""
+    import torch
+
+    from zhtune.data.dataset import pad_batch, tokenize_records
+    from zhtune.data.templates import get_template
+    from zhtune.train.sft import summed_token_loss
+
+    examples = tokenize_records(records, tokenizer, get_template(template), cutoff_len).examples
+    if not examples:
+        raise ZhtuneError(f"no eval record has an answer within {cutoff_len} tokens")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")  # bitsandbytes int8 on CPU
+        for i in range(0, len(examples), 16):
+            batch = {
+                k: v.to(device) for k, v in pad_batch(examples[i : i + 16], tokenizer.pad_token_id).items()
+            }
+            total += float(summed_token_loss(model, batch))
+            count += int((batch["labels"][:, 1:] != -100).sum())
+    return math.exp(total / count)
+
+
+# --------------------------------------------------------------------------------------------
+# Build, save, quantize
+# --------------------------------------------------------------------------------------------
+def load_merged(plan: Plan) -> tuple[Any, Any, str]:
+    """The model to export in ``plan.dtype`` (adapter merged if asked), its tokenizer, template."""
+    from zhtune.models.families import family_template
+    from zhtune.models.loading import attach_adapter, load_model, load_tokenizer
+
+    src = plan.src
+    tokenizer = load_tokenizer(src.tokenizer, src.trust_remote_code)
+    # Never quantized here: merging needs full-precision weights (a QLoRA adapter merges into the
+    # full-precision base, as QLoRA's authors export it), and quantizing comes last.
+    model = load_model(src.weights, plan.dtype, src.trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if plan.merge:
+        model = attach_adapter(model, src.adapter, merge=True)
+    model.eval()
+    template = src.template
+    if template == "auto":
+        template = family_template(
+            model.config.model_type, tokenizer.get_vocab(), bool(tokenizer.chat_template)
+        )
+    return model, tokenizer, template
+
+
+def save_model(model: Any, tokenizer: Any, template: str, directory: Path, max_shard_size: str) -> None:
+    """Weights, tokenizer with the template as its chat_template, and the template's stop ids as
+    the generation config's eos (what ``train`` saves in ``model/``)."""
+    from zhtune.data.templates import get_template, stop_token_ids, to_jinja
+
+    named = get_template(template)
+    if named is not None and not tokenizer.chat_template:
+        tokenizer.chat_template = to_jinja(named, tokenizer)
+    gen = model.generation_config
+    gen.eos_token_id = stop_token_ids(named, tokenizer)
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else gen.eos_token_id[0]
+    model.save_pretrained(str(directory), max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(str(directory))
+
+
+def copy_adapter(adapter_dir: str, directory: Path, final_dir: Path) -> None:
+    """The run's adapter into ``directory/adapter``; a peft adapter names ``final_dir`` as its base."""
+    dst = directory / "adapter"
+    shutil.copytree(adapter_dir, dst)
+    config_path = dst / "adapter_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = str(final_dir)
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def quantize(
+    plan: Plan, opts: ExportOptions, staged: Path, directory: Path, tokenizer: Any, template: str
+) -> dict:
+    """Quantize the full-precision model saved in ``staged`` into ``directory``; returns the
+    manifest's ``quantization`` entry."""
+    from zhtune.train.methods import quantization_config
+
+    if opts.backend == "bitsandbytes":
+        # the QLoRA settings: NF4 with double quantization, or LLM.int8()
+        config = quantization_config(opts.quantize, plan.dtype)
+        model = load_on_device(staged, plan.dtype, plan.src.trust_remote_code, quantization_config=config)
+        model.save_pretrained(str(directory), max_shard_size=opts.max_shard_size)
+        kind = "nf4, double quantization" if opts.quantize == 4 else "LLM.int8()"
+        return {"backend": "bitsandbytes", "bits": opts.quantize, "type": kind}
+    # GPTQ (make_plan checked for a CUDA GPU, gptqmodel and optimum). Not yet run: no GPU in CI.
+    from transformers import GPTQConfig
+
+    paths, fmt = run_data(plan, opts.calibration, "calibration")
+    records = read_records(paths, fmt, opts.calibration_records, last=False)
+    texts = [conversation_text(r["messages"], tokenizer, template) for r in records]
+    config = GPTQConfig(bits=opts.quantize, group_size=GPTQ_GROUP_SIZE, dataset=texts, tokenizer=tokenizer)
+    model = load_on_device(staged, "fp16", plan.src.trust_remote_code, quantization_config=config)
+    model.save_pretrained(str(directory), max_shard_size=opts.max_shard_size)
+    return {"backend": "gptq", "bits": opts.quantize, "group_size": GPTQ_GROUP_SIZE, "calibration": paths}
+
+
+def load_on_device(directory: Path, dtype: str, trust_remote_code: bool, **kwargs: Any) -> Any:
+    """``from_pretrained`` straight onto the GPU if there is one, else the CPU (quantized layers
+    cannot move afterwards)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zhtune.models.loading import quiet_transformers
+
+    quiet_transformers()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return AutoModelForCausalLM.from_pretrained(
+        str(directory),
+        dtype=torch_dtype,
+        device_map={"": device},
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+
+
+def conversation_text(messages: list[dict[str, str]], tokenizer: Any, template: str) -> str:
+    """A conversation as the text the model was trained on."""
+    from zhtune.data.templates import get_template, render_text
+
+    named = get_template(template)
+    if named is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return render_text(named, messages, tokenizer)
+
+
+def weights_bytes(directory: Path) -> int:
+    """Size of the safetensors files directly in ``directory``."""
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def report_table(rows: list[dict[str, Any]]) -> str:
+    """The before/after table (markdown)."""
+    base = rows[0]
+    lines = [
+        "| weights | size | size vs unquantized | perplexity | change |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        ppl = f"{r['perplexity']:.4f}" if r.get("perplexity") is not None else "-"
+        change = (
+            f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%"
+            if r is not base and r.get("perplexity") is not None and base.get("perplexity")
+            else ""
+        )
+        lines.append(
+            f"| {r['name']} | {_mb(r['bytes'])} | {r['bytes'] / base['bytes']:.2f}x | {ppl} | {change} |"
+        )
+    return "\n".join(lines)
+
+
+def quantize_and_measure(
+    plan: Plan, opts: ExportOptions, staged: Path, final: Path, tokenizer: Any, template: str, records: list
+) -> tuple[dict, list[dict[str, Any]]]:
+    """Quantize the model in ``staged`` into ``final``; returns the manifest's quantization entry
+    and the report rows: size and perplexity of both, each as reloaded from disk."""
+    cutoff = int(plan.run_config.get("cutoff_len", 1024))
+
+    def measured(name: str, directory: Path) -> dict[str, Any]:
+        model = load_on_device(directory, plan.dtype, plan.src.trust_remote_code)
+        ppl = perplexity(model, tokenizer, template, records, cutoff)
+        return {"name": name, "bytes": weights_bytes(directory), "perplexity": ppl}
+
+    before = measured(f"unquantized ({plan.dtype})", staged)
+    quantization = quantize(plan, opts, staged, final, tokenizer, template)
+    tokenizer.save_pretrained(str(final))
+    after = measured(
+        QUANT_NAMES.get((opts.backend, opts.quantize), f"{opts.backend} {opts.quantize}-bit"), final
+    )
+    return quantization, [before, after]
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+def export(run: str, output: str, opts: ExportOptions) -> Path:
+    """``zhtune export``: write ``run`` to ``output`` as described in the module doc; returns it."""
+    from zhtune import __version__
+    from zhtune.models.loading import EXPORT_MANIFEST
+
+    started = time.time()
+    plan = make_plan(run, output, opts)
+    src = plan.src
+    method = plan.run_config.get("method", plan.adapter_kind or "model")
+    say = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    say(
+        f"zhtune export: {plan.run} ({method}) -> {plan.out}: {plan.dtype}"
+        + (", adapter merged" if plan.merge else ", adapter kept in adapter/" if src.adapter else "")
+        + (f", {opts.backend} {opts.quantize}-bit" if opts.quantize else "")
+    )
+    if opts.merge and not src.adapter:
+        say("  (--merge: nothing to merge, the run holds full weights)")
+
+    eval_records, eval_note = [], None
+    if opts.quantize:  # read before the weights, so a bad file fails at once
+        paths, fmt = run_data(plan, opts.eval_data, "eval-data")
+        eval_records = read_records(paths, fmt, opts.eval_records, last=True)
+        eval_note = f"{len(eval_records)} records of {', '.join(paths)}" + (
+            "" if opts.eval_data else " (the last ones of the training data: a before/after comparison)"
+        )
+
+    work = plan.out.parent / f".{plan.out.name}.tmp-export"
+    shutil.rmtree(work, ignore_errors=True)
+    final = work / "out"
+    final.mkdir(parents=True)
+    try:
+        model, tokenizer, template = load_merged(plan)
+        saved = work / "unquantized" if opts.quantize else final
+        save_model(model, tokenizer, template, saved, opts.max_shard_size)
+        del model  # from here on, models are loaded from disk: what users get
+        rows = [{"name": plan.dtype, "bytes": weights_bytes(saved), "perplexity": None}]
+        quantization = None
+        if opts.quantize:
+            quantization, rows = quantize_and_measure(
+                plan, opts, saved, final, tokenizer, template, eval_records
+            )
+        if src.adapter and not plan.merge:
+            copy_adapter(src.adapter, final, plan.out)
+        manifest = {
+            "zhtune_version": __version__,
+            "source": str(plan.run),
+            "base_model": str(Path(src.weights).resolve()),
+            "method": method,
+            "template": template,
+            "merged": plan.merge,
+            "adapter": "adapter" if src.adapter and not plan.merge else None,
+            "adapter_base_bits": src.quantization_bits if src.adapter and not plan.merge else None,
+            "dtype": plan.dtype,
+            "quantization": quantization,
+            "trust_remote_code": src.trust_remote_code,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (final / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        report = {"rows": rows, "eval": eval_note, "seconds": round(time.time() - started, 2)}
+        (final / "export_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if plan.out.exists():
+            shutil.rmtree(plan.out)
+        final.rename(plan.out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if eval_note:
+        say(report_table(rows))
+        say(f"perplexity of the assistant turns of {eval_note}")
+    say(f"wrote {plan.out} ({_mb(rows[-1]['bytes'])} of weights) in {time.time() - started:.1f} s")
+    return plan.out

@@ -183,13 +183,15 @@ def cmd_webui(args: argparse.Namespace) -> int:
 
 
 def cmd_vocab_extend(args: argparse.Namespace) -> int:
+    from zhtune.data.convert import parse_mapping
     from zhtune.vocab.extend import ExtendOptions, extend_vocab
 
     extend_vocab(
         ExtendOptions(
             base=args.base, corpus=args.corpus, output=args.output, vocab_size=args.vocab_size,
             model_type=args.model_type, heldout=args.heldout, eval_text=args.eval_text or [],
-            format=args.format, overwrite=args.overwrite, progress=not args.no_progress,
+            format=args.format, mapping=parse_mapping(args.map or []), overwrite=args.overwrite,
+            progress=not args.no_progress,
         )
     )  # fmt: skip
     return 0
@@ -203,7 +205,9 @@ def cmd_vocab_resize(args: argparse.Namespace) -> int:
 
 def _add_vocab_parser(sub: Any) -> None:
     """``zhtune vocab extend|resize``: Chinese vocabulary expansion."""
-    v = sub.add_parser("vocab", help="Chinese vocabulary expansion: extend a tokenizer, resize a model for it")
+    v = sub.add_parser(
+        "vocab", help="Chinese vocabulary expansion: extend a tokenizer, resize a model for it"
+    )
     vsub = v.add_subparsers(dest="vocab_command", metavar="VOCAB_COMMAND")
     x = vsub.add_parser(
         "extend",
@@ -214,18 +218,36 @@ def _add_vocab_parser(sub: Any) -> None:
         "and print tokens per character before and after on held-out Chinese and English lines.",
     )
     x.add_argument("base", help="base tokenizer (or model) directory")
-    x.add_argument("corpus", nargs="+", help="text files (.txt/.md, one line at a time) or data files, dirs, globs")
+    x.add_argument(
+        "corpus", nargs="+", help="text files (.txt/.md, one line at a time) or data files, dirs, globs"
+    )
     x.add_argument("-o", "--output", required=True, help="directory for the extended tokenizer")
-    x.add_argument("--vocab-size", type=int, default=20000, help="size of the Chinese vocabulary to train (default: 20000)")
+    x.add_argument(
+        "--vocab-size",
+        type=int,
+        default=20000,
+        help="size of the Chinese vocabulary to train (default: 20000)",
+    )
     x.add_argument(
         "--model-type", default="bpe", choices=["bpe", "unigram"],
         help="Chinese vocabulary model; unigram needs a SentencePiece-style base (default: bpe)",
     )  # fmt: skip
     x.add_argument(
-        "--heldout", type=float, default=0.01, help="share of corpus lines held out for the table (default: 0.01)"
+        "--heldout",
+        type=float,
+        default=0.01,
+        help="share of corpus lines held out for the table (default: 0.01)",
     )
-    x.add_argument("--eval-text", action="append", metavar="FILE", help="extra text file to measure (repeatable)")
+    x.add_argument(
+        "--eval-text", action="append", metavar="FILE", help="extra text file to measure (repeatable)"
+    )
     x.add_argument("--format", default="auto", help="format of non-text corpus files (default: auto)")
+    x.add_argument(
+        "--map",
+        action="append",
+        metavar="SRC=DST",
+        help="rename a column of data files, e.g. zh_output=output",
+    )
     x.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     x.add_argument("--no-progress", action="store_true", help="no progress bars")
     x.set_defaults(func=cmd_vocab_extend)
@@ -435,7 +457,7 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
         "--batch-wait-ms",
         type=float,
         default=10.0,
-        help="how long a request waits for others to batch with (default: 10)",
+        help="start a batch once no request has arrived for this long (default: 10)",
     )
     sv.add_argument("--template", help="override the run's chat template")
     sv.add_argument(

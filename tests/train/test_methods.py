@@ -23,6 +23,7 @@ from zhtune.train.sft import split_validation, summed_token_loss, train
 
 TRAINED = {
     "freeze": r"layers\.1\.",  # freeze_layers=1 of 2: the last layer only
+    "embeddings": r"embed_tokens|lm_head",  # tied: one matrix
     "lora": r"lora_[AB]",
     "dora": r"lora_[AB]|lora_magnitude",
     "rslora": r"lora_[AB]",

@@ -28,7 +28,7 @@ class TrainConfig:
     stage: Literal["sft", "pt"] = "sft"
     """Training stage: sft (instruction tuning; loss on assistant turns) or pt (continued pre-training: texts concatenated and cut into cutoff_len blocks)."""
     method: str = "lora"
-    """Tuning method: full, freeze, lora, dora, rslora, pissa, adalora, ia3, prefix, prompt, ptuning, houlsby, pfeiffer, parallel, qlora (see README)."""
+    """Tuning method: full, freeze, embeddings, lora, dora, rslora, pissa, adalora, ia3, prefix, prompt, ptuning, houlsby, pfeiffer, parallel, qlora (see README)."""
     init_adapter: str = ""
     """Continue tuning an existing adapter: a run directory or its adapter/ folder (same method)."""
     train_on_prompt: bool = False
@@ -83,6 +83,8 @@ class TrainConfig:
     """Dropout on the LoRA branch (0, LLaMA-Factory's default, is also ~1.5x faster on a CPU)."""
     lora_target: list[str] = field(default_factory=lambda: ["all"])
     """Modules to adapt (LoRA family and ia3): all (every linear layer but the head), default (the family's attention projections), or names."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """LoRA family: modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head] to learn the rows of a resized vocabulary with stage pt (Chinese-LLaMA's recipe)."""
     freeze_layers: int = 2
     """freeze: train only the last N decoder layers (negative: the first N)."""
     adalora_init_rank: int = 12

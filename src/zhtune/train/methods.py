@@ -9,6 +9,7 @@ step, a custom save). Every PEFT method but the bottleneck adapters comes from p
 =========  ==========================================================================
 full       every weight
 freeze     the last ``freeze_layers`` decoder layers (negative: the first N)
+embeddings input embeddings and LM head only (BELLE's recipe after vocabulary expansion)
 lora       low-rank adapters (Hu et al. 2021)
 dora       weight-decomposed LoRA (Liu et al. 2024)
 rslora     rank-stabilised LoRA: scale alpha / sqrt(r) (Kalajdzievski 2023)
@@ -121,10 +122,28 @@ def _freeze(model: Any, cfg: TrainConfig, total_steps: int) -> Any:
     return model
 
 
+def _embeddings(model: Any, cfg: TrainConfig, total_steps: int) -> Any:
+    """Train the input embeddings and the LM head (one matrix when tied), nothing else: learns
+    the rows of new tokens after ``zhtune vocab resize`` without moving the rest of the model."""
+    model.requires_grad_(False)
+    model.get_input_embeddings().requires_grad_(True)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.requires_grad_(True)
+    return model
+
+
+LORA_FAMILY = ("lora", "dora", "rslora", "pissa", "adalora", "qlora")
+"""Methods that take ``modules_to_save`` (modules trained in full and saved with the adapter)."""
+
+
 def _lora_with(**options: Any) -> Callable[[Any, TrainConfig, int], Any]:
     def prepare(model: Any, cfg: TrainConfig, total_steps: int) -> Any:
         targets = lora_targets(model.config.model_type, cfg.lora_target)
-        return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, **options)
+        return apply_lora(
+            model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets,
+            modules_to_save=cfg.modules_to_save or None, **options,
+        )  # fmt: skip
 
     return prepare
 
@@ -174,6 +193,7 @@ def _adalora(model: Any, cfg: TrainConfig, total_steps: int) -> Any:
         tinit=tinit,
         tfinal=tfinal,
         deltaT=max(1, (total_steps - tinit - tfinal) // 10),
+        modules_to_save=cfg.modules_to_save or None,
     )
     return get_peft_model(model, config)
 
@@ -257,6 +277,7 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("full", _full, "model"),
         Method("freeze", _freeze, "model"),
+        Method("embeddings", _embeddings, "model"),
         Method("lora", _lora_with(), "adapter"),
         Method("dora", _lora_with(use_dora=True), "adapter"),
         Method("rslora", _lora_with(use_rslora=True), "adapter"),
@@ -302,6 +323,11 @@ def check_method(cfg: TrainConfig) -> None:
         raise ZhtuneError(
             "method qlora needs bitsandbytes (4/8-bit weights): pip install -c constraints.txt 'zhtune[qlora]' "
             "(it runs on CUDA GPUs and, with bitsandbytes >= 0.46, on x86 CPUs)"
+        )
+    if cfg.modules_to_save and name not in LORA_FAMILY:
+        raise ZhtuneError(
+            f"config key 'modules_to_save': method {name} does not take it (LoRA family only: "
+            f"{', '.join(LORA_FAMILY)}); to train only the embeddings use method=embeddings"
         )
     if cfg.init_adapter and method.save_dir != "adapter":
         raise ZhtuneError(f"config key 'init_adapter': method {name} has no adapter to continue")

@@ -1,0 +1,292 @@
+"""``zhtune serve`` as its users meet it: a real server process, talked to with the official
+``openai`` client (and raw ``httpx`` where a client would refuse to send the request)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from zhtune.infer.generate import (
+    BatchDecoder,
+    GenerationOptions,
+    Prompter,
+    Sampling,
+    generate_batch,
+    generate_replies,
+)
+from zhtune.infer.serve import find_stop, unsure_tail
+from zhtune.models.loading import load_for_inference
+from zhtune.models.tiny import TINY_CONFIG_KEYS, build_tiny_model
+
+KEY = "sk-zhtune-test"
+NAME = "tiny-chat"
+QUESTIONS = [
+    "把 345 写成中文数字。",
+    "What number is 三百九十九?",
+    "Reverse the string: 春夏秋冬",
+    "一",
+    "Write 17 in Chinese numerals.",
+    "Reverse the string: 河云马林山",
+    "把 1002 写成中文数字。",
+    "What number is 九十?",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny random model with its weight matrices scaled up 8x. Its logits are sharper, so
+    greedy replies differ from prompt to prompt (some end on eos, some run to max_tokens); the
+    unscaled model answers every prompt with the same token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("serve") / NAME
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    """``zhtune serve RUN`` on a free port, as a user starts it; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "zhtune", "serve", str(run_dir), "--port", str(port), "--api-key", KEY]
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([*cmd, "--batch-wait-ms", "50"], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"zhtune serve did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def local(run_dir):
+    """The same run loaded in this process, for reference outputs from ``generate_batch``."""
+    model, tokenizer, template = load_for_inference(run_dir)
+    return model, tokenizer, Prompter(tokenizer, template)
+
+
+def reference(local, question: str, max_tokens: int) -> str:
+    """What ``zhtune.infer.generate`` replies to ``question`` alone (greedy)."""
+    model, tokenizer, prompter = local
+    prompt = prompter.prompt_ids([{"role": "user", "content": question}])
+    return generate_batch(
+        model,
+        tokenizer,
+        [prompt],
+        GenerationOptions(max_new_tokens=max_tokens, temperature=0),
+        prompter.stop_ids,
+    )[0]
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def chat(client, question: str, **kw):
+    return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}], **kw)
+
+
+def stream_text(client, question: str, **kw) -> tuple[str, list]:
+    chunks = list(chat(client, question, stream=True, **kw))
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+def test_models_and_a_greedy_chat_reply(client, local):
+    assert [m.id for m in client.models.list()] == [NAME]
+    reply = chat(client, QUESTIONS[0], temperature=0, max_tokens=12)
+    assert reply.model == NAME and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == reference(local, QUESTIONS[0], 12)
+    assert reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_32_concurrent_requests_are_batched_and_batching_changes_nothing(server, local):
+    """Streamed and whole replies to 32 different concurrent prompts are decoded together in a
+    few left-padded batches, and each equals the reply to its prompt alone."""
+    questions = [f"{q} ({i})" for i, q in enumerate(QUESTIONS * 4)]
+    before = httpx.get(f"{server}/health").json()["batching"]
+
+    async def ask(aclient, question: str, stream: bool) -> str:
+        kw = dict(
+            model="default", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=10
+        )
+        if not stream:
+            return (await aclient.chat.completions.create(**kw)).choices[0].message.content
+        pieces = [
+            c.choices[0].delta.content or ""
+            async for c in await aclient.chat.completions.create(**kw, stream=True)
+        ]
+        return "".join(pieces)
+
+    async def ask_all() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0) as aclient:
+            return await asyncio.gather(
+                *(ask(aclient, q, stream=i % 2 == 1) for i, q in enumerate(questions))
+            )
+
+    replies = asyncio.run(ask_all())
+    assert replies == [reference(local, q, 10) for q in questions]
+    assert len(set(replies)) > 8  # the model does not say the same thing to everyone
+    after = httpx.get(f"{server}/health").json()["batching"]
+    assert after["requests"] - before["requests"] == 32
+    assert after["batches"] - before["batches"] < 32
+    assert after["max_batch_size_seen"] > 1
+
+
+def test_streaming_gives_the_same_text_as_a_whole_reply(client):
+    whole = chat(client, QUESTIONS[2], temperature=0, max_tokens=12)
+    text, chunks = stream_text(client, QUESTIONS[2], temperature=0, max_tokens=12)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    # sampling with a seed is reproducible, streamed or not
+    sampled = chat(client, QUESTIONS[2], temperature=1.0, top_p=0.9, seed=11, max_tokens=12)
+    assert stream_text(client, QUESTIONS[2], temperature=1.0, top_p=0.9, seed=11, max_tokens=12)[0] == (
+        sampled.choices[0].message.content
+    )
+
+
+def test_n_choices_and_usage(client):
+    reply = chat(client, QUESTIONS[1], n=2, temperature=1.0, seed=3, max_tokens=8)
+    assert [c.index for c in reply.choices] == [0, 1]
+    texts = [c.message.content for c in reply.choices]
+    assert texts[0] != texts[1]  # each choice draws its own tokens
+    assert [
+        c.message.content
+        for c in chat(client, QUESTIONS[1], n=2, temperature=1.0, seed=3, max_tokens=8).choices
+    ] == texts
+    assert 2 <= reply.usage.completion_tokens <= 16
+
+
+def test_max_tokens_ends_with_length_and_stop_strings_cut_the_reply(client, local):
+    long_question = next(q for q in QUESTIONS if len(reference(local, q, 16)) >= 8)
+    short = chat(client, long_question, temperature=0, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+
+    full = reference(local, long_question, 16)
+    at = next(i for i in range(2, len(full) - 1) if "\ufffd" not in full[i : i + 2])
+    stop = full[at : at + 2]
+    cut = chat(client, long_question, temperature=0, max_tokens=16, stop=[stop, "never-seen"])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert (
+        stream_text(client, long_question, temperature=0, max_tokens=16, stop=stop)[0]
+        == full[: full.index(stop)]
+    )
+
+
+def test_completions_take_a_raw_prompt(client, local):
+    model, tokenizer, prompter = local
+    prompt = "Reverse the string: 春夏秋冬\n"
+    reply = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=8)
+    ids = tokenizer(prompt)["input_ids"]
+    opts = GenerationOptions(max_new_tokens=8, temperature=0)
+    assert reply.choices[0].text == generate_batch(model, tokenizer, [ids], opts, prompter.stop_ids)[0]
+    assert reply.usage.prompt_tokens == len(ids)
+    streamed = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=8, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
+
+
+def test_errors_are_openai_shaped_and_the_server_survives_them(server, client):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, "hi", max_tokens=100_000)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, "hi", temperature=3)
+    assert err.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=NAME, messages=[{"role": "assistant", "content": "hi"}])
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(f"{server}/v1/chat/completions", content=b'{"model": "tiny', headers=headers)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{server}/v1/completions", json={"model": NAME, "prompt": [10**6]}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert httpx.get(f"{server}/v1/nowhere", headers=headers).status_code == 404
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    assert chat(client, "hi", temperature=0, max_tokens=2).choices[0].message.content is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "tail", "stop_at"),
+    [
+        ("abc", [], 0, None),
+        ("ab\ufffd\ufffd", [], 2, None),  # an incomplete UTF-8 character
+        ("hello wor", ["world"], 3, None),  # may become a stop string
+        ("hello world!", ["world"], 0, 6),
+        ("xa", ["ab", "zz"], 1, None),
+    ],
+)
+def test_streamed_text_holds_back_what_may_change(text, stops, tail, stop_at):
+    assert unsure_tail(text, stops) == tail
+    assert find_stop(text, stops) == stop_at
+
+
+def decode_all(decoder: BatchDecoder, rows: int) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in range(rows)]
+    while decoder.running:
+        for row, token, _ in decoder.step():
+            out[row].append(token)
+    return out
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIG_KEYS))
+def test_batch_decoder_equals_generate_on_every_family(family, tiny_tokenizer):
+    """The server's decode loop (left padding, own position ids, KV cache, rows leaving the batch
+    early) gives each row what ``model.generate`` gives its prompt alone."""
+    model = build_tiny_model(family, tiny_tokenizer).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    prompter = Prompter(tiny_tokenizer, "chatml")
+    prompts = [prompter.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
+    budgets = [8, 3, 8, 5]
+    expected = []
+    for prompt, budget in zip(prompts, budgets):
+        opts = GenerationOptions(max_new_tokens=budget, temperature=0)
+        reply = generate_replies(model, tiny_tokenizer, [prompt], opts, prompter.stop_ids)[0]
+        expected.append(reply.token_ids + prompter.stop_ids[:1] * reply.stopped)
+    decoder = BatchDecoder(model, prompts, [Sampling(b) for b in budgets], prompter.stop_ids, 0)
+    assert decode_all(decoder, 4) == expected
+    # a seeded sampled row draws the same tokens alone or in a batch
+    sampled = Sampling(8, temperature=1.0, top_p=0.8, seed=5)
+    alone = decode_all(BatchDecoder(model, prompts[:1], [sampled], prompter.stop_ids, 0), 1)[0]
+    batched = BatchDecoder(
+        model, prompts, [sampled, Sampling(8), Sampling(8, 0.7, seed=1), sampled], prompter.stop_ids, 0
+    )
+    assert decode_all(batched, 4)[0] == alone

@@ -35,6 +35,7 @@ from typing import Any
 
 from zhtune.config import build_config, parse_overrides, read_yaml, to_dict
 from zhtune.errors import ZhtuneError
+from zhtune.eval.report import fmt_value, markdown_table, plot_bars
 from zhtune.train.config import TrainConfig
 
 MANAGED_KEYS = ("output_dir", "resume", "overwrite")
@@ -422,10 +423,6 @@ def result_row(run: Run, scores: dict[str, Any] | None) -> dict[str, Any]:
     return row
 
 
-def _num(value: float | None, fmt: str) -> str:
-    return "–" if value is None else fmt.format(value)
-
-
 def format_table(rows: list[dict[str, Any]], metric: Metric | None) -> str:
     """The markdown comparison table: a column per axis, training figures, then the metric
     overall and per category."""
@@ -436,23 +433,23 @@ def format_table(rows: list[dict[str, Any]], metric: Metric | None) -> str:
     if metric:
         head += [metric.name, *categories]
         align += ["---:"] * (1 + len(categories))
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
+    lines = []
     for r in rows:
         share = r["trainable_params"] / max(r["total_params"], 1)
         cells = [
             *(r["axes"][k] for k in axis_keys),
             f"{r['trainable_params']:,} ({share:.2%})",
-            _num(r["train_seconds"], "{:.1f}"),
-            _num(r["final_loss"], "{:.4f}"),
-            _num(r["final_eval_loss"], "{:.4f}"),
+            fmt_value(r["train_seconds"], "{:.1f}"),
+            fmt_value(r["final_loss"], "{:.4f}"),
+            fmt_value(r["final_eval_loss"], "{:.4f}"),
         ]
         if metric:
             cells += [
-                metric.fmt.format(r["overall"]),
-                *(metric.fmt.format(r["scores"][c]) for c in categories),
+                fmt_value(r["overall"], metric.fmt),
+                *(fmt_value(r["scores"].get(c), metric.fmt) for c in categories),
             ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    return markdown_table(head, lines, align)
 
 
 def plot_loss_curves(runs: list[Run], out_png: Path) -> None:
@@ -480,45 +477,6 @@ def plot_loss_curves(runs: list[Run], out_png: Path) -> None:
     ax.set_title("train loss per run (validation loss: dots, dashed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-
-
-def plot_bars(
-    labels: list[str],
-    series: dict[str, list[float | None]],
-    xlabel: str,
-    out_png: Path,
-    fmt: str = "{:.4f}",
-    xmax: float | None = None,
-) -> None:
-    """Horizontal grouped bars: one group per run (top to bottom in grid order), one bar per
-    series, each bar labelled with its value written with ``fmt``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(series)
-    height = 0.8 / n
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * len(labels) * max(n, 2)), dpi=100)
-    for j, (name, values) in enumerate(series.items()):
-        ys = [i + (j - (n - 1) / 2) * height for i in range(len(labels))]
-        bars = ax.barh(ys, [v if v is not None else 0.0 for v in values], height=height, label=name)
-        texts = ["–" if v is None else fmt.format(v) for v in values]
-        ax.bar_label(bars, labels=texts, padding=2, fontsize="x-small")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.invert_yaxis()
-    ax.set_xlabel(xlabel)
-    ax.set_xlim(0, 1.12 * (xmax if xmax is not None else ax.get_xlim()[1]))  # room for the labels
-    if "%" in fmt:
-        from matplotlib.ticker import PercentFormatter
-
-        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    ax.grid(axis="x", alpha=0.3)
-    if n > 1:
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

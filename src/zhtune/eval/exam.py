@@ -1,0 +1,885 @@
+"""Multiple-choice exams (C-Eval, CMMLU, MMCU): per-subject accuracy, category means, overall.
+
+``zhtune eval exam RUN --data DIR_OR_FILE`` reads one file per subject (``test/`` for the
+questions, ``dev/`` for the few-shot examples), builds CMMLU's prompt::
+
+    以下是关于{科目}的单项选择题，请直接给出正确答案的选项。
+
+    题目：...
+    A. ...
+    B. ...
+    C. ...
+    D. ...
+    答案：C
+
+    题目：...
+    答案：
+
+and scores each question by the model's next-token logits over the letters A-D (as CMMLU's and
+LLaMA-Factory's evaluators do): one batched forward pass per batch of prompts of similar length,
+left-padded. Subjects whose answers can be several letters (MMCU) are scored by greedy
+generation plus MMCU's extraction rule instead, the prediction counting only if it names exactly
+the right set of letters.
+
+The report is the mean accuracy of the subjects (not of the questions), the mean per category
+(CMMLU's STEM / Humanities / Social Science / Other / China specific, C-Eval's four; an unknown
+subject counts as Other), and every prediction with the letter probabilities. Predictions are
+appended one subject at a time, so an interrupted run resumes at the first unfinished subject.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zhtune.errors import ZhtuneError, where
+
+LETTERS = ("A", "B", "C", "D")
+
+# --------------------------------------------------------------------------------------------
+# 1. Subjects and categories (data tables)
+# --------------------------------------------------------------------------------------------
+STEM, HUM, SOC, OTHER, CHINA = "STEM", "Humanities", "Social Science", "Other", "China specific"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One row of a benchmark's subject table."""
+
+    zh: str
+    """The Chinese name that goes into the prompt header (以下是关于{zh}的单项选择题...)."""
+    categories: tuple[str, ...]
+    """Categories whose means include this subject (CMMLU puts some in two)."""
+
+
+def _s(zh: str, *categories: str) -> Subject:
+    return Subject(zh, categories)
+
+
+CMMLU: dict[str, Subject] = {
+    "agronomy": _s("农学", OTHER),
+    "anatomy": _s("解剖学", STEM),
+    "ancient_chinese": _s("古汉语", SOC, CHINA),
+    "arts": _s("艺术学", HUM),
+    "astronomy": _s("天文学", STEM),
+    "business_ethics": _s("商业伦理", SOC),
+    "chinese_civil_service_exam": _s("中国公务员考试", SOC, CHINA),
+    "chinese_driving_rule": _s("中国驾驶规则", OTHER, CHINA),
+    "chinese_food_culture": _s("中国饮食文化", SOC, CHINA),
+    "chinese_foreign_policy": _s("中国外交政策", SOC, CHINA),
+    "chinese_history": _s("中国历史", HUM, CHINA),
+    "chinese_literature": _s("中国文学", HUM, CHINA),
+    "chinese_teacher_qualification": _s("中国教师资格", SOC, CHINA),
+    "clinical_knowledge": _s("临床知识", OTHER),
+    "college_actuarial_science": _s("大学精算学", STEM),
+    "college_education": _s("大学教育学", SOC),
+    "college_engineering_hydrology": _s("大学工程水文学", STEM),
+    "college_law": _s("大学法律", HUM),
+    "college_mathematics": _s("大学数学", STEM),
+    "college_medical_statistics": _s("大学医学统计", STEM),
+    "college_medicine": _s("大学医学", OTHER),
+    "computer_science": _s("计算机科学", STEM),
+    "computer_security": _s("计算机安全", OTHER),
+    "conceptual_physics": _s("概念物理学", STEM),
+    "construction_project_management": _s("建设工程管理", OTHER, CHINA),
+    "economics": _s("经济学", SOC),
+    "education": _s("教育学", SOC),
+    "electrical_engineering": _s("电气工程", STEM),
+    "elementary_chinese": _s("小学语文", SOC, CHINA),
+    "elementary_commonsense": _s("小学常识", OTHER, CHINA),
+    "elementary_information_and_technology": _s("小学信息技术", OTHER),
+    "elementary_mathematics": _s("初等数学", STEM),
+    "ethnology": _s("民族学", SOC, CHINA),
+    "food_science": _s("食品科学", OTHER),
+    "genetics": _s("遗传学", STEM),
+    "global_facts": _s("全球事实", HUM),
+    "high_school_biology": _s("高中生物", STEM),
+    "high_school_chemistry": _s("高中化学", STEM),
+    "high_school_geography": _s("高中地理", SOC),
+    "high_school_mathematics": _s("高中数学", STEM),
+    "high_school_physics": _s("高中物理学", STEM),
+    "high_school_politics": _s("高中政治", SOC, CHINA),
+    "human_sexuality": _s("人类性行为", OTHER),
+    "international_law": _s("国际法学", HUM),
+    "journalism": _s("新闻学", SOC),
+    "jurisprudence": _s("法理学", HUM),
+    "legal_and_moral_basis": _s("法律与道德基础", OTHER),
+    "logical": _s("逻辑学", HUM),
+    "machine_learning": _s("机器学习", STEM),
+    "management": _s("管理学", SOC),
+    "marketing": _s("市场营销", SOC),
+    "marxist_theory": _s("马克思主义理论", HUM),
+    "modern_chinese": _s("现代汉语", SOC, CHINA),
+    "nutrition": _s("营养学", OTHER),
+    "philosophy": _s("哲学", HUM),
+    "professional_accounting": _s("专业会计", SOC),
+    "professional_law": _s("专业法学", HUM),
+    "professional_medicine": _s("专业医学", OTHER),
+    "professional_psychology": _s("专业心理学", SOC),
+    "public_relations": _s("公共关系", SOC),
+    "security_study": _s("安全研究", SOC),
+    "sociology": _s("社会学", SOC),
+    "sports_science": _s("体育学", OTHER),
+    "traditional_chinese_medicine": _s("中医中药", OTHER, CHINA),
+    "virology": _s("病毒学", STEM),
+    "world_history": _s("世界历史", HUM),
+    "world_religions": _s("世界宗教", HUM),
+}
+"""CMMLU's 67 subjects (haonan-li/CMMLU ``src/categories.py``: each subcategory mapped to its
+category; "china specific" subjects also count in their subject-matter category)."""
+
+CEVAL: dict[str, Subject] = {
+    "computer_network": _s("计算机网络", STEM),
+    "operating_system": _s("操作系统", STEM),
+    "computer_architecture": _s("计算机组成", STEM),
+    "college_programming": _s("大学编程", STEM),
+    "college_physics": _s("大学物理", STEM),
+    "college_chemistry": _s("大学化学", STEM),
+    "advanced_mathematics": _s("高等数学", STEM),
+    "probability_and_statistics": _s("概率统计", STEM),
+    "discrete_mathematics": _s("离散数学", STEM),
+    "electrical_engineer": _s("注册电气工程师", STEM),
+    "metrology_engineer": _s("注册计量师", STEM),
+    "high_school_mathematics": _s("高中数学", STEM),
+    "high_school_physics": _s("高中物理", STEM),
+    "high_school_chemistry": _s("高中化学", STEM),
+    "high_school_biology": _s("高中生物", STEM),
+    "middle_school_mathematics": _s("初中数学", STEM),
+    "middle_school_biology": _s("初中生物", STEM),
+    "middle_school_physics": _s("初中物理", STEM),
+    "middle_school_chemistry": _s("初中化学", STEM),
+    "veterinary_medicine": _s("兽医学", STEM),
+    "college_economics": _s("大学经济学", SOC),
+    "business_administration": _s("工商管理", SOC),
+    "marxism": _s("马克思主义基本原理", SOC),
+    "mao_zedong_thought": _s("毛泽东思想和中国特色社会主义理论体系概论", SOC),
+    "education_science": _s("教育学", SOC),
+    "teacher_qualification": _s("教师资格", SOC),
+    "high_school_politics": _s("高中政治", SOC),
+    "high_school_geography": _s("高中地理", SOC),
+    "middle_school_politics": _s("初中政治", SOC),
+    "middle_school_geography": _s("初中地理", SOC),
+    "modern_chinese_history": _s("近代史纲要", HUM),
+    "ideological_and_moral_cultivation": _s("思想道德修养与法律基础", HUM),
+    "logic": _s("逻辑学", HUM),
+    "law": _s("法学", HUM),
+    "chinese_language_and_literature": _s("中国语言文学", HUM),
+    "art_studies": _s("艺术学", HUM),
+    "professional_tour_guide": _s("导游资格", HUM),
+    "legal_professional": _s("法律职业资格", HUM),
+    "high_school_chinese": _s("高中语文", HUM),
+    "high_school_history": _s("高中历史", HUM),
+    "middle_school_history": _s("初中历史", HUM),
+    "civil_servant": _s("公务员", OTHER),
+    "sports_science": _s("体育学", OTHER),
+    "plant_protection": _s("植物保护", OTHER),
+    "basic_medicine": _s("基础医学", OTHER),
+    "clinical_medicine": _s("临床医学", OTHER),
+    "urban_and_rural_planner": _s("注册城乡规划师", OTHER),
+    "accountant": _s("注册会计师", OTHER),
+    "fire_engineer": _s("注册消防工程师", OTHER),
+    "environmental_impact_assessment_engineer": _s("环境影响评价工程师", OTHER),
+    "tax_accountant": _s("税务师", OTHER),
+    "physician": _s("医师资格", OTHER),
+}
+"""C-Eval's 52 subjects (SJTU-LIT/ceval ``subject_mapping.json``)."""
+
+BENCHMARKS: dict[str, dict[str, Subject]] = {"cmmlu": CMMLU, "ceval": CEVAL}
+"""Subject tables by benchmark; a data set uses the table that knows most of its subjects."""
+
+CATEGORY_ORDER = (STEM, HUM, SOC, OTHER, CHINA)
+
+
+def subject_info(name: str, table: dict[str, Subject]) -> Subject:
+    """The table row of subject ``name``; an unknown subject (MMCU's, your own) is named as is
+    in the prompt and counts as Other."""
+    return table.get(name) or Subject(name.replace("_", " "), (OTHER,))
+
+
+def pick_benchmark(subjects: list[str]) -> str:
+    """The benchmark whose table holds most of ``subjects`` ("other" if none holds any)."""
+    best = max(BENCHMARKS, key=lambda b: sum(s in BENCHMARKS[b] for s in subjects))
+    return best if any(s in BENCHMARKS[best] for s in subjects) else "other"
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Reading questions: CSV (C-Eval, CMMLU), JSON / JSON Lines, xlsx (MMCU)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Question:
+    """One multiple-choice question."""
+
+    id: str
+    """The file's ``id`` column, else the 0-based row number within its subject."""
+    subject: str
+    question: str
+    options: dict[str, str]
+    """Letter -> option text, A-D."""
+    answer: str
+    """The right letter(s), sorted (``"C"``, or ``"ABD"`` for an MMCU multi-answer question)."""
+    source: str = ""
+    """``file:line`` where the question was read (for error messages)."""
+
+
+COLUMN_ALIASES: dict[str, str] = {
+    "question": "question",
+    "题目": "question",
+    "问题": "question",
+    "answer": "answer",
+    "答案": "answer",
+    "id": "id",
+    "subject": "subject",
+    **{letter.lower(): letter for letter in LETTERS},
+}
+"""Header names (case-insensitive) -> field. CMMLU writes ``Question, A-D, Answer`` after an
+unnamed index column; C-Eval ``id, question, A-D, answer, explanation``."""
+
+_FULL_WIDTH = str.maketrans("ＡＢＣＤａｂｃｄ", "ABCDabcd")
+SUFFIXES = ("_test", "_val", "_dev")
+"""C-Eval names its files ``{subject}_{split}.csv``; the suffix is not part of the subject."""
+
+
+def normalize_answer(value: str) -> str:
+    """Answer cell -> sorted letters: ``" c"`` -> ``"C"``, ``"Ｂ、Ａ"`` -> ``"AB"``; anything
+    else (another letter, an empty cell) -> ``""``."""
+    text = re.sub(r"[\s、,，;；.．/]", "", str(value).translate(_FULL_WIDTH)).upper()
+    if not text or any(c not in LETTERS for c in text):
+        return ""
+    return "".join(sorted(set(text)))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """Rename a raw record's keys to question/A-D/answer/id/subject (others dropped); an
+    ``options``/``choices`` list becomes A-D."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = COLUMN_ALIASES.get(str(key).strip().lower())
+        if name:
+            out[name] = value
+        elif str(key).strip().lower() in ("options", "choices") and isinstance(value, list):
+            out.update(zip(LETTERS, value))
+    return out
+
+
+def parse_question(raw: dict[str, Any], path: str, line: int, subject: str, index: int) -> Question:
+    """Check and convert one raw record; a missing field or an answer outside A-D raises
+    :class:`ZhtuneError` naming the file, line and field."""
+    f = _fields(raw)
+    for name in ("question", *LETTERS, "answer"):
+        if name not in f:
+            header = ", ".join(str(k) for k in raw) or "nothing"
+            raise ZhtuneError(f"{where(path, line, name)}: missing (the record has {header})")
+    answer = normalize_answer(_cell(f["answer"]))
+    if not _cell(f["answer"]):
+        raise ZhtuneError(
+            f"{where(path, line, 'answer')}: empty; scoring needs the right answers "
+            "(C-Eval's test split has none public: use --split val)"
+        )
+    if not answer:
+        raise ZhtuneError(
+            f"{where(path, line, 'answer')}: {_cell(f['answer'])!r} is not an option letter "
+            f"({', '.join(LETTERS)}, or several of them)"
+        )
+    question = _cell(f["question"])
+    if not question:
+        raise ZhtuneError(f"{where(path, line, 'question')}: empty")
+    qid = _cell(f.get("id")) or str(index)
+    return Question(qid, subject, question, {c: _cell(f[c]) for c in LETTERS}, answer, f"{path}:{line}")
+
+
+def _iter_xlsx(path: str) -> Iterator[tuple[str | None, int, dict[str, Any]]]:
+    """Rows of every sheet of an xlsx file as ``(sheet, row number, {header: value})``; the sheet
+    is None when the workbook has only one."""
+    try:
+        import openpyxl
+    except ImportError:
+        raise ZhtuneError(
+            f"{path}: reading xlsx needs openpyxl: pip install -c constraints.txt -e '.[exam]'"
+        ) from None
+    book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    try:
+        sheets = book.worksheets
+        for sheet in sheets:
+            rows = sheet.iter_rows(values_only=True)
+            header = [_cell(h) for h in next(rows, ())]
+            for number, row in enumerate(rows, 2):
+                if all(v is None or _cell(v) == "" for v in row):
+                    continue
+                yield (sheet.title if len(sheets) > 1 else None), number, dict(zip(header, row))
+    finally:
+        book.close()
+
+
+def iter_records(path: str) -> Iterator[tuple[str | None, int, dict[str, Any]]]:
+    """``(subject or None, line, raw record)`` for every record of a CSV/TSV/JSON/JSONL/xlsx file.
+    The subject comes from an xlsx sheet name or a ``subject`` field, else None (the file's)."""
+    if path.lower().endswith((".xlsx", ".xlsm")):
+        yield from _iter_xlsx(path)
+        return
+    from zhtune.data.readers import RawError, iter_raw
+
+    for line, raw in iter_raw(path):
+        if isinstance(raw, RawError):
+            raise ZhtuneError(f"{where(path, line)}: {raw.reason}")
+        subject = _fields(raw).get("subject")
+        yield (str(subject) if subject else None), line, raw
+
+
+EXAM_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".xlsx", ".xlsm")
+
+
+def subject_of(path: str) -> str:
+    """The subject a file holds: its name without extension and split suffix."""
+    stem = Path(path).stem
+    for suffix in SUFFIXES:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def read_questions(paths: list[str]) -> dict[str, list[Question]]:
+    """Questions by subject, in file order."""
+    out: dict[str, list[Question]] = defaultdict(list)
+    for path in paths:
+        default = subject_of(path)
+        for subject, line, raw in iter_records(path):
+            name = subject or default
+            out[name].append(parse_question(raw, path, line, name, len(out[name])))
+    return dict(out)
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(
+        str(p) for p in folder.iterdir() if p.suffix.lower() in EXAM_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+@dataclass
+class ExamData:
+    """The questions to score and the few-shot examples, by subject."""
+
+    test: dict[str, list[Question]]
+    dev: dict[str, list[Question]]
+    test_files: list[str]
+    dev_folder: str | None
+    file_subject: dict[str, str] = field(default_factory=dict)
+    """Subject -> the subject of its test file (an xlsx sheet -> its workbook), to find dev examples."""
+
+
+def load_exam(data: str, split: str = "test", subjects: list[str] | None = None) -> ExamData:
+    """Find and read an exam: ``DATA/{split}/*`` (or the files of DATA, or one file) with few-shot
+    examples from the ``dev`` folder beside the test folder, if there is one."""
+    p = Path(data)
+    if not p.exists():
+        raise ZhtuneError(f"exam data not found: {data}")
+    if p.is_dir():
+        folder = p / split if (p / split).is_dir() else p
+        files = _files(folder)
+        if not files:
+            raise ZhtuneError(f"no exam files ({', '.join(EXAM_SUFFIXES)}) in {folder}")
+    else:
+        folder, files = p.parent, [str(p)]
+    dev_folder = folder.parent / "dev" if folder.name != "dev" else None
+    test: dict[str, list[Question]] = {}
+    file_subject: dict[str, str] = {}
+    for path in files:
+        for name, qs in read_questions([path]).items():
+            test.setdefault(name, []).extend(qs)
+            file_subject[name] = subject_of(path)
+    if subjects:
+        unknown = [s for s in subjects if s not in test]
+        if unknown:
+            raise ZhtuneError(
+                f"unknown subject(s) {', '.join(unknown)}; {data} has: {', '.join(sorted(test))}"
+            )
+        test = {s: test[s] for s in subjects}
+    dev: dict[str, list[Question]] = {}
+    if dev_folder is not None and dev_folder.is_dir():
+        dev = read_questions(_files(dev_folder))
+    return ExamData(
+        test, dev, files, str(dev_folder) if dev_folder and dev_folder.is_dir() else None, file_subject
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Prompts
+# --------------------------------------------------------------------------------------------
+HEADER = "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n"
+MULTI_HEADER = "以下是关于{subject}的选择题，可能有多个正确答案，请直接给出所有正确答案的选项。\n\n"
+ANSWER_PREFIX = "答案："
+
+
+def format_question(q: Question, with_answer: bool) -> str:
+    """``题目：...\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\n答案：`` (plus ``X\\n\\n`` with the answer)."""
+    text = "题目：" + q.question + "".join(f"\n{c}. {q.options[c]}" for c in LETTERS) + "\n" + ANSWER_PREFIX
+    return text + q.answer + "\n\n" if with_answer else text
+
+
+def header(subject: str, table: dict[str, Subject], multi: bool) -> str:
+    """The instruction line that opens every prompt of ``subject``."""
+    return (MULTI_HEADER if multi else HEADER).format(subject=subject_info(subject, table).zh)
+
+
+def raw_prompt(head: str, shots: list[Question], q: Question) -> str:
+    """The plain-text prompt (CMMLU's layout): header, solved examples, the question."""
+    return head + "".join(format_question(s, True) for s in shots) + format_question(q, False)
+
+
+def chat_messages(head: str, shots: list[Question], q: Question) -> list[dict[str, str]]:
+    """The prompt as a conversation (LLaMA-Factory's layout): each solved example is a user turn
+    answered by the assistant with its letter(s); the header opens the first user turn."""
+    messages: list[dict[str, str]] = []
+    for s in [*shots, q]:
+        messages.append({"role": "user", "content": format_question(s, False)})
+        if s is not q:
+            messages.append({"role": "assistant", "content": s.answer})
+    messages[0]["content"] = head + messages[0]["content"]
+    return messages
+
+
+class PromptBuilder:
+    """Token ids of exam prompts, raw or through a chat template, that fit the context.
+
+    ``template=None`` encodes :func:`raw_prompt` as plain text (with the tokenizer's usual
+    special tokens); a template name lays out :func:`chat_messages` exactly as training did.
+    """
+
+    def __init__(self, tokenizer: Any, template: str | None, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.stop_ids: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        if template is not None:
+            from zhtune.infer.generate import Prompter
+
+            self.prompter: Any = Prompter(tokenizer, template)
+            self.stop_ids = self.prompter.stop_ids
+
+    def encode(self, head: str, shots: list[Question], q: Question) -> list[int]:
+        """The prompt ids for ``q`` after ``shots`` (no truncation)."""
+        if self.template is None:
+            return self.tokenizer(raw_prompt(head, shots, q))["input_ids"]
+        return self.prompter.prompt_ids(chat_messages(head, shots, q))
+
+    def build(self, head: str, shots: list[Question], q: Question) -> tuple[list[int], int]:
+        """``(ids, shots used)``: shots are dropped from the front until the prompt fits in
+        ``max_length``; without any, the header goes, and then the question's start is cut."""
+        for k in range(len(shots), -1, -1):
+            ids = self.encode(head, shots[len(shots) - k :], q)
+            if len(ids) <= self.max_length:
+                return ids, k
+        ids = self.encode("", [], q)
+        return ids[-self.max_length :], 0
+
+    def letter_ids(self) -> list[int]:
+        """The token id of each letter as the first token of an answer, found by encoding a
+        solved one-question prompt and taking the token right after the unsolved one (so a
+        tokenizer that writes the letter with a leading space, or joins it to the prefix, is
+        handled as it would be in training). Distinct ids are required."""
+        probe = Question("probe", "probe", "?", {c: c for c in LETTERS}, "A")
+        prompt = self.encode("", [], probe)
+        ids = []
+        for letter in LETTERS:
+            solved = Question("probe", "probe", "?", {c: c for c in LETTERS}, letter)
+            if self.template is None:
+                full = self.tokenizer(format_question(solved, True).rstrip("\n"))["input_ids"]
+            else:
+                msgs = chat_messages("", [], solved) + [{"role": "assistant", "content": letter}]
+                from zhtune.data.templates import render
+
+                full = render(self.prompter.template, msgs, self.tokenizer)[0]
+            if full[: len(prompt)] == prompt and len(full) > len(prompt):
+                ids.append(full[len(prompt)])
+            else:  # the letter merged with the prefix: fall back to the letter on its own
+                ids.append(self.tokenizer(letter, add_special_tokens=False)["input_ids"][0])
+        if len(set(ids)) != len(ids):
+            raise ZhtuneError(f"the tokenizer does not give A-D distinct first tokens: {ids}")
+        return ids
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Scoring
+# --------------------------------------------------------------------------------------------
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length, longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def letter_probs(
+    model: Any, prompts: list[list[int]], letter_ids: list[int], pad_id: int
+) -> list[list[float]]:
+    """Softmax over the four letters of the next-token logits after each prompt: one forward
+    pass, left-padded, with the attention mask and position ids counting real tokens only (so
+    a padded row gives the logits it gives alone)."""
+    import torch
+
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=False,
+            logits_to_keep=1,
+        ).logits[:, -1, :]
+    return torch.softmax(logits[:, letter_ids].float(), dim=-1).cpu().tolist()
+
+
+_SEPARATORS = re.compile(r"[、.,;，；。．\s]")
+
+
+def extract_letters(reply: str) -> str:
+    """MMCU's rule: drop separators (、 . , ; ，), take the first run of 1-4 letters A-D without a
+    repeated letter, sorted (``"答案是B、D"`` -> ``"BD"``); ``""`` if there is none."""
+    text = _SEPARATORS.sub("", reply.translate(_FULL_WIDTH))
+    for run in re.findall(r"[ABCD]{1,4}", text):
+        if len(set(run)) == len(run):
+            return "".join(sorted(run))
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# 5. The command
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ExamOptions:
+    """Options of ``zhtune eval exam``."""
+
+    data: str = ""
+    """Exam folder (with test/ and dev/, or the test files themselves) or one file: CSV
+    (C-Eval, CMMLU), JSON/JSONL, or xlsx (MMCU)."""
+    output: str = ""
+    """Folder for exam.json, exam.md and exam_predictions.jsonl (default: RUN/eval)."""
+    shots: int = 5
+    """Solved dev examples before each question (0-5; dropped from the front if too long)."""
+    subjects: str = ""
+    """Comma-separated subjects to score (default: all)."""
+    split: str = "test"
+    """Folder of DATA holding the questions (C-Eval's test answers are not public: use val)."""
+    scoring: str = "auto"
+    """auto (letter logits; generation for subjects with multi-letter answers), logits, generate."""
+    template: str = "auto"
+    """Prompt layout: auto (the run's chat template for a zhtune run or export, plain text for a
+    plain model directory), none (plain text), or a template name."""
+    batch_size: int = 16
+    """Prompts per forward pass (batched by similar length)."""
+    max_length: int = 0
+    """Longest prompt in tokens (0: the model's context length)."""
+    max_new_tokens: int = 16
+    """Tokens generated per answer when scoring by generation."""
+    dtype: str = "fp32"
+    """Weights dtype: fp32, bf16 or fp16."""
+    overwrite: bool = False
+    """Start over instead of resuming from exam_predictions.jsonl."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+SCORINGS = ("auto", "logits", "generate")
+PREDICTIONS, REPORT_JSON, REPORT_MD, SETTINGS = (
+    "exam_predictions.jsonl",
+    "exam.json",
+    "exam.md",
+    "exam_settings.json",
+)
+
+
+def _resolve_template(run: str, option: str, run_template: str) -> str | None:
+    """``--template`` -> a template name, or None for plain text."""
+    if option == "none":
+        return None
+    if option != "auto":
+        return option
+    from zhtune.models.loading import EXPORT_MANIFEST, is_run_dir
+
+    tuned = is_run_dir(run) or (Path(run) / EXPORT_MANIFEST).is_file()
+    return run_template if tuned else None
+
+
+def _context_length(model: Any, tokenizer: Any) -> int:
+    n = getattr(model.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0)
+    return int(n) if n and n < 1_000_000 else 2048
+
+
+def _finished(path: Path, counts: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
+    """Rows of the subjects of ``counts`` already complete in ``path``; rows of an unfinished one
+    (a run killed while writing it) are removed from the file. Rows of other subjects (an earlier
+    run with other ``--subjects``) stay in the file and are not returned."""
+    if not path.exists():
+        return {}
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            rows[row["subject"]].append(row)
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines):  # a last line cut short by a kill
+                break
+            raise ZhtuneError(f"{where(str(path), i)}: not an exam prediction row; delete the file") from None
+    keep = {s: r for s, r in rows.items() if s not in counts or len(r) == counts[s]}
+    if sum(len(r) for r in keep.values()) != len(lines):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for rs in keep.values() for r in rs)
+    return {s: r for s, r in keep.items() if s in counts}
+
+
+def summarize(
+    rows: dict[str, list[dict[str, Any]]], table: dict[str, Subject]
+) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
+    """``(accuracy per subject, questions per subject, mean accuracy per category)``."""
+    scores = {s: sum(r["correct"] for r in rs) / len(rs) for s, rs in sorted(rows.items())}
+    counts = {s: len(rs) for s, rs in sorted(rows.items())}
+    by_cat: dict[str, list[float]] = defaultdict(list)
+    for s, acc in scores.items():
+        for c in subject_info(s, table).categories:
+            by_cat[c].append(acc)
+    order = [c for c in CATEGORY_ORDER if c in by_cat] + sorted(set(by_cat) - set(CATEGORY_ORDER))
+    return scores, counts, {c: sum(by_cat[c]) / len(by_cat[c]) for c in order}
+
+
+def report_markdown(report: dict[str, Any], table: dict[str, Subject]) -> str:
+    """exam.md: one row per subject, then the category means and the overall mean."""
+    lines = [
+        f"# Exam: {report['data']}",
+        "",
+        f"{report['shots']}-shot, prompt {report['prompt']}, {report['questions']:,} questions "
+        f"in {len(report['scores'])} subjects, {report['benchmark']} categories.",
+        "",
+        "| subject | category | n | accuracy |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for s, acc in report["scores"].items():
+        cats = ", ".join(subject_info(s, table).categories)
+        lines.append(f"| {s} | {cats} | {report['counts'][s]} | {100 * acc:.1f}% |")
+    lines += ["", "| category | subjects | mean accuracy |", "| --- | ---: | ---: |"]
+    for c, acc in report["categories"].items():
+        n = sum(c in subject_info(s, table).categories for s in report["scores"])
+        lines.append(f"| {c} | {n} | {100 * acc:.1f}% |")
+    lines.append(
+        f"| **overall (mean of subjects)** | {len(report['scores'])} | {100 * report['overall']:.1f}% |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _score_subject(
+    model: Any,
+    tokenizer: Any,
+    builder: PromptBuilder,
+    questions: list[Question],
+    shots: list[Question],
+    head: str,
+    generate: bool,
+    letter_ids: list[int],
+    options: ExamOptions,
+    step: Callable[[int], None],
+) -> tuple[list[dict[str, Any]], int]:
+    """Prediction rows of one subject (in question order) and how many prompts lost shots."""
+    from zhtune.infer.generate import GenerationOptions, generate_replies
+
+    built = [builder.build(head, shots, q) for q in questions]
+    prompts = [ids for ids, _ in built]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (builder.stop_ids or [0])[0]
+    rows: list[dict[str, Any] | None] = [None] * len(questions)
+    gen = GenerationOptions(max_new_tokens=options.max_new_tokens, temperature=0.0)
+    for batch in batches_by_length([len(p) for p in prompts], options.batch_size):
+        chunk = [prompts[i] for i in batch]
+        if generate:
+            replies = generate_replies(model, tokenizer, chunk, gen, builder.stop_ids or [pad_id])
+            results = [(extract_letters(r.text.split("\n\n")[0]), {"reply": r.text}) for r in replies]
+        else:
+            probs = letter_probs(model, chunk, letter_ids, pad_id)
+            results = [
+                (LETTERS[max(range(4), key=p.__getitem__)], {"probs": dict(zip(LETTERS, p))}) for p in probs
+            ]
+        for i, (predicted, extra) in zip(batch, results):
+            q = questions[i]
+            rows[i] = {
+                "id": q.id,
+                "subject": q.subject,
+                "answer": q.answer,
+                "predicted": predicted,
+                "correct": predicted == q.answer,
+                **extra,
+                "shots": built[i][1],
+            }
+        step(len(batch))
+    return [r for r in rows if r is not None], sum(k < len(shots) for _, k in built)
+
+
+def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
+    """``zhtune eval exam``: score RUN on the exam in ``options.data``; returns the report (also
+    written to OUTPUT/exam.json and exam.md, predictions to OUTPUT/exam_predictions.jsonl)."""
+    from tqdm import tqdm
+
+    from zhtune.models.loading import load_for_inference
+
+    if not 0 <= options.shots <= 5:
+        raise ZhtuneError(f"--shots must be between 0 and 5, got {options.shots}")
+    if options.scoring not in SCORINGS:
+        raise ZhtuneError(f"--scoring must be one of {', '.join(SCORINGS)}, got {options.scoring!r}")
+    if options.batch_size < 1:
+        raise ZhtuneError(f"--batch-size must be >= 1, got {options.batch_size}")
+    wanted = [s.strip() for s in options.subjects.split(",") if s.strip()]
+    exam = load_exam(options.data, options.split, wanted or None)
+    benchmark = pick_benchmark(list(exam.test))
+    table = BENCHMARKS.get(benchmark, {})
+
+    def dev_for(subject: str) -> list[Question]:
+        dev = exam.dev.get(subject) or exam.dev.get(exam.file_subject.get(subject, ""), [])
+        if options.shots and len(dev) < options.shots:
+            raise ZhtuneError(
+                f"{options.shots}-shot needs {options.shots} dev examples of '{subject}'; found {len(dev)} in "
+                f"{exam.dev_folder or 'no dev folder (expected beside the test folder)'}: use --shots {len(dev)}"
+            )
+        return dev[: options.shots]
+
+    shots = {s: dev_for(s) for s in exam.test}
+    multi = {s: any(len(q.answer) > 1 for q in [*qs, *shots[s]]) for s, qs in exam.test.items()}
+    generate = {
+        s: options.scoring == "generate" or (options.scoring == "auto" and multi[s]) for s in exam.test
+    }
+
+    out = Path(options.output or Path(run) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / PREDICTIONS
+    settings = {
+        "data": str(Path(options.data).resolve()),
+        "split": options.split,
+        "shots": options.shots,
+        "scoring": options.scoring,
+        "template": options.template,
+        "max_length": options.max_length,
+        "dtype": options.dtype,
+    }
+    settings_path = out / SETTINGS
+    if options.overwrite:
+        pred_path.unlink(missing_ok=True)
+    elif pred_path.exists() and settings_path.exists():
+        before = json.loads(settings_path.read_text(encoding="utf-8"))
+        changed = [k for k in settings if before.get(k) != settings[k]]
+        if changed:
+            raise ZhtuneError(
+                f"{pred_path} holds predictions made with other settings ("
+                + ", ".join(f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in changed)
+                + "): pass --overwrite to start over, or -o for another folder"
+            )
+    _write_atomic(settings_path, json.dumps(settings, ensure_ascii=False, indent=2) + "\n")
+    counts = {s: len(qs) for s, qs in exam.test.items()}
+    done = _finished(pred_path, counts)
+    todo = [s for s in exam.test if s not in done]
+    n_todo = sum(counts[s] for s in todo)
+    print(
+        f"zhtune eval exam: {sum(counts.values()):,} questions in {len(counts)} subjects ({benchmark}); "
+        f"{len(done)} subjects already in {pred_path}; scoring {n_todo:,} at {options.shots}-shot",
+        file=sys.stderr,
+    )
+
+    prompt_desc, letter_tokens, dropped, seconds = "", {}, 0, 0.0
+    if todo:
+        model, tokenizer, run_template = load_for_inference(run, dtype=options.dtype)
+        template = _resolve_template(run, options.template, run_template)
+        max_length = options.max_length or _context_length(model, tokenizer)
+        builder = PromptBuilder(tokenizer, template, max_length)
+        letter_ids = builder.letter_ids()
+        letter_tokens = dict(zip(LETTERS, letter_ids))
+        prompt_desc = f"chat:{template}" if template else "raw"
+        t0 = time.perf_counter()
+        with (
+            open(pred_path, "a", encoding="utf-8") as f,
+            tqdm(
+                total=n_todo,
+                desc="exam",
+                unit=" q",
+                file=sys.stderr,
+                disable=not options.progress,
+                mininterval=0.5 if sys.stderr.isatty() else 15.0,
+            ) as bar,
+        ):
+            for s in todo:
+                bar.set_postfix_str(s, refresh=False)
+                head = header(s, table, multi[s])
+                rows, lost = _score_subject(
+                    model, tokenizer, builder, exam.test[s], shots[s], head, generate[s],
+                    letter_ids, options, bar.update,
+                )  # fmt: skip
+                dropped += lost
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                f.flush()
+                done[s] = rows
+        seconds = time.perf_counter() - t0
+        print(
+            f"scored {n_todo:,} questions in {seconds:.1f} s ({n_todo / max(seconds, 1e-9):.1f} questions/s, "
+            f"batch size {options.batch_size}, prompt {prompt_desc})",
+            file=sys.stderr,
+        )
+        if dropped:
+            print(
+                f"{dropped:,} prompts were too long for all {options.shots} shots; shots dropped from the front",
+                file=sys.stderr,
+            )
+
+    done = {s: done[s] for s in exam.test}
+    scores, n, categories = summarize(done, table)
+    previous = (
+        json.loads((out / REPORT_JSON).read_text(encoding="utf-8")) if (out / REPORT_JSON).exists() else {}
+    )
+    report = {
+        "metric": "exam",
+        "overall": sum(scores.values()) / len(scores),
+        "scores": scores,
+        "counts": n,
+        "categories": categories,
+        "shots": options.shots,
+        "benchmark": benchmark,
+        "data": options.data,
+        "split": options.split,
+        "prompt": prompt_desc or previous.get("prompt", ""),
+        "scoring": {s: ("generate" if generate[s] else "logits") for s in exam.test},
+        "letter_tokens": letter_tokens or previous.get("letter_tokens", {}),
+        "questions": sum(n.values()),
+        "shots_dropped": dropped,
+        "seconds": round(seconds, 2),
+        "questions_per_s": round(n_todo / seconds, 2) if seconds else None,
+        "run": str(run),
+    }
+    _write_atomic(out / REPORT_JSON, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    _write_atomic(out / REPORT_MD, report_markdown(report, table))
+    return report
+
+
+def print_summary(report: dict[str, Any], out: str) -> None:
+    """The category means and overall, as printed at the end of ``zhtune eval exam``."""
+    parts = [f"{c} {100 * v:.1f}%" for c, v in report["categories"].items()]
+    print(f"{'; '.join(parts)}")
+    print(f"overall (mean of {len(report['scores'])} subjects): {100 * report['overall']:.1f}%  -> {out}")

@@ -1,0 +1,829 @@
+"""``zhtune eval judge RUN --data FILE``: an LLM judge scores the run's answers, per class.
+
+Top to bottom:
+
+1. **Questions**: BELLE-eval's layout, ``{question, std_answer, class}`` per record (JSON Lines,
+   a JSON array, CSV, ...; any file ``zhtune data convert`` reads). Class names are normalised
+   (Unicode NFKC, so a non-breaking space is a space; case; ``_``/``-`` as spaces): the data
+   says ``open qa`` and ``closed\\xa0qa`` where BELLE's prompts say ``open QA`` and ``closed QA``.
+   Unusable records go to ``judge.rejects.jsonl`` with file, line, field and reason.
+2. **Prompts**: one per class, from ``--prompts FILE`` (BELLE's ``eval_prompt.json`` or a JSON
+   mapping class -> prompt), else ``eval_prompt.json`` beside the data, else zhtune's own
+   (``assets/judge/<protocol>.json``). Every class must have one (or a ``default``) before
+   anything runs.
+3. **Answers**: the run answers each question greedily with :func:`zhtune.infer.predict.predict`
+   (batched, resumable: ``judge_answers.jsonl``).
+4. **Judge**: each (question, answer) becomes the judge message of its class (BELLE's layout:
+   the class prompt, the question, the gold answer except for generation, brainstorming and
+   rewrite, the model's answer), sent at temperature 0 through
+   :class:`zhtune.infer.client.ChatClient` (concurrency, retries, SQLite reply cache). The score
+   is parsed from the reply with an ordered list of patterns (:data:`PROTOCOLS`); a reply with
+   no score is asked once more and, if still without one, recorded as ``unparsed`` and counted,
+   never scored 0. Judgements are appended to ``judge.jsonl`` as they arrive; a re-run judges
+   only the questions not in it (and the cache answers anything asked before).
+5. **Report**: the mean score per class (over parsed replies), ``score`` (the mean over classes)
+   and ``score_w/o_others`` (BELLE's: without the "others" classes math and code), with counts
+   and unparsed counts, in ``judge.json``, ``judge.md`` and the run's ``report.md``.
+
+A second protocol, ``mtbench``, grades single answers MT-bench style: a 1-10 rating in
+``[[rating]]``, the gold answer given as a reference for math, reasoning and coding questions,
+normalised to 0-1 (/10) for the report beside the raw mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import unicodedata
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from zhtune.errors import ZhtuneError, where
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "judge"
+OTHERS = frozenset({"math", "code"})
+"""BELLE's "others" classes, left out of ``score_w/o_others`` (normalised names)."""
+SLOTS = ("question", "answer", "std_answer")
+"""What a custom prompt may contain: ``{question}``, ``{answer}``, ``{std_answer}``."""
+DEFAULT_KEY = "default"
+"""The prompt-file key used for a class without its own prompt."""
+ANSWERS, JUDGEMENTS, REPORT_JSON, REPORT_MD, CACHE, QUESTIONS = (
+    "judge_answers.jsonl",
+    "judge.jsonl",
+    "judge.json",
+    "judge.md",
+    "judge_cache.sqlite",
+    "judge_questions.jsonl",
+)
+MAX_CONSECUTIVE_FAILURES = 5
+"""Give up when this many questions in a row fail at the judge (it is down, not flaky)."""
+FATAL_STATUSES = frozenset({401, 402, 403, 404})
+"""Judge errors that would be the same for every question (key, billing, model name): stop at
+once. Any other failure (a prompt too long for the judge, retries exhausted) fails that question
+only: it is counted, left out of judge.jsonl and asked again on the next run."""
+
+
+# --------------------------------------------------------------------------------------------
+# Score parsing: patterns as data, tried in order
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScorePattern:
+    """One way a judge writes its score; group 1 is the number."""
+
+    name: str
+    regex: re.Pattern[str]
+
+
+_NUM = r"(?<![\d.])(\d+(?:\.\d+)?)(?![\d])"
+_LABEL = r"(?:得分|评分|分数|打分|score|rating)"
+BELLE_PATTERNS: tuple[ScorePattern, ...] = (
+    # "得分：0.8", "得分: 1分", "**得分**：0.6", "得分为0.5", "Score: 0.7" (anywhere, reasons included)
+    ScorePattern("label", re.compile(_LABEL + r"\W{0,4}(?:为|是)?\s*[:：]?\s*\**\s*" + _NUM, re.I)),
+    # "0.8分", "1 分"
+    ScorePattern("fen", re.compile(r"(?<![\d.])([01](?:\.\d+)?)\s*分")),
+    # a lone number in [0, 1] ending the reply: "...所以我给 0.7。"
+    ScorePattern("trailing", re.compile(r"(?<![\d.])([01](?:\.\d+)?)\s*[。.!！]?\s*$")),
+)
+"""BELLE's 0-1 score, most explicit form first."""
+BELLE_NOISE = re.compile(r"(?:满分|最高分|最低分|总分)\s*(?:为|是)?\s*[01](?:\.0+)?\s*分?")
+"""Phrases echoing the scale ("满分为1分，最低分为0分"), removed before parsing."""
+MTBENCH_PATTERNS: tuple[ScorePattern, ...] = (
+    ScorePattern("double-bracket", re.compile(r"\[\[\s*" + _NUM + r"\s*\]\]")),
+    ScorePattern("bracket", re.compile(r"\[\s*" + _NUM + r"\s*\]")),
+    ScorePattern("label", re.compile(r"(?:rating|score|评分|得分)\s*[:：]\s*" + _NUM, re.I)),
+)
+"""MT-bench's 1-10 rating: ``[[8]]`` (FastChat's form), then ``[8]``, then ``Rating: 8``."""
+
+
+def parse_score(
+    text: str,
+    patterns: tuple[ScorePattern, ...],
+    low: float,
+    high: float,
+    noise: re.Pattern[str] | None = None,
+) -> tuple[float | None, str | None]:
+    """The score in a judge reply and the name of the pattern that found it, or ``(None, None)``.
+
+    Patterns are tried in order; within one, matches from the start. A value outside
+    ``[low, high]`` is not a score (``得分：8`` on a 0-1 scale) and the search goes on.
+    Full-width digits and colons count (NFKC).
+    """
+    text = unicodedata.normalize("NFKC", text)
+    if noise is not None:
+        text = noise.sub(" ", text)
+    for pattern in patterns:
+        for match in pattern.regex.finditer(text):
+            value = float(match.group(1))
+            if low <= value <= high:
+                return value, pattern.name
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Protocols: a registry
+# --------------------------------------------------------------------------------------------
+def _belle_wrap(instruction: str, with_reference: bool) -> str:
+    """BELLE's judge message around a class instruction (its ChatGPT_Score page's layout)."""
+    gold = "标准回答：{std_answer}\n" if with_reference else ""
+    return f"{instruction}\n问题：{{question}}\n{gold}模型回答：{{answer}}\n请针对模型回答给出得分，顺便给出理由："
+
+
+def _mtbench_wrap(instruction: str, with_reference: bool) -> str:
+    """An instruction-only prompt laid out MT-bench style."""
+    gold = "[Reference answer begins]\n{std_answer}\n[Reference answer ends]\n\n" if with_reference else ""
+    return (
+        f"{instruction}\n\n[Question]\n{{question}}\n\n{gold}"
+        "[Assistant's answer begins]\n{answer}\n[Assistant's answer ends]"
+    )
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A way of judging: how messages are laid out and how the score is read."""
+
+    name: str
+    patterns: tuple[ScorePattern, ...]
+    low: float
+    """Lowest valid score as the judge writes it."""
+    high: float
+    """Highest valid score; the report's 0-1 score is the judge's score / ``high``."""
+    uses_reference: Callable[[str], bool]
+    """Whether a class's message includes the gold answer (for instruction-only prompts)."""
+    wrap: Callable[[str, bool], str]
+    """(instruction, with reference) -> a template with {question}, {answer}, {std_answer}."""
+    noise: re.Pattern[str] | None = None
+    system: str = ""
+    """A system message sent before the judge prompt (none if empty)."""
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    p.name: p
+    for p in [
+        Protocol(
+            "belle",
+            BELLE_PATTERNS,
+            0.0,
+            1.0,
+            uses_reference=lambda c: c not in {"generation", "brainstorming", "rewrite"},
+            wrap=_belle_wrap,
+            noise=BELLE_NOISE,
+        ),
+        Protocol(
+            "mtbench",
+            MTBENCH_PATTERNS,
+            1.0,
+            10.0,
+            uses_reference=lambda c: c in {"math", "code", "coding", "reasoning"},
+            wrap=_mtbench_wrap,
+            system="You are a helpful assistant.",
+        ),
+    ]
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ZhtuneError(f"--protocol {name!r}: unknown; choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Questions
+# --------------------------------------------------------------------------------------------
+def normalize_class(name: Any) -> str:
+    """``"closed\\xa0qa"``, ``"Closed QA"``, ``"closed_qa"`` -> ``"closed qa"``."""
+    text = unicodedata.normalize("NFKC", str(name))
+    return re.sub(r"[\s_\-]+", " ", text).strip().lower()
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    cls: str
+    """The normalised class name."""
+    question: str
+    std_answer: str
+
+
+def _question(raw: dict[str, Any], rid: str) -> Question:
+    """One raw record -> a :class:`Question`; raises :class:`RecordError` naming the field."""
+    from zhtune.data.schema import RecordError
+
+    for key in ("question", "class"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise RecordError(key, "missing" if key not in raw else "expected a non-empty string")
+    std = raw.get("std_answer", "")
+    if std is None:
+        std = ""
+    if not isinstance(std, str):
+        raise RecordError("std_answer", f"expected a string, got {type(std).__name__}")
+    return Question(rid, normalize_class(raw["class"]), raw["question"], std)
+
+
+def read_questions(path: str, rejects: str) -> list[Question]:
+    """The questions of ``path`` in file order; unusable records go to ``rejects`` (and are
+    reported on stderr). Duplicate ids are rejected: ids identify rows of every output."""
+    from zhtune.data.convert import Outcome, RejectWriter, _record_id
+    from zhtune.data.readers import RawError, iter_raw
+    from zhtune.data.schema import RecordError
+
+    questions: list[Question] = []
+    seen: set[str] = set()
+    shown: list[str] = []
+    with RejectWriter(rejects) as rejected:
+        for index, (line, raw) in enumerate(iter_raw(path), 1):
+            if isinstance(raw, RawError):
+                problem: tuple[str | None, str] | None = (None, raw.reason)
+            else:
+                try:
+                    q = _question(raw, _record_id(raw, path, index))
+                    problem = ("id", f"duplicate id {q.id!r}") if q.id in seen else None
+                except RecordError as e:
+                    problem = (e.field, e.reason)
+            if problem is not None:
+                fld, reason = problem
+                o = Outcome(
+                    path,
+                    line,
+                    None,
+                    reason=reason,
+                    field=fld,
+                    index=index,
+                    raw=None if isinstance(raw, RawError) else raw,
+                )
+                rejected.write(o)
+                if len(shown) < 5:
+                    shown.append(f"{o.location()}{': ' + where(field=fld) if fld else ''}: {reason}")
+                continue
+            seen.add(q.id)
+            questions.append(q)
+    if rejected.count:
+        print(
+            f"rejected {rejected.count:,} record(s) of {path} -> {rejects}; the first ones:", file=sys.stderr
+        )
+        print("\n".join(f"  {s}" for s in shown), file=sys.stderr)
+    else:
+        Path(rejects).unlink(missing_ok=True)
+    if not questions:
+        raise ZhtuneError(f"{path}: no usable questions (records need 'question' and 'class')")
+    return questions
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Prompts
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Prompts:
+    """Judge prompt templates per normalised class (``{question}``, ``{answer}``,
+    ``{std_answer}`` slots), and where they came from."""
+
+    templates: dict[str, str]
+    source: str
+
+    def template(self, cls: str) -> str:
+        return self.templates.get(cls) or self.templates[DEFAULT_KEY]
+
+    def missing(self, classes: list[str]) -> list[str]:
+        return [c for c in classes if c not in self.templates and DEFAULT_KEY not in self.templates]
+
+
+def _prompt_entries(path: Path) -> list[tuple[str, str, str]]:
+    """``(class key, prompt, location)`` of a prompt file: BELLE's JSON Lines / JSON array of
+    ``{class, prompt}``, or a JSON object mapping class -> prompt."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None  # JSON Lines
+    if isinstance(data, dict) and not {"class", "prompt"} <= set(data):
+        return [(str(k), v, where(str(path), field=str(k))) for k, v in data.items()]
+    if isinstance(data, dict):
+        data = [data]
+    if isinstance(data, list):
+        items = [(i + 1, item) for i, item in enumerate(data)]
+        loc = lambda n: f"{path} (item {n})"  # noqa: E731
+    else:
+        items = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((lineno, json.loads(line)))
+                except ValueError as e:
+                    raise ZhtuneError(f"{where(str(path), lineno)}: not JSON ({e})") from None
+        loc = lambda n: where(str(path), n)  # noqa: E731
+    entries = []
+    for n, item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("class"), str):
+            raise ZhtuneError(f"{loc(n)}: expected an object with 'class' and 'prompt' strings")
+        entries.append((item["class"], item.get("prompt"), where(loc(n), field="prompt")))
+    return entries
+
+
+def load_prompts(path: str | Path, protocol: Protocol) -> Prompts:
+    """Read a prompt file into templates. A prompt containing ``{answer}`` is a whole template
+    (its slots are filled as written); any other prompt is a class instruction laid out by the
+    protocol (BELLE: instruction, question, gold answer where the class uses one, answer).
+    A key may name several classes with ``|`` (``math|code``); ``default`` covers the rest."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZhtuneError(f"--prompts: file not found: {path}")
+    templates: dict[str, str] = {}
+    for key, prompt, loc in _prompt_entries(path):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ZhtuneError(f"{loc}: expected a non-empty prompt string")
+        for cls in (normalize_class(k) for k in key.split("|")):
+            if "{answer}" in prompt:
+                templates[cls] = prompt
+            else:
+                templates[cls] = protocol.wrap(prompt.strip(), protocol.uses_reference(cls))
+    if not templates:
+        raise ZhtuneError(f"{path}: no prompts in it")
+    return Prompts(templates, str(path))
+
+
+def choose_prompts(prompts: str, data: str, protocol: Protocol) -> Prompts:
+    """``--prompts`` if given; for BELLE, the ``eval_prompt.json`` beside the data (BELLE ships
+    them together); else zhtune's built-in prompts for the protocol."""
+    if prompts:
+        return load_prompts(prompts, protocol)
+    beside = Path(data).parent / "eval_prompt.json"
+    if protocol.name == "belle" and beside.is_file():
+        return load_prompts(beside, protocol)
+    found = load_prompts(ASSETS / f"{protocol.name}.json", protocol)
+    found.source = f"built-in {protocol.name} prompts"
+    return found
+
+
+def fill(template: str, question: Question, answer: str) -> str:
+    """The template with its slots filled (other braces are left as they are)."""
+    values = {"question": question.question, "answer": answer, "std_answer": question.std_answer}
+    return re.sub(r"\{(" + "|".join(SLOTS) + r")\}", lambda m: values[m.group(1)], template)
+
+
+def judge_messages(protocol: Protocol, prompts: Prompts, question: Question, answer: str) -> list[dict]:
+    """The chat messages sent to the judge for one answer."""
+    messages = [{"role": "system", "content": protocol.system}] if protocol.system else []
+    messages.append({"role": "user", "content": fill(prompts.template(question.cls), question, answer)})
+    return messages
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Answers
+# --------------------------------------------------------------------------------------------
+def generate_answers(run: str, questions: list[Question], out: Path, opts: JudgeOptions) -> dict[str, str]:
+    """The run's greedy answer to every question, generated where ``judge_answers.jsonl`` lacks
+    it (:func:`zhtune.infer.predict.predict`: batched, appended as it goes, resumable)."""
+    from zhtune.eval.report import write_text_atomic
+    from zhtune.infer.generate import GenerationOptions
+    from zhtune.infer.predict import predict
+
+    qfile = out / QUESTIONS
+    lines = [
+        {"id": q.id, "messages": [{"role": "user", "content": q.question}], "meta": {"class": q.cls}}
+        for q in questions
+    ]
+    write_text_atomic(qfile, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    answers_path = out / ANSWERS
+    options = GenerationOptions(max_new_tokens=opts.max_new_tokens, temperature=0.0)
+    status = predict(
+        run,
+        [str(qfile)],
+        str(answers_path),
+        options,
+        batch_size=opts.batch_size,
+        template=opts.template or None,
+        dtype=opts.dtype,
+        fmt="openai",
+        progress=opts.progress,
+    )
+    if status:
+        raise ZhtuneError(f"answer generation rejected questions (see {qfile.with_suffix('.rejects.jsonl')})")
+    answers: dict[str, str] = {}
+    asked = {q.id: q.question for q in questions}
+    for lineno, line in enumerate(answers_path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if row["id"] in asked and row["messages"][-1]["content"] != asked[row["id"]]:
+                raise ZhtuneError(
+                    f"{where(str(answers_path), lineno)}: id {row['id']!r} answers another question than "
+                    f"{opts.data} asks now; delete {answers_path} or choose another -o"
+                )
+            answers[row["id"]] = row["prediction"]
+    return answers
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Judge
+# --------------------------------------------------------------------------------------------
+def read_judgements(path: Path) -> dict[str, dict[str, Any]]:
+    """The newest row per id already in ``judge.jsonl`` (a cut-off last line from a kill is
+    repaired; rows are appended, so a later row of an id supersedes an earlier one)."""
+    from zhtune.infer.predict import done_ids
+
+    if not path.exists():
+        return {}
+    done_ids(path)  # repairs or drops an incomplete last line
+    rows = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[str(row["id"])] = row
+    return rows
+
+
+def still_valid(row: dict[str, Any] | None, protocol: Protocol, model: str, prompt: str) -> bool:
+    """Whether an earlier judgement stands: same protocol, same judge model and the very same
+    judge prompt (so the same question, answer and class prompt). Anything else is judged again
+    (the reply cache still answers what was asked before)."""
+    return row is not None and (row.get("protocol"), row.get("judge_model"), row.get("judge_prompt")) == (
+        protocol.name,
+        model,
+        prompt,
+    )
+
+
+async def judge_one(
+    client: Any, protocol: Protocol, messages: list[dict], max_tokens: int
+) -> tuple[float | None, str | None, str, int]:
+    """Ask the judge (temperature 0); a reply without a score is asked once more (a new
+    request, not the cached one). Returns (raw score or None, pattern, last reply, attempts)."""
+    reply = ""
+    for attempt in range(2):
+        extra = "" if attempt == 0 else f"unparsed-retry-{attempt}"
+        answer = await client.chat(messages, cache_extra=extra, temperature=0, max_tokens=max_tokens)
+        reply = answer.text
+        value, how = parse_score(reply, protocol.patterns, protocol.low, protocol.high, protocol.noise)
+        if value is not None:
+            return value, how, reply, attempt + 1
+    return None, None, reply, 2
+
+
+def run_judge(
+    todo: list[tuple[Question, str]],
+    out_file: Path,
+    protocol: Protocol,
+    prompts: Prompts,
+    endpoint: Any,
+    opts: JudgeOptions,
+    cache: str,
+) -> tuple[list[dict[str, Any]], Any, list[str]]:
+    """Judge every (question, answer) of ``todo``, appending each row to ``out_file`` as it
+    arrives. Returns (new rows, usage, failures). A question that fails at the judge for good
+    is left out (a re-run asks again); a non-retryable error (bad key, unknown model) stops all."""
+    from tqdm import tqdm
+
+    from zhtune.infer.client import ApiError, ChatClient, map_limited
+
+    rows: list[dict[str, Any]] = []
+    failures: list[str] = []
+    streak = [0]
+
+    async def go() -> Any:
+        async with ChatClient(
+            endpoint,
+            concurrency=opts.concurrency,
+            max_retries=opts.max_retries,
+            timeout=opts.timeout,
+            backoff=opts.backoff,
+            cache=cache,
+        ) as client:
+            with (
+                out_file.open("a", encoding="utf-8") as f,
+                tqdm(
+                    total=len(todo),
+                    desc="judge",
+                    unit=" answers",
+                    file=sys.stderr,
+                    disable=not opts.progress,
+                    mininterval=0.5 if sys.stderr.isatty() else 15.0,
+                ) as bar,
+            ):
+
+                async def work(item: tuple[Question, str]) -> None:
+                    q, answer = item
+                    messages = judge_messages(protocol, prompts, q, answer)
+                    try:
+                        raw, how, reply, attempts = await judge_one(
+                            client, protocol, messages, opts.judge_max_tokens
+                        )
+                    except ApiError as e:
+                        if e.status in FATAL_STATUSES:
+                            raise  # the same for every request: stop at once
+                        failures.append(f"{q.id}: {e}")
+                        streak[0] += 1
+                        if streak[0] >= MAX_CONSECUTIVE_FAILURES:
+                            raise ZhtuneError(
+                                f"the judge failed {streak[0]} times in a row, giving up; last error: {e}"
+                            ) from None
+                        return
+                    streak[0] = 0
+                    row = {
+                        "id": q.id,
+                        "class": q.cls,
+                        "question": q.question,
+                        "std_answer": q.std_answer,
+                        "answer": answer,
+                        "judge_prompt": messages[-1]["content"],
+                        "judge_reply": reply,
+                        "score": None if raw is None else raw / protocol.high,
+                        "raw_score": raw,
+                        "unparsed": raw is None,
+                        "parsed_by": how,
+                        "attempts": attempts,
+                        "protocol": protocol.name,
+                        "judge_model": endpoint.model,
+                    }
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    f.flush()
+                    rows.append(row)
+
+                await map_limited(todo, work, progress=bar)
+            return client.usage
+
+    usage = asyncio.run(go())
+    return rows, usage, failures
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Report
+# --------------------------------------------------------------------------------------------
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def macro_scores(class_means: dict[str, float | None]) -> tuple[float | None, float | None]:
+    """``score`` (the mean of the class means) and ``score_w/o_others`` (the same without the
+    "others" classes math and code), as the BELLE paper reports them. Classes with no parsed
+    score are left out of both."""
+    scored = {c: v for c, v in class_means.items() if v is not None}
+    plain = [v for c, v in scored.items() if c not in OTHERS]
+    return _mean(list(scored.values())), _mean(plain)
+
+
+def summarize(rows: list[dict[str, Any]], protocol: Protocol) -> dict[str, Any]:
+    """Per-class means, counts and unparsed counts, ``score`` and ``score_w/o_others``."""
+    by_class: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_class.setdefault(row["class"], []).append(row)
+    scores = {c: _mean([r["score"] for r in rs if r["score"] is not None]) for c, rs in by_class.items()}
+    raw = {c: _mean([r["raw_score"] for r in rs if r["raw_score"] is not None]) for c, rs in by_class.items()}
+    unparsed = {c: sum(r["unparsed"] for r in rs) for c, rs in by_class.items()}
+    score, without = macro_scores(scores)
+    report: dict[str, Any] = {
+        "metric": "judge",
+        "overall": score,
+        "scores": scores,
+        "counts": {c: len(rs) for c, rs in by_class.items()},
+        "score": score,
+        "score_w/o_others": without,
+        "others": sorted(OTHERS),
+        "unparsed": unparsed,
+        "unparsed_total": sum(unparsed.values()),
+        "protocol": protocol.name,
+    }
+    if protocol.high != 1.0:
+        report["raw_scores"] = raw
+        report["raw_score"], report["raw_score_w/o_others"] = macro_scores(raw)
+        report["scale"] = [protocol.low, protocol.high]
+    return report
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """``judge.md``: a row per class (n, mean score, unparsed), then score and score_w/o_others."""
+    from zhtune.eval.report import fmt_value, markdown_table
+
+    raw = "raw_scores" in report
+    head = ["class", "n", "score", "unparsed"] + (["raw mean (1-10)"] if raw else [])
+    rows = []
+    for c, n in report["counts"].items():
+        row = [c, n, fmt_value(report["scores"][c]), report["unparsed"][c]]
+        rows.append(row + ([fmt_value(report["raw_scores"][c], "{:.2f}")] if raw else []))
+    plain = [c for c in report["counts"] if c not in OTHERS]
+    for key, classes, raw_key in (
+        ("score", list(report["counts"]), "raw_score"),
+        ("score_w/o_others", plain, "raw_score_w/o_others"),
+    ):
+        row = [
+            f"**{key}**",
+            sum(report["counts"][c] for c in classes),
+            f"**{fmt_value(report[key])}**",
+            sum(report["unparsed"][c] for c in classes),
+        ]
+        rows.append(row + ([fmt_value(report[raw_key], "{:.2f}")] if raw else []))
+    u = report["unparsed_total"]
+    lines = [
+        f"# Judge: {report['data']}",
+        "",
+        f"Protocol {report['protocol']}, judge `{report['judge_model']}` at {report['judge_url']}, "
+        f"prompts: {report['prompts']}. {report['judged']:,} of {report['questions']:,} questions judged"
+        + (f", {report['failed']:,} failed at the judge (re-run to retry)" if report["failed"] else "")
+        + ".",
+        "",
+        markdown_table(head, rows),
+        "",
+        'score: the mean of the class means; score_w/o_others: the same without the "others" classes '
+        f"({', '.join(report['others'])}), as in the BELLE paper. Class means are over parsed replies"
+        + (
+            f": {u:,} {'reply' if u == 1 else 'replies'} had no score even when asked again "
+            "(counted in 'unparsed', not scored)."
+            if u
+            else "; every reply had a score."
+        ),
+    ]
+    if raw:
+        lines.append("Scores are the judge's 1-10 ratings / 10; the raw means are beside them.")
+    if report.get("usage"):
+        us = report["usage"]
+        lines += [
+            "",
+            f"Judge requests: {us['requests']:,} ({us['cached']:,} from the cache), {us['retries']:,} retries; "
+            f"tokens {us['prompt_tokens']:,} prompt + {us['completion_tokens']:,} completion.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+@dataclass
+class JudgeOptions:
+    """Options of ``zhtune eval judge``."""
+
+    data: str = ""
+    """Questions: BELLE-eval's {question, std_answer, class} records (JSON Lines, JSON, CSV, ...)."""
+    judge_url: str = ""
+    """The judge's OpenAI-compatible base URL, ending in /v1; empty: $OPENAI_BASE_URL."""
+    judge_model: str = ""
+    """The judge's model name; empty: $OPENAI_MODEL."""
+    judge_api_key: str = ""
+    """The judge's API key; empty: $OPENAI_API_KEY, else none."""
+    protocol: str = "belle"
+    """belle (0-1 score after 得分, per-class prompts) or mtbench (1-10 in [[rating]])."""
+    prompts: str = ""
+    """Judge prompts: BELLE's eval_prompt.json or a JSON mapping class -> prompt with {question}, {answer}, {std_answer} slots; empty: eval_prompt.json beside --data for belle, else built-in prompts."""
+    output: str = ""
+    """Folder for judge.jsonl, judge.json, judge.md, report.md, answers and cache; empty: RUN/eval."""
+    limit: int = 0
+    """Judge only the first N questions (0: all)."""
+    concurrency: int = 8
+    """Judge requests in flight at once."""
+    max_retries: int = 5
+    """Extra attempts per judge request on 429, 5xx, timeouts and malformed replies."""
+    timeout: float = 120.0
+    """Seconds per judge request attempt."""
+    backoff: float = 1.0
+    """First wait between retries, seconds (doubling each time, or the server's Retry-After)."""
+    judge_max_tokens: int = 1024
+    """Most tokens in a judge reply."""
+    judge_cache: str = ""
+    """SQLite cache of judge replies, so re-runs pay nothing twice; empty: OUTPUT/judge_cache.sqlite."""
+    batch_size: int = 8
+    """Questions answered together by the run."""
+    max_new_tokens: int = 512
+    """Most tokens in the run's answers (greedy)."""
+    template: str = ""
+    """Chat template for the run's prompts; empty: the run's own."""
+    dtype: str = "fp32"
+    """Weights dtype for answering: fp32, bf16 or fp16."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def resolve_endpoint(opts: JudgeOptions) -> Any:
+    """The judge endpoint from the options, else the environment; a clear error if incomplete."""
+    import os
+
+    from zhtune.infer.client import Endpoint
+
+    if not (opts.judge_url or os.environ.get("OPENAI_BASE_URL")):
+        raise ZhtuneError("no judge: pass --judge-url (e.g. http://127.0.0.1:8000/v1) or set OPENAI_BASE_URL")
+    if not (opts.judge_model or os.environ.get("OPENAI_MODEL")):
+        raise ZhtuneError("no judge model: pass --judge-model or set OPENAI_MODEL")
+    try:
+        return Endpoint.resolve(opts.judge_url or None, opts.judge_model or None, opts.judge_api_key or None)
+    except ZhtuneError as e:
+        raise ZhtuneError(
+            str(e).replace("--base-url", "--judge-url").replace("--model", "--judge-model")
+        ) from None
+
+
+def judge(run: str, opts: JudgeOptions) -> dict[str, Any]:
+    """``zhtune eval judge``: answer, judge and report; returns the report (also in judge.json).
+    ``report["failed"]`` counts questions the judge never answered (not in the report)."""
+    from zhtune.eval.report import eval_dir, write_run_report, write_text_atomic
+
+    protocol = get_protocol(opts.protocol)
+    for name in ("concurrency", "batch_size", "max_new_tokens", "judge_max_tokens"):
+        if getattr(opts, name) < 1:
+            raise ZhtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if opts.limit < 0:
+        raise ZhtuneError(f"--limit must be >= 0, got {opts.limit}")
+    if not opts.data:
+        raise ZhtuneError("--data: give the questions file (e.g. ../shared/data/belle/eval_set.json)")
+    endpoint = resolve_endpoint(opts)
+    if not Path(run).exists():
+        raise ZhtuneError(f"run or model directory not found: {run}")
+    out = Path(opts.output) if opts.output else eval_dir(run)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1 + 2: questions and prompts, all checked before anything runs
+    questions = read_questions(opts.data, str(out / "judge.rejects.jsonl"))
+    if opts.limit:
+        questions = questions[: opts.limit]
+    prompts = choose_prompts(opts.prompts, opts.data, protocol)
+    classes = list(dict.fromkeys(q.cls for q in questions))
+    missing = prompts.missing(classes)
+    if missing:
+        raise ZhtuneError(
+            f"{prompts.source}: no prompt for class(es) {', '.join(missing)} (it has: "
+            f"{', '.join(sorted(prompts.templates))}); add them or a '{DEFAULT_KEY}' prompt"
+        )
+    print(
+        f"zhtune eval judge: {len(questions):,} questions in {len(classes)} classes from {opts.data}; "
+        f"protocol {protocol.name}, judge {endpoint.model} at {endpoint.base_url}; prompts: {prompts.source}",
+        file=sys.stderr,
+    )
+
+    # 3: answers
+    answers = generate_answers(run, questions, out, opts)
+
+    # 4: judge what is not judged yet
+    judged_path = out / JUDGEMENTS
+    earlier = read_judgements(judged_path)
+    done = {
+        q.id: earlier[q.id]
+        for q in questions
+        if still_valid(
+            earlier.get(q.id),
+            protocol,
+            endpoint.model,
+            judge_messages(protocol, prompts, q, answers[q.id])[-1]["content"],
+        )
+    }
+    todo = [(q, answers[q.id]) for q in questions if q.id not in done]
+    stale = sum(q.id in earlier for q, _ in todo)
+    print(
+        f"judging {len(todo):,} answers ({len(done):,} judged earlier"
+        + (
+            f"; {stale:,} judged earlier with another judge, prompt or answer are judged again"
+            if stale
+            else ""
+        )
+        + ")",
+        file=sys.stderr,
+    )
+    cache = opts.judge_cache or str(out / CACHE)
+    new_rows, usage, failures = run_judge(todo, judged_path, protocol, prompts, endpoint, opts, cache)
+    done.update({r["id"]: r for r in new_rows})
+
+    # 5: report over this question set, in data order
+    rows = [done[q.id] for q in questions if q.id in done]
+    report = summarize(rows, protocol)
+    report.update(
+        judge_model=endpoint.model,
+        judge_url=endpoint.base_url,
+        prompts=prompts.source,
+        data=opts.data,
+        questions=len(questions),
+        judged=len(rows),
+        failed=len(failures),
+        usage={k: v for k, v in asdict(usage).items() if k not in ("price_in", "price_out")},
+    )
+    write_text_atomic(out / REPORT_JSON, json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    write_text_atomic(out / REPORT_MD, report_markdown(report))
+    write_run_report(out)
+    if failures:
+        n = len(failures)
+        print(f"{n:,} question{'s' * (n != 1)} failed at the judge (re-run to retry):", file=sys.stderr)
+        print("\n".join(f"  {f}" for f in failures[:5]), file=sys.stderr)
+    print(f"judge: {usage.summary()}", file=sys.stderr)
+    return report
+
+
+def print_summary(report: dict[str, Any], out: Path) -> None:
+    """The command's stdout: the per-class table and where the files are."""
+    print(report_markdown(report))
+    print(f"Files: {out / REPORT_JSON}, {out / REPORT_MD}, {out / JUDGEMENTS}, {out / 'report.md'}")
+
+
+__all__ = [
+    "BELLE_PATTERNS",
+    "MTBENCH_PATTERNS",
+    "OTHERS",
+    "PROTOCOLS",
+    "JudgeOptions",
+    "Protocol",
+    "Question",
+    "judge",
+    "judge_messages",
+    "load_prompts",
+    "macro_scores",
+    "normalize_class",
+    "parse_score",
+    "read_questions",
+    "summarize",
+]

@@ -1,0 +1,175 @@
+"""What ``zhtune data generate`` and ``zhtune data evolve`` share: the endpoint options, the
+prompt assets, and append-only JSON Lines files that a re-run reads back to resume.
+
+Both commands ask a teacher model (any OpenAI-compatible endpoint, through
+:class:`zhtune.infer.client.ChatClient`) and write what they keep to ``OUT.jsonl`` and what they
+drop to ``OUT.rejects.jsonl`` *as it arrives*, one flushed line at a time. Replies are cached in
+``OUT.cache.sqlite``, so a run killed at any point and started again re-reads the replies it had
+already paid for and sends only new requests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import IO, Any
+
+from zhtune.errors import ZhtuneError, where
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
+
+
+@dataclass
+class EndpointOptions:
+    """The teacher endpoint and how to talk to it (shared by generate and evolve)."""
+
+    base_url: str = ""
+    """OpenAI-compatible base URL ending in /v1 (empty: $OPENAI_BASE_URL)."""
+    model: str = ""
+    """Model name sent with each request (empty: $OPENAI_MODEL)."""
+    api_key: str = ""
+    """API key (empty: $OPENAI_API_KEY, else none)."""
+    concurrency: int = 8
+    """Requests in flight at once."""
+    temperature: float = 1.0
+    """Sampling temperature of the teacher."""
+    max_tokens: int = 2048
+    """Most tokens per reply."""
+    timeout: float = 120.0
+    """Seconds per attempt before a request is retried."""
+    max_retries: int = 5
+    """Extra attempts per request on 429, 5xx, timeouts and malformed replies."""
+    backoff: float = 1.0
+    """First wait before a retry, seconds (doubling each attempt; a Retry-After header wins)."""
+    price_in: float = 0.0
+    """Price per million prompt tokens, for the cost line of the summary."""
+    price_out: float = 0.0
+    """Price per million completion tokens."""
+    seed: int = 0
+    """Seed of every random choice (and of the request's own `seed`), so a re-run asks the same."""
+    cache: bool = True
+    """Cache replies in OUT.cache.sqlite, so a re-run pays nothing twice."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def endpoint(self) -> Any:
+        """The resolved :class:`~zhtune.infer.client.Endpoint` (flags, then environment)."""
+        from zhtune.infer.client import Endpoint
+
+        return Endpoint.resolve(self.base_url or None, self.model or None, self.api_key or None)
+
+    def client(self, output: str | Path) -> Any:
+        """A :class:`~zhtune.infer.client.ChatClient` for these options, caching next to ``output``."""
+        from zhtune.infer.client import ChatClient
+
+        return ChatClient(
+            self.endpoint(),
+            concurrency=self.concurrency,
+            max_retries=self.max_retries,
+            timeout=self.timeout,
+            backoff=self.backoff,
+            cache=sidecar(output, ".cache.sqlite") if self.cache else None,
+            price_in=self.price_in,
+            price_out=self.price_out,
+        )
+
+
+@cache
+def load_prompts(name: str) -> dict[str, Any]:
+    """The prompt asset ``assets/prompts/NAME.yaml`` (language -> prompt texts and word lists)."""
+    import yaml
+
+    with open(PROMPTS_DIR / f"{name}.yaml", encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def sidecar(output: str | Path, suffix: str) -> str:
+    """``out.jsonl`` -> ``out{suffix}`` (``.rejects.jsonl``, ``.cache.sqlite``)."""
+    return str(Path(output).with_suffix(suffix))
+
+
+def read_appended(path: str | Path) -> list[dict[str, Any]]:
+    """Every row of an append-only JSON Lines file (none if it does not exist).
+
+    A last line without its newline is what a killed run leaves: it is completed if it holds a
+    whole row, else cut off (its work is done again, from the cache). Any other unreadable line is
+    an error naming the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+            with path.open("ab") as f:
+                f.write(b"\n")
+        except ValueError:
+            with path.open("r+b") as f:
+                f.truncate(cut)
+            data = data[:cut]
+            print(f"{path}: removed an incomplete last line (an interrupted run)", file=sys.stderr)
+    rows = []
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise ZhtuneError(
+                f"{where(str(path), lineno)}: not a JSON object. This file is appended to and read back to "
+                "resume: fix that line or choose another -o"
+            )
+        rows.append(row)
+    return rows
+
+
+class Appender:
+    """Append JSON rows to a file, one flushed line each (opened lazily, closed with ``close``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self._file: IO[str] | None = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def contains_any(text: str, words: list[str]) -> str | None:
+    """The first of ``words`` found in ``text`` (case-insensitive), else None."""
+    low = text.lower()
+    return next((w for w in words if w.lower() in low), None)
+
+
+def format_reasons(counts: Counter[str], limit: int = 5) -> str:
+    """``duplicate 130, length 5`` — the most common reasons first."""
+    return ", ".join(f"{name} {n:,}" for name, n in counts.most_common(limit)) or "none"
+
+
+__all__ = [
+    "Appender",
+    "EndpointOptions",
+    "contains_any",
+    "format_reasons",
+    "load_prompts",
+    "read_appended",
+    "sidecar",
+]

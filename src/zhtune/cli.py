@@ -79,6 +79,100 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return stats_command(args.input, tokenizer=args.tokenizer, plot=args.plot, as_json=args.json)
 
 
+def cmd_data_clean(args: argparse.Namespace) -> int:
+    from zhtune.data.clean import STEPS, CleanOptions, clean_files
+    from zhtune.data.convert import parse_mapping
+
+    clean_files(
+        args.inputs,
+        args.output,
+        _from_args(CleanOptions, args),
+        steps={s.name: getattr(args, "step_" + s.name.replace("-", "_")) for s in STEPS},
+        fmt=args.format,
+        mapping=parse_mapping(args.map or []),
+        rejects=args.rejects,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _add_clean_parser(dsub: Any) -> None:
+    """``zhtune data clean``: a registry of steps, each ``--STEP`` / ``--no-STEP``."""
+    from zhtune.data.clean import STEPS, CleanOptions
+
+    c = dsub.add_parser(
+        "clean",
+        help="html -> markdown, language filter, BELLE/FastChat filters, split long chats, dedup",
+        description="Stream IN (anything `zhtune data convert` reads) through the cleaning steps, in this order, "
+        "into OUT; removed records go to OUT.rejects.jsonl with the step and reason, and a table reports per "
+        "step the records in, removed and what changed. Exit status 0 unless an input cannot be read.",
+    )
+    c.add_argument("inputs", nargs="+", help="input files, directories or globs")
+    c.add_argument("-o", "--output", required=True, help="output .jsonl (written when the run finishes)")
+    steps = c.add_argument_group("steps (in the order they run)")
+    for step in STEPS:
+        steps.add_argument(
+            f"--{step.name}", dest="step_" + step.name.replace("-", "_"), action=argparse.BooleanOptionalAction,
+            default=None, help=f"{step.help} (default: {'on' if step.default else 'off'})",
+        )  # fmt: skip
+    _add_dataclass_args(c, CleanOptions, skip=("tokenizer",))
+    c.add_argument("--tokenizer", help="split: tokenizer directory that counts tokens (turns split on)")
+    c.add_argument("--format", default="auto", help="input format, as for convert (default: auto)")
+    c.add_argument(
+        "--map", action="append", metavar="SRC=DST", help="rename a column before reading (repeatable)"
+    )
+    c.add_argument("--rejects", help="where removed records go (default: OUTPUT.rejects.jsonl)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_data_clean)
+
+
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    from zhtune.data.generate import GenerateOptions, generate
+
+    return generate(args.seeds, args.output, _from_args(GenerateOptions, args))
+
+
+def cmd_data_evolve(args: argparse.Namespace) -> int:
+    from zhtune.data.evolve import EvolveOptions, evolve
+
+    return evolve(args.inputs, args.output, _from_args(EvolveOptions, args))
+
+
+def _add_synth_parsers(dsub: Any) -> None:
+    """``zhtune data generate|evolve``: self-instruct and evol-instruct through a teacher endpoint."""
+    from zhtune.data.evolve import EvolveOptions
+    from zhtune.data.generate import GenerateOptions
+
+    g = dsub.add_parser(
+        "generate",
+        help="self-instruct: new instruction data from seed tasks via an OpenAI-compatible endpoint",
+        description="Ask the teacher (--base-url/--model/--api-key or OPENAI_BASE_URL/OPENAI_MODEL/OPENAI_API_KEY) "
+        "with BELLE's Chinese or Alpaca's English self-instruct prompt (3 sampled seed tasks, 10 tasks per request), "
+        "filter the tasks (incomplete, cut off, length, blacklist, assistant phrases, near copies by ROUGE-L or BM25) "
+        "and append kept records to OUT and rejects with their reason to OUT.rejects.jsonl as they arrive. Stops at "
+        "--num records, or after --patience requests in a row that kept nothing. Re-running resumes: replies "
+        "already received come from OUT.cache.sqlite. Exit status 1 when it stopped short of --num.",
+    )
+    g.add_argument("--seeds", required=True, help="seed tasks (BELLE/Alpaca seed_tasks .json/.jsonl)")
+    g.add_argument("-o", "--output", required=True, help="output .jsonl (appended to)")
+    _add_dataclass_args(g, GenerateOptions)
+    g.set_defaults(func=cmd_data_generate)
+
+    e = dsub.add_parser(
+        "evolve",
+        help="evol-instruct: evolve instructions in depth/breadth via an endpoint, with WizardLM's elimination",
+        description="For every record of IN (any format `zhtune data convert` reads; its first user turn), --rounds "
+        "times: evolve it in depth (constraints, deepen, concretize, reasoning, complicate input) or breadth, "
+        "picked at random, ask the teacher for the answer, and eliminate evolutions that copy prompt words, "
+        "that the Equal judge finds no different, or whose answer is a short refusal or only punctuation. "
+        "Kept ones are appended to OUT, eliminated ones to OUT.rejects.jsonl with the rule. Re-running resumes.",
+    )
+    e.add_argument("inputs", nargs="+", help="input files, directories or globs")
+    e.add_argument("-o", "--output", required=True, help="output .jsonl (appended to)")
+    _add_dataclass_args(e, EvolveOptions)
+    e.set_defaults(func=cmd_data_evolve)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from zhtune.config import load_config
     from zhtune.train.config import TrainConfig
@@ -203,6 +297,46 @@ def cmd_vocab_resize(args: argparse.Namespace) -> int:
     return resize_command(args.model, args.tokenizer, args.output, overwrite=args.overwrite)
 
 
+def cmd_eval_exam(args: argparse.Namespace) -> int:
+    from zhtune.eval.exam import ExamOptions, print_summary, run_exam
+
+    options = _from_args(ExamOptions, args)
+    options.progress = not args.no_progress
+    report = run_exam(args.run, options)
+    print_summary(report, options.output or os.path.join(args.run, "eval"))
+    return 0
+
+
+def _add_eval_parser(sub: Any) -> Any:
+    """``zhtune eval ...``: the group every evaluation command joins; returns its subparsers."""
+    ev = sub.add_parser("eval", help="evaluate a run: exams (C-Eval, CMMLU, MMCU), ...")
+    return ev.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+
+
+def _add_exam_parser(esub: Any) -> None:
+    """``zhtune eval exam``: multiple-choice exams scored by letter logits."""
+    from zhtune.eval.exam import ExamOptions
+
+    x = esub.add_parser(
+        "exam",
+        help="multiple-choice exams (C-Eval, CMMLU, MMCU): per-subject accuracy, category means",
+        description="Score RUN on a multiple-choice exam: DATA/test/*.csv (C-Eval/CMMLU layout), JSON or xlsx "
+        "(MMCU), with few-shot examples from DATA/dev. Each question is scored by the next-token logits over "
+        "A-D (generation + extraction for multi-letter answers). Writes exam.json, exam.md and "
+        "exam_predictions.jsonl to RUN/eval (or -o); re-running skips the subjects already scored.",
+    )
+    x.add_argument("run", help="run directory (or local model directory, or an export)")
+    x.add_argument("--data", required=True, help="exam folder (test/ + dev/), folder of files, or one file")
+    x.add_argument("-o", "--output", default="", help="folder for the reports (default: RUN/eval)")
+    _add_dataclass_args(x, ExamOptions, skip=("data", "output", "progress"))
+    x.add_argument(
+        "--no-template", dest="template", action="store_const", const="none",
+        help="plain-text prompt, no chat template (same as --template none)",
+    )  # fmt: skip
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    x.set_defaults(func=cmd_eval_exam)
+
+
 def _add_vocab_parser(sub: Any) -> None:
     """``zhtune vocab extend|resize``: Chinese vocabulary expansion."""
     v = sub.add_parser(
@@ -263,6 +397,176 @@ def _add_vocab_parser(sub: Any) -> None:
     r.add_argument("-o", "--output", required=True, help="directory for the resized model")
     r.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     r.set_defaults(func=cmd_vocab_resize)
+
+
+def cmd_data_cot(args: argparse.Namespace) -> int:
+    from zhtune.data.convert import parse_mapping
+    from zhtune.data.cot import CotOptions, cot_convert
+
+    opts = _from_args(CotOptions, args)
+    return cot_convert(args.inputs, args.output, opts, parse_mapping(args.map or []), rejects=args.rejects)
+
+
+def cmd_data_mix(args: argparse.Namespace) -> int:
+    from zhtune.data.mix import MixOptions, mix
+
+    return mix(args.sources, args.output, _from_args(MixOptions, args), rejects=args.rejects)
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from zhtune.data.registry import list_command
+
+    return list_command(args.registry or None, args.tag or [], as_json=args.json)
+
+
+def cmd_eval_gen(args: argparse.Namespace) -> int:
+    from zhtune.data.convert import parse_mapping
+    from zhtune.eval.gen import GenEvalOptions, gen_command
+
+    return gen_command(args.run, args.data, _from_args(GenEvalOptions, args), parse_mapping(args.map or []))
+
+
+def _add_data_prep_parsers(dsub: Any) -> None:
+    """``zhtune data cot|mix|list``: CoT formatting, weighted mixing, the dataset registry."""
+    from zhtune.data.cot import CotOptions
+    from zhtune.data.mix import MixOptions
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    c = dsub.add_parser(
+        "cot",
+        help="chain-of-thought data ({question, rationale, answer} or Alpaca-CoT) -> conversations",
+        description="Turn FLAN-style CoT records {question, rationale, answer} (or Alpaca-CoT's {instruction,\n"
+        "input, output}) into conversations: the question in a prompt template, the rationale then the\n"
+        "answer. --template auto draws a template per record (by seed, among its language's); --suffix is\n"
+        "Alpaca-CoT's CoT* variant. Templates (prompt -> response):\n" + _cot_templates(),
+        formatter_class=fmt,
+    )
+    c.add_argument("inputs", nargs="+", help="input files, directories or globs")
+    c.add_argument("-o", "--output", required=True, help="output .jsonl")
+    c.add_argument(
+        "--map", action="append", metavar="SRC=DST", help="rename a column, e.g. chain_of_thought=rationale"
+    )
+    c.add_argument(
+        "--rejects", help="where skipped records go with their reason (default: OUTPUT.rejects.jsonl)"
+    )
+    _add_dataclass_args(c, CotOptions)
+    c.set_defaults(func=cmd_data_cot)
+
+    m = dsub.add_parser(
+        "mix",
+        help="a weighted, stable mixture of datasets: A.jsonl:0.7 B.jsonl:0.3 -o OUT.jsonl",
+        description="Mix SOURCE:WEIGHT inputs (files, globs or registered dataset names; weight default 1) into "
+        "one canonical JSON Lines file; weights are shares of the output. Records are picked by a hash of "
+        "(seed, source, id), so the same seed gives the same output and growing one source does not change "
+        "what is picked from the others. Each record gets meta.mix_source.",
+    )
+    m.add_argument("sources", nargs="+", metavar="SOURCE[:WEIGHT]", help="e.g. alpaca.json:0.7 belle_zh:0.3")
+    m.add_argument("-o", "--output", required=True, help="output .jsonl")
+    m.add_argument("--rejects", help="where unusable input records go (default: OUTPUT.rejects.jsonl)")
+    _add_dataclass_args(m, MixOptions)
+    m.set_defaults(func=cmd_data_mix)
+
+    ls = dsub.add_parser(
+        "list",
+        help="the dataset registry: names usable in train configs and data mix, with paths and tags",
+        description="List registered datasets from --registry FILE, ./datasets.yaml and zhtune's shipped "
+        "registry (first match wins), with whether each path exists and its lang/task/gen_method tags.",
+    )
+    ls.add_argument("--registry", default="", help="a registry YAML to read first")
+    ls.add_argument(
+        "--tag", action="append", metavar="KEY=VALUE", help="only datasets with this tag, e.g. lang=zh"
+    )
+    ls.add_argument("--json", action="store_true", help="print the entries as JSON")
+    ls.set_defaults(func=cmd_data_list)
+
+
+def _cot_templates() -> str:
+    from zhtune.data.cot import describe_templates
+
+    return describe_templates()
+
+
+def _add_gen_parser(esub: Any) -> None:
+    """``zhtune eval gen``: BLEU-4, ROUGE-1/2/L and exact match of generated answers."""
+    from zhtune.eval.gen import GenEvalOptions
+
+    g = esub.add_parser(
+        "gen",
+        help="generation metrics: BLEU-4 (characters), ROUGE-1/2/L (jieba words), exact match",
+        description="Generate greedy answers for every record of --data (the last assistant turn is the "
+        "reference) and score them as LLaMA-Factory's predict does: BLEU-4 on characters (NLTK smoothing "
+        "method 3), ROUGE-1/2/L F1 on jieba words (rouge-chinese), plus exact match, all x100. Writes gen.json, "
+        "gen.md, gen_scores.jsonl and gen_predictions.jsonl to RUN/eval (resumable).",
+    )
+    g.add_argument("run", help="run directory (or local model directory, or an export)")
+    g.add_argument("--data", required=True, nargs="+", help="test files in any supported format")
+    g.add_argument(
+        "--map", action="append", metavar="SRC=DST", help="rename a column before reading (repeatable)"
+    )
+    _add_dataclass_args(g, GenEvalOptions)
+    g.set_defaults(func=cmd_eval_gen)
+
+
+def cmd_eval_judge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zhtune.eval.judge import JudgeOptions, judge, print_summary
+    from zhtune.eval.report import eval_dir
+
+    options = _from_args(JudgeOptions, args)
+    options.progress = not args.no_progress
+    report = judge(args.run, options)
+    print_summary(report, Path(options.output) if options.output else eval_dir(args.run))
+    return 1 if report["failed"] else 0
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from zhtune.eval.compare import compare
+
+    print(compare(args.runs, metric=args.metric, output=args.output), end="")
+    return 0
+
+
+def _add_judge_parsers(esub: Any) -> None:
+    """``zhtune eval judge`` (LLM judge, BELLE-eval / MT-bench) and ``zhtune eval compare``."""
+    from zhtune.eval.judge import JudgeOptions
+
+    j = esub.add_parser(
+        "judge",
+        help="LLM-as-judge on BELLE-eval (0-1 per class, score_w/o_others) or MT-bench style (1-10)",
+        description="Answer every {question, std_answer, class} of --data with RUN (greedy, resumable), have an "
+        "OpenAI-compatible judge score each answer at temperature 0 (BELLE's per-class prompts, the gold answer "
+        "except for generation/brainstorming/rewrite; or --protocol mtbench), and report the mean per class, "
+        "score (mean over classes) and score_w/o_others (without math and code). Replies with no score are asked "
+        "once more, then counted as unparsed, never scored 0. Writes judge.jsonl, judge.json, judge.md, "
+        "report.md to RUN/eval (or -o); re-running asks nothing twice (judged ids skipped, replies cached). "
+        "Exit status 1 if some questions failed at the judge.",
+    )
+    j.add_argument("run", help="run directory (or local model directory, or an export)")
+    j.add_argument("--data", required=True, help="questions, e.g. ../shared/data/belle/eval_set.json")
+    j.add_argument("-o", "--output", default="", help="folder for the reports (default: RUN/eval)")
+    j.add_argument(
+        "--protocol", default="belle", choices=["belle", "mtbench"],
+        help="belle: 0-1 score after 得分; mtbench: 1-10 in [[rating]] (default: belle)",
+    )  # fmt: skip
+    _add_dataclass_args(j, JudgeOptions, skip=("data", "output", "protocol", "progress"))
+    j.add_argument("--no-progress", action="store_true", help="no progress bars")
+    j.set_defaults(func=cmd_eval_judge)
+
+    c = esub.add_parser(
+        "compare",
+        help="runs side by side: one markdown table per metric (rows = runs) and PNG bar charts",
+        description="Read each run's eval reports (RUN/eval/<metric>.json: judge, exam, gen, exact_match, ...) "
+        "and write one table per metric, rows = runs and columns = classes / subjects + overall (judge: also "
+        "score_w/o_others), to stdout and DIR/compare.md, with compare.json and DIR/compare_<metric>.png. "
+        "Runs without a report are listed under the table.",
+    )
+    c.add_argument("runs", nargs="+", help="run directories (or their eval folders)")
+    c.add_argument("--metric", default="", help="only this metric, e.g. judge (default: every one found)")
+    c.add_argument(
+        "-o", "--output", default="compare", help="folder for compare.md and charts (default: compare)"
+    )
+    c.set_defaults(func=cmd_eval_compare)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +647,9 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--plot", help="write length histograms to this PNG")
     s.add_argument("--json", action="store_true", help="print the statistics as JSON")
     s.set_defaults(func=cmd_stats)
+    _add_clean_parser(dsub)
+    _add_data_prep_parsers(dsub)
+    _add_synth_parsers(dsub)
 
     t = sub.add_parser(
         "train",
@@ -485,6 +792,10 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     _add_dataclass_args(wu, GenerationOptions)
     wu.set_defaults(func=cmd_webui)
     _add_vocab_parser(sub)
+    esub = _add_eval_parser(sub)
+    _add_exam_parser(esub)
+    _add_gen_parser(esub)
+    _add_judge_parsers(esub)
     return p
 
 

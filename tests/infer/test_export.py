@@ -128,7 +128,9 @@ def test_quantized_export_is_smaller_reloads_and_keeps_its_perplexity(bits, tune
     model = AutoModelForCausalLM.from_pretrained(out)
     layer = {8: bnb.nn.Linear8bitLt, 4: bnb.nn.Linear4bit}[bits]
     assert isinstance(model.model.layers[0].mlp.up_proj, layer)
-    records = read_records(yaml.safe_load((tuned_run / "config.yaml").read_text())["data"], "auto", 64, True)
+    records = read_records(
+        yaml.safe_load((tuned_run / "config.yaml").read_text())["data"], "auto", "", 64, True
+    )
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert perplexity(model, tokenizer, "chatml", records, 64) == pytest.approx(after["perplexity"], rel=1e-6)
     manifest = json.loads((out / "zhtune_export.json").read_text())

@@ -181,24 +181,26 @@ def check_gptq() -> None:
 # --------------------------------------------------------------------------------------------
 # Data for perplexity and calibration
 # --------------------------------------------------------------------------------------------
-def run_data(plan: Plan, path: str, what: str) -> tuple[list[str], str]:
-    """The files to read for ``what``: ``path`` if given, else the run's training data."""
+def run_data(plan: Plan, path: str, what: str) -> tuple[list[str], str, str]:
+    """The data to read for ``what``: ``path`` if given, else the run's training data (files or
+    registered dataset names), its format and its dataset registry."""
     if path:
-        return [path], "auto"
+        return [path], "auto", ""
     data = plan.run_config.get("data")
     if not data:
         raise ZhtuneError(
             f"{plan.run} has no training data in config.yaml to take {what} from; pass --{what}"
         )
-    return list(data), str(plan.run_config.get("format", "auto"))
+    return list(data), str(plan.run_config.get("format", "auto")), str(plan.run_config.get("registry") or "")
 
 
-def read_records(paths: list[str], fmt: str, n: int, last: bool) -> list[dict[str, Any]]:
-    """The first or last ``n`` usable conversations of ``paths`` (streamed; rejects skipped)."""
-    from zhtune.data.convert import iter_conversations
+def read_records(paths: list[str], fmt: str, registry: str, n: int, last: bool) -> list[dict[str, Any]]:
+    """The first or last ``n`` usable conversations of ``paths`` (files or registered dataset
+    names; streamed; rejects skipped)."""
+    from zhtune.data.registry import iter_sources, resolve_sources
 
     kept: deque[dict[str, Any]] = deque(maxlen=n if last else None)
-    for o in iter_conversations(paths, fmt):
+    for o in iter_sources(resolve_sources(paths, registry or None, fmt)):
         if o.record is not None:
             kept.append(o.record)
             if not last and len(kept) >= n:
@@ -302,8 +304,8 @@ def quantize(
     # GPTQ (make_plan checked for a CUDA GPU, gptqmodel and optimum). Not yet run: no GPU in CI.
     from transformers import GPTQConfig
 
-    paths, fmt = run_data(plan, opts.calibration, "calibration")
-    records = read_records(paths, fmt, opts.calibration_records, last=False)
+    paths, fmt, registry = run_data(plan, opts.calibration, "calibration")
+    records = read_records(paths, fmt, registry, opts.calibration_records, last=False)
     texts = [conversation_text(r["messages"], tokenizer, template) for r in records]
     config = GPTQConfig(bits=opts.quantize, group_size=GPTQ_GROUP_SIZE, dataset=texts, tokenizer=tokenizer)
     model = load_on_device(staged, "fp16", plan.src.trust_remote_code, quantization_config=config)
@@ -414,8 +416,8 @@ def export(run: str, output: str, opts: ExportOptions) -> Path:
 
     eval_records, eval_note = [], None
     if opts.quantize:  # read before the weights, so a bad file fails at once
-        paths, fmt = run_data(plan, opts.eval_data, "eval-data")
-        eval_records = read_records(paths, fmt, opts.eval_records, last=True)
+        paths, fmt, registry = run_data(plan, opts.eval_data, "eval-data")
+        eval_records = read_records(paths, fmt, registry, opts.eval_records, last=True)
         eval_note = f"{len(eval_records)} records of {', '.join(paths)}" + (
             "" if opts.eval_data else " (the last ones of the training data: a before/after comparison)"
         )

@@ -18,13 +18,15 @@ class TrainConfig:
     model: str
     """Local Hugging Face model directory (or a zhtune run directory) to start from."""
     data: list[str]
-    """Training files (json, jsonl, csv, parquet, a datasets directory) in any supported format."""
+    """Training files (json, jsonl, csv, parquet, a datasets directory) in any supported format, or names of registered datasets (see `zhtune data list`)."""
     output_dir: str
     """Run directory to create: config.yaml, model/ or adapter/, tokenizer, logs, plots, checkpoints."""
     template: str = "auto"
     """Chat template: belle, alpaca, chatml, qwen, llama3, llama2, default, tokenizer (its own), or auto (by model family)."""
     format: str = "auto"
     """Input data format for every file: auto, alpaca, belle, sharegpt, openai (see `zhtune data convert`)."""
+    registry: str = ""
+    """Dataset registry YAML to look names in data up in first (then ./datasets.yaml, then zhtune's shipped one)."""
     stage: Literal["sft", "pt"] = "sft"
     """Training stage: sft (instruction tuning; loss on assistant turns) or pt (continued pre-training: texts concatenated and cut into cutoff_len blocks)."""
     method: str = "lora"

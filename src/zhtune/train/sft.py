@@ -271,8 +271,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from zhtune.data.convert import load_conversations
     from zhtune.data.dataset import model_inputs, pack_examples, tokenize_records, tokenize_texts
+    from zhtune.data.registry import load_data
     from zhtune.data.templates import get_template, prepare_tokenizer, stop_token_ids
     from zhtune.models.families import check_packing, family_template
     from zhtune.models.loading import load_model, load_tokenizer, resolve_source
@@ -334,8 +334,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # -- data ---------------------------------------------------------------------------------
     rejects_path = out / "rejects.jsonl"
-    records, n_rejected = load_conversations(
-        cfg.data, fmt=cfg.format, rejects_path=rejects_path if is_main else None
+    records, n_rejected = load_data(
+        cfg.data,
+        fmt=cfg.format,
+        registry=cfg.registry or None,
+        rejects_path=rejects_path if is_main else None,
     )
     if cfg.stage == "pt":
         blocks, n_docs = tokenize_texts(records, tokenizer, cfg.cutoff_len)

@@ -269,3 +269,23 @@ def test_help_shows_every_grid_and_eval_key(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "axes (dict; required)" in text and "max_per_category (int; default: 0)" in text
+
+
+def test_gen_metric_scores_the_same_answers_with_eval_gens_metrics(tiny_model_dir, skill_records):
+    from zhtune.eval.gen import score_pair
+    from zhtune.models.loading import load_for_inference
+    from zhtune.train.experiment import METRICS, EvalConfig
+
+    model, tokenizer, template = load_for_inference(tiny_model_dir)
+    records = skill_records[1][:6]
+    ev = EvalConfig(data=["unused.jsonl"], metric="gen", max_new_tokens=8, batch_size=4)
+    result = METRICS["gen"].score(model, tokenizer, template, records, ev)
+    answers = result["predictions"]
+    assert [a["reference"] for a in answers] == [r["messages"][-1]["content"] for r in records]
+    rouge_l = [score_pair(a["prediction"], a["reference"])["rouge-l"] for a in answers]
+    assert result["overall"] == pytest.approx(sum(rouge_l) / len(rouge_l) / 100, abs=1e-4)
+    assert sum(result["counts"].values()) == 6 and set(result["metrics"]) >= {
+        "bleu-4",
+        "rouge-1",
+        "exact_match",
+    }

@@ -56,7 +56,7 @@ class EvalConfig:
     data: list[str]
     """Test files in any supported format; each record's last assistant turn is the reference and meta.category its category."""
     metric: str = "exact_match"
-    """Metric: exact_match (greedy answer equals the reference after stripping whitespace)."""
+    """Metric: exact_match (greedy answer equals the reference after stripping whitespace) or gen (ROUGE-L F on jieba words, as `zhtune eval gen`; BLEU-4, ROUGE-1/2 and exact match kept beside it)."""
     max_new_tokens: int = 32
     """Most tokens generated per answer."""
     batch_size: int = 32
@@ -181,7 +181,20 @@ def _exact_match(
     )
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in [Metric("exact_match", _exact_match)]}
+def _gen(
+    model: Any, tokenizer: Any, template: str, records: list[dict[str, Any]], ev: EvalConfig
+) -> dict[str, Any]:
+    """The greedy answers of :func:`_exact_match`, scored by ``zhtune eval gen``'s metrics."""
+    from zhtune.eval.gen import aggregate, score_pair
+
+    answers = _exact_match(model, tokenizer, template, records, ev)["predictions"]
+    rows = [
+        {"category": p["category"], "scores": score_pair(p["prediction"], p["reference"])} for p in answers
+    ]
+    return {**aggregate(rows), "predictions": answers}
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in [Metric("exact_match", _exact_match), Metric("gen", _gen)]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,231 @@
+"""Exact and near-duplicate detection for ``zhtune data clean``, streaming, keeping the first.
+
+Two halves, so the expensive one runs in worker processes:
+
+- :func:`fingerprint` (per record, in a worker): the normalised text's 64-bit hash (exact
+  duplicates) and its MinHash signature over character shingles with the LSH band keys (near
+  duplicates). MinHash is vectorised with numpy: shingle hashes by a rolling polynomial, the
+  ``num_perm`` permutations as multiply-shift hashes of 64-bit words, so a record costs tens of
+  microseconds, not the milliseconds of a per-shingle Python loop (datasketch's ``MinHash``).
+- :class:`Deduper` (one, in the main process, records in input order): a dict of exact hashes,
+  ``bands`` dicts of band keys for the LSH index, and the kept records' signatures (16 bits per
+  permutation) to check each LSH candidate's estimated Jaccard similarity against the threshold.
+  Memory grows with the number of *kept* records: about 100 bytes for the exact index plus
+  ``2 * num_perm + 80 * bands`` bytes for the near-duplicate index per kept record.
+
+Normalisation (both): Unicode NFKC, lower case, whitespace and punctuation removed, messages
+joined with a separator, so "Hello,  World!" and "hello world" are the same text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Characters per shingle: 5 characters is a short phrase in Chinese and about a word in English.
+SHINGLE = 5
+#: Permutations of the MinHash signature.
+NUM_PERM = 64
+#: Rows of kept signatures per storage block.
+_BLOCK = 1 << 14
+_NOT_WORD = re.compile(r"[\W_]+")
+_SEP = "\x00"
+_MASK64 = (1 << 64) - 1
+
+
+def normalise(messages: list[dict[str, str]]) -> str:
+    """The text duplicates are judged on: every turn NFKC-normalised, lower-cased, without
+    whitespace and punctuation, joined by a separator (so turn boundaries still count)."""
+    return _SEP.join(_NOT_WORD.sub("", unicodedata.normalize("NFKC", m["content"]).lower()) for m in messages)
+
+
+def exact_key(text: str) -> int:
+    """A 64-bit hash of ``text`` (blake2b): equal texts, equal keys, in every process."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """``(bands, rows)`` with ``bands * rows <= num_perm`` minimising the false-positive area
+    below ``threshold`` plus the false-negative area above it of the LSH S-curve
+    ``1 - (1 - s**rows)**bands`` (datasketch's choice, with equal weights)."""
+    s = np.linspace(0.0, 1.0, 1001)
+    best, best_err = (1, num_perm), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            p = 1.0 - (1.0 - s**r) ** b
+            err = np.trapezoid(np.where(s < threshold, p, 0.0), s) + np.trapezoid(
+                np.where(s >= threshold, 1.0 - p, 0.0), s
+            )
+            if err < best_err:
+                best, best_err = (b, r), err
+    return best
+
+
+@dataclass(frozen=True)
+class MinHasher:
+    """MinHash signatures and LSH band keys, the same in every process for the same ``seed``."""
+
+    num_perm: int = NUM_PERM
+    bands: int = 8
+    rows: int = 8
+    shingle: int = SHINGLE
+    seed: int = 1
+    _a: Any = field(init=False, repr=False, compare=False)
+    _b: Any = field(init=False, repr=False, compare=False)
+    _band_mul: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(self.seed)
+        words = rng.integers(0, 1 << 63, size=(3, self.num_perm), dtype=np.uint64) * np.uint64(2)
+        object.__setattr__(self, "_a", (words[0] | np.uint64(1))[:, None])  # odd multipliers
+        object.__setattr__(self, "_b", words[1][:, None])
+        object.__setattr__(self, "_band_mul", (words[2][: self.rows] | np.uint64(1)))
+
+    def shingle_hashes(self, text: str) -> np.ndarray:
+        """64-bit hashes of every ``shingle``-character window of ``text`` (the whole text when
+        shorter), mixed by splitmix64's finaliser so nearby windows spread over all 64 bits."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        if codes.size == 0:
+            codes = np.zeros(1, dtype=np.uint64)
+        k = min(self.shingle, codes.size)
+        n = codes.size - k + 1
+        h = np.zeros(n, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(k):
+                h = h * np.uint64(1_000_003) + codes[j : j + n]
+            h ^= h >> np.uint64(30)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(27)
+            h *= np.uint64(0x94D049BB133111EB)
+            h ^= h >> np.uint64(31)
+        return np.unique(h)
+
+    def signature(self, text: str) -> np.ndarray:
+        """The MinHash signature of ``text``: for each permutation ``(a*x + b) mod 2**64``, the
+        top 32 bits of its minimum over the shingle hashes (``uint32``, ``num_perm`` values)."""
+        h = self.shingle_hashes(text)
+        with np.errstate(over="ignore"):
+            perm = self._a * h[None, :] + self._b
+        return (perm.min(axis=1) >> np.uint64(32)).astype(np.uint32)
+
+    def band_keys(self, sig: np.ndarray) -> list[int]:
+        """One 64-bit key per band: the band's ``rows`` values combined by odd multipliers."""
+        rows = sig[: self.bands * self.rows].astype(np.uint64).reshape(self.bands, self.rows)
+        with np.errstate(over="ignore"):
+            keys = (rows * self._band_mul[None, :]).sum(axis=1, dtype=np.uint64)
+        return keys.tolist()
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What the main process needs to judge one record: its exact key, and for near-duplicate
+    detection its band keys and its signature truncated to 16 bits per permutation."""
+
+    exact: int | None = None
+    bands: list[int] | None = None
+    sig16: bytes | None = None
+
+
+def fingerprint(text: str, hasher: MinHasher | None, exact: bool) -> Fingerprint:
+    """The :class:`Fingerprint` of one :func:`normalise` d text (``hasher`` None: no
+    near-duplicate part; ``exact`` False: no exact key)."""
+    key = exact_key(text) if exact else None
+    if hasher is None:
+        return Fingerprint(key)
+    sig = hasher.signature(text)
+    return Fingerprint(key, hasher.band_keys(sig), (sig >> np.uint32(16)).astype(np.uint16).tobytes())
+
+
+@dataclass
+class Verdict:
+    """A duplicate's judgement: which step found it, the id it duplicates, the similarity."""
+
+    step: str
+    duplicate_of: str
+    similarity: float
+
+
+class Deduper:
+    """Streaming dedup index: :meth:`check` each record in order; the first of a group is kept.
+
+    ``threshold`` None turns near-duplicate detection off; ``exact`` False turns exact off.
+    ``clusters[step]`` counts, per kept record that has duplicates found by ``step``
+    (``exact-dup`` or ``near-dup``), how many.
+    """
+
+    def __init__(self, exact: bool = True, threshold: float | None = 0.85, hasher: MinHasher | None = None):
+        self.exact = exact
+        self.threshold = threshold
+        self.hasher = hasher
+        self._exact: dict[int, str] = {}
+        self._near_keys: dict[int, Verdict] = {}
+        self._bands: list[dict[int, int]] = [{} for _ in range(hasher.bands)] if hasher else []
+        self._ids: list[str] = []
+        self._blocks: list[np.ndarray] = []
+        self.clusters: dict[str, Counter[str]] = {"exact-dup": Counter(), "near-dup": Counter()}
+
+    def _sig(self, ordinal: int) -> np.ndarray:
+        return self._blocks[ordinal // _BLOCK][ordinal % _BLOCK]
+
+    def _store(self, rid: str, sig16: np.ndarray) -> int:
+        ordinal = len(self._ids)
+        if ordinal % _BLOCK == 0:
+            self._blocks.append(np.empty((_BLOCK, sig16.size), dtype=np.uint16))
+        self._blocks[-1][ordinal % _BLOCK] = sig16
+        self._ids.append(rid)
+        return ordinal
+
+    def check(self, rid: str, fp: Fingerprint) -> Verdict | None:
+        """None if the record is kept (and indexed), else the :class:`Verdict` against the
+        earlier record it duplicates. A near duplicate's exact key is remembered with its verdict,
+        so a later copy of it gets the same verdict without a signature: workers rely on that to
+        skip the MinHash of texts they have seen."""
+        if self.exact and fp.exact is not None:
+            kept = self._exact.get(fp.exact)
+            if kept is not None:
+                self.clusters["exact-dup"][kept] += 1
+                return Verdict("exact-dup", kept, 1.0)
+            near = self._near_keys.get(fp.exact)
+            if near is not None:
+                self.clusters["near-dup"][near.duplicate_of] += 1
+                return near
+        verdict = None
+        if self.threshold is not None and fp.bands is not None and fp.sig16 is not None:
+            verdict = self._near(fp)
+            if verdict is None:
+                ordinal = self._store(rid, np.frombuffer(fp.sig16, dtype=np.uint16))
+                for table, key in zip(self._bands, fp.bands):
+                    table.setdefault(key, ordinal)
+            else:
+                self.clusters["near-dup"][verdict.duplicate_of] += 1
+        if self.exact and fp.exact is not None:
+            if verdict is None:
+                self._exact[fp.exact] = rid
+            else:
+                self._near_keys[fp.exact] = verdict
+        return verdict
+
+    def _near(self, fp: Fingerprint) -> Verdict | None:
+        """The near-duplicate verdict against the indexed kept records, if any."""
+        sig = np.frombuffer(fp.sig16, dtype=np.uint16)
+        candidates = {c for table, key in zip(self._bands, fp.bands) if (c := table.get(key)) is not None}
+        if not candidates:
+            return None
+        cands = sorted(candidates)
+        sims = (np.stack([self._sig(c) for c in cands]) == sig[None, :]).mean(axis=1)
+        best = int(np.argmax(sims))
+        if sims[best] < self.threshold:
+            return None
+        return Verdict("near-dup", self._ids[cands[best]], round(float(sims[best]), 3))
+
+    def cluster_stats(self, step: str) -> tuple[int, int]:
+        """``(clusters, largest)`` for ``step``: kept records with at least one duplicate, and the
+        size of the largest group (the kept record plus its duplicates; 0 when there are none)."""
+        counts = self.clusters[step]
+        return len(counts), (max(counts.values()) + 1 if counts else 0)

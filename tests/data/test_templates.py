@@ -151,3 +151,28 @@ def test_missing_special_tokens_are_added(tok):
 def test_unknown_template_suggests_close_names():
     with pytest.raises(ZhtuneError, match="Did you mean: chatml"):
         get_template("chatm")
+
+
+def test_render_batch_equals_one_call_per_segment(tok, skill_records):
+    """Batched rendering (one backend call for many conversations) gives exactly the ids and
+    labels of tokenizing each segment through the tokenizer's own ``__call__``."""
+    from zhtune.data.templates import render_batch, segments, special_texts
+
+    convs = (
+        [CONV]
+        + [r["messages"] for r in skill_records[0][:20]]
+        + [[{"role": "user", "content": "😀 ñ <|im_end|>"}]]
+    )
+    for name in ("chatml", "belle", "llama3"):
+        template = get_template(name)
+        prepare_tokenizer(tok, template)
+        batched = render_batch(template, convs[:-1], tok) + render_batch(
+            template, convs[-1:], tok, add_generation_prompt=True
+        )
+        for k, (messages, (ids, labels)) in enumerate(zip(convs, batched)):
+            expect_ids, expect_labels = [], []
+            for text, is_response in segments(template, messages, special_texts(tok), k == len(convs) - 1):
+                piece = tok(text, add_special_tokens=False)["input_ids"]
+                expect_ids += piece
+                expect_labels += piece if is_response else [IGNORE_INDEX] * len(piece)
+            assert (ids, labels) == (expect_ids, expect_labels)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from zhtune.data.templates import IGNORE_INDEX, Template, render
+from zhtune.data.templates import IGNORE_INDEX, Template, render_batch
+
+#: Records rendered per tokenizer call.
+RENDER_BATCH = 512
 
 
 @dataclass
@@ -33,32 +36,52 @@ def tokenize_records(
     cutoff_len: int,
     train_on_prompt: bool = False,
 ) -> Tokenized:
-    """Render every record with :func:`render`, cut it to ``cutoff_len`` tokens, and keep it
+    """Render every record with :func:`render` (a batch of records per tokenizer call), cut it to ``cutoff_len`` tokens, and keep it
     if at least one labelled token survives (otherwise it is rejected with the reason)."""
     out = Tokenized()
-    for rec in records:
-        input_ids, labels = render(template, rec["messages"], tokenizer, train_on_prompt)
-        if len(input_ids) > cutoff_len:
-            lost = sum(label != IGNORE_INDEX for label in labels[cutoff_len:])
-            out.truncated.append(
-                {
-                    "id": rec.get("id"),
-                    "tokens": len(input_ids),
-                    "kept": cutoff_len,
-                    "lost_response_tokens": lost,
-                }
-            )
-            input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
-        if all(label == IGNORE_INDEX for label in labels[1:]):
-            out.rejects.append(
-                {
-                    "id": rec.get("id"),
-                    "reason": f"no response token within cutoff_len={cutoff_len} (prompt too long)",
-                }
-            )
-            continue
-        out.examples.append({"input_ids": input_ids, "labels": labels})
+    for chunk in _chunks(records, RENDER_BATCH):
+        rendered = render_batch(template, [rec["messages"] for rec in chunk], tokenizer, train_on_prompt)
+        for rec, (input_ids, labels) in zip(chunk, rendered):
+            _keep(out, rec, input_ids, labels, cutoff_len)
     return out
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _keep(
+    out: Tokenized, rec: dict[str, Any], input_ids: list[int], labels: list[int], cutoff_len: int
+) -> None:
+    """Add one rendered record to ``out``: cut to ``cutoff_len`` (noted in ``out.truncated``),
+    or rejected if no labelled token survives."""
+    if len(input_ids) > cutoff_len:
+        lost = sum(label != IGNORE_INDEX for label in labels[cutoff_len:])
+        out.truncated.append(
+            {
+                "id": rec.get("id"),
+                "tokens": len(input_ids),
+                "kept": cutoff_len,
+                "lost_response_tokens": lost,
+            }
+        )
+        input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        out.rejects.append(
+            {
+                "id": rec.get("id"),
+                "reason": f"no response token within cutoff_len={cutoff_len} (prompt too long)",
+            }
+        )
+        return
+    out.examples.append({"input_ids": input_ids, "labels": labels})
 
 
 def tokenize_texts(

@@ -225,16 +225,49 @@ def render(
     ``add_generation_prompt`` the ids end with the assistant prefix: a prompt for generation
     laid out exactly as in training.
     """
+    return render_batch(template, [messages], tokenizer, train_on_prompt, add_generation_prompt)[0]
+
+
+def encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of every text, no special tokens added. A fast tokenizer's Rust backend is
+    called directly (``encode_batch_fast``: no offsets, no Python wrapper per text), which
+    halves the cost of the ids; the ids are those of ``tokenizer(texts)``."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    encode = getattr(backend, "encode_batch_fast", None)
+    if encode is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+def render_batch(
+    template: Template | None,
+    conversations: list[list[dict[str, str]]],
+    tokenizer: Any,
+    train_on_prompt: bool = False,
+    add_generation_prompt: bool = False,
+) -> list[tuple[list[int], list[int]]]:
+    """:func:`render` for many conversations at once: the segments of all of them go to the
+    tokenizer in one call (the fast tokenizer encodes a batch on every core and pays its Python
+    overhead once), which makes tokenizing a dataset several times faster than one call per
+    conversation. The ids are exactly those of :func:`render`."""
     if template is None:
-        return _render_with_tokenizer_template(messages, tokenizer, train_on_prompt)
-    segs = segments(template, messages, special_texts(tokenizer), add_generation_prompt)
-    encoded = tokenizer([text for text, _ in segs], add_special_tokens=False)["input_ids"]
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for (_, is_response), ids in zip(segs, encoded):
-        input_ids.extend(ids)
-        labels.extend(ids if (is_response or train_on_prompt) else [IGNORE_INDEX] * len(ids))
-    return input_ids, labels
+        return [_render_with_tokenizer_template(m, tokenizer, train_on_prompt) for m in conversations]
+    specials = special_texts(tokenizer)
+    segs = [segments(template, messages, specials, add_generation_prompt) for messages in conversations]
+    texts = [text for conv in segs for text, _ in conv]
+    encoded = iter(encode_many(tokenizer, texts))
+    out = []
+    for conv in segs:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for _, is_response in conv:
+            ids = next(encoded)
+            input_ids.extend(ids)
+            labels.extend(ids if (is_response or train_on_prompt) else [IGNORE_INDEX] * len(ids))
+        out.append((input_ids, labels))
+    return out
 
 
 def _render_with_tokenizer_template(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.serving import zhtune_serve
 from tests.stub_openai import Scripted, StubServer
 from zhtune.cli import main
 from zhtune.data.generate import (
@@ -278,12 +279,7 @@ def test_cli_with_environment_endpoint(tmp_path, monkeypatch, capsys):
 def zhtune_server(tiny_model_dir, tmp_path):
     """``zhtune serve`` on the tiny random model (weights scaled up so replies vary), as a user
     starts it; yields its /v1 URL."""
-    import socket
-    import subprocess
-    import sys
-    import time
 
-    import httpx
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -296,28 +292,8 @@ def zhtune_server(tiny_model_dir, tmp_path):
     model.config.max_position_embeddings = 4096  # RoPE: room for the ~1,800-token prompt
     model.save_pretrained(run)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(run)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zhtune", "serve", str(run), "--port", str(port)], stdout=log, stderr=log
-    )
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"zhtune serve did not start:\n{(tmp_path / 'serve.log').read_text()}")
-        time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    with zhtune_serve(run, tmp_path / "serve.log") as url:
+        yield f"{url}/v1"
 
 
 def test_end_to_end_against_zhtune_serve(zhtune_server, tmp_path, capsys):

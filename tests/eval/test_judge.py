@@ -9,16 +9,12 @@ import contextlib
 import io
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.serving import zhtune_serve
 from tests.stub_openai import Scripted, StubServer
 from zhtune.cli import main
 from zhtune.errors import ZhtuneError
@@ -382,32 +378,8 @@ def test_mtbench_protocol(tiny_model_dir, questions, tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
 def served(tiny_model_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zhtune", "serve", str(tiny_model_dir), "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"zhtune serve did not start:\n{(tmp_path / 'serve.log').read_text()}")
-            time.sleep(0.3)
+    with zhtune_serve(tiny_model_dir, tmp_path / "serve.log") as url:
         yield f"{url}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
 
 
 def test_zhtune_serve_as_the_judge(tiny_model_dir, served, tmp_path):

@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +11,7 @@ import openai
 import pytest
 import torch
 
+from tests.serving import zhtune_serve
 from zhtune.infer.generate import (
     BatchDecoder,
     GenerationOptions,
@@ -62,28 +59,9 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(run_dir, tmp_path_factory):
     """``zhtune serve RUN`` on a free port, as a user starts it; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "zhtune", "serve", str(run_dir), "--port", str(port), "--api-key", KEY]
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([*cmd, "--batch-wait-ms", "50"], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"zhtune serve did not start:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    with zhtune_serve(run_dir, log, "--api-key", KEY, "--batch-wait-ms", "50", timeout=60) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

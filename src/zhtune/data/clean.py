@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from zhtune.data import filters
 from zhtune.data.lang import detect_lang
+from zhtune.data.readers import chunked
 from zhtune.data.split import split_conversation
 from zhtune.errors import ZhtuneError
 
@@ -347,17 +348,6 @@ def _raw_items(paths: list[str], fmt: str, mapping: dict[str, str]) -> Iterator[
             yield path, line, index, original, file_fmt
 
 
-def _chunks(items: Iterator[RawItem], size: int) -> Iterator[list[RawItem]]:
-    chunk: list[RawItem] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def _processed(
     chunks: Iterator[list[RawItem]], worker: Worker, workers: int
 ) -> Iterator[tuple[list[tuple], Counter[tuple[str, str]]]]:
@@ -492,7 +482,7 @@ def clean_files(
         _rejects_writer(rejects_path) as rejected,
         tqdm(desc="clean", unit=" rec", file=sys.stderr, disable=not progress, mininterval=0.5) as bar,
     ):
-        chunks = _chunks(_raw_items(paths, fmt, mapping or {}), CHUNK)
+        chunks = chunked(_raw_items(paths, fmt, mapping or {}), CHUNK)
         for results, chunk_counts in _processed(chunks, worker, options.workers):
             for (name, what), n in chunk_counts.items():
                 c = counts[name]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from zhtune.data.readers import chunked
 from zhtune.data.templates import IGNORE_INDEX, Template, render_batch
 
 #: Records rendered per tokenizer call.
@@ -39,22 +40,11 @@ def tokenize_records(
     """Render every record with :func:`render` (a batch of records per tokenizer call), cut it to ``cutoff_len`` tokens, and keep it
     if at least one labelled token survives (otherwise it is rejected with the reason)."""
     out = Tokenized()
-    for chunk in _chunks(records, RENDER_BATCH):
+    for chunk in chunked(records, RENDER_BATCH):
         rendered = render_batch(template, [rec["messages"] for rec in chunk], tokenizer, train_on_prompt)
         for rec, (input_ids, labels) in zip(chunk, rendered):
             _keep(out, rec, input_ids, labels, cutoff_len)
     return out
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _keep(

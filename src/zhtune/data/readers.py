@@ -21,10 +21,10 @@ import glob
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from zhtune.errors import ZhtuneError
 
@@ -46,6 +46,21 @@ class RawError:
 
 
 RawItem = tuple[int, "dict[str, Any] | RawError"]
+
+T = TypeVar("T")
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items, the last one shorter: a stream stays a stream
+    (``itertools.batched`` is Python 3.12+)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _as_object(value: Any) -> dict[str, Any] | RawError:

@@ -309,7 +309,9 @@ def cmd_eval_exam(args: argparse.Namespace) -> int:
 
 def _add_eval_parser(sub: Any) -> Any:
     """``zhtune eval ...``: the group every evaluation command joins; returns its subparsers."""
-    ev = sub.add_parser("eval", help="evaluate a run: exams (C-Eval, CMMLU, MMCU), ...")
+    ev = sub.add_parser(
+        "eval", help="evaluate runs: LLM judge, exams (C-Eval, CMMLU, MMCU), BLEU/ROUGE, compare runs"
+    )
     return ev.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
 
 

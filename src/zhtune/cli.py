@@ -165,7 +165,9 @@ def _add_synth_parsers(dsub: Any) -> None:
         "times: evolve it in depth (constraints, deepen, concretize, reasoning, complicate input) or breadth, "
         "picked at random, ask the teacher for the answer, and eliminate evolutions that copy prompt words, "
         "that the Equal judge finds no different, or whose answer is a short refusal or only punctuation. "
-        "Kept ones are appended to OUT, eliminated ones to OUT.rejects.jsonl with the rule. Re-running resumes.",
+        "Kept ones are appended to OUT, eliminated ones to OUT.rejects.jsonl with the rule. Stops early (exit status "
+        "1, keeping what it has) after --patience requests in a row that kept nothing, or at --max-requests. "
+        "Re-running resumes.",
     )
     e.add_argument("inputs", nargs="+", help="input files, directories or globs")
     e.add_argument("-o", "--output", required=True, help="output .jsonl (appended to)")

@@ -157,3 +157,42 @@ def test_equal_verdicts():
     assert (
         judged_equal("zh", "相同") and not judged_equal("zh", "不相同") and not judged_equal("zh", "无法判断")
     )
+
+
+def test_patience_stops_a_run_that_keeps_nothing(tmp_path, capsys):
+    src = write_input(
+        tmp_path / "in.jsonl",
+        ["Describe the water cycle", "EQUAL a", "COPY b", "EQUAL c", "SORRY d", "Describe the moon"],
+    )
+    out = tmp_path / "out.jsonl"
+    args = ["data", "evolve", str(src), "-o", str(out), "--model", "m", "--no-progress", "--concurrency", "1"]
+    with StubServer(teacher) as server:
+        assert main([*args, "--base-url", server.base_url, "--patience", "7"]) == 1
+    # kept r0 (3 requests), then 2 + 1 + 2 + 3 requests kept nothing: 8 >= 7 stops before r5
+    assert len(server.requests) == 3 + 8
+    assert [r["id"] for r in read_appended(out)] == ["r0-evol1"]
+    err = capsys.readouterr().err
+    assert (
+        "stopped: no progress: the last 8 requests kept nothing "
+        "(rejected: no_information_gain 2, copied_prompt 1, sorry 1). Kept 1 evolutions" in err
+    )
+    # a re-run (default patience 20) asks only for the round left, r5
+    with StubServer(teacher) as again:
+        assert main([*args, "--base-url", again.base_url]) == 0
+    assert len(again.requests) == 3 and len(read_appended(out)) == 2
+
+
+def test_max_requests_stops_and_a_rerun_reuses_the_cut_round(tmp_path, capsys):
+    src = write_input(tmp_path / "in.jsonl", ["Describe the water cycle", "Name a river", "Name a lake"])
+    out = tmp_path / "out.jsonl"
+    with StubServer(teacher) as server:
+        assert evolve([str(src)], str(out), options(server, concurrency=1, max_requests=4)) == 1
+    assert len(server.requests) == 4 and len(read_appended(out)) == 1  # r1 stopped after its evolve request
+    assert "stopped: reached --max-requests 4. Kept 1 evolutions" in capsys.readouterr().err
+    with StubServer(teacher) as again:
+        assert evolve([str(src)], str(out), options(again, concurrency=1)) == 0
+    # r1's evolution came from the cache: its judge and answer, then r2's three requests
+    assert len(again.requests) == 2 + 3 and len(read_appended(out)) == 3
+    evolve_asks = [r["messages"][0]["content"] for r in again.requests]
+    evolve_asks = [given(t) for t in evolve_asks if any(m in t for m in EVOLVE_MARKS)]
+    assert evolve_asks == ["Name a lake"]

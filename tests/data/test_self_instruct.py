@@ -326,3 +326,45 @@ def test_end_to_end_against_zhtune_serve(zhtune_server, tmp_path, capsys):
     # the re-run reads every answered reply from the cache before asking anything new
     assert main([*args, "--concurrency", "2", "--patience", "1"]) == 1
     assert "from cache" in capsys.readouterr().err
+
+
+def test_machine_examples_mix_kept_tasks_into_prompts_and_resume_from_cache(tmp_path, monkeypatch):
+    import zhtune.data.generate as gen_module
+
+    monkeypatch.setattr(gen_module, "MACHINE_LAG", 2)
+
+    def script(req, n):  # 0 first, then 1 and 2 (reaching --num), then 3: sent when 0 was taken
+        delay = {0: 0.0, 1: 0.3, 2: 0.3, 3: 0.6}.get(request_number(req), 0.0)
+        return Scripted(text=tasks_reply(req, n), delay=delay)
+
+    out = tmp_path / "out.jsonl"
+    with StubServer(script) as first:
+        assert generate(ZH_SEEDS, str(out), options(first, num=14, concurrency=4, machine_examples=2)) == 0
+    # request n waits until every request below n - 2 is done: 3 went out after 0 was taken
+    assert sorted(request_number(r) for r in first.requests) == [0, 1, 2, 3]
+    asked3 = next(r for r in first.requests if request_number(r) == 3)["messages"][0]["content"]
+    with StubServer(script) as second:
+        assert generate(ZH_SEEDS, str(out), options(second, num=60, concurrency=4, machine_examples=2)) == 0
+    # requests 2 and 3 (answered, not taken, in run 1) get the same prompts: read from the cache
+    again = sorted(request_number(r) for r in second.requests)
+    assert again[0] == 4 and len(again) == len(set(again))
+    rows = read_appended(out)
+    by_id = {r["id"]: r for r in rows}
+    assert len(rows) == 60
+    for row in rows:
+        meta, n = row["meta"], row["meta"]["request"]
+        machine = meta.get("machine_examples", [])
+        assert len(meta["seeds"]) + len(machine) == 3
+        assert len(machine) == (0 if n < 3 else 2)  # request 3 already draws from request 0's 7 tasks
+        assert all(by_id[m]["meta"]["request"] < n - 2 for m in machine)
+    row3 = next(r for r in rows if r["meta"]["request"] == 3)
+    for m in row3["meta"]["machine_examples"]:
+        assert by_id[m]["meta"]["instruction"] in asked3
+    prompts = {request_number(r): r["messages"][0]["content"] for r in second.requests}
+    checked = [r for r in rows if r["meta"]["request"] in prompts]
+    assert len({r["meta"]["request"] for r in checked}) >= 4
+    for row in checked:  # each prompt holds the kept tasks its records name
+        for m in row["meta"]["machine_examples"]:
+            assert by_id[m]["meta"]["instruction"] in prompts[row["meta"]["request"]]
+    with pytest.raises(ZhtuneError, match="--machine-examples must be 0-3"):
+        generate(ZH_SEEDS, str(out), options(second, machine_examples=4))

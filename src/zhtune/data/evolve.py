@@ -18,6 +18,10 @@ instruction), ``--rounds`` times:
    and ``origin``, the input id); an eliminated one to ``OUT.rejects.jsonl`` with its rule. The
    next round evolves the last kept version.
 
+It stops early, keeping what it has (exit status 1), after ``--patience`` endpoint requests in a
+row that kept no evolution (the message names the main elimination rules), or once this run has
+sent ``--max-requests`` requests; a round cut short is done again by a re-run.
+
 A re-run resumes: rounds already in ``OUT`` or its rejects are skipped (their instruction carried
 on), and every request of an unfinished round comes from ``OUT.cache.sqlite`` if it was answered.
 """
@@ -36,6 +40,7 @@ from zhtune.data.lang import guess_lang
 from zhtune.data.synth import (
     Appender,
     EndpointOptions,
+    StopGuard,
     contains_any,
     format_reasons,
     load_prompts,
@@ -62,6 +67,14 @@ class EvolveOptions(EndpointOptions):
     """Prompt language: auto (by each instruction's script), zh or en."""
     format: str = "auto"
     """Input format (auto, alpaca, belle, sharegpt, openai, seed)."""
+    patience: int = 20
+    """Stop after this many requests in a row that kept no evolution."""
+    max_requests: int = 0
+    """Most requests this run sends, replies from the cache included (0: none)."""
+
+
+class _Stopped(Exception):
+    """Raised instead of sending a request once the run has stopped (``StopGuard.stop``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +188,10 @@ class Evolver:
         self.records = Appender(output)
         self.rejects = Appender(sidecar(output, ".rejects.jsonl"))
         self.state = EvolveState()
+        self.guard = StopGuard(options.patience, options.max_requests)
+        self.slots: Any = None
+        """At most ``--concurrency`` rounds at once (an asyncio.Semaphore made in ``run``): a round's
+        requests go one after another, so the stop rules count requests as they go out."""
         self.teacher = ""
         self.usage: Any = None
 
@@ -189,8 +206,14 @@ class Evolver:
             if row.get("origin") in by_id and isinstance(row.get("round"), int):
                 by_id[row["origin"]].done.setdefault(row["round"], None)
 
-    async def ask(self, client: Any, text: str, extra: str, temperature: float | None = None) -> str:
+    async def ask(
+        self, client: Any, text: str, extra: str, asked: list[str], temperature: float | None = None
+    ) -> str:
+        """One request (its cache key appended to ``asked``); raises ``_Stopped`` once the run stops."""
         o = self.options
+        if not self.guard.allow():
+            raise _Stopped
+        asked.append(extra)
         reply = await client.chat(
             [{"role": "user", "content": text}],
             cache_extra=extra,
@@ -199,12 +222,13 @@ class Evolver:
         )
         return reply.text.strip()
 
-    async def evolve_round(self, client: Any, src: Source, r: int) -> None:
-        """One round of one instruction: evolve, judge, answer, check, write."""
+    async def evolve_round(self, client: Any, src: Source, r: int, asked: list[str]) -> str | None:
+        """One round of one instruction: evolve, judge, answer, check, write; returns the rule that
+        eliminated it (None: kept)."""
         method = pick_method(self.options.seed, src.id, r)
         extra = f"evol-instruct:{src.id}:{r}"
         lang = src.lang
-        evolved = await self.ask(client, evolve_prompt(lang, method, src.current), f"{extra}:evolve")
+        evolved = await self.ask(client, evolve_prompt(lang, method, src.current), f"{extra}:evolve", asked)
         evolved = re.sub(r"^[ \t]*[:：]", "", evolved).strip()
         answer = ""
         base = {"id": f"{src.id}-evol{r}", "origin": src.id, "round": r, "method": method,
@@ -213,7 +237,7 @@ class Evolver:
         for stage in ("instruction", "judge", "answer"):
             if stage == "judge":
                 verdict = await self.ask(
-                    client, equal_prompt(lang, src.current, evolved), f"{extra}:equal", 0.0
+                    client, equal_prompt(lang, src.current, evolved), f"{extra}:equal", asked, 0.0
                 )
                 if judged_equal(lang, verdict):
                     rule, reason = (
@@ -222,7 +246,7 @@ class Evolver:
                     )
             else:
                 if stage == "answer":
-                    answer = await self.ask(client, evolved, f"{extra}:answer")
+                    answer = await self.ask(client, evolved, f"{extra}:answer", asked)
                 rule, reason = next(
                     (
                         (x.name, why)
@@ -234,7 +258,7 @@ class Evolver:
             if rule is not None:
                 self.state.eliminated[rule] += 1
                 self.rejects.write({**base, "rule": rule, "reason": reason, "answer": answer})
-                return
+                return rule
         meta = {"source": self.teacher, "lang": lang, "gen_method": "evol-instruct", "round": r,
                 "method": method, "parent": src.current_id, "origin": src.id}  # fmt: skip
         record = {
@@ -245,6 +269,7 @@ class Evolver:
         self.records.write(record)
         self.state.kept += 1
         src.current_id, src.current = record["id"], evolved
+        return None
 
     async def evolve_source(self, client: Any, src: Source, bar: Any) -> None:
         from zhtune.infer.client import RETRY_STATUSES, ApiError
@@ -256,19 +281,28 @@ class Evolver:
                 if row is not None:
                     src.current_id, src.current = row["id"], row["messages"][0]["content"]
                 continue
+            asked: list[str] = []
             try:
-                await self.evolve_round(client, src, r)
+                async with self.slots:
+                    rule = await self.evolve_round(client, src, r, asked)
+            except _Stopped:
+                return  # the rest of this instruction waits for a re-run
             except ApiError as e:
                 if e.status not in (None, *RETRY_STATUSES):
                     raise ZhtuneError(f"the endpoint refused a request: {e}") from None
                 self.state.failed += 1
+                self.guard.record(len(asked), 0, ["api_error"])
                 bar.update(self.options.rounds - r + 1)
                 return  # the rest of this instruction waits for a re-run
+            self.guard.record(len(asked), rule is None, [rule] if rule else [])
             bar.update(1)
 
     async def run(self, sources: list[Source], bar: Any) -> None:
+        import asyncio
+
         from zhtune.infer.client import map_limited
 
+        self.slots = asyncio.Semaphore(self.options.concurrency)
         async with self.options.client(self.output) as client:
             self.teacher = client.endpoint.model
             await map_limited(sources, lambda s: self.evolve_source(client, s, bar))
@@ -309,14 +343,15 @@ def read_sources(
 def evolve(inputs: list[str], output: str, options: EvolveOptions) -> int:
     """``zhtune data evolve``: ``options.rounds`` evol-instruct rounds for every input instruction.
 
-    Returns the exit status: 0, or 1 when some requests failed for good (a re-run retries them).
+    Returns the exit status: 0, or 1 when some requests failed for good or the run stopped early
+    (``--patience``, ``--max-requests``); a re-run goes on.
     """
     import asyncio
 
     from tqdm import tqdm
 
-    if options.rounds < 1:
-        raise ZhtuneError(f"--rounds must be at least 1, got {options.rounds}")
+    if options.rounds < 1 or options.patience < 1:
+        raise ZhtuneError("--rounds and --patience must be at least 1")
     if options.lang not in ("auto", *load_prompts("evol_instruct")):
         raise ZhtuneError(f"--lang {options.lang!r}: choose auto, {', '.join(load_prompts('evol_instruct'))}")
     if not output.endswith(".jsonl"):
@@ -352,13 +387,18 @@ def evolve(inputs: list[str], output: str, options: EvolveOptions) -> int:
     )
     if ev.usage is not None:
         print(f"usage: {ev.usage.summary()}", file=sys.stderr)
+    if ev.guard.stop is not None:
+        print(
+            f"stopped: {ev.guard.stop}. Kept {st.kept:,} evolutions in {output}; run again to go on (received "
+            "replies are cached), or change the inputs, prompt language or temperature.",
+            file=sys.stderr,
+        )
     if st.failed:
         print(
             f"{st.failed:,} instructions stopped on a failed request; run the same command again to finish them",
             file=sys.stderr,
         )
-        return 1
-    return 0
+    return 1 if st.failed or ev.guard.stop is not None else 0
 
 
 __all__ = [

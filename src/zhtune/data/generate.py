@@ -5,7 +5,13 @@ Top to bottom, one request at a time (``--concurrency`` of them in flight):
 1. **Prompt** (:func:`encode_prompt`): BELLE's Chinese or Alpaca's English self-instruct prompt
    (``assets/prompts/self_instruct.yaml``): the requirements, then 3 seed tasks sampled from the
    seed file as tasks 1-3, and the teacher asked to go on to task 10. The sample is drawn from
-   ``Random((seed, request number))``, so request *n* is always the same prompt.
+   ``Random((seed, request number))``, so request *n* is always the same prompt. With
+   ``--machine-examples K`` (Self-Instruct's mix: 2 machine tasks among its 8 examples), K of the 3
+   come from the records this output kept from requests numbered below ``n - MACHINE_LAG`` (as
+   many as there are, up to K), and request *n* is only sent once every request below
+   ``n - MACHINE_LAG`` has finished: the pool is then the same when a re-run asks request *n*
+   again, so its reply still comes from the cache (unless a request below it failed after all
+   retries: asked again, it can keep new tasks and change the later prompts, which are then new).
 2. **Parse** (:func:`parse_tasks`): numbered ``指令/输入/输出`` (or ``Instruction/Input/Output``)
    fields, half- or full-width colons, ``<无输入>``/``<noinput>`` meaning no input.
 3. **Filter** (:data:`FILTERS`, then novelty): incomplete tasks, the last task of a reply cut off
@@ -41,6 +47,7 @@ from zhtune.data.readers import RawError, iter_raw
 from zhtune.data.synth import (
     Appender,
     EndpointOptions,
+    StopGuard,
     contains_any,
     format_reasons,
     load_prompts,
@@ -69,6 +76,15 @@ class GenerateOptions(EndpointOptions):
     """Stop after this many requests in a row that kept nothing."""
     max_requests: int = 0
     """Hard limit on request numbers, counting earlier runs (0: none)."""
+    machine_examples: int = 0
+    """Of the 3 prompt examples, how many come from tasks this output already kept (0: seeds only;
+    Self-Instruct mixed 2 in 8). Drawn only from requests numbered 32 or more below, as many as
+    there are, so a re-run asks the same prompts and reads its cache; at most 32 requests in flight."""
+
+
+#: Request n draws machine examples only from requests numbered below n - MACHINE_LAG, and waits
+#: for all of them to finish: a pool fixed by n alone (at most this many requests in flight).
+MACHINE_LAG = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +315,6 @@ class RunState:
     kept: int = 0
     done: set[int] = field(default_factory=set)
     rejected: Counter[str] = field(default_factory=Counter)
-    idle: int = 0
-    idle_reasons: Counter[str] = field(default_factory=Counter)
     kept_now: int = 0
     failed: int = 0
 
@@ -317,6 +331,9 @@ class Generator:
         self.output = output
         self.index: NoveltyIndex = build_novelty(options.novelty, options.novelty_threshold or None)
         self.state = RunState()
+        self.guard = StopGuard(options.patience, options.max_requests)
+        self.machine: list[tuple[int, str, Task]] = []
+        """Kept tasks as (request, record id, task): the pool of ``--machine-examples``."""
         self.records = Appender(output)
         self.rejects = Appender(sidecar(output, ".rejects.jsonl"))
         self.teacher = ""
@@ -328,10 +345,14 @@ class Generator:
             self.index.add(s.task.instruction)
         for row in read_appended(self.output):
             meta = row.get("meta") or {}
-            self.index.add(meta.get("instruction") or row["messages"][0]["content"])
+            instruction = meta.get("instruction") or row["messages"][0]["content"]
+            self.index.add(instruction)
             self.state.kept += 1
             if isinstance(meta.get("request"), int):
                 self.state.done.add(meta["request"])
+                user, output = row["messages"][0]["content"], row["messages"][-1]["content"]
+                given = user[len(instruction) :].lstrip("\n") if user.startswith(instruction) else ""
+                self.machine.append((meta["request"], str(row.get("id")), Task(instruction, given, output)))
         for row in read_appended(self.rejects.path):
             if isinstance(row.get("request"), int):
                 self.state.done.add(row["request"])
@@ -342,9 +363,23 @@ class Generator:
         numbers = itertools.count() if limit <= 0 else iter(range(limit))
         return (n for n in numbers if n not in self.state.done)
 
-    async def ask(self, client: Any, n: int) -> tuple[list[Seed], Any]:
-        seeds = sample_seeds(self.seeds, self.prompt.seeds_per_request, self.options.seed, n)
-        text = encode_prompt(self.prompt, [s.task for s in seeds])
+    def examples(self, n: int) -> tuple[list[Seed], list[Seed]]:
+        """The prompt examples of request ``n``: seeds, and ``--machine-examples`` kept tasks drawn
+        from requests below ``n - MACHINE_LAG`` (fewer while there are not enough; seeds fill up)."""
+        k, seed = self.options.machine_examples, self.options.seed
+        pool = sorted((m for m in self.machine if m[0] < n - MACHINE_LAG), key=lambda m: (m[0], m[1]))
+        drawn = random.Random(f"{seed}:{n}:machine").sample(pool, min(k, len(pool))) if k else []
+        seeds = sample_seeds(self.seeds, self.prompt.seeds_per_request - len(drawn), seed, n)
+        return seeds, [Seed(rid, task) for _, rid, task in drawn]
+
+    def ready(self, n: int, pending: Any) -> bool:
+        """Whether request ``n`` may be sent: with machine examples, only once every request below
+        ``n - MACHINE_LAG`` has finished (so its pool is complete, and the same on a re-run)."""
+        return not self.options.machine_examples or all(m >= n - MACHINE_LAG for m in pending)
+
+    async def ask(self, client: Any, n: int) -> tuple[list[Seed], list[Seed], Any]:
+        seeds, machine = self.examples(n)
+        text = encode_prompt(self.prompt, [s.task for s in seeds + machine])
         reply = await client.chat(
             [{"role": "user", "content": text}],
             cache_extra=f"self-instruct:{n}",
@@ -352,15 +387,14 @@ class Generator:
             max_tokens=self.options.max_tokens,
             seed=self.options.seed * 1_000_003 + n,
         )
-        return seeds, reply
+        return seeds, machine, reply
 
     def reject(self, n: int, name: str, reason: str, raw: str, instruction: str = "") -> None:
         self.state.rejected[name] += 1
-        self.state.idle_reasons[name] += 1
         row = {"request": n, "filter": name, "reason": reason, "instruction": instruction, "raw": raw}
         self.rejects.write(row)
 
-    def take(self, n: int, seeds: list[Seed], reply: Any) -> int:
+    def take(self, n: int, seeds: list[Seed], machine: list[Seed], reply: Any) -> int:
         """Filter the tasks of request ``n``'s reply, write what is kept; returns how many."""
         prompt, state, kept = self.prompt, self.state, 0
         tasks = parse_tasks(reply.text, prompt.no_input_words)
@@ -389,10 +423,13 @@ class Generator:
                 "round": 0,
                 "request": n,
                 "seeds": [s.id for s in seeds],
+                **({"machine_examples": [s.id for s in machine]} if machine else {}),
                 "instruction": instruction,
             }
             result = Task(instruction, task.get("input"), task.get("output"))
-            self.records.write(make_record(result, f"self-instruct-{n}-{k}", meta))
+            rid = f"self-instruct-{n}-{k}"
+            self.records.write(make_record(result, rid, meta))
+            self.machine.append((n, rid, result))
             state.kept += 1
             state.kept_now += 1
             kept += 1
@@ -404,31 +441,34 @@ class Generator:
 
         from zhtune.infer.client import RETRY_STATUSES, ApiError
 
-        options, state = self.options, self.state
+        options, state, guard = self.options, self.state, self.guard
         numbers = self.request_numbers()
-        stop: str | None = None
         exhausted = False
+        held: int | None = None  # the next request number, waiting for ``ready``
         async with options.client(self.output) as client:
             self.teacher = client.endpoint.model
             pending: dict[asyncio.Future, int] = {}
             while True:
                 while (
-                    not (stop or exhausted)
+                    not (guard.stop or exhausted)
                     and state.kept < options.num
                     and len(pending) < options.concurrency
                 ):
-                    n = next(numbers, None)
-                    if n is None:
+                    held = next(numbers, None) if held is None else held
+                    if held is None:
                         exhausted = True  # what is in flight is still taken
                         break
-                    pending[asyncio.ensure_future(self.ask(client, n))] = n
+                    if not self.ready(held, pending.values()):
+                        break
+                    pending[asyncio.ensure_future(self.ask(client, held))] = held
+                    held = None
                 if not pending:
                     break
                 finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for future in finished:
                     n = pending.pop(future)
                     error = future.exception()
-                    if stop is not None or state.kept >= options.num:
+                    if guard.stop is not None or state.kept >= options.num:
                         continue  # not needed now; a received reply stays cached for a later run
                     if isinstance(error, ApiError) and error.status not in (None, *RETRY_STATUSES):
                         raise ZhtuneError(f"the endpoint refused a request: {error}")
@@ -436,24 +476,18 @@ class Generator:
                         raise error
                     if error is not None:
                         state.failed += 1
-                        state.idle_reasons["api_error"] += 1
-                        kept = 0
+                        kept, reasons = 0, Counter(["api_error"])
                     else:
+                        before = Counter(state.rejected)
                         kept = self.take(n, *future.result())
+                        reasons = state.rejected - before
                         state.done.add(n)
                     bar.update(kept)
-                    state.idle = 0 if kept else state.idle + 1
-                    if kept:
-                        state.idle_reasons.clear()
-                    if state.idle >= options.patience and stop is None:
-                        stop = (
-                            f"no progress: the last {state.idle} requests kept nothing "
-                            f"(rejected: {format_reasons(state.idle_reasons)})"
-                        )
+                    guard.record(1, kept, reasons)
             self.usage = client.usage
-        if stop is None and exhausted and state.kept < options.num:
-            stop = f"reached --max-requests {options.max_requests}"
-        return stop
+        if exhausted and state.kept < options.num:
+            guard.exhausted()
+        return guard.stop
 
 
 def generate(seeds_path: str, output: str, options: GenerateOptions) -> int:
@@ -468,6 +502,10 @@ def generate(seeds_path: str, output: str, options: GenerateOptions) -> int:
 
     if options.num < 1 or options.patience < 1:
         raise ZhtuneError("--num and --patience must be at least 1")
+    if not 0 <= options.machine_examples <= SelfInstructPrompt.load(options.lang).seeds_per_request:
+        raise ZhtuneError(
+            f"--machine-examples must be 0-3 (of the 3 prompt examples), got {options.machine_examples}"
+        )
     if Path(output).suffix != ".jsonl":
         raise ZhtuneError(f"-o {output}: the output must be a .jsonl file (it is appended to)")
     gen = Generator(load_seeds(seeds_path), output, options)

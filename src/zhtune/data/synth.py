@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import IO, Any
@@ -164,9 +165,57 @@ def format_reasons(counts: Counter[str], limit: int = 5) -> str:
     return ", ".join(f"{name} {n:,}" for name, n in counts.most_common(limit)) or "none"
 
 
+@dataclass
+class StopGuard:
+    """When a synthesis run stops short, keeping what it has (``--patience``, ``--max-requests``).
+
+    A teacher that only returns duplicates, refusals or garbage would otherwise be paid forever:
+    after ``patience`` endpoint requests in a row that kept nothing the run stops, naming the main
+    reasons. ``allow`` counts requests against ``max_requests`` (0: no limit); a command that
+    numbers its requests across runs (generate) limits the numbers itself and calls ``exhausted``.
+    """
+
+    patience: int
+    max_requests: int = 0
+    sent: int = 0
+    """Requests counted by ``allow`` (this run)."""
+    idle: int = 0
+    """Requests since the last one that kept something."""
+    reasons: Counter[str] = field(default_factory=Counter)
+    """Why the idle requests kept nothing."""
+    stop: str | None = None
+    """Why the run stops (None: it goes on)."""
+
+    def allow(self) -> bool:
+        """Whether one more request may be sent (it is counted); False once stopped or at the limit."""
+        if self.stop is None and self.max_requests and self.sent >= self.max_requests:
+            self.exhausted()
+        if self.stop is not None:
+            return False
+        self.sent += 1
+        return True
+
+    def record(self, requests: int, kept: int, reasons: Iterable[str] | Counter[str] = ()) -> None:
+        """``requests`` finished and kept ``kept`` items; the rejects' reasons (filter or rule names)."""
+        if kept:
+            self.idle = 0
+            self.reasons.clear()
+            return
+        self.idle += requests
+        self.reasons.update(reasons)
+        if self.idle >= self.patience and self.stop is None:
+            self.stop = f"no progress: the last {self.idle} requests kept nothing (rejected: {format_reasons(self.reasons)})"
+
+    def exhausted(self) -> None:
+        """Stop because ``--max-requests`` is used up (unless already stopped)."""
+        if self.stop is None:
+            self.stop = f"reached --max-requests {self.max_requests}"
+
+
 __all__ = [
     "Appender",
     "EndpointOptions",
+    "StopGuard",
     "contains_any",
     "format_reasons",
     "load_prompts",

@@ -289,3 +289,26 @@ def test_gen_metric_scores_the_same_answers_with_eval_gens_metrics(tiny_model_di
         "rouge-1",
         "exact_match",
     }
+
+
+def test_exam_metric_scores_each_run_with_eval_exam(experiment, grid):
+    """metric: exam runs `zhtune eval exam` on every run (training skipped: the runs are
+    finished); the table's columns are the exam's categories. Runs last: it rewrites the report."""
+    exam_dir = Path(__file__).parent.parent / "fixtures" / "exam" / "cmmlu"
+    rows, log = run_quietly(
+        grid,
+        "axes.method=[full]",
+        "axes.lr=[0.001]",
+        "eval.metric=exam",
+        f"eval.data=[{exam_dir}]",
+        "eval.shots=1",
+    )
+    run = grid.parent / "exp" / "runs" / "method=full,lr=0.001"
+    report = json.loads((run / "eval" / "exam.json").read_text())
+    assert report["metric"] == "exam" and report["shots"] == 1 and report["questions"] > 0
+    assert (run / "eval" / "exam_predictions.jsonl").exists()
+    (row,) = rows
+    assert row["overall"] == report["overall"] and row["scores"] == report["categories"]
+    results = (grid.parent / "exp" / "results.md").read_text()
+    assert "exam on" in results and f"{report['overall']:.1%}" in results
+    assert "training skipped" in log

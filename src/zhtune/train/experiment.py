@@ -54,15 +54,17 @@ class EvalConfig:
     """How every run of an experiment is scored."""
 
     data: list[str]
-    """Test files in any supported format; each record's last assistant turn is the reference and meta.category its category."""
+    """Test files in any supported format; each record's last assistant turn is the reference and meta.category its category (metric exam: one exam folder or file, as `zhtune eval exam --data`)."""
     metric: str = "exact_match"
-    """Metric: exact_match (greedy answer equals the reference after stripping whitespace) or gen (ROUGE-L F on jieba words, as `zhtune eval gen`; BLEU-4, ROUGE-1/2 and exact match kept beside it)."""
+    """Metric: exact_match (greedy answer equals the reference after stripping whitespace), gen (ROUGE-L F on jieba words, as `zhtune eval gen`; BLEU-4, ROUGE-1/2 and exact match kept beside it) or exam (multiple-choice accuracy, as `zhtune eval exam`; columns are the exam's categories)."""
     max_new_tokens: int = 32
     """Most tokens generated per answer."""
     batch_size: int = 32
     """Prompts generated together."""
     max_per_category: int = 0
     """Score only the first N records of each category (0: all)."""
+    shots: int = 5
+    """exam: solved dev examples before each question (0-5)."""
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -161,14 +163,17 @@ class Metric:
     """One way to score a tuned model on test records."""
 
     name: str
-    score: Callable[[Any, Any, str, list[dict[str, Any]], EvalConfig], dict[str, Any]]
-    """(model, tokenizer, template name, records, eval config) -> ``{"overall": float,
-    "scores": {category: float}, "counts": {category: n}, ...}`` (more keys are kept in the cache)."""
     fmt: str = "{:.1%}"
     """How a score is written in the table and on the chart."""
     max_value: float | None = 1.0
     """The best possible score (the chart's axis ends there), or None if unbounded."""
     higher_is_better: bool = True
+    score: Callable[[Any, Any, str, list[dict[str, Any]], EvalConfig], dict[str, Any]] | None = None
+    """(model, tokenizer, template name, records, eval config) -> ``{"overall": float,
+    "scores": {category: float}, "counts": {category: n}, ...}`` (more keys are kept in the cache)."""
+    score_run: Callable[[Path, EvalConfig], dict[str, Any]] | None = None
+    """Set for metrics that score a run directory themselves, from ``EvalConfig.data`` as they
+    read it, with their own resumable cache (exam); ``score`` is then unused."""
 
 
 def _exact_match(
@@ -194,7 +199,28 @@ def _gen(
     return {**aggregate(rows), "predictions": answers}
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in [Metric("exact_match", _exact_match), Metric("gen", _gen)]}
+def _exam(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
+    """``zhtune eval exam`` on the run (resumable: a finished exam is read back, not redone), with
+    the exam's categories as the table's columns and its subjects kept beside them."""
+    from zhtune.eval.exam import ExamOptions, run_exam
+
+    if len(ev.data) != 1:
+        raise ZhtuneError(f"eval metric exam: give one exam folder or file in 'data', got {len(ev.data)}")
+    options = ExamOptions(
+        data=ev.data[0], output=str(run_dir / "eval"), shots=ev.shots, batch_size=ev.batch_size
+    )
+    report = run_exam(str(run_dir), options)
+    return {**report, "scores": report["categories"], "counts": {}, "subjects": report["scores"]}
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in [
+        Metric("exact_match", score=_exact_match),
+        Metric("gen", score=_gen),
+        Metric("exam", score_run=_exam),
+    ]
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,6 +420,9 @@ def evaluate_run(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -
 
     from zhtune.models.loading import load_for_inference
 
+    metric = METRICS[ev.metric]
+    if metric.score_run is not None:
+        return metric.score_run(run_dir, ev), False
     digest = hashlib.sha1(json.dumps(records, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
     settings = {
         "metric": ev.metric,
@@ -407,7 +436,8 @@ def evaluate_run(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -
         if cached.get("settings") == settings:
             return cached, True
     model, tokenizer, template = load_for_inference(run_dir)
-    result = {"settings": settings, **METRICS[ev.metric].score(model, tokenizer, template, records, ev)}
+    assert metric.score is not None
+    result = {"settings": settings, **metric.score(model, tokenizer, template, records, ev)}
     del model, tokenizer
     gc.collect()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -504,7 +534,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     metric = METRICS[cfg.eval.metric] if cfg.eval else None
     table = format_table(rows, metric)
-    if cfg.eval and metric:
+    if cfg.eval and metric and metric.score_run is not None:
+        scored = f"{metric.name} on {', '.join(cfg.eval.data)} ({cfg.eval.shots} shots; columns: categories)."
+    elif cfg.eval and metric:
         counts = rows[0]["counts"]
         scored = f"{metric.name} on {sum(counts.values())} test records (" + ", ".join(
             f"{c}: {n}" for c, n in counts.items()
@@ -555,11 +587,17 @@ def run_experiment(
         print(msg, file=sys.stderr, flush=True)
 
     runs = plan_runs(cfg, source)  # every run's config is valid before the first one trains
-    records = load_eval_records(cfg.eval) if cfg.eval else []
+    reads_records = cfg.eval is not None and METRICS[cfg.eval.metric].score_run is None
+    records = load_eval_records(cfg.eval) if reads_records else []
     say(
         f"zhtune experiment: {len(runs)} runs ({' x '.join(f'{k}: {len(v)}' for k, v in cfg.axes.items())}) "
         f"-> {cfg.output_dir}"
-        + (f"; {cfg.eval.metric} on {len(records)} test records" if cfg.eval else "; no eval configured")
+        + (
+            f"; {cfg.eval.metric} on {len(records) if reads_records else ', '.join(cfg.eval.data)}"
+            + (" test records" if reads_records else "")
+            if cfg.eval
+            else "; no eval configured"
+        )
     )
     rows = []
     for i, run in enumerate(runs, 1):

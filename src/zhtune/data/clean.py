@@ -261,7 +261,7 @@ class Worker:
     def outcomes(self, item: RawItem) -> list[Outcome]:
         """Convert one raw record (as :func:`~zhtune.data.convert.iter_conversations` does, here
         in the worker so the main process only parses JSON)."""
-        from zhtune.data.convert import Outcome, _convert_one
+        from zhtune.data.convert import Outcome, convert_one
         from zhtune.data.formats import apply_mapping
         from zhtune.data.readers import RawError
 
@@ -270,7 +270,7 @@ class Worker:
             reason = original.reason if isinstance(original, RawError) else "no format"
             return [Outcome(path, line, None, reason=reason, fmt=fmt and fmt.name, index=index)]
         raw = apply_mapping(original, self.mapping)
-        return list(_convert_one(fmt, original, raw, path, line, index, chat=True))
+        return list(convert_one(fmt, original, raw, path, line, index, chat=True))
 
     def run(self, chunk: list[RawItem]) -> tuple[list[tuple], Counter[tuple[str, str]]]:
         """Per raw record, in order, per record it becomes: ``("keep", outcome, record,
@@ -335,7 +335,7 @@ def _run_chunk(chunk: list[RawItem]) -> tuple[list[tuple], Counter[tuple[str, st
 def _raw_items(paths: list[str], fmt: str, mapping: dict[str, str]) -> Iterator[RawItem]:
     """``(path, line, index, raw, format)`` for every raw record of every input: the reading half
     of :func:`~zhtune.data.convert.iter_conversations` (same format detection per file)."""
-    from zhtune.data.convert import _detect
+    from zhtune.data.convert import detect_file_format
     from zhtune.data.formats import apply_mapping, get_format
     from zhtune.data.readers import RawError, iter_raw
 
@@ -344,7 +344,7 @@ def _raw_items(paths: list[str], fmt: str, mapping: dict[str, str]) -> Iterator[
         file_fmt = named
         for index, (line, original) in enumerate(iter_raw(path), 1):
             if file_fmt is None and not isinstance(original, RawError):
-                file_fmt = _detect(path, apply_mapping(original, mapping))
+                file_fmt = detect_file_format(path, apply_mapping(original, mapping))
             yield path, line, index, original, file_fmt
 
 
@@ -387,7 +387,7 @@ class StepCount:
 def _rejects_writer(path: str) -> Any:
     """The rejects file of clean: convert's :class:`~zhtune.data.convert.RejectWriter` (created
     at the first reject, renamed into place at the end) taking ready-made entries."""
-    from zhtune.data.convert import RejectWriter, _atomic_open, _dump
+    from zhtune.data.convert import RejectWriter, atomic_open, dump_line
 
     class CleanRejects(RejectWriter):
         def write_entry(self, entry: dict[str, Any]) -> None:
@@ -395,8 +395,8 @@ def _rejects_writer(path: str) -> Any:
             if self.path is None:
                 return
             if self._file is None:
-                self._file = self._stack.enter_context(_atomic_open(self.path))
-            self._file.write(_dump(entry))
+                self._file = self._stack.enter_context(atomic_open(self.path))
+            self._file.write(dump_line(entry))
 
     return CleanRejects(path)
 
@@ -456,7 +456,7 @@ def clean_files(
     """
     from tqdm import tqdm
 
-    from zhtune.data.convert import _atomic_open, _dump, default_rejects_path
+    from zhtune.data.convert import atomic_open, default_rejects_path, dump_line
     from zhtune.data.dedup import Deduper
     from zhtune.data.readers import expand_inputs
 
@@ -478,7 +478,7 @@ def clean_files(
     written = 0
     start = time.perf_counter()
     with (
-        _atomic_open(output) as out,
+        atomic_open(output) as out,
         _rejects_writer(rejects_path) as rejected,
         tqdm(desc="clean", unit=" rec", file=sys.stderr, disable=not progress, mininterval=0.5) as bar,
     ):
@@ -505,7 +505,7 @@ def clean_files(
                             counts[name].seen += 1
                     verdict = deduper.check(record["id"], fp)
                 if verdict is None:
-                    out.write(_dump(record))
+                    out.write(dump_line(record))
                     written += 1
                     continue
                 counts[verdict.step].removed += 1

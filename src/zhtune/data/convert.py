@@ -85,7 +85,7 @@ class Outcome:
 # --------------------------------------------------------------------------- the pipeline
 
 
-def _detect(path: str, raw: dict[str, Any]) -> Format:
+def detect_file_format(path: str, raw: dict[str, Any]) -> Format:
     """The format of a file, from its first parseable record; a clear error if none fits."""
     name = detect_format(raw)
     if name is not None:
@@ -131,7 +131,7 @@ def _build(fmt: Format, part: dict[str, Any], raw: dict[str, Any], rid: str, pat
     return record
 
 
-def _convert_one(
+def convert_one(
     fmt: Format, original: dict, raw: dict, path: str, line: int, index: int, chat: bool, strict: bool = False
 ) -> Iterator[Outcome]:
     """Outcomes for one parsed raw record (several for formats that explode it)."""
@@ -169,8 +169,8 @@ def _iter_file(
             yield Outcome(path, line, None, reason=original.reason, fmt=fmt and fmt.name, index=index)
             continue
         raw = apply_mapping(original, mapping)
-        fmt = fmt or _detect(path, raw)
-        yield from _convert_one(fmt, original, raw, path, line, index, chat, strict)
+        fmt = fmt or detect_file_format(path, raw)
+        yield from convert_one(fmt, original, raw, path, line, index, chat, strict)
 
 
 def iter_conversations(
@@ -198,7 +198,7 @@ def iter_conversations(
 
 
 @contextmanager
-def _atomic_open(path: str) -> Iterator[IO[str]]:
+def atomic_open(path: str) -> Iterator[IO[str]]:
     """Write ``path`` through a temporary file renamed into place on success (removed on error)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -211,7 +211,8 @@ def _atomic_open(path: str) -> Iterator[IO[str]]:
             os.remove(tmp)
 
 
-def _dump(obj: dict[str, Any]) -> str:
+def dump_line(obj: dict[str, Any]) -> str:
+    """One JSON Lines line (UTF-8 text kept as it is, not \\u-escaped)."""
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
@@ -245,8 +246,8 @@ class RejectWriter:
         if self.path is None:
             return
         if self._file is None:
-            self._file = self._stack.enter_context(_atomic_open(self.path))
-        self._file.write(_dump(reject_entry(o)))
+            self._file = self._stack.enter_context(atomic_open(self.path))
+        self._file.write(dump_line(reject_entry(o)))
 
     def __enter__(self) -> RejectWriter:
         return self
@@ -396,14 +397,14 @@ def convert_files(
     summary = ConvertSummary(files={p: FileSummary(p) for p in paths})
     start = time.perf_counter()
     with (
-        _atomic_open(output) as out,
+        atomic_open(output) as out,
         RejectWriter(rejects_path) as rejected,
         tqdm(desc="convert", unit=" rec", file=sys.stderr, disable=not progress, mininterval=0.5) as bar,
     ):
         for o in iter_conversations(paths, fmt, mapping, strict=strict):
             summary.add(o)
             if o.record is not None:
-                out.write(_dump(o.record))
+                out.write(dump_line(o.record))
             else:
                 rejected.write(o)
             bar.update()

@@ -211,10 +211,10 @@ def cot_convert(
     from zhtune.data.convert import (
         Outcome,
         RejectWriter,
-        _atomic_open,
-        _dump,
         _record_id,
+        atomic_open,
         default_rejects_path,
+        dump_line,
     )
     from zhtune.data.formats import CARRIED, apply_mapping
     from zhtune.data.lang import guess_lang
@@ -231,7 +231,7 @@ def cot_convert(
     shown: list[str] = []
     written = 0
     with (
-        _atomic_open(output) as out,
+        atomic_open(output) as out,
         RejectWriter(rejects_path) as rejected,
         tqdm(desc="cot", unit=" rec", file=sys.stderr, disable=not opts.progress, mininterval=0.5) as bar,
     ):
@@ -254,7 +254,7 @@ def cot_convert(
                         if isinstance(raw.get("meta"), dict):
                             meta.update(raw["meta"])
                         meta["cot_template"] = template.name
-                        out.write(_dump({"id": rid, "messages": messages, "meta": meta}))
+                        out.write(dump_line({"id": rid, "messages": messages, "meta": meta}))
                         used[template.name] += 1
                         written += 1
                         continue

@@ -160,7 +160,7 @@ def mix(specs: list[str], output: str, opts: MixOptions, rejects: str | None = N
     import numpy as np
     from tqdm import tqdm
 
-    from zhtune.data.convert import RejectWriter, _atomic_open, _dump, default_rejects_path
+    from zhtune.data.convert import RejectWriter, atomic_open, default_rejects_path, dump_line
     from zhtune.data.readers import expand_inputs
 
     if not specs:
@@ -224,7 +224,7 @@ def mix(specs: list[str], output: str, opts: MixOptions, rejects: str | None = N
         )
 
     # -- pass 2: write ---------------------------------------------------------------------------
-    with _atomic_open(output) as out, tqdm(desc="mix: write", total=sum(available), **bar_args) as bar:
+    with atomic_open(output) as out, tqdm(desc="mix: write", total=sum(available), **bar_args) as bar:
         for src, st, ranks in zip(sources, stats, all_ranks):
             counts = pick_counts(ranks, st.quota)
             position = 0
@@ -237,7 +237,7 @@ def mix(specs: list[str], output: str, opts: MixOptions, rejects: str | None = N
                     if k:
                         record["id"] = f"{record['id']}-r{k + 1}"
                     record["meta"] = {**record.get("meta", {}), "mix_source": src.label}
-                    out.write(_dump(record))
+                    out.write(dump_line(record))
                 position += 1
             if position != st.available:
                 raise ZhtuneError(

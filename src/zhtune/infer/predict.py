@@ -38,10 +38,10 @@ from zhtune.data.convert import (
     SHOWN_REJECTS,
     Outcome,
     RejectWriter,
-    _detect,
     _meta,
     _record_id,
     default_rejects_path,
+    detect_file_format,
 )
 from zhtune.data.formats import FORMATS, Format, apply_mapping, detect_format, get_format
 from zhtune.data.readers import RawError, expand_inputs, iter_raw
@@ -96,7 +96,7 @@ def read_prompts(
             raw = {**ANSWER_SLOTS, **mapped}
             if file_fmt is None:
                 name = detect_format(raw)
-                file_fmt = FORMATS[name] if name else _detect(path, mapped)
+                file_fmt = FORMATS[name] if name else detect_file_format(path, mapped)
             rid = _record_id(raw, path, index)
             common = {"path": path, "line": line, "index": index, "fmt": file_fmt.name}
             try:

@@ -312,3 +312,26 @@ def test_exam_metric_scores_each_run_with_eval_exam(experiment, grid):
     results = (grid.parent / "exp" / "results.md").read_text()
     assert "exam on" in results and f"{report['overall']:.1%}" in results
     assert "training skipped" in log
+
+
+def test_judge_metric_scores_each_run_with_eval_judge(experiment, grid):
+    """metric: judge runs `zhtune eval judge` on every run against an OpenAI-compatible judge
+    (a scripted stub); the columns are the classes, and a re-run asks the judge nothing."""
+    from tests.stub_openai import StubServer
+
+    data = Path(__file__).parent.parent / "fixtures" / "judge" / "eval_set.json"
+    with StubServer(lambda request, n: "得分：0.7") as server:
+        args = [
+            "axes.method=[full]", "axes.lr=[0.001]", "eval.metric=judge", f"eval.data=[{data}]",
+            f"eval.judge_url={server.base_url}", "eval.judge_model=stub-judge", "eval.judge_limit=4",
+        ]  # fmt: skip
+        (row,), log = run_quietly(grid, *args)
+        sent = len(server.requests)
+        run_quietly(grid, *args)
+        assert len(server.requests) == sent == 4
+    report = json.loads(
+        (grid.parent / "exp" / "runs" / "method=full,lr=0.001" / "eval" / "judge.json").read_text()
+    )
+    assert row["overall"] == report["overall"] == pytest.approx(0.7)
+    assert row["scores"] == report["scores"] and set(row["scores"].values()) == {0.7}
+    assert "LLM judge (belle)" in (grid.parent / "exp" / "results.md").read_text() and "judge 0.700" in log

@@ -56,7 +56,7 @@ class EvalConfig:
     data: list[str]
     """Test files in any supported format; each record's last assistant turn is the reference and meta.category its category (metric exam: one exam folder or file, as `zhtune eval exam --data`)."""
     metric: str = "exact_match"
-    """Metric: exact_match (greedy answer equals the reference after stripping whitespace), gen (ROUGE-L F on jieba words, as `zhtune eval gen`; BLEU-4, ROUGE-1/2 and exact match kept beside it) or exam (multiple-choice accuracy, as `zhtune eval exam`; columns are the exam's categories)."""
+    """Metric: exact_match (greedy answer equals the reference after stripping whitespace), gen (ROUGE-L F on jieba words, as `zhtune eval gen`; BLEU-4, ROUGE-1/2 and exact match kept beside it) exam (multiple-choice accuracy, as `zhtune eval exam`; columns are the exam's categories) or judge (an LLM judge, as `zhtune eval judge`: BELLE-eval's per-class scores; needs judge_url and judge_model)."""
     max_new_tokens: int = 32
     """Most tokens generated per answer."""
     batch_size: int = 32
@@ -65,6 +65,14 @@ class EvalConfig:
     """Score only the first N records of each category (0: all)."""
     shots: int = 5
     """exam: solved dev examples before each question (0-5)."""
+    judge_url: str = ""
+    """judge: the judge's OpenAI-compatible base URL ending in /v1 (empty: $OPENAI_BASE_URL)."""
+    judge_model: str = ""
+    """judge: the judge's model name (empty: $OPENAI_MODEL)."""
+    judge_protocol: str = "belle"
+    """judge: belle (0-1 score per class) or mtbench (1-10 rating)."""
+    judge_limit: int = 0
+    """judge: judge only the first N questions (0: all)."""
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -174,6 +182,8 @@ class Metric:
     score_run: Callable[[Path, EvalConfig], dict[str, Any]] | None = None
     """Set for metrics that score a run directory themselves, from ``EvalConfig.data`` as they
     read it, with their own resumable cache (exam); ``score`` is then unused."""
+    describe: Callable[[EvalConfig], str] | None = None
+    """The report's sentence on what was scored, for ``score_run`` metrics."""
 
 
 def _exact_match(
@@ -213,12 +223,42 @@ def _exam(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
     return {**report, "scores": report["categories"], "counts": {}, "subjects": report["scores"]}
 
 
+def _judge(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
+    """``zhtune eval judge`` on the run (resumable and cached: a judged question is not asked
+    again); the judge's API key comes from $OPENAI_API_KEY, never from the grid file."""
+    from zhtune.eval.judge import JudgeOptions, judge
+
+    if len(ev.data) != 1:
+        raise ZhtuneError(f"eval metric judge: give one question file in 'data', got {len(ev.data)}")
+    options = JudgeOptions(
+        data=ev.data[0], judge_url=ev.judge_url, judge_model=ev.judge_model, protocol=ev.judge_protocol,
+        output=str(run_dir / "eval"), limit=ev.judge_limit, batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens, progress=False,
+    )  # fmt: skip
+    report = judge(str(run_dir), options)
+    if report.get("failed"):
+        raise ZhtuneError(
+            f"eval metric judge: {report['failed']} questions of {run_dir} were never judged; re-run"
+        )
+    return report
+
+
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
         Metric("exact_match", score=_exact_match),
         Metric("gen", score=_gen),
-        Metric("exam", score_run=_exam),
+        Metric(
+            "exam",
+            score_run=_exam,
+            describe=lambda ev: f"exam on {', '.join(ev.data)} ({ev.shots} shots; columns: categories).",
+        ),
+        Metric(
+            "judge",
+            fmt="{:.3f}",
+            score_run=_judge,
+            describe=lambda ev: f"LLM judge ({ev.judge_protocol}) on {', '.join(ev.data)}; columns: classes.",
+        ),
     ]
 }
 
@@ -534,8 +574,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     metric = METRICS[cfg.eval.metric] if cfg.eval else None
     table = format_table(rows, metric)
-    if cfg.eval and metric and metric.score_run is not None:
-        scored = f"{metric.name} on {', '.join(cfg.eval.data)} ({cfg.eval.shots} shots; columns: categories)."
+    if cfg.eval and metric and metric.describe is not None:
+        scored = metric.describe(cfg.eval)
     elif cfg.eval and metric:
         counts = rows[0]["counts"]
         scored = f"{metric.name} on {sum(counts.values())} test records (" + ", ".join(
@@ -610,7 +650,8 @@ def run_experiment(
         if cfg.eval:
             scores, cached = evaluate_run(run.dir, cfg.eval, records)
             how = "cached" if cached else "scored"
-            say(f"[{i}/{len(runs)}] {cfg.eval.metric} {scores['overall']:.1%} ({how})")
+            shown = fmt_value(scores["overall"], METRICS[cfg.eval.metric].fmt)
+            say(f"[{i}/{len(runs)}] {cfg.eval.metric} {shown} ({how})")
         rows.append(result_row(run, scores))
         if state != "skipped":
             say(f"[{i}/{len(runs)}] {state} in {time.time() - started:.0f} s")

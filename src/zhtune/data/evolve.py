@@ -348,7 +348,7 @@ def evolve(inputs: list[str], output: str, options: EvolveOptions) -> int:
     """
     import asyncio
 
-    from tqdm import tqdm
+    from zhtune.progress import progress_bar
 
     if options.rounds < 1 or options.patience < 1:
         raise ZhtuneError("--rounds and --patience must be at least 1")
@@ -370,10 +370,7 @@ def evolve(inputs: list[str], output: str, options: EvolveOptions) -> int:
         f"by earlier runs" + (f"; {bad:,} unusable records -> {ev.rejects.path}" if bad else ""),
         file=sys.stderr,
     )
-    with tqdm(
-        total=total, initial=done, desc="evolve", unit=" round", file=sys.stderr,
-        disable=not options.progress, mininterval=0.5 if sys.stderr.isatty() else 15.0,
-    ) as bar:  # fmt: skip
+    with progress_bar("evolve", options.progress, total=total, initial=done, unit=" round") as bar:
         try:
             asyncio.run(ev.run(sources, bar))
         finally:

@@ -498,7 +498,7 @@ def generate(seeds_path: str, output: str, options: GenerateOptions) -> int:
     """
     import asyncio
 
-    from tqdm import tqdm
+    from zhtune.progress import progress_bar
 
     if options.num < 1 or options.patience < 1:
         raise ZhtuneError("--num and --patience must be at least 1")
@@ -520,14 +520,8 @@ def generate(seeds_path: str, output: str, options: GenerateOptions) -> int:
     )
     stop: str | None = None
     if before < options.num:
-        with tqdm(
-            total=options.num,
-            initial=before,
-            desc="generate",
-            unit=" rec",
-            file=sys.stderr,
-            disable=not options.progress,
-            mininterval=0.5 if sys.stderr.isatty() else 15.0,
+        with progress_bar(
+            "generate", options.progress, total=options.num, initial=before, unit=" rec"
         ) as bar:
             try:
                 stop = asyncio.run(gen.run(bar))

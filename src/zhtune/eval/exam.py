@@ -740,9 +740,8 @@ def _score_subject(
 def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
     """``zhtune eval exam``: score RUN on the exam in ``options.data``; returns the report (also
     written to OUTPUT/exam.json and exam.md, predictions to OUTPUT/exam_predictions.jsonl)."""
-    from tqdm import tqdm
-
     from zhtune.models.loading import load_for_inference
+    from zhtune.progress import progress_bar
 
     if not 0 <= options.shots <= 5:
         raise ZhtuneError(f"--shots must be between 0 and 5, got {options.shots}")
@@ -817,14 +816,7 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
         t0 = time.perf_counter()
         with (
             open(pred_path, "a", encoding="utf-8") as f,
-            tqdm(
-                total=n_todo,
-                desc="exam",
-                unit=" q",
-                file=sys.stderr,
-                disable=not options.progress,
-                mininterval=0.5 if sys.stderr.isatty() else 15.0,
-            ) as bar,
+            progress_bar("exam", options.progress, total=n_todo, unit=" q") as bar,
         ):
             for s in todo:
                 bar.set_postfix_str(s, refresh=False)

@@ -474,9 +474,8 @@ def run_judge(
     """Judge every (question, answer) of ``todo``, appending each row to ``out_file`` as it
     arrives. Returns (new rows, usage, failures). A question that fails at the judge for good
     is left out (a re-run asks again); a non-retryable error (bad key, unknown model) stops all."""
-    from tqdm import tqdm
-
     from zhtune.infer.client import ApiError, ChatClient, map_limited
+    from zhtune.progress import progress_bar
 
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -493,14 +492,7 @@ def run_judge(
         ) as client:
             with (
                 out_file.open("a", encoding="utf-8") as f,
-                tqdm(
-                    total=len(todo),
-                    desc="judge",
-                    unit=" answers",
-                    file=sys.stderr,
-                    disable=not opts.progress,
-                    mininterval=0.5 if sys.stderr.isatty() else 15.0,
-                ) as bar,
+                progress_bar("judge", opts.progress, total=len(todo), unit=" answers") as bar,
             ):
 
                 async def work(item: tuple[Question, str]) -> None:

@@ -196,10 +196,9 @@ def predict(
 
     Returns the exit status: 1 if any record was rejected and not ``allow_rejects``, else 0.
     """
-    from tqdm import tqdm
-
     from zhtune.infer.generate import Prompter, generate_replies
     from zhtune.models.loading import load_for_inference
+    from zhtune.progress import progress_bar
 
     if batch_size < 1:
         raise ZhtuneError(f"--batch-size must be >= 1, got {batch_size}")
@@ -249,14 +248,7 @@ def predict(
         out.parent.mkdir(parents=True, exist_ok=True)
         with (
             out.open("a", encoding="utf-8") as f,
-            tqdm(
-                total=len(todo),
-                desc="predict",
-                unit=" prompts",
-                file=sys.stderr,
-                disable=not progress,
-                mininterval=0.5 if sys.stderr.isatty() else 15.0,  # a log file gets a line every 15 s
-            ) as bar,
+            progress_bar("predict", progress, total=len(todo), unit=" prompts") as bar,
         ):
             for batch in batches_by_length([len(p) for p in prompts], batch_size):
                 start = time.perf_counter()

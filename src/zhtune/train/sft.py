@@ -19,7 +19,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -269,13 +268,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     from zhtune.data.dataset import model_inputs, pack_examples, tokenize_records, tokenize_texts
     from zhtune.data.registry import load_data
     from zhtune.data.templates import get_template, prepare_tokenizer, stop_token_ids
     from zhtune.models.families import check_packing, family_template
     from zhtune.models.loading import load_model, load_tokenizer, resolve_source
+    from zhtune.progress import progress_bar
     from zhtune.train.methods import METHODS, continue_adapter, quantization_config
 
     started = time.time()
@@ -449,14 +448,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         rank=accelerator.process_index,
         num_processes=accelerator.num_processes,
     )
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc="train",
-        disable=not (progress and is_main),
-        dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 15.0,  # a log file gets a line every 15 s, not every step
-    )
+    bar = progress_bar("train", progress and is_main, total=total_steps, initial=step, dynamic_ncols=True)
     window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()
     last_eval_epoch = epoch
     log_file = log_path.open("a", encoding="utf-8") if is_main else None

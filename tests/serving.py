@@ -1,7 +1,9 @@
-"""Start ``zhtune serve`` in a subprocess for a test, as a user would, and stop it afterwards."""
+"""Start a ``zhtune`` server command (``serve``, ``webui``) in a subprocess for a test, as a user
+would, wait until it answers, and stop it afterwards."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -21,24 +23,33 @@ def free_port() -> int:
 
 
 @contextmanager
-def zhtune_serve(model_dir: str | Path, log: Path, *args: str, timeout: float = 90.0) -> Iterator[str]:
-    """Run ``zhtune serve MODEL_DIR --port P ARGS...`` with its output in ``log``; yield
-    ``http://127.0.0.1:P`` once ``/health`` answers (fail the test with the log if it never does)."""
+def zhtune_server(
+    args: list[str],
+    log: Path,
+    ready_path: str,
+    timeout: float = 90.0,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Run ``zhtune ARGS... --port P`` with its output in ``log``; yield ``http://127.0.0.1:P``
+    once ``ready_path`` answers 200 (fail the test with the log if it exits or never does)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "zhtune", "serve", str(model_dir), "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "zhtune", *args, "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})}
+        )
         try:
             deadline = time.monotonic() + timeout
             while True:
                 try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"zhtune serve did not start:\n{log.read_text()}")
+                    pytest.fail(f"zhtune {args[0]} did not start:\n{log.read_text()}")
                 time.sleep(0.2)
             yield url
         finally:
@@ -47,3 +58,9 @@ def zhtune_serve(model_dir: str | Path, log: Path, *args: str, timeout: float = 
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+
+
+def zhtune_serve(model_dir: str | Path, log: Path, *args: str, timeout: float = 90.0) -> Iterator[str]:
+    """``zhtune serve MODEL_DIR ARGS...`` (see :func:`zhtune_server`), ready once ``/health`` answers."""
+    return zhtune_server(["serve", str(model_dir), *args], log, "/health", timeout)

@@ -8,16 +8,14 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.serving import zhtune_server
 from zhtune.cli import build_parser
 from zhtune.config import build_config
 from zhtune.errors import ZhtuneError
@@ -218,12 +216,6 @@ def chromium_binary() -> str | None:
     return next((path for name in names if name and (path := shutil.which(name))), None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def browser_missing() -> str | None:
     """Why the browser test cannot run here, or None."""
     if chromium_binary() is None:
@@ -238,38 +230,11 @@ def browser_missing() -> str | None:
 @pytest.fixture
 def webui_server(runs_dir, tmp_path):
     """``zhtune webui RUN`` in a subprocess on a free port; yields its URL once it answers."""
-    port = free_port()
-    log = (tmp_path / "server.log").open("w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "zhtune", "webui", str(runs_dir / "tiny-full"), "--port", str(port)]
-    command += ["--temperature", "1.0", "--max-new-tokens", "48"]  # sampled: a reply of several pieces
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"zhtune webui exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()}"
-                )
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(
-                        f"zhtune webui did not answer in 60 s:\n{(tmp_path / 'server.log').read_text()}"
-                    )
-                time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    env = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    args = ["webui", str(runs_dir / "tiny-full")]
+    args += ["--temperature", "1.0", "--max-new-tokens", "48"]  # sampled: a reply of several pieces
+    with zhtune_server(args, tmp_path / "server.log", "/", timeout=60, cwd=tmp_path, env=env) as url:
+        yield url + "/"
 
 
 # Records every text the newest reply shows, as the page changes (so streaming can be seen).

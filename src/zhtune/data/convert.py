@@ -99,14 +99,19 @@ def detect_file_format(path: str, raw: dict[str, Any]) -> Format:
     )
 
 
-def _record_id(raw: dict[str, Any], path: str, index: int) -> str:
+def make_record_id(raw: dict[str, Any], path: str, index: int) -> str:
+    """The raw record's own ``id`` if it has a usable one, else ``{file_stem}-{index}``."""
     rid = raw.get("id")
     if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip():
         return str(rid)
     return f"{Path(path).stem}-{index}"
 
 
-def _meta(fmt: Format, raw: dict[str, Any], path: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+def record_meta(
+    fmt: Format, raw: dict[str, Any], path: str, messages: list[dict[str, str]]
+) -> dict[str, Any]:
+    """A canonical record's ``meta``: source file, guessed language, carried raw fields, and a raw
+    ``meta``/``metadata`` object merged last."""
     meta: dict[str, Any] = {
         "source": Path(path).name,
         "lang": guess_lang("\n".join(m["content"] for m in messages if isinstance(m.get("content"), str))),
@@ -125,7 +130,7 @@ def _meta(fmt: Format, raw: dict[str, Any], path: str, messages: list[dict[str, 
 def _build(fmt: Format, part: dict[str, Any], raw: dict[str, Any], rid: str, path: str, chat: bool) -> dict:
     """One canonical record from one (part of a) raw record; raises :class:`RecordError`."""
     messages = fmt.to_messages(part)
-    record = {"id": rid, "messages": messages, "meta": _meta(fmt, raw, path, messages)}
+    record = {"id": rid, "messages": messages, "meta": record_meta(fmt, raw, path, messages)}
     if fmt.chat and record["meta"].get("kind") != "text":  # a canonical text record read again
         validate_record(record, require_assistant=chat)
     return record
@@ -142,7 +147,7 @@ def convert_one(
         "fmt": fmt.name,
         "ignored": tuple(ignored_fields(fmt, raw)),
     }
-    rid = _record_id(raw, path, index)
+    rid = make_record_id(raw, path, index)
     if strict and common["ignored"]:
         reason = f"unknown field for format '{fmt.name}' (rename it with --map, or convert without --strict)"
         yield Outcome(record=None, reason=reason, field=common["ignored"][0], raw=original, **common)
@@ -412,7 +417,13 @@ def convert_files(
         with suppress(FileNotFoundError):
             os.remove(rejects_path)
     print(format_summary(summary, output, rejects_path, time.perf_counter() - start), file=sys.stderr)
-    if rejected.count and not allow_rejects:
+    return rejects_exit_status(rejected.count, allow_rejects)
+
+
+def rejects_exit_status(n_rejected: int, allow_rejects: bool) -> int:
+    """A command's exit status after writing rejects: 1 (saying why) when records were rejected
+    and ``--allow-rejects`` was not given, else 0."""
+    if n_rejected and not allow_rejects:
         print(
             "exit status 1 because records were rejected (allow them with --allow-rejects)", file=sys.stderr
         )

@@ -211,10 +211,11 @@ def cot_convert(
     from zhtune.data.convert import (
         Outcome,
         RejectWriter,
-        _record_id,
         atomic_open,
         default_rejects_path,
         dump_line,
+        make_record_id,
+        rejects_exit_status,
     )
     from zhtune.data.formats import CARRIED, apply_mapping
     from zhtune.data.lang import guess_lang
@@ -243,7 +244,7 @@ def cot_convert(
                     o = Outcome(record=None, reason=original.reason, **common)
                 else:
                     raw = apply_mapping(original, mapping or {})
-                    rid = _record_id(raw, path, index)
+                    rid = make_record_id(raw, path, index)
                     try:
                         messages, template = cot_messages(raw, choice, lang, opts.seed, rid)
                     except RecordError as e:
@@ -269,13 +270,7 @@ def cot_convert(
     if rejected.count:
         print(f"rejected {rejected.count:,} record(s) -> {rejects_path}; the first ones:", file=sys.stderr)
         print("\n".join(f"  {s}" for s in shown), file=sys.stderr)
-        if not opts.allow_rejects:
-            print(
-                "exit status 1 because records were rejected (allow them with --allow-rejects)",
-                file=sys.stderr,
-            )
-            return 1
-    return 0
+    return rejects_exit_status(rejected.count, opts.allow_rejects)
 
 
 def describe_templates() -> str:

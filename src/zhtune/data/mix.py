@@ -160,7 +160,13 @@ def mix(specs: list[str], output: str, opts: MixOptions, rejects: str | None = N
     import numpy as np
     from tqdm import tqdm
 
-    from zhtune.data.convert import RejectWriter, atomic_open, default_rejects_path, dump_line
+    from zhtune.data.convert import (
+        RejectWriter,
+        atomic_open,
+        default_rejects_path,
+        dump_line,
+        rejects_exit_status,
+    )
     from zhtune.data.readers import expand_inputs
 
     if not specs:
@@ -247,13 +253,7 @@ def mix(specs: list[str], output: str, opts: MixOptions, rejects: str | None = N
     print(format_table(stats, total), file=sys.stderr)
     if rejected.count:
         print(f"rejected {rejected.count:,} input record(s) -> {rejects_path}", file=sys.stderr)
-        if not opts.allow_rejects:
-            print(
-                "exit status 1 because records were rejected (allow them with --allow-rejects)",
-                file=sys.stderr,
-            )
-            return 1
-    return 0
+    return rejects_exit_status(rejected.count, opts.allow_rejects)
 
 
 def _outcomes(src: Any) -> Any:

@@ -530,12 +530,9 @@ def letter_probs(
     a padded row gives the logits it gives alone)."""
     import torch
 
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, longest - len(p) :] = 1
+    from zhtune.infer.generate import left_pad
+
+    ids, mask = left_pad(prompts, pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     device = next(model.parameters()).device
     with torch.no_grad():

@@ -227,7 +227,7 @@ def _question(raw: dict[str, Any], rid: str) -> Question:
 def read_questions(path: str, rejects: str) -> list[Question]:
     """The questions of ``path`` in file order; unusable records go to ``rejects`` (and are
     reported on stderr). Duplicate ids are rejected: ids identify rows of every output."""
-    from zhtune.data.convert import Outcome, RejectWriter, _record_id
+    from zhtune.data.convert import Outcome, RejectWriter, make_record_id
     from zhtune.data.readers import RawError, iter_raw
     from zhtune.data.schema import RecordError
 
@@ -240,7 +240,7 @@ def read_questions(path: str, rejects: str) -> list[Question]:
                 problem: tuple[str | None, str] | None = (None, raw.reason)
             else:
                 try:
-                    q = _question(raw, _record_id(raw, path, index))
+                    q = _question(raw, make_record_id(raw, path, index))
                     problem = ("id", f"duplicate id {q.id!r}") if q.id in seen else None
                 except RecordError as e:
                     problem = (e.field, e.reason)

@@ -66,6 +66,20 @@ class Reply:
     """True if a stop token ended the reply; False if it ran into ``max_new_tokens``."""
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)``, both ``(len(prompts), longest)`` long tensors, each
+    prompt right-aligned (left padding, so every row's next token comes at the last position)."""
+    import torch
+
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p) :] = 1
+    return ids, mask
+
+
 def generate_replies(
     model: Any, tokenizer: Any, prompts: list[list[int]], options: GenerationOptions, stop_ids: list[int]
 ) -> list[Reply]:
@@ -74,12 +88,8 @@ def generate_replies(
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    longest = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompts):
-        input_ids[i, longest - len(p) :] = torch.tensor(p)
-        attention_mask[i, longest - len(p) :] = 1
+    input_ids, attention_mask = left_pad(prompts, pad_id)
+    longest = input_ids.shape[1]
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model.generate(
@@ -195,12 +205,7 @@ class BatchDecoder:
         self.running: list[int] = list(range(len(prompts)))
         """Rows still decoding, in batch order (rows are indices into ``prompts``)."""
         device = next(model.parameters()).device
-        longest = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, longest - len(p) :] = 1
+        ids, mask = left_pad(prompts, pad_id)
         self._inputs = ids.to(device)
         self._mask = mask.to(device)
         self._positions = (mask.cumsum(-1) - 1).clamp(min=0).to(device)

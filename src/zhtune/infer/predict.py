@@ -38,10 +38,11 @@ from zhtune.data.convert import (
     SHOWN_REJECTS,
     Outcome,
     RejectWriter,
-    _meta,
-    _record_id,
     default_rejects_path,
     detect_file_format,
+    make_record_id,
+    record_meta,
+    rejects_exit_status,
 )
 from zhtune.data.formats import FORMATS, Format, apply_mapping, detect_format, get_format
 from zhtune.data.readers import RawError, expand_inputs, iter_raw
@@ -70,7 +71,7 @@ def prompt_record(fmt: Format, part: dict[str, Any], raw: dict[str, Any], rid: s
         prompt, reference = messages[:-1], messages[-1]["content"]
     if not prompt or prompt[-1]["role"] != "user":
         raise RecordError("messages", "no user turn before the last answer (nothing to prompt with)")
-    record = {"id": rid, "messages": prompt, "meta": _meta(fmt, raw, path, messages)}
+    record = {"id": rid, "messages": prompt, "meta": record_meta(fmt, raw, path, messages)}
     if reference is not None:
         record["reference"] = reference
     return record
@@ -97,7 +98,7 @@ def read_prompts(
             if file_fmt is None:
                 name = detect_format(raw)
                 file_fmt = FORMATS[name] if name else detect_file_format(path, mapped)
-            rid = _record_id(raw, path, index)
+            rid = make_record_id(raw, path, index)
             common = {"path": path, "line": line, "index": index, "fmt": file_fmt.name}
             try:
                 parts = file_fmt.explode(raw) if file_fmt.explode else [raw]
@@ -271,9 +272,4 @@ def predict(
             + (f"; {n_cut:,} replies stopped at --max-new-tokens {options.max_new_tokens}" if n_cut else ""),
             file=sys.stderr,
         )
-    if rejected.count and not allow_rejects:
-        print(
-            "exit status 1 because records were rejected (allow them with --allow-rejects)", file=sys.stderr
-        )
-        return 1
-    return 0
+    return rejects_exit_status(rejected.count, allow_rejects)

@@ -240,25 +240,11 @@ def perplexity(model: Any, tokenizer: Any, template: str, records: list[dict], c
 # --------------------------------------------------------------------------------------------
 def load_merged(plan: Plan) -> tuple[Any, Any, str]:
     """The model to export in ``plan.dtype`` (adapter merged if asked), its tokenizer, template."""
-    from zhtune.models.families import family_template
-    from zhtune.models.loading import attach_adapter, load_model, load_tokenizer
+    from zhtune.models.loading import load_source
 
-    src = plan.src
-    tokenizer = load_tokenizer(src.tokenizer, src.trust_remote_code)
     # Never quantized here: merging needs full-precision weights (a QLoRA adapter merges into the
     # full-precision base, as QLoRA's authors export it), and quantizing comes last.
-    model = load_model(src.weights, plan.dtype, src.trust_remote_code)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    if plan.merge:
-        model = attach_adapter(model, src.adapter, merge=True)
-    model.eval()
-    template = src.template
-    if template == "auto":
-        template = family_template(
-            model.config.model_type, tokenizer.get_vocab(), bool(tokenizer.chat_template)
-        )
-    return model, tokenizer, template
+    return load_source(plan.src, plan.dtype, adapter="merge" if plan.merge else "skip")
 
 
 def save_model(model: Any, tokenizer: Any, template: str, directory: Path, max_shard_size: str) -> None:

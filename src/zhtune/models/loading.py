@@ -136,17 +136,27 @@ def load_for_inference(path: str | Path, dtype: str = "fp32") -> tuple[Any, Any,
     outputs, faster generation). A QLoRA run loads its base quantized as in training.
     """
     src = resolve_source(path)
-    tokenizer = load_tokenizer(src.tokenizer, src.trust_remote_code)
     quant = None
     if src.quantization_bits:
         from zhtune.train.methods import quantization_config
 
         quant = quantization_config(src.quantization_bits, dtype)
-    model = load_model(src.weights, dtype, src.trust_remote_code, quant)
+    return load_source(src, dtype, quant, adapter="merge" if quant is None else "attach")
+
+
+def load_source(
+    src: ModelSource, dtype: str, quantization: Any = None, adapter: str = "merge"
+) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, template_name)`` of a resolved source, in eval mode: the weights in
+    ``dtype`` (quantized with a ``quantization`` config if given), embeddings grown to the
+    tokenizer, and its adapter (if any) merged (``adapter="merge"``), attached unmerged
+    (``"attach"``) or left out (``"skip"``); the template resolved from the family for ``auto``."""
+    tokenizer = load_tokenizer(src.tokenizer, src.trust_remote_code)
+    model = load_model(src.weights, dtype, src.trust_remote_code, quantization)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    if src.adapter:
-        model = attach_adapter(model, src.adapter, merge=quant is None)
+    if src.adapter and adapter != "skip":
+        model = attach_adapter(model, src.adapter, merge=adapter == "merge")
     model.eval()
     template = src.template
     if template == "auto":

@@ -92,6 +92,7 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
         mapping=parse_mapping(args.map or []),
         rejects=args.rejects,
         progress=not args.no_progress,
+        restart=args.restart,
     )
     return 0
 
@@ -105,7 +106,8 @@ def _add_clean_parser(dsub: Any) -> None:
         help="html -> markdown, language filter, BELLE/FastChat filters, split long chats, dedup",
         description="Stream IN (anything `zhtune data convert` reads) through the cleaning steps, in this order, "
         "into OUT; removed records go to OUT.rejects.jsonl with the step and reason, and a table reports per "
-        "step the records in, removed and what changed. Exit status 0 unless an input cannot be read.",
+        "step the records in, removed and what changed. An interrupted run, started again with the same inputs and "
+        "settings, goes on from its last checkpoint (OUT.partial). Exit status 0 unless an input cannot be read.",
     )
     c.add_argument("inputs", nargs="+", help="input files, directories or globs")
     c.add_argument("-o", "--output", required=True, help="output .jsonl (written when the run finishes)")
@@ -122,6 +124,7 @@ def _add_clean_parser(dsub: Any) -> None:
         "--map", action="append", metavar="SRC=DST", help="rename a column before reading (repeatable)"
     )
     c.add_argument("--rejects", help="where removed records go (default: OUTPUT.rejects.jsonl)")
+    c.add_argument("--restart", action="store_true", help="start over instead of resuming an interrupted run")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_data_clean)
 

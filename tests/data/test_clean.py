@@ -86,6 +86,25 @@ def test_belle_filters():
     assert filters.zh_instruction_en_reply(_msgs("生成一个密码。", "b1jK90mh")) is None
 
 
+@pytest.mark.parametrize(
+    "reply",
+    ["TOO MANY REQUESTS", "Something went wrong, please retry", "An error occurred.", "network error",
+     "There was an error generating a response", "Load failed", "The message you submitted was too long",
+     "Hmm...something seems to have gone wrong.", "Rate limit reached for requests", "Conversation not found"],
+)  # fmt: skip
+def test_error_reply_catches_every_listed_message(reply):
+    assert filters.error_reply(_msgs("讲个故事", reply))  # (each has a word the cheap pre-test looks for)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["我是ChatGPT。", "As an AI language model, I cannot.", "as a language model I", "我是由OpenAI训练的",
+     "I am an AI model developed by OpenAI", "作为一个人工智能语言模型，我不能", "我是开放人工智能开发的", "I use GPT-4"],
+)  # fmt: skip
+def test_self_reference_catches_every_listed_form(reply):
+    assert filters.self_reference(_msgs("你是谁", reply))
+
+
 def test_detect_lang():
     assert detect_lang("今天天气很好，我们去公园散步吧。") == "zh"
     assert detect_lang("這是繁體中文的句子。") == "zh"
@@ -256,14 +275,101 @@ def test_output_is_deterministic_across_workers(tmp_path):
     assert len(outputs[0][0].splitlines()) == 6  # the first copy less 2 filtered and 2 duplicates
 
 
-def test_no_half_written_output_on_error(tmp_path, monkeypatch):
-    out = tmp_path / "out.jsonl"
+def _resume_data(tmp_path: Path) -> Path:
+    """JSON Lines with every kind of outcome on both sides of an interruption: kept records,
+    filtered ones, a bad line, exact and near duplicates of records kept before it."""
+    poem = (
+        "床前明月光，疑是地上霜。举头望明月，低头思故乡。这首诗写的是游子在静夜里思念故乡的心情，语言朴素自然。"
+        "诗人先写月光洒在床前，好像地上结了一层白霜；再写抬头看见明月，低头便想起了远方的家乡和亲人。"
+        "全诗只有二十个字，却把羁旅之思写得真切动人，所以千百年来一直被人们传诵。"
+    )
+    near = poem.replace("朴素", "质朴")
+    rows = [{"id": f"q{i}", "instruction": f"第{i}个问题：{'为什么天空是蓝色的' * (i % 3 + 1)}？",
+             "output": f"回答{i}：因为瑞利散射，短波长的光散射得更多。" * (i % 4 + 1)} for i in range(40)]  # fmt: skip
+    rows[3] = {"id": "poem", "instruction": "解释这首诗", "output": poem}
+    rows[5] = {"id": "near", "instruction": "解释这首诗", "output": near}  # near duplicate of poem
+    rows[7] = {"id": "gpt", "instruction": "你是谁", "output": "我是ChatGPT，由OpenAI开发。"}
+    later = [{**rows[3], "id": "poem-again"}, {**rows[5], "id": "near-again"}, {**rows[5], "id": "near-3"},
+             {**rows[10], "id": "q10-again"}, {**rows[7], "id": "gpt-again"}]  # fmt: skip
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows[:20]]
+    lines += ["{not json", *[json.dumps(r, ensure_ascii=False) for r in rows[20:] + later]]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _interrupt_after(monkeypatch, chunks: int) -> None:
+    """Make the next clean raise KeyboardInterrupt once ``chunks`` chunks came back."""
     import zhtune.data.clean as clean
 
-    def boom(*a, **k):
-        raise RuntimeError("interrupted")
+    real = clean._processed
 
-    monkeypatch.setattr(clean.Worker, "run", boom)
-    with pytest.raises(RuntimeError):
-        clean_files([str(FIXTURES / "alpaca_mixed.json")], str(out), CleanOptions(workers=1), progress=False)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    def processed(*args, **kwargs):
+        for n, result in enumerate(real(*args, **kwargs)):
+            if n == chunks:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(clean, "_processed", processed)
+
+
+def test_interrupted_clean_resumes_to_the_same_files(tmp_path, monkeypatch, capsys):
+    import zhtune.data.clean as clean
+
+    monkeypatch.setattr(clean, "CHUNK", 4)
+    monkeypatch.setattr(clean, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every chunk
+    inp = _resume_data(tmp_path)
+    ref_counts = clean_files([str(inp)], str(tmp_path / "ref.jsonl"), CleanOptions(workers=1), progress=False)
+    ref_table = capsys.readouterr().err.split("\n", 1)[1]  # (the first line has the timing)
+
+    out = tmp_path / "out.jsonl"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 5)  # 20 records in, before the bad line and every later duplicate
+        with pytest.raises(KeyboardInterrupt):
+            clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
+    assert not out.exists() and (tmp_path / "out.jsonl.partial").exists()
+    state = json.loads((tmp_path / "out.jsonl.partial.json").read_text())
+    assert state["read"] == 20 and state["written"] == 18  # less the GPT reply and the near duplicate
+    seen: list[int] = []
+    real_run = clean.Worker.run
+    monkeypatch.setattr(
+        clean.Worker, "run", lambda self, chunk: (seen.append(len(chunk)), real_run(self, chunk))[1]
+    )
+    counts = clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
+    err = capsys.readouterr().err
+    assert "resuming after 20 records (18 written)" in err
+    assert sum(seen) == 46 - 20  # only the records after the checkpoint were cleaned again
+    assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    assert (tmp_path / "out.rejects.jsonl").read_bytes() == (tmp_path / "ref.rejects.jsonl").read_bytes()
+    assert err.split("\n", 2)[2].replace("out.", "ref.") == ref_table
+    assert {k: vars(v) for k, v in counts.items()} == {k: vars(v) for k, v in ref_counts.items()}
+    assert not list(tmp_path.glob("out.*partial*"))
+    rejects = {r["id"]: r for r in _read(tmp_path / "out.rejects.jsonl") if r["id"]}
+    assert rejects["poem-again"]["duplicate_of"] == "poem" and rejects["poem-again"]["step"] == "exact-dup"
+    assert rejects["near-again"]["duplicate_of"] == "poem" and rejects["near-3"]["step"] == "near-dup"
+
+
+def test_resume_starts_over_when_inputs_or_settings_change(tmp_path, monkeypatch, capsys):
+    import zhtune.data.clean as clean
+
+    monkeypatch.setattr(clean, "CHUNK", 4)
+    monkeypatch.setattr(clean, "CHECKPOINT_SECONDS", 0.0)
+    inp = _resume_data(tmp_path)
+    out = tmp_path / "out.jsonl"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
+    capsys.readouterr()
+    assert main(["data", "clean", str(inp), "-o", str(out), "--no-near-dup", "--no-progress"]) == 0
+    assert "settings changed" in capsys.readouterr().err
+    clean_files(
+        [str(inp)], str(tmp_path / "ref.jsonl"), CleanOptions(workers=1), {"near-dup": False}, progress=False
+    )
+    assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    with monkeypatch.context() as m:  # --restart ignores a valid checkpoint
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
+    assert main(["data", "clean", str(inp), "-o", str(out), "--restart", "--no-progress"]) == 0
+    assert "resuming" not in capsys.readouterr().err

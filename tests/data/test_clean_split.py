@@ -119,3 +119,31 @@ def test_split_step_through_the_cli(tmp_path, tiny_tokenizer, capsys):
         ids = tiny_tokenizer([m["content"] for m in r["messages"]], add_special_tokens=False)["input_ids"]
         assert sum(map(len, ids)) <= 150
     assert f"| split | 2 | 0 | 0.0% | split 1, parts {len(parts)} |" in capsys.readouterr().err
+
+
+def test_bytes_bound_holds_for_byte_level_bpe(tiny_tokenizer):
+    """A byte-level BPE tokenizer with no normaliser never makes more tokens than bytes, so
+    split skips tokenizing any record of at most max_tokens bytes; other tokenizers get the
+    factor 2."""
+    from tokenizers import normalizers
+
+    from zhtune.data.split import BYTES_BOUND, tokens_per_byte_bound
+    from zhtune.data.templates import encode_many
+
+    assert tokens_per_byte_bound(tiny_tokenizer) == 1
+    texts = [
+        "床前明月光，疑是地上霜。",
+        "e\u0301te\u0301 ﬁ ㎏ 🙂🙂 \t\n x" * 3,
+        "1234567890",
+        "<|im_end|>abc",
+        "ß" * 50,
+    ]
+    for text, ids in zip(texts, encode_many(tiny_tokenizer, texts)):
+        assert len(ids) <= len(text.encode())
+    normalised = tiny_tokenizer.backend_tokenizer
+    normalised.normalizer = normalizers.NFKC()
+    try:
+        assert tokens_per_byte_bound(tiny_tokenizer) == BYTES_BOUND
+    finally:
+        normalised.normalizer = None
+    assert tokens_per_byte_bound(TOK) == BYTES_BOUND  # not a fast tokenizer: the safe factor

@@ -18,6 +18,7 @@ the window plus the dedup indexes, which grow with the number of kept records (s
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -26,13 +27,15 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zhtune.data import filters
 from zhtune.data.lang import detect_lang
 from zhtune.data.readers import chunked
-from zhtune.data.split import split_conversation
+from zhtune.data.split import BYTES_BOUND, split_conversation, tokens_per_byte_bound
 from zhtune.errors import ZhtuneError
+from zhtune.progress import progress_bar
 
 if TYPE_CHECKING:  # imported where used: `zhtune --help` builds this command's parser
     from zhtune.data.convert import Outcome
@@ -43,8 +46,9 @@ CHUNK = 256
 #: Chunks in flight per worker (bounds memory: the reader never runs further ahead).
 WINDOW_PER_WORKER = 4
 _HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-#: One raw record on its way to a worker: path, line, index in file, the parsed record (or the
-#: reader's error), and the file's format.
+#: One raw record on its way to a worker: path, line, index in file, the record (the line's
+#: text for JSON Lines, parsed by the worker; else parsed, or the reader's error), and the
+#: file's format.
 RawItem = tuple[str, int, int, Any, "Format | None"]
 
 
@@ -153,7 +157,7 @@ def _lang(record: dict[str, Any], w: Worker) -> list[dict[str, Any]] | str:
 
 
 def _split(record: dict[str, Any], w: Worker) -> list[dict[str, Any]] | str:
-    result = split_conversation(record, w.options.max_tokens, w.count_tokens, w.tokenizer)
+    result = split_conversation(record, w.options.max_tokens, w.count_tokens, w.tokenizer, w.bytes_bound)
     if not result.records:
         return "no answered user turn to keep"
     if len(result.records) > 1:
@@ -234,6 +238,7 @@ class Worker:
         self.steps = [STEP_BY_NAME[n] for n in steps if STEP_BY_NAME[n].apply is not None]
         self.langs = {x.strip() for x in options.langs.split(",") if x.strip()}
         self.tokenizer = tokenizer
+        self.bytes_bound = tokens_per_byte_bound(tokenizer) if tokenizer is not None else BYTES_BOUND
         self.exact = "exact-dup" in steps
         self.hasher = (
             MinHasher(options.num_perm, *optimal_bands(options.near_dup_threshold, options.num_perm))
@@ -256,16 +261,21 @@ class Worker:
         self.counts[(step, what)] += n
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        from zhtune.data.templates import encode_many
+
+        return [len(ids) for ids in encode_many(self.tokenizer, texts)]
 
     def outcomes(self, item: RawItem) -> list[Outcome]:
-        """Convert one raw record (as :func:`~zhtune.data.convert.iter_conversations` does, here
-        in the worker so the main process only parses JSON)."""
+        """Parse (a JSON Lines line) and convert one raw record, as
+        :func:`~zhtune.data.convert.iter_conversations` does, here in the worker so that the main
+        process only reads lines."""
         from zhtune.data.convert import Outcome, convert_one
         from zhtune.data.formats import apply_mapping
-        from zhtune.data.readers import RawError
+        from zhtune.data.readers import RawError, parse_json_line
 
         path, line, index, original, fmt = item
+        if isinstance(original, str):
+            original = parse_json_line(original)
         if isinstance(original, RawError) or fmt is None:
             reason = original.reason if isinstance(original, RawError) else "no format"
             return [Outcome(path, line, None, reason=reason, fmt=fmt and fmt.name, index=index)]
@@ -273,47 +283,63 @@ class Worker:
         return list(convert_one(fmt, original, raw, path, line, index, chat=True))
 
     def run(self, chunk: list[RawItem]) -> tuple[list[tuple], Counter[tuple[str, str]]]:
-        """Per raw record, in order, per record it becomes: ``("keep", outcome, record,
-        fingerprint)`` or ``("remove", outcome, step, reason, record)``; and the counts of this
-        chunk. A record whose exact key this worker has seen before gets no MinHash: the main
-        process, going in input order, has that key already and judges it an exact duplicate."""
+        """What became of each raw record, in order, ready to write (serialised here, so the
+        main process only judges duplicates and writes bytes): per record it becomes,
+        ``("keep", (path, line, index), id, json_line, fingerprint)`` or ``("remove",
+        rejects_line)``; and the counts of this chunk. The fingerprints of the chunk's kept
+        records are computed together at the end."""
+        from zhtune.data.convert import dump_line
+
         self.counts = Counter()
         out: list[tuple] = []
+        kept: list[dict[str, Any]] = []
         for item in chunk:
             self.note("read", "in")
             for o in self.outcomes(item):
                 if o.record is None:
                     self.note("read", "removed")
-                    out.append(("remove", o, "read", o.reason, o.raw))
+                    out.append(("remove", dump_line(reject_entry(o, "read", o.reason, o.raw)).encode()))
                     continue
                 records, self.source_format = [o.record], o.fmt
                 for step in self.steps:
-                    kept = []
+                    survivors = []
                     for rec in records:
                         self.note(step.name, "in")
                         result = step.apply(rec, self)
                         if isinstance(result, str):
                             self.note(step.name, "removed")
-                            out.append(("remove", o, step.name, result, rec))
+                            out.append(
+                                ("remove", dump_line(reject_entry(o, step.name, result, rec)).encode())
+                            )
                         else:
-                            kept.extend(result)
-                    records = kept
-                out.extend(("keep", o, rec, self.fingerprint(rec)) for rec in records)
+                            survivors.extend(result)
+                    records = survivors
+                for rec in records:
+                    out.append(
+                        ("keep", (o.path, o.line, o.index), rec["id"], dump_line(rec).encode(), len(kept))
+                    )
+                    kept.append(rec)
+        fps = self.fingerprints(kept)
+        out = [(*item[:4], fps[item[4]]) if item[0] == "keep" else item for item in out]
         return out, self.counts
 
-    def fingerprint(self, record: dict[str, Any]) -> Any:
-        """The dedup fingerprint of a kept record (None when both dedup steps are off)."""
+    def fingerprints(self, records: list[dict[str, Any]]) -> list[Any]:
+        """The dedup fingerprints of kept records, in order (all None when both dedup steps are
+        off). A record whose exact key this worker has seen before gets no MinHash: the main
+        process, going in input order, has that key already and judges it an exact duplicate."""
         if not (self.exact or self.hasher):
-            return None
-        from zhtune.data.dedup import Fingerprint, exact_key, fingerprint, normalise
+            return [None] * len(records)
+        from zhtune.data.dedup import exact_key, fingerprints, normalise
 
-        text = normalise(record["messages"])
-        if self.exact:
-            key = exact_key(text)
-            if key in self._seen:
-                return Fingerprint(key)
-            self._seen.add(key)
-        return fingerprint(text, self.hasher, self.exact)
+        texts = [normalise(r["messages"]) for r in records]
+        seen = set()
+        if self.exact and self.hasher:
+            for i, text in enumerate(texts):
+                key = exact_key(text)
+                if key in self._seen:
+                    seen.add(i)
+                self._seen.add(key)
+        return fingerprints(texts, self.hasher, self.exact, seen)
 
 
 def _load_opencc() -> Any:
@@ -337,14 +363,16 @@ def _raw_items(paths: list[str], fmt: str, mapping: dict[str, str]) -> Iterator[
     of :func:`~zhtune.data.convert.iter_conversations` (same format detection per file)."""
     from zhtune.data.convert import detect_file_format
     from zhtune.data.formats import apply_mapping, get_format
-    from zhtune.data.readers import RawError, iter_raw
+    from zhtune.data.readers import RawError, iter_raw_lazy, parse_json_line
 
     named = None if fmt == "auto" else get_format(fmt)
     for path in paths:
         file_fmt = named
-        for index, (line, original) in enumerate(iter_raw(path), 1):
-            if file_fmt is None and not isinstance(original, RawError):
-                file_fmt = detect_file_format(path, apply_mapping(original, mapping))
+        for index, (line, original) in enumerate(iter_raw_lazy(path), 1):
+            if file_fmt is None:
+                parsed = parse_json_line(original) if isinstance(original, str) else original
+                if not isinstance(parsed, RawError):
+                    file_fmt = detect_file_format(path, apply_mapping(parsed, mapping))
             yield path, line, index, original, file_fmt
 
 
@@ -384,23 +412,6 @@ class StepCount:
     notes: dict[str, int] = field(default_factory=dict)
 
 
-def _rejects_writer(path: str) -> Any:
-    """The rejects file of clean: convert's :class:`~zhtune.data.convert.RejectWriter` (created
-    at the first reject, renamed into place at the end) taking ready-made entries."""
-    from zhtune.data.convert import RejectWriter, atomic_open, dump_line
-
-    class CleanRejects(RejectWriter):
-        def write_entry(self, entry: dict[str, Any]) -> None:
-            self.count += 1
-            if self.path is None:
-                return
-            if self._file is None:
-                self._file = self._stack.enter_context(atomic_open(self.path))
-            self._file.write(dump_line(entry))
-
-    return CleanRejects(path)
-
-
 def reject_entry(o: Outcome, step: str, reason: str, record: Any, **extra: Any) -> dict[str, Any]:
     """A removed record as written to the rejects file: the step and reason first, then where it
     came from (file, line, record index), and the record as it was when removed."""
@@ -412,14 +423,25 @@ def reject_entry(o: Outcome, step: str, reason: str, record: Any, **extra: Any) 
 
 
 def format_clean_summary(
-    counts: list[StepCount], written: int, output: str, rejects: str, seconds: float, clusters: dict
+    counts: list[StepCount],
+    written: int,
+    output: str,
+    rejects: str,
+    seconds: float,
+    clusters: dict,
+    resumed_after: int = 0,
 ) -> str:
     """The table printed after ``zhtune data clean``: per step, records in, removed, share, and
-    what it changed; dedup steps add their clusters and the largest one."""
+    what it changed; dedup steps add their clusters and the largest one. ``resumed_after``: the
+    records an interrupted run had done (the rate counts only this run's)."""
     read = counts[0].seen if counts else 0
-    rate = read / seconds if seconds > 0 else 0.0
+    rate = (read - resumed_after) / seconds if seconds > 0 else 0.0
+    resumed = (
+        f" ({read - resumed_after:,} this run, resumed after {resumed_after:,})" if resumed_after else ""
+    )
     lines = [
-        f"cleaned {read:,} records -> {written:,} written to {output} in {seconds:.1f} s ({rate:,.0f} records/s)",
+        f"cleaned {read:,} records{resumed} -> {written:,} written to {output} in {seconds:.1f} s "
+        f"({rate:,.0f} records/s)",
         "",
         "| step | in | removed | share | notes |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -437,6 +459,104 @@ def format_clean_summary(
     return "\n".join(lines)
 
 
+def _dup_line(where: tuple[str, int, int], rid: str, verdict: Any, record_line: bytes) -> bytes:
+    """The rejects line of a duplicate (:func:`reject_entry`'s layout, with ``duplicate_of``
+    and ``similarity``), around the record's JSON line as the worker serialised it."""
+    from zhtune.data.convert import dump_line
+
+    kind = "exact" if verdict.step == "exact-dup" else "near"
+    path, line, index = where
+    head = {"step": verdict.step, "reason": f"{kind} duplicate of {verdict.duplicate_of}", "id": rid,
+            "file": path, "line": line, "index": index, "duplicate_of": verdict.duplicate_of,
+            "similarity": verdict.similarity}  # fmt: skip
+    return dump_line(head)[:-2].encode() + b', "record": ' + record_line[:-1] + b"}\n"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+#: Seconds between checkpoints of a running clean (files flushed, state written).
+CHECKPOINT_SECONDS = 2.0
+
+
+@dataclass
+class _Checkpoint:
+    """Where an interrupted clean stopped: ``OUT.partial`` and ``REJECTS.partial`` hold the
+    output of the first ``read`` raw records in their first ``out_bytes`` / ``rejects_bytes``,
+    and ``counts`` are the step counts up to there. Saved as ``OUT.partial.json`` with the
+    ``key`` (inputs with their sizes and times, steps, options) it is valid for."""
+
+    key: dict[str, Any]
+    read: int = 0
+    out_bytes: int = 0
+    rejects_bytes: int = 0
+    written: int = 0
+    rejects: int = 0
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def make_key(
+        paths: list[str], enabled: list[str], options: CleanOptions, fmt: str, mapping: dict
+    ) -> dict:
+        files = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+        return {"files": files, "steps": enabled, "options": vars(options), "format": fmt, "map": mapping}
+
+
+def _load_checkpoint(path: str, key: dict[str, Any]) -> _Checkpoint | None:
+    """The saved checkpoint when it is for the same inputs and settings, else None (with a line
+    on stderr when one was there but is stale)."""
+    import json
+
+    try:
+        saved = _Checkpoint(**json.loads(Path(path).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as err:
+        print(f"clean: ignoring unreadable checkpoint {path} ({err}); starting over", file=sys.stderr)
+        return None
+    if saved.key != json.loads(json.dumps(key)):
+        print(f"clean: inputs or settings changed since {path} was written; starting over", file=sys.stderr)
+        return None
+    return saved
+
+
+def _save_checkpoint(path: str, cp: _Checkpoint) -> None:
+    import json
+
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(vars(cp)), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _restore_dedup(deduper: Any, worker: Worker, out_path: str, rejects_path: str) -> None:
+    """Rebuild the dedup index of an interrupted run from what it wrote: every kept record is
+    checked again in order (they were kept, so they are again, and are indexed), and every
+    duplicate in the rejects counts in its cluster (a near duplicate's exact key is remembered,
+    as :meth:`~zhtune.data.dedup.Deduper.check` does)."""
+    import json
+
+    from zhtune.data.dedup import Verdict, exact_key, normalise
+
+    with open(out_path, encoding="utf-8") as f:
+        for lines in chunked(f, CHUNK):
+            records = [json.loads(line) for line in lines]
+            for rec, fp in zip(records, worker.fingerprints(records)):
+                deduper.check(rec["id"], fp)
+    with open(rejects_path, encoding="utf-8") as f:
+        for line in f:
+            entry = json.loads(line)
+            if entry["step"] in DEDUP_STEPS:
+                key = exact_key(normalise(entry["record"]["messages"]))
+                deduper.remember(Verdict(entry["step"], entry["duplicate_of"], entry["similarity"]), key)
+
+
+def _truncated(path: str, size: int) -> Any:
+    """``path`` (created if missing) cut to ``size`` bytes and opened to write from there."""
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
+    f.truncate(size)
+    f.seek(size)
+    return f
+
+
 def clean_files(
     inputs: list[str],
     output: str,
@@ -446,6 +566,7 @@ def clean_files(
     mapping: dict[str, str] | None = None,
     rejects: str | None = None,
     progress: bool = True,
+    restart: bool = False,
 ) -> dict[str, StepCount]:
     """``zhtune data clean``: stream ``inputs`` through the enabled steps into ``output``.
 
@@ -453,10 +574,15 @@ def clean_files(
     Removed records go to ``rejects`` (default ``OUTPUT.rejects.jsonl``; a stale default file
     is removed when nothing was removed). Prints the summary table to stderr and returns the
     counts per step (``read`` first).
-    """
-    from tqdm import tqdm
 
-    from zhtune.data.convert import atomic_open, default_rejects_path, dump_line
+    Output is written to ``OUTPUT.partial`` (rejects to ``REJECTS.partial``) and renamed into
+    place at the end; every :data:`CHECKPOINT_SECONDS` the files are flushed and
+    ``OUTPUT.partial.json`` records how far they go. A run that is interrupted (Ctrl-C, a
+    crash, a kill) and started again with the same inputs and settings goes on from the last
+    checkpoint (``restart`` starts over), and its files are byte for byte those of an
+    uninterrupted run.
+    """
+    from zhtune.data.convert import default_rejects_path
     from zhtune.data.dedup import Deduper
     from zhtune.data.readers import expand_inputs
 
@@ -475,61 +601,106 @@ def clean_files(
     names = ["read", *enabled]
     counts = {n: StepCount(n) for n in names}
     rejects_path = rejects or default_rejects_path(output)
-    written = 0
+    out_partial, rejects_partial, state_path = (
+        f"{output}.partial",
+        f"{rejects_path}.partial",
+        f"{output}.partial.json",
+    )
+    key = _Checkpoint.make_key(paths, enabled, options, fmt, mapping or {})
+    cp = None if restart else _load_checkpoint(state_path, key)
+    if cp is None:
+        cp = _Checkpoint(key)
+    resumed_after = cp.read
+    if resumed_after:
+        print(f"clean: resuming after {cp.read:,} records ({cp.written:,} written) from {out_partial}",
+              file=sys.stderr)  # fmt: skip
+        for name, c in cp.counts.items():
+            counts[name] = StepCount(**c)
     start = time.perf_counter()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
     with (
-        atomic_open(output) as out,
-        _rejects_writer(rejects_path) as rejected,
-        tqdm(desc="clean", unit=" rec", file=sys.stderr, disable=not progress, mininterval=0.5) as bar,
+        _truncated(out_partial, cp.out_bytes) as out,
+        _truncated(rejects_partial, cp.rejects_bytes) as rejected,
+        progress_bar("clean", progress, unit=" rec", initial=cp.read) as bar,
     ):
-        chunks = chunked(_raw_items(paths, fmt, mapping or {}), CHUNK)
-        for results, chunk_counts in _processed(chunks, worker, options.workers):
-            for (name, what), n in chunk_counts.items():
-                c = counts[name]
-                if what == "in":
-                    c.seen += n
-                elif what == "removed":
-                    c.removed += n
-                else:
-                    c.notes[what] = c.notes.get(what, 0) + n
+        if cp.read:
+            _restore_dedup(deduper, worker, out_partial, rejects_partial)
+        raw = itertools.islice(_raw_items(paths, fmt, mapping or {}), cp.read, None)
+        last_saved = time.monotonic()
+        for results, chunk_counts in _processed(chunked(raw, CHUNK), worker, options.workers):
+            _add_counts(counts, chunk_counts)
             for item in results:
                 if item[0] == "remove":
-                    _, o, step, reason, record = item
-                    rejected.write_entry(reject_entry(o, step, reason, record))
+                    rejected.write(item[1])
+                    cp.rejects += 1
                     continue
-                _, o, record, fp = item
+                _, where, rid, line, fp = item
                 verdict = None
                 if fp is not None:
                     for name in DEDUP_STEPS:
                         if name in counts:
                             counts[name].seen += 1
-                    verdict = deduper.check(record["id"], fp)
+                    verdict = deduper.check(rid, fp)
                 if verdict is None:
-                    out.write(dump_line(record))
-                    written += 1
+                    out.write(line)
+                    cp.written += 1
                     continue
                 counts[verdict.step].removed += 1
                 if verdict.step == "exact-dup" and "near-dup" in counts:
                     counts["near-dup"].seen -= 1  # it never reached near-dup
-                reason = f"{'exact' if verdict.step == 'exact-dup' else 'near'} duplicate of {verdict.duplicate_of}"
-                rejected.write_entry(
-                    reject_entry(
-                        o, verdict.step, reason, record,
-                        duplicate_of=verdict.duplicate_of, similarity=verdict.similarity,
-                    )
-                )  # fmt: skip
-            bar.update(chunk_counts.get(("read", "in"), 0))
-    if rejected.count == 0 and rejects is None:
+                rejected.write(_dup_line(where, rid, verdict, line))
+                cp.rejects += 1
+            n = chunk_counts.get(("read", "in"), 0)
+            cp.read += n
+            bar.update(n)
+            if time.monotonic() - last_saved >= CHECKPOINT_SECONDS:
+                _checkpoint(state_path, cp, counts, out, rejected)
+                last_saved = time.monotonic()
+    os.replace(out_partial, output)
+    if cp.rejects or rejects is not None:
+        os.replace(rejects_partial, rejects_path)
+    else:
+        os.remove(rejects_partial)
         with suppress(FileNotFoundError):
             os.remove(rejects_path)
+    with suppress(FileNotFoundError):
+        os.remove(state_path)
     clusters = {n: deduper.cluster_stats(n) for n in DEDUP_STEPS if n in counts}
     print(
         format_clean_summary(
-            list(counts.values()), written, output, rejects_path, time.perf_counter() - start, clusters
+            list(counts.values()),
+            cp.written,
+            output,
+            rejects_path,
+            time.perf_counter() - start,
+            clusters,
+            resumed_after,
         ),
         file=sys.stderr,
     )
     return counts
+
+
+def _add_counts(counts: dict[str, StepCount], chunk_counts: Counter[tuple[str, str]]) -> None:
+    """Add a worker's counts of one chunk (``(step, "in" | "removed" | note) -> n``)."""
+    for (name, what), n in chunk_counts.items():
+        c = counts[name]
+        if what == "in":
+            c.seen += n
+        elif what == "removed":
+            c.removed += n
+        else:
+            c.notes[what] = c.notes.get(what, 0) + n
+
+
+def _checkpoint(path: str, cp: _Checkpoint, counts: dict[str, StepCount], out: Any, rejected: Any) -> None:
+    """Flush both files and save how far they go."""
+    out.flush()
+    rejected.flush()
+    cp.out_bytes, cp.rejects_bytes = out.tell(), rejected.tell()
+    cp.counts = {name: vars(c) for name, c in counts.items()}
+    _save_checkpoint(path, cp)
 
 
 def _check_resources(enabled: list[str], options: CleanOptions) -> Any:

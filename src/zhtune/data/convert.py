@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -107,15 +108,22 @@ def make_record_id(raw: dict[str, Any], path: str, index: int) -> str:
     return f"{Path(path).stem}-{index}"
 
 
+@lru_cache(maxsize=64)
+def _file_name(path: str) -> str:
+    return Path(path).name
+
+
 def record_meta(
     fmt: Format, raw: dict[str, Any], path: str, messages: list[dict[str, str]]
 ) -> dict[str, Any]:
     """A canonical record's ``meta``: source file, guessed language, carried raw fields, and a raw
     ``meta``/``metadata`` object merged last."""
-    meta: dict[str, Any] = {
-        "source": Path(path).name,
-        "lang": guess_lang("\n".join(m["content"] for m in messages if isinstance(m.get("content"), str))),
-    }
+    meta: dict[str, Any] = {"source": _file_name(path)}
+    if not any(isinstance(raw.get(k), dict) and "lang" in raw[k] for k in ("metadata", "meta")):
+        # (a canonical record read again keeps its own lang, merged below)
+        meta["lang"] = guess_lang(
+            "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str))
+        )
     if not fmt.chat:
         meta["kind"] = "text"
     for key, dst in {**CARRIED, **fmt.meta}.items():

@@ -140,13 +140,22 @@ ERROR_REPLIES = re.compile(
     r"Rate limit (?:reached|exceeded)|conversation not found",
     re.IGNORECASE,
 )
+#: Lower-case words one of which every :data:`ERROR_REPLIES` match contains: a reply with none
+#: of them is not searched (the case-insensitive alternation is the slow part of the step).
+_ERROR_ANCHORS = ("request", "wrong", "error", "failed", "too long", "rate limit", "not found")
 _SPACE = re.compile(r"\s+")
+
+
+def _mentions(text: str, anchors: tuple[str, ...]) -> bool:
+    """True when lower-cased ``text`` contains one of ``anchors`` (a cheap test before a regex)."""
+    low = text.lower()
+    return any(a in low for a in anchors)
 
 
 def error_reply(messages: Messages) -> str | None:
     """The reason when an assistant turn is a web-UI error message (e.g. "Too many requests")."""
     for i, m in enumerate(messages):
-        if m["role"] == "assistant" and len(m["content"]) < 300:
+        if m["role"] == "assistant" and len(m["content"]) < 300 and _mentions(m["content"], _ERROR_ANCHORS):
             hit = ERROR_REPLIES.search(m["content"])
             if hit:
                 return f"messages[{i}]: the reply is an error message ({hit.group(0)!r})"
@@ -184,6 +193,8 @@ SELF_REFERENCE = re.compile(
     r"作为(?:一个|一名)?(?:AI|人工智能)?语言模型|我是(?:一个)?(?:由)?(?:OpenAI|开放人工智能)",
     re.IGNORECASE,
 )
+#: Lower-case words one of which every :data:`SELF_REFERENCE` match contains.
+_SELF_ANCHORS = ("gpt", "openai", "language model", "i am an ai", "语言模型", "我是")
 
 #: The reply says the input it needed was not given (BELLE: incomplete instructions).
 MISSING_INPUT_REPLY = re.compile(
@@ -209,7 +220,7 @@ _SHORT_REPLY = 200
 def self_reference(messages: Messages) -> str | None:
     """The reason when a reply mentions GPT / ChatGPT / OpenAI or "as an AI language model"."""
     for i, m in enumerate(messages):
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and _mentions(m["content"], _SELF_ANCHORS):
             hit = SELF_REFERENCE.search(m["content"])
             if hit:
                 return f"messages[{i}]: the reply refers to {hit.group(0)!r}"
@@ -250,8 +261,8 @@ def is_english_prose(text: str) -> bool:
     sign of code, a URL or a formula; any Chinese character (a Chinese reply quoting English
     titles) makes it not English."""
     return (
-        guess_lang(text) == "en"
-        and not _HAN.search(text)
+        not _HAN.search(text)
+        and guess_lang(text) == "en"
         and len(_FUNCTION_WORD.findall(text)) >= MIN_ENGLISH_WORDS
         and not _CODE.search(text)
     )
@@ -265,8 +276,8 @@ def zh_instruction_en_reply(messages: Messages) -> str | None:
         user, reply = messages[i - 1], messages[i]
         if user["role"] != "user" or reply["role"] != "assistant":
             continue
-        if _ASKS_FOR_ENGLISH.search(user["content"]):
-            continue
+        if _HAN.search(reply["content"]) or _ASKS_FOR_ENGLISH.search(user["content"]):
+            continue  # (the cheap tests first: a reply with Chinese in it is not English prose)
         if guess_lang(user["content"]) == "zh" and is_english_prose(reply["content"]):
             return f"messages[{i}]: Chinese instruction, English reply"
     return None

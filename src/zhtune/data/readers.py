@@ -73,14 +73,24 @@ def _as_object(value: Any) -> dict[str, Any] | RawError:
 # --------------------------------------------------------------------------- JSON Lines
 
 
-def _iter_jsonl_lines(f: TextIO, first_line: int = 1) -> Iterator[RawItem]:
-    for lineno, line in enumerate(f, first_line):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, _as_object(json.loads(line.rstrip("\r\n")))
-        except json.JSONDecodeError as e:
-            yield lineno, RawError(f"invalid JSON: {e.msg} (column {e.colno})")
+def parse_json_line(line: str) -> dict[str, Any] | RawError:
+    """One JSON Lines line as its object, or the :class:`RawError` saying why it is not one."""
+    try:
+        return _as_object(json.loads(line.rstrip("\r\n")))
+    except json.JSONDecodeError as e:
+        return RawError(f"invalid JSON: {e.msg} (column {e.colno})")
+
+
+def _jsonl_lines(f: TextIO) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every non-blank line."""
+    for lineno, line in enumerate(f, 1):
+        if line.strip():
+            yield lineno, line
+
+
+def _iter_jsonl_lines(f: TextIO) -> Iterator[RawItem]:
+    for lineno, line in _jsonl_lines(f):
+        yield lineno, parse_json_line(line)
 
 
 def read_jsonl(path: str) -> Iterator[RawItem]:
@@ -321,6 +331,25 @@ def iter_raw(path: str) -> Iterator[RawItem]:
             f"unsupported file type {Path(path).suffix or '(none)'!r} for {path}; supported: {_supported()}"
         )
     return reader(path)
+
+
+def iter_raw_lazy(path: str) -> Iterator[tuple[int, dict[str, Any] | RawError | str]]:
+    """:func:`iter_raw`, except that the records of a JSON Lines file (``.jsonl``, or ``.json``
+    holding JSON Lines) come as their unparsed line text, for :func:`parse_json_line` to parse
+    where the work is spread out (``zhtune data clean`` parses in its worker processes)."""
+    suffix = Path(path).suffix.lower()
+    if os.path.isfile(path) and (suffix == ".jsonl" or (suffix == ".json" and _is_json_lines(path))):
+        with open(path, encoding="utf-8-sig") as f:
+            yield from _jsonl_lines(f)
+        return
+    yield from iter_raw(path)
+
+
+def _is_json_lines(path: str) -> bool:
+    """True for a ``.json`` file that :func:`read_json` reads as JSON Lines."""
+    with open(path, encoding="utf-8-sig") as f:
+        first = _JsonStream(f, path).peek()
+    return first == "{" and _first_line_is_json(path)
 
 
 def _expand_dir(path: str) -> list[str]:

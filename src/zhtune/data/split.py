@@ -8,7 +8,7 @@ is the longer part, the reply to what remains), and says so in ``meta.truncated`
 
 Tokens are counted per turn's content with the given tokenizer (no special tokens, no template
 markers: leave room for them in ``max_tokens``); a record so short it cannot exceed the limit
-(:data:`BYTES_BOUND`) is not tokenized at all. A system message is repeated at the head of every
+(:func:`tokens_per_byte_bound`) is not tokenized at all. A system message is repeated at the head of every
 chunk and counts in each. Chunks end on an assistant turn; a trailing unanswered user turn is
 dropped. Chunks of a split record get ids ``{id}-part{k}`` (``k`` from 1) and
 ``meta.part = [k, n]``; a record that fits is returned unchanged.
@@ -24,8 +24,22 @@ from typing import Any
 Messages = list[dict[str, str]]
 #: A record of at most ``max_tokens / BYTES_BOUND`` UTF-8 bytes is not tokenized: a token covers
 #: at least one byte in byte-level BPE and SentencePiece alike; the factor 2 leaves room for
-#: normalisers that expand text (NFKC ligatures).
+#: normalisers that expand text (NFKC ligatures) and word-start markers.
 BYTES_BOUND = 2
+
+
+def tokens_per_byte_bound(tokenizer: Any) -> int:
+    """At most how many tokens ``tokenizer`` makes per UTF-8 byte of text: 1 for a fast
+    byte-level BPE tokenizer without a normaliser (every token is one or more of the text's
+    bytes), else :data:`BYTES_BOUND`."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return BYTES_BOUND
+    spec = json.loads(backend.to_str())
+    byte_level = '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer"))
+    return 1 if byte_level and spec["model"]["type"] == "BPE" else BYTES_BOUND
 
 
 @dataclass
@@ -75,13 +89,18 @@ def _truncate_pair(pair: Messages, counts: list[int], budget: int, tokenizer: An
 
 
 def split_conversation(
-    record: dict[str, Any], max_tokens: int, count_tokens: Callable[[list[str]], list[int]], tokenizer: Any
+    record: dict[str, Any],
+    max_tokens: int,
+    count_tokens: Callable[[list[str]], list[int]],
+    tokenizer: Any,
+    bytes_bound: int = BYTES_BOUND,
 ) -> SplitResult:
     """Split ``record`` into chunks of at most ``max_tokens`` content tokens (see the module
-    docstring). ``count_tokens`` maps texts to their token counts (one tokenizer batch call)."""
+    docstring). ``count_tokens`` maps texts to their token counts (one tokenizer batch call);
+    ``bytes_bound`` is :func:`tokens_per_byte_bound` of the tokenizer."""
     messages = record["messages"]
     ends_on_reply = not messages or messages[-1]["role"] == "assistant"
-    if ends_on_reply and BYTES_BOUND * sum(len(m["content"].encode()) for m in messages) <= max_tokens:
+    if ends_on_reply and bytes_bound * sum(len(m["content"].encode()) for m in messages) <= max_tokens:
         return SplitResult([record])  # cannot be over the limit: not worth tokenizing
     counts = count_tokens([m["content"] for m in messages])
     total = sum(counts)

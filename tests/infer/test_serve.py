@@ -268,3 +268,90 @@ def test_batch_decoder_equals_generate_on_every_family(family, tiny_tokenizer):
         model, prompts, [sampled, Sampling(8), Sampling(8, 0.7, seed=1), sampled], prompter.stop_ids, 0
     )
     assert decode_all(batched, 4)[0] == alone
+
+
+def _virtual_token_model(method: str, tiny_tokenizer):
+    """A sharpened tiny llama with a peft prefix / prompt / P-tuning adapter whose 4 virtual
+    tokens are large enough to change what it says."""
+    import peft
+
+    torch.manual_seed(0)
+    model = build_tiny_model("llama", tiny_tokenizer).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    common = {"task_type": peft.TaskType.CAUSAL_LM, "num_virtual_tokens": 4}
+    config = {
+        "prefix": lambda: peft.PrefixTuningConfig(**common),
+        "prompt": lambda: peft.PromptTuningConfig(**common),
+        "ptuning": lambda: peft.PromptEncoderConfig(**common, encoder_hidden_size=model.config.hidden_size),
+    }[method]()
+    tuned = peft.get_peft_model(model, config).eval()
+    with torch.no_grad():
+        for p in tuned.prompt_encoder.parameters():
+            p.mul_(20)
+    return tuned
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning"])
+def test_batch_decoder_adds_virtual_tokens_as_peft_generate_does(method, tiny_tokenizer):
+    """Prefix tuning (virtual keys and values in every layer) and prompt / P-tuning (virtual
+    input embeddings): each padded row of the batch decodes what peft's own ``generate`` gives
+    its prompt alone, and the adapter changes the replies."""
+    model = _virtual_token_model(method, tiny_tokenizer)
+    prompter = Prompter(tiny_tokenizer, "chatml")
+    prompts = [prompter.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
+    opts = GenerationOptions(max_new_tokens=6, temperature=0)
+    expected, plain = [], []
+    for prompt in prompts:
+        reply = generate_replies(model, tiny_tokenizer, [prompt], opts, prompter.stop_ids)[0]
+        expected.append(reply.token_ids + prompter.stop_ids[:1] * reply.stopped)
+        with model.disable_adapter():
+            plain.append(
+                generate_replies(model, tiny_tokenizer, [prompt], opts, prompter.stop_ids)[0].token_ids
+            )
+    assert [e[: len(p)] for e, p in zip(expected, plain)] != plain  # the virtual tokens matter
+    decoder = BatchDecoder(model, prompts, [Sampling(6)] * 4, prompter.stop_ids, 0)
+    decoder.finish([2])  # a row that leaves before the prefill
+    got = decode_all(decoder, 4)
+    assert got[:2] + got[3:] == expected[:2] + expected[3:] and got[2] == []
+
+
+@pytest.fixture(scope="module")
+def prefix_run(run_dir, train_file, tmp_path_factory) -> Path:
+    """A prefix-tuning run (2 steps at a high learning rate) on the sharpened model."""
+    from zhtune.config import build_config
+    from zhtune.train.config import TrainConfig
+    from zhtune.train.sft import train
+
+    values = dict(model=str(run_dir), data=[str(train_file)], template="chatml", cutoff_len=64, method="prefix",
+                  num_virtual_tokens=4, max_steps=2, lr=0.5, output_dir=str(tmp_path_factory.mktemp("prefix") / "run"))  # fmt: skip
+    return train(build_config(TrainConfig, values), progress=False)
+
+
+def test_serve_a_prefix_tuning_run(prefix_run, tmp_path):
+    """A run whose adapter adds virtual tokens is served, batched, with the replies that
+    ``zhtune predict``'s generate gives each question alone."""
+    model, tokenizer, template = load_for_inference(prefix_run)
+    prompter = Prompter(tokenizer, template)
+    local = (model, tokenizer, prompter)
+    with zhtune_serve(prefix_run, tmp_path / "server.log", "--batch-wait-ms", "200", timeout=60) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+        async def ask_all() -> list[str]:
+            replies = await asyncio.gather(
+                *[
+                    client.chat.completions.create(
+                        model=prefix_run.name,
+                        messages=[{"role": "user", "content": q}],
+                        max_tokens=8,
+                        temperature=0,
+                    )
+                    for q in QUESTIONS[:4]
+                ]
+            )
+            return [r.choices[0].message.content for r in replies]
+
+        got = asyncio.run(ask_all())
+    assert got == [reference(local, q, 8) for q in QUESTIONS[:4]]

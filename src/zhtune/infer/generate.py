@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from zhtune.data.templates import get_template, render, stop_token_ids
+from zhtune.errors import ZhtuneError
 
 
 @dataclass
@@ -168,6 +169,28 @@ class Sampling:
     """Seed of the row's own random generator (None: a random seed)."""
 
 
+#: peft prompt-learning types :class:`BatchDecoder` decodes, and how their virtual tokens enter:
+#: as keys and values in every layer's cache, or as input embeddings before the prompt.
+VIRTUAL_TOKENS = {"PREFIX_TUNING": "cache", "PROMPT_TUNING": "embeds", "P_TUNING": "embeds"}
+
+
+def prompt_learning(model: Any) -> tuple[Any, str | None, int]:
+    """``(model to call, kind, virtual tokens)``: for a peft prefix / prompt / P-tuning model its
+    base model, ``"cache"`` or ``"embeds"`` (:data:`VIRTUAL_TOKENS`) and how many virtual tokens
+    it puts before every prompt; for any other model ``(model, None, 0)``. peft's own forward
+    adds the virtual tokens on every call, so a decoder with a KV cache calls the base model and
+    adds them once, at prefill. Raises :class:`ZhtuneError` for other prompt-learning types."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning:
+        return model, None, 0
+    kind = VIRTUAL_TOKENS.get(config.peft_type.value)
+    if kind is None:
+        raise ZhtuneError(
+            f"cannot decode {config.peft_type.value} adapters in batches (known: {', '.join(VIRTUAL_TOKENS)})"
+        )
+    return model.get_base_model(), kind, config.num_virtual_tokens
+
+
 class BatchDecoder:
     """Decode several prompts together, one token per row per step, with a KV cache.
 
@@ -198,7 +221,7 @@ class BatchDecoder:
     ) -> None:
         import torch
 
-        self.model = model
+        self.model, kind, virtual = prompt_learning(model)
         self.samplings = samplings
         self.stop_ids = set(stop_ids)
         self.generated = [0] * len(prompts)
@@ -206,10 +229,21 @@ class BatchDecoder:
         """Rows still decoding, in batch order (rows are indices into ``prompts``)."""
         device = next(model.parameters()).device
         ids, mask = left_pad(prompts, pad_id)
-        self._inputs = ids.to(device)
-        self._mask = mask.to(device)
-        self._positions = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        ids, mask = ids.to(device), mask.to(device)
+        if kind is not None:  # the virtual tokens come first in every row, before its padding
+            mask = torch.cat([mask.new_ones(len(prompts), virtual), mask], dim=1)
+        self._inputs, self._mask = ids, mask
+        self._positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self._cache: Any = None
+        self._embeds: Any = None
+        """Prefill input embeddings (virtual tokens, then the prompts) for prompt and P-tuning."""
+        with torch.no_grad():
+            if kind == "cache":
+                self._cache = model.get_prompt(len(prompts))
+                self._positions = self._positions[:, virtual:]
+            elif kind == "embeds":
+                words = self.model.get_input_embeddings()(ids)
+                self._embeds = torch.cat([model.get_prompt(len(prompts)).to(words.dtype), words], dim=1)
         self._temperature = torch.tensor([s.temperature for s in samplings], device=device)
         self._top_p = torch.tensor([s.top_p for s in samplings], device=device)
         self._generators = [_generator(s.seed, device) if s.temperature > 0 else None for s in samplings]
@@ -218,9 +252,11 @@ class BatchDecoder:
         """One forward pass: ``(row, token, finish_reason)`` for every running row."""
         import torch
 
+        inputs = {"input_ids": self._inputs} if self._embeds is None else {"inputs_embeds": self._embeds}
+        self._embeds = None
         with torch.no_grad():
             out = self.model(
-                input_ids=self._inputs,
+                **inputs,
                 attention_mask=self._mask,
                 position_ids=self._positions,
                 past_key_values=self._cache,
@@ -255,6 +291,8 @@ class BatchDecoder:
         self.running = [self.running[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long, device=self._inputs.device)
         self._inputs, self._mask = self._inputs[index], self._mask[index]
+        if self._embeds is not None:
+            self._embeds = self._embeds[index]
         self._positions = self._positions[index]
         self._temperature, self._top_p = self._temperature[index], self._top_p[index]
         self._generators = [self._generators[i] for i in keep]

@@ -49,7 +49,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.generate import BatchDecoder, Prompter, Sampling
+from zhtune.infer.generate import BatchDecoder, Prompter, Sampling, prompt_learning
 
 # ---------------------------------------------------------------------------------------------
 # The engine: a scheduler thread that batches choices on the model
@@ -121,7 +121,8 @@ class Engine:
         self.prompter = Prompter(tokenizer, template)
         self.stop_ids = self.prompter.stop_ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.context_length = context_length(model, tokenizer)
+        # virtual tokens of a prefix / prompt / P-tuning adapter take their place in the context
+        self.context_length = context_length(model, tokenizer) - prompt_learning(model)[2]
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait_ms / 1000
@@ -654,12 +655,7 @@ def serve(
     if batch_wait_ms < 0:
         raise ZhtuneError(f"--batch-wait-ms must be 0 or more, got {batch_wait_ms}")
     model, tokenizer, run_template = load_for_inference(run, dtype=dtype)
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
-        raise ZhtuneError(
-            f"zhtune serve cannot serve {peft_config.peft_type.value} adapters yet (their virtual tokens "
-            "need peft's own generate); use `zhtune chat` or `zhtune predict` with this run"
-        )
+    prompt_learning(model)  # an adapter type the decoder cannot batch fails here, not per request
     name = Path(run).resolve().name
     engine = Engine(model, tokenizer, template or run_template, max_batch_size, batch_wait_ms, max_concurrent)
     app = create_app(engine.start(), name, api_key)

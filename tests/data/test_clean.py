@@ -302,7 +302,7 @@ def _interrupt_after(monkeypatch, chunks: int) -> None:
     """Make the next clean raise KeyboardInterrupt once ``chunks`` chunks came back."""
     import zhtune.data.clean as clean
 
-    real = clean._processed
+    real = clean.ordered_map
 
     def processed(*args, **kwargs):
         for n, result in enumerate(real(*args, **kwargs)):
@@ -310,7 +310,7 @@ def _interrupt_after(monkeypatch, chunks: int) -> None:
                 raise KeyboardInterrupt
             yield result
 
-    monkeypatch.setattr(clean, "_processed", processed)
+    monkeypatch.setattr(clean, "ordered_map", processed)
 
 
 def test_interrupted_clean_resumes_to_the_same_files(tmp_path, monkeypatch, capsys):

@@ -5,15 +5,20 @@ so ShareGPT html dumps work directly). Every record goes through :data:`STEPS` i
 either keeps it (possibly changed, or split into several) or removes it with a reason. Removed
 records go to ``OUT.rejects.jsonl`` as ``{step, reason, id, file, line, index, field, record}``
 (near and exact duplicates add ``duplicate_of`` and ``similarity``); kept records to ``OUT``, which
-appears only when the run finishes (written to a temporary file, renamed into place). A summary
-table gives, per step, the records in, removed and their share, and what changed.
+appears only when the run finishes (``OUT.partial`` until then). A summary table gives, per step,
+the records in, removed and their share, and what changed.
 
-Scale: records stream from the reader through a bounded window of chunks to ``workers``
-processes that run the per-record steps (html, filters, language, split) and compute the dedup
-fingerprints (MinHash); the main process reads, deduplicates in input order against its
-indexes and writes. Output order and content are the same for any number of workers. Memory is
-the window plus the dedup indexes, which grow with the number of kept records (see
-:mod:`zhtune.data.dedup`).
+Scale: the main process reads lines (JSON Lines are not even parsed there) and sends chunks,
+through a bounded window (:func:`~zhtune.parallel.ordered_map`), to ``workers`` processes that
+parse, convert, run the per-record steps (html, filters, language, split), serialise the
+results and compute the dedup fingerprints (MinHash, a chunk at a time); the main process
+deduplicates in input order against its indexes and writes bytes. Output order and content are
+the same for any number of workers. Memory is the window plus the dedup indexes, which grow with
+the number of kept records (see :mod:`zhtune.data.dedup`).
+
+Resume: every :data:`CHECKPOINT_SECONDS` both files are flushed and ``OUT.partial.json`` notes
+how many input records they hold; a run started again with the same inputs and settings cuts the
+files back to that point, rebuilds the dedup index from them and goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import os
 import re
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -35,6 +40,7 @@ from zhtune.data.lang import detect_lang
 from zhtune.data.readers import chunked
 from zhtune.data.split import BYTES_BOUND, split_conversation, tokens_per_byte_bound
 from zhtune.errors import ZhtuneError
+from zhtune.parallel import ordered_map
 from zhtune.progress import progress_bar
 
 if TYPE_CHECKING:  # imported where used: `zhtune --help` builds this command's parser
@@ -43,8 +49,6 @@ if TYPE_CHECKING:  # imported where used: `zhtune --help` builds this command's 
 
 #: Records per chunk sent to a worker.
 CHUNK = 256
-#: Chunks in flight per worker (bounds memory: the reader never runs further ahead).
-WINDOW_PER_WORKER = 4
 _HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 #: One raw record on its way to a worker: path, line, index in file, the record (the line's
 #: text for JSON Lines, parsed by the worker; else parsed, or the reader's error), and the
@@ -350,14 +354,6 @@ def _load_opencc() -> Any:
     return opencc.OpenCC("t2s")
 
 
-_WORKER: Worker | None = None
-
-
-def _run_chunk(chunk: list[RawItem]) -> tuple[list[tuple], Counter[tuple[str, str]]]:
-    assert _WORKER is not None
-    return _WORKER.run(chunk)
-
-
 def _raw_items(paths: list[str], fmt: str, mapping: dict[str, str]) -> Iterator[RawItem]:
     """``(path, line, index, raw, format)`` for every raw record of every input: the reading half
     of :func:`~zhtune.data.convert.iter_conversations` (same format detection per file)."""
@@ -374,29 +370,6 @@ def _raw_items(paths: list[str], fmt: str, mapping: dict[str, str]) -> Iterator[
                 if not isinstance(parsed, RawError):
                     file_fmt = detect_file_format(path, apply_mapping(parsed, mapping))
             yield path, line, index, original, file_fmt
-
-
-def _processed(
-    chunks: Iterator[list[RawItem]], worker: Worker, workers: int
-) -> Iterator[tuple[list[tuple], Counter[tuple[str, str]]]]:
-    """Results of every chunk in input order: in this process (``workers <= 1``), or by a pool
-    of forked workers with at most ``workers * WINDOW_PER_WORKER`` chunks in flight."""
-    global _WORKER
-    _WORKER = worker
-    if workers <= 1:
-        yield from map(worker.run, chunks)
-        return
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")  # workers inherit the loaded tokenizer
-    with ctx.Pool(workers) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_run_chunk, (chunk,)))
-            if len(pending) >= workers * WINDOW_PER_WORKER:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 # --------------------------------------------------------------------------- main side
@@ -628,7 +601,7 @@ def clean_files(
             _restore_dedup(deduper, worker, out_partial, rejects_partial)
         raw = itertools.islice(_raw_items(paths, fmt, mapping or {}), cp.read, None)
         last_saved = time.monotonic()
-        for results, chunk_counts in _processed(chunked(raw, CHUNK), worker, options.workers):
+        for results, chunk_counts in ordered_map(worker.run, chunked(raw, CHUNK), options.workers):
             _add_counts(counts, chunk_counts)
             for item in results:
                 if item[0] == "remove":

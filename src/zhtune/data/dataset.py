@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import gc
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,14 +39,32 @@ def tokenize_records(
     cutoff_len: int,
     train_on_prompt: bool = False,
 ) -> Tokenized:
-    """Render every record with :func:`render` (a batch of records per tokenizer call), cut it to ``cutoff_len`` tokens, and keep it
-    if at least one labelled token survives (otherwise it is rejected with the reason)."""
+    """Render every record with :func:`render` (a batch of records per tokenizer call), cut it to
+    ``cutoff_len`` tokens, and keep it if at least one labelled token survives (otherwise it is
+    rejected with the reason).
+
+    The garbage collector is paused meanwhile: the examples are two new lists each and make no
+    reference cycles, but a dataset's worth of them would make the collector walk the growing
+    heap again and again (a sixth of the time at 150k records)."""
     out = Tokenized()
-    for chunk in chunked(records, RENDER_BATCH):
-        rendered = render_batch(template, [rec["messages"] for rec in chunk], tokenizer, train_on_prompt)
-        for rec, (input_ids, labels) in zip(chunk, rendered):
-            _keep(out, rec, input_ids, labels, cutoff_len)
+    with _gc_paused():
+        for chunk in chunked(records, RENDER_BATCH):
+            rendered = render_batch(template, [rec["messages"] for rec in chunk], tokenizer, train_on_prompt)
+            for rec, (input_ids, labels) in zip(chunk, rendered):
+                _keep(out, rec, input_ids, labels, cutoff_len)
     return out
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Automatic garbage collection off inside the block (back to how it was after)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _keep(

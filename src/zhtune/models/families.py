@@ -21,6 +21,10 @@ class Family:
     packs: bool = True
     """Isolates packed samples given per-sample ``position_ids`` (tested); BLOOM's ALiBi takes no
     position ids, so packed samples would attend to each other."""
+    plain_head: bool = True
+    """Its logits are the output layer over the decoder's last hidden states, nothing after (no
+    soft-capping or scaling), so training may compute the loss itself
+    (:func:`zhtune.train.loss.fused_causal_lm_loss`, tested equal per family)."""
 
 
 _QKV = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -31,15 +35,16 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen", _QKV),
     "qwen3": Family("qwen", _QKV),
     "gemma": Family("gemma", _QKV),
-    "gemma2": Family("gemma", _QKV),
+    "gemma2": Family("gemma", _QKV, plain_head=False),  # final logit soft-capping
     # fused QKV; "dense" is the attention output only (the MLP's are dense_h_to_4h / dense_4h_to_h)
     "bloom": Family("belle", ("query_key_value", "dense"), packs=False),
     "gpt_neox": Family("default", ("query_key_value", "dense")),
     "glm4": Family("chatml", _QKV),
     "glm": Family("chatml", _QKV),  # transformers' GlmForCausalLM (glm-4-9b-chat-hf)
-    "chatglm": Family("chatml", ("query_key_value", "dense")),  # ChatGLM2/3, glm-4-9b-chat (remote code)
-    "baichuan": Family("belle", ("W_pack", "o_proj")),
-    "internlm2": Family("chatml", ("wqkv", "wo")),
+    # remote code: their forward is theirs, so their own loss is used
+    "chatglm": Family("chatml", ("query_key_value", "dense"), plain_head=False),  # ChatGLM2/3, glm-4-9b-chat
+    "baichuan": Family("belle", ("W_pack", "o_proj"), plain_head=False),
+    "internlm2": Family("chatml", ("wqkv", "wo"), plain_head=False),
 }
 
 
@@ -76,3 +81,10 @@ def check_packing(model_type: str) -> None:
             f"config key 'packing': not supported for model type '{model_type}' (packed samples would "
             f"attend to each other); supported: {ok}. Use group_by_length=true instead"
         )
+
+
+def has_plain_head(model_type: str) -> bool:
+    """Whether training may compute ``model_type``'s loss from its last hidden states
+    (:attr:`Family.plain_head`; False for families not in :data:`FAMILIES`)."""
+    fam = FAMILIES.get(model_type)
+    return fam is not None and fam.plain_head

@@ -272,9 +272,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from zhtune.data.dataset import model_inputs, pack_examples, tokenize_records, tokenize_texts
     from zhtune.data.registry import load_data
     from zhtune.data.templates import get_template, prepare_tokenizer, stop_token_ids
-    from zhtune.models.families import check_packing, family_template
+    from zhtune.models.families import check_packing, family_template, has_plain_head
     from zhtune.models.loading import load_model, load_tokenizer, resolve_source
     from zhtune.progress import progress_bar
+    from zhtune.train.loss import frozen_to, fused_causal_lm_loss, output_layer
     from zhtune.train.methods import METHODS, continue_adapter, quantization_config
 
     started = time.time()
@@ -376,6 +377,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         model = continue_adapter(model, cfg.init_adapter, cfg)
     else:
         model = method.prepare(model, cfg, total_steps)
+    if cfg.precision == "bf16" and cfg.bf16_frozen and method.save_dir == "adapter" and not method.quantized:
+        frozen_to(model, torch.bfloat16)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
 
@@ -394,6 +397,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # also cast the returned logits to fp32, ~10% of a CPU step with a 4k vocabulary, for nothing.
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     model.train()
+    fused = None  # (decoder, output layer) when the loss is computed here (see zhtune.train.loss)
+    if (
+        cfg.fused_loss
+        and accelerator.num_processes == 1
+        and not method.virtual_tokens
+        and has_plain_head(model_type)
+    ):
+        fused = output_layer(model)
 
     # -- resume -------------------------------------------------------------------------------
     step, epoch, batch_pos = 0, 0, 0
@@ -466,7 +477,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             # micro-batch of the step only
             with accelerator.accumulate(model), accelerator.autocast():
                 # sum(token losses of this micro-batch) / tokens of the whole step, all processes
-                loss = model(**model_inputs(batch), num_items_in_batch=n_tokens, use_cache=False).loss
+                if fused is not None:
+                    loss = fused_causal_lm_loss(*fused, model_inputs(batch), n_tokens)
+                else:
+                    loss = model(**model_inputs(batch), num_items_in_batch=n_tokens, use_cache=False).loss
                 # the processes' gradients are averaged and Accelerate divides by grad_accum:
                 # scale back so the step's gradient is that of the loss above, summed
                 accelerator.backward(loss * accelerator.num_processes * cfg.grad_accum)

@@ -81,9 +81,8 @@ sys.addaudithook(audit)
 
 def record(module, args, kwargs):
     if module.training:
-        for ids, mask, labels in zip(kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"]):
-            if (labels != -100).any():
-                seen.append(ids[mask.bool()].tolist())
+        for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"]):  # (every row has labels)
+            seen.append(ids[mask.bool()].tolist())
 
 
 def prepare(self, *args, **kwargs):
@@ -112,7 +111,6 @@ def train_args(model, data, out, batch_size: int) -> list[str]:
         f"model={model}", f"data={data}", f"output_dir={out}", "template=chatml", "method=full",
         f"max_steps={STEPS}", f"batch_size={batch_size}", "grad_accum=1", "lr=3e-3", "warmup_ratio=0.2",
         "lr_scheduler=cosine", "logging_steps=1", "cutoff_len=64", "--no-progress",
-        "fused_loss=false",  # one process would compute the loss itself; the hook watches the model's forward
     ]  # fmt: skip
 
 

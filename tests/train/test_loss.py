@@ -44,7 +44,7 @@ def _check_equal(model, batch: dict[str, torch.Tensor]) -> None:
     )
     layer = fused.output_layer(model)
     assert layer is not None
-    got, got_grads = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(*layer, batch, n))
+    got, got_grads = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(model, layer, batch, n))
     assert got == pytest.approx(want, rel=1e-6)
     assert got_grads.keys() == want_grads.keys()  # the (tied) output layer's weight included
     for name, grad in want_grads.items():
@@ -65,15 +65,15 @@ def test_small_chunks_and_bf16_autocast(tiny_tokenizer, monkeypatch):
     model = build_tiny_model("llama", tiny_tokenizer)
     batch = _batch(model.config.vocab_size, packed=False)
     layer = fused.output_layer(model)
-    whole, _ = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(*layer, batch, 50))
+    whole, _ = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(model, layer, batch, 50))
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 7 * model.config.vocab_size)  # 7 rows a chunk
-    chunked, _ = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(*layer, batch, 50))
+    chunked, _ = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(model, layer, batch, 50))
     assert chunked == pytest.approx(whole, rel=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, want_grads = _loss_and_grads(
             model, lambda: model(**batch, num_items_in_batch=50, use_cache=False).loss
         )
-        got, got_grads = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(*layer, batch, 50))
+        got, got_grads = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(model, layer, batch, 50))
     assert got == pytest.approx(want, rel=1e-3)
     for name, grad in want_grads.items():
         assert (got_grads[name] - grad).abs().max() <= 0.02 * grad.abs().max(), name

@@ -108,7 +108,7 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
     fused_loss: bool = True
-    """Compute the loss from the last hidden states of the labelled positions, a chunk at a time, never the full logits (same loss, less time and memory); used on one process for families with a plain output layer and methods without virtual tokens; false: the model's own loss."""
+    """Compute the loss from the last hidden states of the labelled positions, a chunk at a time, never the full logits (same loss, less time and memory); used (also under DDP) for families with a plain output layer and methods without virtual tokens, not with FSDP or DeepSpeed (sharded weights); false: the model's own loss."""
     bf16_frozen: bool = True
     """precision bf16 with a method that freezes the base (LoRA, adapters...): keep the frozen weights in bf16 (no cast at every forward) and the trained ones in fp32."""
 

@@ -68,27 +68,31 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_w, None
 
 
-def output_layer(model: Any) -> tuple[Any, Any] | None:
-    """``(decoder, lm_head)`` of a (peft-wrapped) causal LM whose logits are a plain bias-free
-    linear layer over the decoder's last hidden states, else None (a wrapped or adapted head)."""
+def output_layer(model: Any) -> Any:
+    """The output layer of a (peft-wrapped) causal LM when it is a plain bias-free linear layer
+    (its weight is all :class:`LinearCrossEntropy` needs), else None (a wrapped or adapted head:
+    the model's own loss is used)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    decoder = getattr(hf, "base_model", None)
-    if type(head) is not torch.nn.Linear or head.bias is not None or decoder is None or decoder is hf:
+    if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
-    return decoder, head
+    return head
 
 
-def fused_causal_lm_loss(decoder: Any, head: Any, inputs: dict[str, Any], num_items: int) -> torch.Tensor:
+def fused_causal_lm_loss(model: Any, head: Any, inputs: dict[str, Any], num_items: int) -> torch.Tensor:
     """The causal-LM loss of ``inputs`` (``input_ids``, ``labels``, and ``attention_mask`` or
     packed ``position_ids``): next-token cross-entropy summed over the labelled positions and
     divided by ``num_items`` (the labelled tokens of the whole optimizer step), as the model's
-    own loss with ``num_items_in_batch`` computes it."""
+    own loss with ``num_items_in_batch`` computes it.
+
+    ``model`` is called as it is (a DDP wrapper keeps its gradient synchronisation) for its last
+    hidden states, with logits for one position only; ``head`` is its :func:`output_layer`."""
     labels = inputs["labels"]
-    hidden = decoder(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).last_hidden_state
+    features = {k: v for k, v in inputs.items() if k != "labels"}
+    out = model(**features, output_hidden_states=True, logits_to_keep=1, use_cache=False)
     targets = labels[:, 1:]
     labelled = targets != -100
-    loss = LinearCrossEntropy.apply(hidden[:, :-1][labelled], head.weight, targets[labelled])
+    loss = LinearCrossEntropy.apply(out.hidden_states[-1][:, :-1][labelled], head.weight, targets[labelled])
     return loss / num_items
 
 

@@ -397,14 +397,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # also cast the returned logits to fp32, ~10% of a CPU step with a 4k vocabulary, for nothing.
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     model.train()
-    fused = None  # (decoder, output layer) when the loss is computed here (see zhtune.train.loss)
+    fused = None  # the output layer, when the loss is computed here (see zhtune.train.loss)
+    engine = accelerator.distributed_type.value  # FSDP and DeepSpeed shard the output layer's weight
     if (
         cfg.fused_loss
-        and accelerator.num_processes == 1
+        and engine not in ("FSDP", "DEEPSPEED")
         and not method.virtual_tokens
         and has_plain_head(model_type)
     ):
-        fused = output_layer(model)
+        fused = output_layer(accelerator.unwrap_model(model))
 
     # -- resume -------------------------------------------------------------------------------
     step, epoch, batch_pos = 0, 0, 0
@@ -478,7 +479,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             with accelerator.accumulate(model), accelerator.autocast():
                 # sum(token losses of this micro-batch) / tokens of the whole step, all processes
                 if fused is not None:
-                    loss = fused_causal_lm_loss(*fused, model_inputs(batch), n_tokens)
+                    loss = fused_causal_lm_loss(model, fused, model_inputs(batch), n_tokens)
                 else:
                     loss = model(**model_inputs(batch), num_items_in_batch=n_tokens, use_cache=False).loss
                 # the processes' gradients are averaged and Accelerate divides by grad_accum:

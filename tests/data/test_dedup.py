@@ -72,3 +72,21 @@ def test_deduper_keeps_the_first_and_reports_clusters():
     assert exact_only.check("x", fingerprint(base, None, True)) is None
     assert exact_only.check("y", fingerprint(base[:-1] + "龍", None, True)) is None
     assert exact_only.check("z", fingerprint(base, None, True)).duplicate_of == "x"
+
+
+def test_int_table_is_a_dict_of_first_values():
+    """The dedup indexes' compact table answers as ``dict.setdefault`` / ``dict.get`` would,
+    through growth, colliding low bits and the key 0."""
+    import random
+
+    from zhtune.data.dedup import IntTable
+
+    rng = random.Random(0)
+    keys = [rng.getrandbits(64) for _ in range(5000)] + [0, 2**64 - 1] + [i << 52 for i in range(300)]
+    table, reference = IntTable(capacity=8), {}
+    for value, key in enumerate(keys + keys[:100]):  # later values for known keys are ignored
+        table.setdefault(key, value)
+        reference.setdefault(key, value)
+    assert len(table) == len(reference)
+    assert all(table.get(k) == v for k, v in reference.items())
+    assert table.get(12345) is None and len(table._keys) >= 2 * len(table)

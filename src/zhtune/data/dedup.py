@@ -10,8 +10,9 @@ Two halves, so the expensive one runs in worker processes:
 - :class:`Deduper` (one, in the main process, records in input order): a dict of exact hashes,
   ``bands`` dicts of band keys for the LSH index, and the kept records' signatures (16 bits per
   permutation) to check each LSH candidate's estimated Jaccard similarity against the threshold.
-  Memory grows with the number of *kept* records: about 100 bytes for the exact index plus
-  ``2 * num_perm + 80 * bands`` bytes for the near-duplicate index per kept record.
+  Memory grows with the number of *kept* records: the indexes are :class:`IntTable` s (24 bytes
+  an entry, at most half full: 24-48 per table) of ordinals into the kept ids, plus
+  ``2 * num_perm`` bytes of signature per kept record.
 
 Normalisation (both): Unicode NFKC, lower case, whitespace and punctuation removed, messages
 joined with a separator, so "Hello,  World!" and "hello world" are the same text.
@@ -221,21 +222,85 @@ class Verdict:
     similarity: float
 
 
+class IntTable:
+    """A map of 64-bit keys to ordinals in two numpy arrays (open addressing, linear probing,
+    at most half full): 24-48 bytes an entry where a Python ``dict[int, int]`` takes about 100
+    (two int objects and a slot). Keys are hashes already, so their low bits pick the slot."""
+
+    def __init__(self, capacity: int = 1 << 12) -> None:
+        self._set_arrays(np.zeros(capacity, dtype=np.uint64), np.zeros(capacity, dtype=np.int32))
+        self.size = 0
+
+    def _set_arrays(self, keys: np.ndarray, values: np.ndarray) -> None:
+        self._keys, self._values = keys, values  # keys: 0 marks an empty slot (key 0 is stored as 1)
+        # one element at a time through memoryviews: Python ints, not numpy scalars (3x faster)
+        self._k, self._v = memoryview(keys), memoryview(values)
+        self._mask = len(keys) - 1
+
+    def _slot(self, key: int) -> int:
+        """The slot holding ``key``, or the empty slot where it would go."""
+        keys, mask = self._k, self._mask
+        i = key & mask
+        while True:
+            k = keys[i]
+            if k == key or k == 0:
+                return i
+            i = (i + 1) & mask
+
+    def get(self, key: int) -> int | None:
+        """The ordinal stored for ``key``, or None."""
+        i = self._slot(key or 1)
+        return self._v[i] if self._k[i] else None
+
+    def setdefault(self, key: int, value: int) -> None:
+        """Store ``value`` for ``key`` unless it has one (the first kept record wins)."""
+        key = key or 1
+        i = self._slot(key)
+        if self._k[i]:
+            return
+        self._k[i], self._v[i] = key, value
+        self.size += 1
+        if 2 * self.size > len(self._keys):
+            self._grow()
+
+    def _grow(self) -> None:
+        """Twice the slots, every entry placed again (vectorised by probing rounds)."""
+        used = self._keys != 0
+        keys, values = self._keys[used], self._values[used]
+        self._set_arrays(
+            np.zeros(2 * len(self._keys), dtype=np.uint64), np.zeros(2 * len(self._keys), dtype=np.int32)
+        )
+        slots = keys & np.uint64(self._mask)
+        while len(keys):  # each round places the first key aimed at each free slot
+            slots = slots.astype(np.int64)
+            free = self._keys[slots] == 0
+            first = np.zeros(len(keys), dtype=bool)
+            _, at = np.unique(slots, return_index=True)
+            first[at] = True
+            place = free & first
+            self._keys[slots[place]], self._values[slots[place]] = keys[place], values[place]
+            keys, values, slots = keys[~place], values[~place], (slots[~place] + 1) & self._mask
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class Deduper:
     """Streaming dedup index: :meth:`check` each record in order; the first of a group is kept.
 
     ``threshold`` None turns near-duplicate detection off; ``exact`` False turns exact off.
     ``clusters[step]`` counts, per kept record that has duplicates found by ``step``
-    (``exact-dup`` or ``near-dup``), how many.
+    (``exact-dup`` or ``near-dup``), how many. Indexes are :class:`IntTable` s of ordinals into
+    the kept records' ids (and 16-bit signatures, in blocks).
     """
 
     def __init__(self, exact: bool = True, threshold: float | None = 0.85, hasher: MinHasher | None = None):
         self.exact = exact
         self.threshold = threshold
         self.hasher = hasher
-        self._exact: dict[int, str] = {}
+        self._exact = IntTable()
         self._near_keys: dict[int, Verdict] = {}
-        self._bands: list[dict[int, int]] = [{} for _ in range(hasher.bands)] if hasher else []
+        self._bands: list[IntTable] = [IntTable() for _ in range(hasher.bands)] if hasher else []
         self._ids: list[str] = []
         self._blocks: list[np.ndarray] = []
         self.clusters: dict[str, Counter[str]] = {"exact-dup": Counter(), "near-dup": Counter()}
@@ -243,11 +308,13 @@ class Deduper:
     def _sig(self, ordinal: int) -> np.ndarray:
         return self._blocks[ordinal // _BLOCK][ordinal % _BLOCK]
 
-    def _store(self, rid: str, sig16: np.ndarray) -> int:
+    def _keep(self, rid: str, sig16: np.ndarray | None) -> int:
+        """Add a kept record (and its signature, for near-duplicate checks); its ordinal."""
         ordinal = len(self._ids)
-        if ordinal % _BLOCK == 0:
-            self._blocks.append(np.empty((_BLOCK, sig16.size), dtype=np.uint16))
-        self._blocks[-1][ordinal % _BLOCK] = sig16
+        if self.hasher is not None and ordinal % _BLOCK == 0:
+            self._blocks.append(np.zeros((_BLOCK, self.hasher.num_perm), dtype=np.uint16))
+        if sig16 is not None:
+            self._blocks[-1][ordinal % _BLOCK] = sig16
         self._ids.append(rid)
         return ordinal
 
@@ -256,30 +323,32 @@ class Deduper:
         earlier record it duplicates. A near duplicate's exact key is remembered with its verdict,
         so a later copy of it gets the same verdict without a signature: workers rely on that to
         skip the MinHash of texts they have seen."""
-        if self.exact and fp.exact is not None:
+        exact = self.exact and fp.exact is not None
+        if exact:
             kept = self._exact.get(fp.exact)
             if kept is not None:
-                self.clusters["exact-dup"][kept] += 1
-                return Verdict("exact-dup", kept, 1.0)
+                self.clusters["exact-dup"][self._ids[kept]] += 1
+                return Verdict("exact-dup", self._ids[kept], 1.0)
             near = self._near_keys.get(fp.exact)
             if near is not None:
                 self.clusters["near-dup"][near.duplicate_of] += 1
                 return near
-        verdict = None
-        if self.threshold is not None and fp.bands is not None and fp.sig16 is not None:
-            verdict = self._near(fp)
-            if verdict is None:
-                ordinal = self._store(rid, np.frombuffer(fp.sig16, dtype=np.uint16))
-                for table, key in zip(self._bands, fp.bands):
-                    table.setdefault(key, ordinal)
-            else:
-                self.clusters["near-dup"][verdict.duplicate_of] += 1
-        if self.exact and fp.exact is not None:
-            if verdict is None:
-                self._exact[fp.exact] = rid
-            else:
+        near_check = self.threshold is not None and fp.bands is not None and fp.sig16 is not None
+        verdict = self._near(fp) if near_check else None
+        if verdict is not None:
+            self.clusters["near-dup"][verdict.duplicate_of] += 1
+            if exact:
                 self._near_keys[fp.exact] = verdict
-        return verdict
+            return verdict
+        if not (exact or near_check):
+            return None
+        ordinal = self._keep(rid, np.frombuffer(fp.sig16, dtype=np.uint16) if near_check else None)
+        if near_check:
+            for table, key in zip(self._bands, fp.bands):
+                table.setdefault(key, ordinal)
+        if exact:
+            self._exact.setdefault(fp.exact, ordinal)
+        return None
 
     def remember(self, verdict: Verdict, exact: int | None) -> None:
         """Take in a duplicate judged earlier (by an interrupted run being resumed): it counts in

@@ -10,8 +10,8 @@ Two halves, so the expensive one runs in worker processes:
 - :class:`Deduper` (one, in the main process, records in input order): a dict of exact hashes,
   ``bands`` dicts of band keys for the LSH index, and the kept records' signatures (16 bits per
   permutation) to check each LSH candidate's estimated Jaccard similarity against the threshold.
-  Memory grows with the number of *kept* records: the indexes are :class:`IntTable` s (24 bytes
-  an entry, at most half full: 24-48 per table) of ordinals into the kept ids, plus
+  Memory grows with the number of *kept* records: the indexes are :class:`IntTable` s of ordinals
+  into the kept ids (12 bytes a slot, at most 3/4 full: 16-32 bytes an entry per table), plus
   ``2 * num_perm`` bytes of signature per kept record.
 
 Normalisation (both): Unicode NFKC, lower case, whitespace and punctuation removed, messages
@@ -224,7 +224,7 @@ class Verdict:
 
 class IntTable:
     """A map of 64-bit keys to ordinals in two numpy arrays (open addressing, linear probing,
-    at most half full): 24-48 bytes an entry where a Python ``dict[int, int]`` takes about 100
+    at most 3/4 full): 16-32 bytes an entry, where a Python ``dict[int, int]`` takes about 100
     (two int objects and a slot). Keys are hashes already, so their low bits pick the slot."""
 
     def __init__(self, capacity: int = 1 << 12) -> None:
@@ -260,7 +260,7 @@ class IntTable:
             return
         self._k[i], self._v[i] = key, value
         self.size += 1
-        if 2 * self.size > len(self._keys):
+        if 4 * self.size > 3 * len(self._keys):
             self._grow()
 
     def _grow(self) -> None:

@@ -336,14 +336,14 @@ class Worker:
         from zhtune.data.dedup import exact_key, fingerprints, normalise
 
         texts = [normalise(r["messages"]) for r in records]
+        keys = [exact_key(text) for text in texts] if self.exact else None
         seen = set()
-        if self.exact and self.hasher:
-            for i, text in enumerate(texts):
-                key = exact_key(text)
+        if keys is not None and self.hasher:
+            for i, key in enumerate(keys):
                 if key in self._seen:
                     seen.add(i)
                 self._seen.add(key)
-        return fingerprints(texts, self.hasher, self.exact, seen)
+        return fingerprints(texts, self.hasher, self.exact, seen, keys)
 
 
 def _load_opencc() -> Any:
@@ -471,7 +471,8 @@ class _Checkpoint:
         paths: list[str], enabled: list[str], options: CleanOptions, fmt: str, mapping: dict
     ) -> dict:
         files = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
-        return {"files": files, "steps": enabled, "options": vars(options), "format": fmt, "map": mapping}
+        settings = {k: v for k, v in vars(options).items() if k != "workers"}  # (same output for any)
+        return {"files": files, "steps": enabled, "options": settings, "format": fmt, "map": mapping}
 
 
 def _load_checkpoint(path: str, key: dict[str, Any]) -> _Checkpoint | None:

@@ -195,12 +195,18 @@ def fingerprint(text: str, hasher: MinHasher | None, exact: bool) -> Fingerprint
 
 
 def fingerprints(
-    texts: list[str], hasher: MinHasher | None, exact: bool, skip_minhash: Collection[int] = ()
+    texts: list[str],
+    hasher: MinHasher | None,
+    exact: bool,
+    skip_minhash: Collection[int] = (),
+    keys: list[int] | None = None,
 ) -> list[Fingerprint]:
     """:func:`fingerprint` of every text, the MinHash signatures computed together
     (:meth:`MinHasher.signatures`). Texts whose position is in ``skip_minhash`` get only their
-    exact key (a caller that knows them for exact duplicates saves the signature)."""
-    keys = [exact_key(t) if exact else None for t in texts]
+    exact key (a caller that knows them for exact duplicates saves the signature); ``keys`` are
+    their :func:`exact_key` s when the caller has them already."""
+    if keys is None or not exact:
+        keys = [exact_key(t) if exact else None for t in texts]
     if hasher is None:
         return [Fingerprint(key) for key in keys]
     todo = [i for i in range(len(texts)) if i not in skip_minhash]

@@ -373,3 +373,24 @@ def test_resume_starts_over_when_inputs_or_settings_change(tmp_path, monkeypatch
             clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
     assert main(["data", "clean", str(inp), "-o", str(out), "--restart", "--no-progress"]) == 0
     assert "resuming" not in capsys.readouterr().err
+
+
+def test_resume_with_another_worker_count(tmp_path, monkeypatch, capsys):
+    """The number of workers is not a setting that changes the output, so a run interrupted with
+    one worker resumes with two (forked) and writes the files an uninterrupted run writes."""
+    import zhtune.data.clean as clean
+
+    monkeypatch.setattr(clean, "CHUNK", 4)
+    monkeypatch.setattr(clean, "CHECKPOINT_SECONDS", 0.0)
+    inp = _resume_data(tmp_path)
+    clean_files([str(inp)], str(tmp_path / "ref.jsonl"), CleanOptions(workers=1), progress=False)
+    out = tmp_path / "out.jsonl"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
+    capsys.readouterr()
+    clean_files([str(inp)], str(out), CleanOptions(workers=2), progress=False)
+    assert "resuming after 16 records" in capsys.readouterr().err
+    assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    assert (tmp_path / "out.rejects.jsonl").read_bytes() == (tmp_path / "ref.rejects.jsonl").read_bytes()

@@ -206,14 +206,14 @@ def read_json(path: str) -> Iterator[RawItem]:
     its own means JSON Lines; otherwise the file is one (pretty-printed) object. A syntax error
     inside an array or object cannot be skipped: it raises :class:`ZhtuneError` with the line.
     """
+    if _is_json_lines(path):
+        yield from read_jsonl(path)
+        return
     with open(path, encoding="utf-8-sig") as f:
         stream = _JsonStream(f, path)
         first = stream.peek()
         if first == "[":
             yield from _iter_json_array(stream)
-        elif first == "{" and _first_line_is_json(path):
-            yield from read_jsonl(path)
-            return
         elif first == "{":
             yield stream.line, stream.value()
         elif first == "":

@@ -122,6 +122,7 @@ class Engine:
         self.stop_ids = self.prompter.stop_ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         # virtual tokens of a prefix / prompt / P-tuning adapter take their place in the context
+        # (and an adapter type the decoder cannot batch fails here, at start-up, not per request)
         self.context_length = context_length(model, tokenizer) - prompt_learning(model)[2]
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.max_batch_size = max_batch_size
@@ -655,7 +656,6 @@ def serve(
     if batch_wait_ms < 0:
         raise ZhtuneError(f"--batch-wait-ms must be 0 or more, got {batch_wait_ms}")
     model, tokenizer, run_template = load_for_inference(run, dtype=dtype)
-    prompt_learning(model)  # an adapter type the decoder cannot batch fails here, not per request
     name = Path(run).resolve().name
     engine = Engine(model, tokenizer, template or run_template, max_batch_size, batch_wait_ms, max_concurrent)
     app = create_app(engine.start(), name, api_key)

@@ -269,6 +269,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from zhtune.allocator import keep_freed_memory
     from zhtune.data.dataset import model_inputs, pack_examples, tokenize_records, tokenize_texts
     from zhtune.data.registry import load_data
     from zhtune.data.templates import get_template, prepare_tokenizer, stop_token_ids
@@ -448,6 +449,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     )
 
     # -- loop ---------------------------------------------------------------------------------
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # every step frees and allocates the same activations again
     pad_id = tokenizer.pad_token_id
     stream = micro_batches(
         train_set,

@@ -1,0 +1,55 @@
+"""Keep freed CPU memory in the process: no page faults for tensors allocated again.
+
+PyTorch's CPU tensors come from glibc ``malloc``. A large block (above the mmap threshold, which
+glibc raises by itself to the largest block freed so far, 32 MiB at most) is mapped fresh from
+the kernel on every allocation and unmapped when freed, and memory freed at the top of the heap
+is handed back once it exceeds the trim threshold. A training step allocates and frees the same
+activations every step, so each step touches freshly mapped pages, and the kernel zeroes every
+4 KiB page on its first touch. On the 5M-parameter benchmark model a 16 MB logits chunk took
+13 ms to convert to fp32 instead of 2; the whole bf16 step gets 5-10% faster without the faults
+(15% measured outside the trainer), for 2-3% more peak RSS.
+
+:func:`keep_freed_memory` raises both thresholds, so blocks up to 64 MiB come from the heap and
+stay there once freed, for the next step to reuse: the cure jemalloc or tcmalloc bring (Intel's
+advice for PyTorch on CPUs), without preloading a library. The resident size does not shrink
+between steps. Meant for the allocate-free-repeat pattern of training on a CPU; glibc only
+(elsewhere it does nothing).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+#: glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+#: Blocks up to this size come from the heap (larger ones are still mapped on their own).
+MMAP_THRESHOLD = 64 << 20
+#: Free memory at the top of the heap handed back to the kernel only above this.
+TRIM_THRESHOLD = (1 << 31) - 1
+
+_done = False
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed blocks (up to 64 MiB) for reuse instead of returning them to the
+    kernel. Process-wide and idempotent; returns whether it took effect (False off glibc)."""
+    global _done
+    if _done:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+    return _done

@@ -111,6 +111,8 @@ class TrainConfig:
     """Compute the loss from the last hidden states of the labelled positions, a chunk at a time, never the full logits (same loss, less time and memory); used (also under DDP) for families with a plain output layer and methods without virtual tokens, not with FSDP or DeepSpeed (sharded weights); false: the model's own loss."""
     bf16_frozen: bool = True
     """precision bf16 with a method that freezes the base (LoRA, adapters...): keep the frozen weights in bf16 (no cast at every forward) and the trained ones in fp32."""
+    compile: bool = False
+    """Compile each decoder block with torch.compile: ~20% faster steps (LoRA, bf16, CPU) after 5 s (cached) to 25 s (first time) of compiling at start; worth it for runs of a few hundred steps or more. A CPU needs a C++ compiler."""
 
     def __post_init__(self) -> None:
         from zhtune.train.methods import check_method

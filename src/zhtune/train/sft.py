@@ -138,8 +138,14 @@ def micro_batches(
     group_by_length: bool = False,
     rank: int = 0,
     num_processes: int = 1,
+    fixed_length: int = 0,
 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Yield ``(epoch, batch_index, batch)`` forever, starting at a given position.
+
+    Batches are padded to a multiple of 8 tokens; with ``fixed_length`` (packed samples, none
+    longer), every batch is padded to exactly that many tokens and ``batch_size`` rows, with
+    empty rows (no labels, no attention) after an epoch's short last batch: one shape, which
+    compiled code needs to run without recompiling.
 
     Data parallel: every process draws the same seeded global batches of ``batch_size *
     num_processes`` samples and keeps its own share of each, so N processes together see exactly
@@ -153,8 +159,10 @@ def micro_batches(
         batches = epoch_batches(len(examples), batch_size * num_processes, seed, epoch, lengths)
         batches = [b for b in batches if len(b) >= num_processes]  # see batches_per_epoch
         for b in range(start_batch if epoch == start_epoch else 0, len(batches)):
-            mine = shard(batches[b], rank, num_processes)
-            yield epoch, b, pad_batch([examples[i] for i in mine], pad_id)
+            rows = [examples[i] for i in shard(batches[b], rank, num_processes)]
+            if fixed_length:
+                rows += [{k: [] for k in rows[0]}] * (batch_size - len(rows))
+            yield epoch, b, pad_batch(rows, pad_id, fixed_length or 8)
         epoch += 1
 
 
@@ -276,6 +284,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from zhtune.models.families import check_packing, family_template, has_plain_head
     from zhtune.models.loading import load_model, load_tokenizer, resolve_source
     from zhtune.progress import progress_bar
+    from zhtune.train.compile import check_compile, compile_blocks
     from zhtune.train.loss import frozen_to, fused_causal_lm_loss, output_layer
     from zhtune.train.methods import METHODS, continue_adapter, quantization_config
 
@@ -310,6 +319,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             f"launched {world_size} processes but Accelerate sees {accelerator.num_processes}; "
             "check the launcher (accelerate launch / torchrun) and its config"
         )
+    if cfg.compile:
+        check_compile(accelerator.device.type)
     is_main = accelerator.is_main_process
     say = accelerator.print
     out = prepare_output_dir(cfg) if is_main else Path(cfg.output_dir)
@@ -380,6 +391,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         model = method.prepare(model, cfg, total_steps)
     if cfg.precision == "bf16" and cfg.bf16_frozen and method.save_dir == "adapter" and not method.quantized:
         frozen_to(model, torch.bfloat16)
+    if cfg.compile:
+        compile_blocks(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
 
@@ -462,6 +475,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         cfg.group_by_length,
         rank=accelerator.process_index,
         num_processes=accelerator.num_processes,
+        fixed_length=cfg.cutoff_len if cfg.compile and cfg.packing else 0,
     )
     bar = progress_bar("train", progress and is_main, total=total_steps, initial=step, dynamic_ncols=True)
     window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()

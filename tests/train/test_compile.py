@@ -1,0 +1,78 @@
+"""compile=true: the decoder blocks compiled one by one, one batch shape, the same training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.train.test_packing import cfg
+from zhtune.errors import ZhtuneError
+from zhtune.models.tiny import build_tiny_model
+from zhtune.train import compile as compile_mod
+from zhtune.train.compile import check_compile, decoder_blocks
+from zhtune.train.sft import micro_batches, train
+
+
+@pytest.mark.parametrize(("family", "n_layers"), [("llama", 2), ("bloom", 2), ("gpt_neox", 2)])
+def test_decoder_blocks_are_the_layers_whatever_the_family_calls_them(family, n_layers, tiny_tokenizer):
+    model = build_tiny_model(family, tiny_tokenizer)
+    blocks = decoder_blocks(model)
+    assert len(blocks) == model.config.num_hidden_layers == n_layers
+    assert "Layer" in type(blocks[0]).__name__ or "Block" in type(blocks[0]).__name__
+
+
+def test_a_cpu_without_a_cpp_compiler_is_refused_at_start(monkeypatch):
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
+    with pytest.raises(ZhtuneError, match="config key 'compile'.*C\\+\\+ compiler"):
+        check_compile("cpu")
+    check_compile("cuda")  # Triton brings its own compiler
+
+
+def test_fixed_length_batches_have_one_shape_and_empty_rows_carry_nothing():
+    examples = [
+        {"input_ids": [5] * n, "labels": [7] * n, "position_ids": list(range(n))}
+        for n in (30, 50, 20, 64, 10)
+    ]
+    stream = micro_batches(examples, 2, seed=0, pad_id=0, start_epoch=0, start_batch=0, fixed_length=64)
+    batches = [next(stream)[2] for _ in range(6)]  # two epochs of 3 batches, each ending short
+    assert {tuple(b["input_ids"].shape) for b in batches} == {(2, 64)}
+    short = [b for b in batches if int(b["attention_mask"][1].sum()) == 0]
+    assert len(short) == 2  # one per epoch: its second row is padding only
+    for b in short:
+        assert (b["labels"][1] == -100).all() and (b["input_ids"][1] == 0).all()
+    assert sum(int(b["attention_mask"].sum()) for b in batches) == 2 * (30 + 50 + 20 + 64 + 10)
+
+
+def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_model_dir, train_file):
+    def curve(name, **kw):
+        run = train(
+            cfg(
+                tiny_model_dir,
+                train_file,
+                tmp_path / name,
+                method="lora",
+                packing=True,
+                cutoff_len=256,
+                batch_size=2,
+                max_steps=6,
+                logging_steps=1,
+                **kw,
+            ),  # fmt: skip
+            progress=False,
+        )
+        rows = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows], [r["grad_norm"] for r in rows]
+
+    import torch._dynamo
+
+    eager = curve("eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = curve("compiled", compile=True)
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] >= 2  # the blocks ran compiled, and no other break
+    # than after attention, where transformers' output-recording hook reads a ContextVar
+    assert all("ContextVar" in reason for reason in counters["graph_break"])
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-3)

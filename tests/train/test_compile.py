@@ -57,12 +57,15 @@ def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_model_dir, tra
                 batch_size=2,
                 max_steps=6,
                 logging_steps=1,
+                val_size=8,
+                eval_steps=3,
                 **kw,
-            ),  # fmt: skip
+            ),
             progress=False,
         )
         rows = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
-        return [r["loss"] for r in rows], [r["grad_norm"] for r in rows]
+        evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+        return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], evals
 
     import torch._dynamo
 
@@ -76,3 +79,4 @@ def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_model_dir, tra
     assert all("ContextVar" in reason for reason in counters["graph_break"])
     assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
     assert compiled[1] == pytest.approx(eager[1], rel=1e-3)
+    assert len(compiled[2]) == 2 and compiled[2] == pytest.approx(eager[2], rel=1e-4)  # evaluated eagerly

@@ -21,6 +21,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -539,7 +540,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             or (cfg.eval_steps == 0 and epoch_done)
             or step == total_steps
         ):
-            row["eval_loss"] = round(evaluate_loss(model, val_set, cfg.batch_size, pad_id, accelerator), 6)
+            # compiled blocks: evaluate eagerly (its no-grad graphs and padded shapes would be
+            # compiled too, and would turn the training graph's shapes dynamic: a recompile)
+            eval_start = time.time()
+            with torch.compiler.set_stance("force_eager") if cfg.compile else nullcontext():
+                row["eval_loss"] = round(
+                    evaluate_loss(model, val_set, cfg.batch_size, pad_id, accelerator), 6
+                )
+            window_start += time.time() - eval_start  # tokens/s counts training time only
             last_eval_epoch = epoch + (batch_pos >= n_batches)
         if row and log_file is not None:
             row = {

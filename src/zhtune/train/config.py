@@ -112,7 +112,7 @@ class TrainConfig:
     bf16_frozen: bool = True
     """precision bf16 with a method that freezes the base (LoRA, adapters...): keep the frozen weights in bf16 (no cast at every forward) and the trained ones in fp32."""
     compile: bool = False
-    """Compile each decoder block with torch.compile: ~20% faster steps (LoRA, bf16, CPU) after 5 s (cached) to 25 s (first time) of compiling at start; worth it for runs of a few hundred steps or more. A CPU needs a C++ compiler."""
+    """Compile each decoder block with torch.compile: 15-33% faster steps (LoRA, bf16, CPU) after 4-5 s (cached) to 15-30 s (first time) of compiling at start; worth it for runs of a few hundred steps or more. A CPU needs a C++ compiler."""
 
     def __post_init__(self) -> None:
         from zhtune.train.methods import check_method

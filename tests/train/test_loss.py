@@ -67,6 +67,7 @@ def test_small_chunks_and_bf16_autocast(tiny_tokenizer, monkeypatch):
     layer = fused.output_layer(model)
     whole, _ = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(model, layer, batch, 50))
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 7 * model.config.vocab_size)  # 7 rows a chunk
+    monkeypatch.setattr(fused, "MIN_CHUNK_ROWS", 1)
     chunked, _ = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(model, layer, batch, 50))
     assert chunked == pytest.approx(whole, rel=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -10,9 +10,9 @@ embeddings) and ``30m`` (hidden 512, intermediate 1376, 8 layers, 8 heads). Each
 Systems: zhtune padded fp32, packed fp32, packed bf16 (autocast), packed bf16 with ``compile=true``;
 TRL ``SFTTrainer`` padded and packed, fp32 (pick with ``--systems``). Reported per job (median over
 repeats): non-pad tokens/s over the whole training loop, the same without its first 5 steps
-(zhtune only: warm-up, and compiling with ``compile=true``), wall time of the whole command (start-up included), the time outside the
-training loop, peak RSS, and MFU against this machine's matmul peak for the dtype used, measured
-in the same run (model FLOPs = 6 x params x tokens, the usual convention, which overstates
+(zhtune only: warm-up, and compiling with ``compile=true``), wall time of the whole command
+(start-up included), the time outside the training loop, peak RSS, and MFU against this
+machine's matmul peak for the dtype used, measured in the same run (model FLOPs = 6 x params x tokens, the usual convention, which overstates
 LoRA's work). Ratios are against TRL padded.
 """
 

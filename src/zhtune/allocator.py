@@ -5,9 +5,9 @@ glibc raises by itself to the largest block freed so far, 32 MiB at most) is map
 the kernel on every allocation and unmapped when freed, and memory freed at the top of the heap
 is handed back once it exceeds the trim threshold. A training step allocates and frees the same
 activations every step, so each step touches freshly mapped pages, and the kernel zeroes every
-4 KiB page on its first touch. On the 5M-parameter benchmark model a 16 MB logits chunk took
-13 ms to convert to fp32 instead of 2; the whole bf16 step gets 5-10% faster without the faults
-(15% measured outside the trainer), for 2-3% more peak RSS.
+4 KiB page on its first touch. On the 4M-parameter benchmark model (LoRA, packed, bf16) that
+was 16k page faults a step; without them the step is 3-11% faster (mean 8% over five interleaved
+runs), for 2-5% more peak RSS.
 
 :func:`keep_freed_memory` raises both thresholds, so blocks up to 64 MiB come from the heap and
 stay there once freed, for the next step to reuse: the cure jemalloc or tcmalloc bring (Intel's

@@ -44,7 +44,7 @@ def test_fixed_length_batches_have_one_shape_and_empty_rows_carry_nothing():
     assert sum(int(b["attention_mask"].sum()) for b in batches) == 2 * (30 + 50 + 20 + 64 + 10)
 
 
-def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_model_dir, train_file):
+def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_model_dir, train_file, capsys):
     def curve(name, **kw):
         run = train(
             cfg(
@@ -73,6 +73,7 @@ def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_model_dir, tra
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = curve("compiled", compile=True)
+    assert "compiling 2 decoder blocks" in capsys.readouterr().out
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] >= 2  # the blocks ran compiled, and no other break
     # than after attention, where transformers' output-recording hook reads a ContextVar

@@ -143,8 +143,8 @@ def micro_batches(
 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Yield ``(epoch, batch_index, batch)`` forever, starting at a given position.
 
-    Batches are padded to a multiple of 8 tokens; with ``fixed_length`` (packed samples, none
-    longer), every batch is padded to exactly that many tokens and ``batch_size`` rows, with
+    Batches are padded to a multiple of 8 tokens; with ``fixed_length`` (packed samples or
+    pre-training blocks, none longer), every batch is padded to exactly that many tokens and ``batch_size`` rows, with
     empty rows (no labels, no attention) after an epoch's short last batch: one shape, which
     compiled code needs to run without recompiling.
 
@@ -392,8 +392,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         model = method.prepare(model, cfg, total_steps)
     if cfg.precision == "bf16" and cfg.bf16_frozen and method.save_dir == "adapter" and not method.quantized:
         frozen_to(model, torch.bfloat16)
-    if cfg.compile:
-        compile_blocks(model)
+    n_compiled = compile_blocks(model) if cfg.compile else 0
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
 
@@ -460,6 +459,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         f"(batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} proc), lr {cfg.lr} "
         f"{cfg.lr_scheduler}, warmup {warmup}, {cfg.precision}, device {accelerator.device}\n"
         f"  run directory: {out}"
+        + (
+            f"\n  compiling {n_compiled} decoder blocks (torch.compile; the first steps wait for it)"
+            if n_compiled
+            else ""
+        )
     )
 
     # -- loop ---------------------------------------------------------------------------------
@@ -476,7 +480,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         cfg.group_by_length,
         rank=accelerator.process_index,
         num_processes=accelerator.num_processes,
-        fixed_length=cfg.cutoff_len if cfg.compile and cfg.packing else 0,
+        fixed_length=cfg.cutoff_len if cfg.compile and (cfg.packing or cfg.stage == "pt") else 0,
     )
     bar = progress_bar("train", progress and is_main, total=total_steps, initial=step, dynamic_ncols=True)
     window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()

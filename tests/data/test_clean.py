@@ -298,8 +298,9 @@ def _resume_data(tmp_path: Path) -> Path:
     return path
 
 
-def _interrupt_after(monkeypatch, chunks: int) -> None:
-    """Make the next clean raise KeyboardInterrupt once ``chunks`` chunks came back."""
+def _clean_interrupted(monkeypatch, inp, out, chunks: int) -> None:
+    """Clean ``inp`` into ``out`` (one worker) and interrupt it (KeyboardInterrupt) once
+    ``chunks`` chunks came back, as Ctrl-C would."""
     import zhtune.data.clean as clean
 
     real = clean.ordered_map
@@ -310,7 +311,10 @@ def _interrupt_after(monkeypatch, chunks: int) -> None:
                 raise KeyboardInterrupt
             yield result
 
-    monkeypatch.setattr(clean, "ordered_map", processed)
+    with monkeypatch.context() as m:
+        m.setattr(clean, "ordered_map", processed)
+        with pytest.raises(KeyboardInterrupt):
+            clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
 
 
 def test_interrupted_clean_resumes_to_the_same_files(tmp_path, monkeypatch, capsys):
@@ -323,10 +327,9 @@ def test_interrupted_clean_resumes_to_the_same_files(tmp_path, monkeypatch, caps
     ref_table = capsys.readouterr().err.split("\n", 1)[1]  # (the first line has the timing)
 
     out = tmp_path / "out.jsonl"
-    with monkeypatch.context() as m:
-        _interrupt_after(m, 5)  # 20 records in, before the bad line and every later duplicate
-        with pytest.raises(KeyboardInterrupt):
-            clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
+    _clean_interrupted(
+        monkeypatch, inp, out, 5
+    )  # 20 records in, before the bad line and every later duplicate
     assert not out.exists() and (tmp_path / "out.jsonl.partial").exists()
     state = json.loads((tmp_path / "out.jsonl.partial.json").read_text())
     assert state["read"] == 20 and state["written"] == 18  # less the GPT reply and the near duplicate
@@ -356,10 +359,7 @@ def test_resume_starts_over_when_inputs_or_settings_change(tmp_path, monkeypatch
     monkeypatch.setattr(clean, "CHECKPOINT_SECONDS", 0.0)
     inp = _resume_data(tmp_path)
     out = tmp_path / "out.jsonl"
-    with monkeypatch.context() as m:
-        _interrupt_after(m, 3)
-        with pytest.raises(KeyboardInterrupt):
-            clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
+    _clean_interrupted(monkeypatch, inp, out, 3)
     capsys.readouterr()
     assert main(["data", "clean", str(inp), "-o", str(out), "--no-near-dup", "--no-progress"]) == 0
     assert "settings changed" in capsys.readouterr().err
@@ -367,10 +367,7 @@ def test_resume_starts_over_when_inputs_or_settings_change(tmp_path, monkeypatch
         [str(inp)], str(tmp_path / "ref.jsonl"), CleanOptions(workers=1), {"near-dup": False}, progress=False
     )
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
-    with monkeypatch.context() as m:  # --restart ignores a valid checkpoint
-        _interrupt_after(m, 3)
-        with pytest.raises(KeyboardInterrupt):
-            clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
+    _clean_interrupted(monkeypatch, inp, out, 3)  # --restart ignores a valid checkpoint
     assert main(["data", "clean", str(inp), "-o", str(out), "--restart", "--no-progress"]) == 0
     assert "resuming" not in capsys.readouterr().err
 
@@ -385,10 +382,7 @@ def test_resume_with_another_worker_count(tmp_path, monkeypatch, capsys):
     inp = _resume_data(tmp_path)
     clean_files([str(inp)], str(tmp_path / "ref.jsonl"), CleanOptions(workers=1), progress=False)
     out = tmp_path / "out.jsonl"
-    with monkeypatch.context() as m:
-        _interrupt_after(m, 4)
-        with pytest.raises(KeyboardInterrupt):
-            clean_files([str(inp)], str(out), CleanOptions(workers=1), progress=False)
+    _clean_interrupted(monkeypatch, inp, out, 4)
     capsys.readouterr()
     clean_files([str(inp)], str(out), CleanOptions(workers=2), progress=False)
     assert "resuming after 16 records" in capsys.readouterr().err

@@ -327,9 +327,8 @@ def test_interrupted_clean_resumes_to_the_same_files(tmp_path, monkeypatch, caps
     ref_table = capsys.readouterr().err.split("\n", 1)[1]  # (the first line has the timing)
 
     out = tmp_path / "out.jsonl"
-    _clean_interrupted(
-        monkeypatch, inp, out, 5
-    )  # 20 records in, before the bad line and every later duplicate
+    # interrupted 20 records in: before the bad line and every later duplicate
+    _clean_interrupted(monkeypatch, inp, out, 5)
     assert not out.exists() and (tmp_path / "out.jsonl.partial").exists()
     state = json.loads((tmp_path / "out.jsonl.partial.json").read_text())
     assert state["read"] == 20 and state["written"] == 18  # less the GPT reply and the near duplicate

@@ -277,6 +277,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
         template=args.template,
         system=args.system,
         defaults=_from_args(GenerationOptions, args),
+        seed=args.seed,
     )
     return 0
 
@@ -792,6 +793,12 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     wu.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1: local only)")
     wu.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     wu.add_argument("--system", default="", help="starting system message")
+    wu.add_argument(
+        "--seed",
+        type=int,
+        help="seed the sampler once at start: the same messages sent to a fresh server get the same "
+        "sampled replies (default: random)",
+    )
     wu.add_argument("--template", help="override the run's chat template")
     wu.add_argument(
         "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)"

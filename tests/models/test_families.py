@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.conftest import CONV
 from zhtune.data.templates import TEMPLATES, get_template, render_text
 from zhtune.errors import ZhtuneError
-from zhtune.models.families import FAMILIES, family_template, lora_targets
+from zhtune.models.families import FAMILIES, lora_targets, resolve_template
 from zhtune.models.tiny import TINY_CONFIG_KEYS, build_tiny_model
 from zhtune.train.config import TrainConfig
 from zhtune.train.sft import train
@@ -32,16 +32,27 @@ def losses(run_dir) -> list[float]:
 def test_registry_resolves_template_and_lora_targets(model_type):
     fam = FAMILIES[model_type]
     assert fam.template in TEMPLATES
-    assert family_template(model_type, {}, has_chat_template=True) == fam.template
+    assert resolve_template("auto", model_type, {}, None)[0] == fam.template
     assert lora_targets(model_type, ["default"]) == list(fam.lora_default)
     assert lora_targets(model_type, ["all"]) == "all-linear"
     assert lora_targets(model_type, ["q_proj"]) == ["q_proj"]
 
 
+def test_auto_prefers_the_tokenizers_own_template_over_the_family():
+    """An instruct model is tuned in its own format: a LLaMA-architecture model with a ChatML
+    chat_template (SmolLM2, Yi, ...) gets 'tokenizer', never the family's LLaMA-2 format."""
+    chatml = "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}"
+    for model_type in ("llama", "mistral", "qwen3", "glm4", "no-such-family"):
+        name, why = resolve_template("auto", model_type, {}, chatml)
+        assert (name, why) == ("tokenizer", "auto: the tokenizer's own chat_template")
+    assert resolve_template("llama2", "llama", {}, chatml) == ("llama2", "set by template:")
+
+
 def test_registry_template_overrides_and_unknown_families():
-    assert family_template("llama", {"<|eot_id|>": 7}, has_chat_template=False) == "llama3"
-    assert family_template("no-such-family", {}, has_chat_template=True) == "tokenizer"
-    assert family_template("no-such-family", {}, has_chat_template=False) == "default"
+    assert resolve_template("auto", "llama", {"<|eot_id|>": 7}, None)[0] == "llama3"
+    assert resolve_template("auto", "llama", {}, None)[0] == "llama2"
+    name, why = resolve_template("auto", "no-such-family", {}, None)
+    assert name == "default" and "no-such-family" in why
     assert lora_targets("no-such-family", ["default"]) == "all-linear"
     assert all(f.template in TEMPLATES for f in FAMILIES.values())
 

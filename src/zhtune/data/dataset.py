@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zhtune.data.readers import chunked
+from zhtune.data.chat_template import ChatTemplateMasker, RenderError
 from zhtune.data.templates import IGNORE_INDEX, Template, render_batch
 
 #: Records rendered per tokenizer call.
@@ -47,11 +48,19 @@ def tokenize_records(
     reference cycles, but a dataset's worth of them would make the collector walk the growing
     heap again and again (a sixth of the time at 150k records)."""
     out = Tokenized()
+    masker = ChatTemplateMasker(tokenizer) if template is None else None
     with _gc_paused():
         for chunk in chunked(records, RENDER_BATCH):
-            rendered = render_batch(template, [rec["messages"] for rec in chunk], tokenizer, train_on_prompt)
-            for rec, (input_ids, labels) in zip(chunk, rendered):
-                _keep(out, rec, input_ids, labels, cutoff_len)
+            conversations = [rec["messages"] for rec in chunk]
+            if masker is not None:  # the tokenizer's own template: a conversation it cannot mask is rejected
+                rendered = masker.render_batch(conversations, train_on_prompt)
+            else:
+                rendered = render_batch(template, conversations, tokenizer, train_on_prompt)
+            for rec, item in zip(chunk, rendered):
+                if isinstance(item, RenderError):
+                    out.rejects.append({"id": rec.get("id"), "reason": str(item)})
+                else:
+                    _keep(out, rec, *item, cutoff_len)
     return out
 
 

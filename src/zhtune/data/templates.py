@@ -15,7 +15,9 @@ Rendering a conversation concatenates, in order::
         assistant_prefix                          # prompt: masked
         assistant.format(content=...)             # response: in the loss (with its end marker)
 
-``tokenizer`` is a pseudo-template that defers to the tokenizer's own ``chat_template``.
+``tokenizer`` is a pseudo-template that defers to the tokenizer's own ``chat_template``: the model's
+own format, masked by :mod:`zhtune.data.chat_template`. ``template: auto`` picks it whenever the
+tokenizer has one (:func:`zhtune.models.families.resolve_template`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+from zhtune.data.chat_template import IGNORE_INDEX, ChatTemplateMasker, RenderError, end_of_turn_token_ids
 from zhtune.errors import ZhtuneError
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ def render_batch(
     overhead once), which makes tokenizing a dataset several times faster than one call per
     conversation. The ids are exactly those of :func:`render`."""
     if template is None:
-        return [_render_with_tokenizer_template(m, tokenizer, train_on_prompt) for m in conversations]
+        return _render_with_chat_template(conversations, tokenizer, train_on_prompt, add_generation_prompt)
     specials = special_texts(tokenizer)
     segs = [segments(template, messages, specials, add_generation_prompt) for messages in conversations]
     texts = [text for conv in segs for text, _ in conv]
@@ -270,36 +271,25 @@ def render_batch(
     return out
 
 
-def _render_with_tokenizer_template(
-    messages: list[dict[str, str]], tokenizer: Any, train_on_prompt: bool
-) -> tuple[list[int], list[int]]:
-    """Render with the tokenizer's own chat_template: assistant spans are found by rendering
-    growing prefixes of the conversation and diffing their texts. A user turn is rendered with
-    the generation prompt, so a conversation ending with one is already a generation prompt."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ZhtuneError(
-            "template 'tokenizer' needs a tokenizer with a chat_template; choose a named template"
-        )
-    input_ids: list[int] = []
-    labels: list[int] = []
-    done = ""
-    for i, msg in enumerate(messages):
-        if msg["role"] == "system":
-            continue
-        if msg["role"] == "user":
-            text = tokenizer.apply_chat_template(
-                messages[: i + 1], tokenize=False, add_generation_prompt=True
-            )
-        else:
-            text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not text.startswith(done):
-            raise ZhtuneError("the tokenizer's chat_template is not prefix-stable; choose a named template")
-        piece, done = text[len(done) :], text
-        ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-        input_ids.extend(ids)
-        is_response = msg["role"] == "assistant"
-        labels.extend(ids if (is_response or train_on_prompt) else [IGNORE_INDEX] * len(ids))
-    return input_ids, labels
+def _render_with_chat_template(
+    conversations: list[list[dict[str, str]]],
+    tokenizer: Any,
+    train_on_prompt: bool,
+    add_generation_prompt: bool,
+) -> list[tuple[list[int], list[int]]]:
+    """:func:`render_batch` with the tokenizer's own chat_template
+    (:class:`~zhtune.data.chat_template.ChatTemplateMasker`); the first conversation that cannot
+    be masked raises its error. A generation prompt is the template's own, every label ignored."""
+    masker = ChatTemplateMasker(tokenizer)
+    if add_generation_prompt:
+        ids = encode_many(tokenizer, [masker.prompt_text(m) for m in conversations])
+        return [(x, [IGNORE_INDEX] * len(x)) for x in ids]
+    out = []
+    for item in masker.render_batch(conversations, train_on_prompt):
+        if isinstance(item, RenderError):
+            raise item
+        out.append(item)
+    return out
 
 
 def _lit(text: str) -> str:
@@ -357,9 +347,13 @@ def to_jinja(template: Template, tokenizer: Any) -> str:
 
 
 def stop_token_ids(template: Template | None, tokenizer: Any) -> list[int]:
-    """Token ids that end generation: the tokenizer's eos plus the template's stop words."""
+    """Token ids that end generation: the tokenizer's eos plus the template's stop words (for
+    the tokenizer's own chat_template, the special tokens of its end-of-turn text)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for word in template.stop_words if template else ():
+    if template is None:
+        extra = end_of_turn_token_ids(tokenizer) if getattr(tokenizer, "chat_template", None) else []
+        return ids + [t for t in extra if t not in ids]
+    for word in template.stop_words:
         tid = tokenizer.convert_tokens_to_ids(word)
         if tid is not None and tid != tokenizer.unk_token_id and tid not in ids:
             ids.append(tid)

@@ -13,7 +13,7 @@ class Family:
     """Defaults for one ``model_type``."""
 
     template: str
-    """Template used when the config says ``template: auto``."""
+    """Template for ``template: auto`` when the tokenizer has no chat_template (base models)."""
     lora_default: tuple[str, ...]
     """Modules adapted by ``lora_target: [default]`` (the attention projections Alpaca-CoT used)."""
     template_if_token: dict[str, str] = field(default_factory=dict)
@@ -48,15 +48,27 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family_template(model_type: str, vocab: dict[str, int], has_chat_template: bool) -> str:
-    """Resolve ``template: auto``: the family's template; else the tokenizer's own; else ``default``."""
+def resolve_template(
+    requested: str, model_type: str, vocab: dict[str, int], chat_template: str | None
+) -> tuple[str, str]:
+    """``(template name, why)`` for a ``template:`` setting.
+
+    An explicit name always wins. ``auto`` takes the tokenizer's own chat template whenever it
+    has one (``tokenizer``: an instruct model is tuned in the format it was trained in, which
+    LLaMA-Factory users know as avoiding template mismatch); a base model without one falls back
+    to its family's template (:data:`FAMILIES`), else ``default``.
+    """
+    if requested != "auto":
+        return requested, "set by template:"
+    if chat_template:
+        return "tokenizer", "auto: the tokenizer's own chat_template"
     fam = FAMILIES.get(model_type)
-    if fam is not None:
-        for token, name in fam.template_if_token.items():
-            if token in vocab:
-                return name
-        return fam.template
-    return "tokenizer" if has_chat_template else "default"
+    if fam is None:
+        return "default", f"auto: no chat_template and no family row for model type '{model_type}'"
+    for token, name in fam.template_if_token.items():
+        if token in vocab:
+            return name, f"auto: no chat_template; family '{model_type}' with {token} in the vocabulary"
+    return fam.template, f"auto: no chat_template; the '{model_type}' family's template"
 
 
 def lora_targets(model_type: str, requested: list[str]) -> str | list[str]:

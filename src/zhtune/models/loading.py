@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
+from zhtune.models.gguf import gguf_model_dir, is_gguf
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,14 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def resolve_source(path: str | Path) -> ModelSource:
-    """Work out weights, tokenizer, adapter and template for a run or model directory."""
+    """Work out weights, tokenizer, adapter and template for a run or model directory, or a
+GGUF file (:mod:`zhtune.models.gguf`)."""
     p = Path(path)
     if not p.exists():
         raise ZhtuneError(f"model path not found: {p}")
+    if is_gguf(p) and p.is_file():  # dequantized once, then read from the cache
+        converted = str(gguf_model_dir(p))
+        return ModelSource(converted, converted)
     if (p / EXPORT_MANIFEST).is_file():
         return export_source(p)
     if is_run_dir(p):
@@ -111,16 +116,23 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_model(
-    path: str, dtype: str = "fp32", trust_remote_code: bool = False, quantization_config: Any = None
+    path: str,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+    quantization_config: Any = None,
+    device: str | None = None,
 ) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` on a local directory in the given dtype
-    (optionally quantized by a ``transformers.BitsAndBytesConfig``)."""
+    (optionally quantized by a ``transformers.BitsAndBytesConfig``), loaded straight onto
+    ``device`` when one is given (else where transformers puts it: the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     quiet_transformers()
-    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    extra: dict[str, Any] = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    if device is not None:
+        extra["device_map"] = {"": device}
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
@@ -129,21 +141,27 @@ def load_model(
         raise ZhtuneError(f"cannot load a causal LM from {path}: {err}") from None
 
 
-def load_for_inference(path: str | Path, dtype: str = "fp32") -> tuple[Any, Any, str]:
-    """Load ``(model, tokenizer, template_name)`` for generation, in eval mode.
+def load_for_inference(path: str | Path, dtype: str = "auto", device: str = "auto") -> tuple[Any, Any, str]:
+    """Load ``(model, tokenizer, template_name)`` for generation, in eval mode, on ``device``
+    (``auto``: the best one present) in ``dtype`` (``auto``: bf16 on a GPU, fp32 on a CPU; see
+    :mod:`zhtune.models.device`).
 
     An adapter run loads its adapter on the base; LoRA-like adapters are merged in memory (same
     outputs, faster generation). A QLoRA run loads its base quantized as in training. On a CPU,
     freed memory is then kept for reuse (:mod:`zhtune.allocator`: every decoding step allocates
     and frees the same tensors; about 5% faster batched generation).
     """
+    from zhtune.models.device import resolve_device, resolve_dtype
+
     src = resolve_source(path)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     quant = None
     if src.quantization_bits:
         from zhtune.train.methods import quantization_config
 
         quant = quantization_config(src.quantization_bits, dtype)
-    loaded = load_source(src, dtype, quant, adapter="merge" if quant is None else "attach")
+    loaded = load_source(src, dtype, quant, adapter="merge" if quant is None else "attach", device=device)
     if next(loaded[0].parameters()).device.type == "cpu":
         from zhtune.allocator import keep_freed_memory
 
@@ -152,26 +170,24 @@ def load_for_inference(path: str | Path, dtype: str = "fp32") -> tuple[Any, Any,
 
 
 def load_source(
-    src: ModelSource, dtype: str, quantization: Any = None, adapter: str = "merge"
+    src: ModelSource, dtype: str, quantization: Any = None, adapter: str = "merge", device: str | None = None
 ) -> tuple[Any, Any, str]:
     """``(model, tokenizer, template_name)`` of a resolved source, in eval mode: the weights in
-    ``dtype`` (quantized with a ``quantization`` config if given), embeddings grown to the
+    ``dtype`` on ``device`` (quantized with a ``quantization`` config if given), embeddings grown to the
     tokenizer, and its adapter (if any) merged (``adapter="merge"``), attached unmerged
-    (``"attach"``) or left out (``"skip"``); the template resolved from the family for ``auto``."""
+    (``"attach"``) or left out (``"skip"``); ``auto`` resolved by :func:`~zhtune.models.families.resolve_template`."""
     tokenizer = load_tokenizer(src.tokenizer, src.trust_remote_code)
-    model = load_model(src.weights, dtype, src.trust_remote_code, quantization)
+    model = load_model(src.weights, dtype, src.trust_remote_code, quantization, device)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if src.adapter and adapter != "skip":
         model = attach_adapter(model, src.adapter, merge=adapter == "merge")
     model.eval()
-    template = src.template
-    if template == "auto":
-        from zhtune.models.families import family_template
+    from zhtune.models.families import resolve_template
 
-        template = family_template(
-            model.config.model_type, tokenizer.get_vocab(), bool(tokenizer.chat_template)
-        )
+    template, _ = resolve_template(
+        src.template, model.config.model_type, tokenizer.get_vocab(), tokenizer.chat_template
+    )
     return model, tokenizer, template
 
 

@@ -16,13 +16,13 @@ class TrainConfig:
     """Supervised fine-tuning (SFT) of a causal LM from a local Hugging Face directory."""
 
     model: str
-    """Local Hugging Face model directory (or a zhtune run directory) to start from."""
+    """Local Hugging Face model directory, zhtune run directory, or .gguf file (dequantized once and cached) to start from."""
     data: list[str]
     """Training files (json, jsonl, csv, parquet, a datasets directory) in any supported format, or names of registered datasets (see `zhtune data list`)."""
     output_dir: str
     """Run directory to create: config.yaml, model/ or adapter/, tokenizer, logs, plots, checkpoints."""
     template: str = "auto"
-    """Chat template: belle, alpaca, chatml, qwen, llama3, llama2, default, tokenizer (its own), or auto (by model family)."""
+    """Chat template: auto (the tokenizer's own chat_template if it has one, else the model family's), tokenizer, belle, alpaca, chatml, qwen, llama3, llama2, gemma, default."""
     format: str = "auto"
     """Input data format for every file: auto, alpaca, belle, sharegpt, openai (see `zhtune data convert`)."""
     registry: str = ""

@@ -282,7 +282,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from zhtune.data.dataset import model_inputs, pack_examples, tokenize_records, tokenize_texts
     from zhtune.data.registry import load_data
     from zhtune.data.templates import get_template, prepare_tokenizer, stop_token_ids
-    from zhtune.models.families import check_packing, family_template, has_plain_head
+    from zhtune.models.families import check_packing, has_plain_head, resolve_template
+    from zhtune.models.gguf import is_gguf
     from zhtune.models.loading import load_model, load_tokenizer, resolve_source
     from zhtune.progress import progress_bar
     from zhtune.train.compile import check_compile, compile_blocks
@@ -338,12 +339,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     model_type = transformers.AutoConfig.from_pretrained(
         src.weights, trust_remote_code=cfg.trust_remote_code
     ).model_type
-    template_name = cfg.template
-    if template_name == "auto":
-        template_name = family_template(model_type, tokenizer.get_vocab(), bool(tokenizer.chat_template))
+    template_name, template_why = resolve_template(
+        cfg.template, model_type, tokenizer.get_vocab(), tokenizer.chat_template
+    )
     template = get_template(template_name)
     n_added = prepare_tokenizer(tokenizer, template)
-    cfg = replace(cfg, template=template_name, model=str(Path(src.weights).resolve()))
+    # A GGUF base stays recorded as the file (the run directory says where it came from; its
+    # dequantized copy is a cache, rebuilt from the file if removed).
+    base = cfg.model if is_gguf(cfg.model) else src.weights
+    cfg = replace(cfg, template=template_name, model=str(Path(base).resolve()))
 
     # -- data ---------------------------------------------------------------------------------
     rejects_path = out / "rejects.jsonl"
@@ -452,8 +456,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             )
         )
     say(
-        f"zhtune train: {cfg.stage} {cfg.method} on {cfg.model} ({model_type}), template {template_name}, "
+        f"zhtune train: {cfg.stage} {cfg.method} on {cfg.model} ({model_type}"
+        + (f", dequantized copy {src.weights}" if is_gguf(cfg.model) else "")
+        + "), "
         f"{n_trainable:,} trainable / {n_total:,} params ({100 * n_trainable / n_total:.2f}%)\n"
+        f"  template: {template_name} ({template_why})\n"
         f"  data: {data_line}\n"
         f"  {total_steps} steps = {cfg.epochs if cfg.max_steps <= 0 else '-'} epochs x {steps_per_epoch} steps "
         f"(batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} proc), lr {cfg.lr} "

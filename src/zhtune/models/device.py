@@ -1,0 +1,54 @@
+"""Where inference runs: one ``--device`` option and one dtype default for every command.
+
+``auto`` picks the best device present: CUDA, then Apple's MPS, else the CPU. Weights default to
+bfloat16 where the device computes in it natively (CUDA with bf16 support, MPS) and to float32 on
+a CPU, where zhtune's inference has always run in float32. Training does not use this: accelerate
+places the model there.
+"""
+
+from __future__ import annotations
+
+from zhtune.errors import ZhtuneError
+
+DEVICE_HELP = "where the model runs: auto (cuda if available, then mps, else cpu), cpu, cuda, cuda:N, mps"
+DTYPE_HELP = "weights dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16"
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str = "auto") -> str:
+    """The torch device string for ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``),
+    checked against what this machine has."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
+    if name == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    kind, _, index = name.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu"
+    if kind == "mps" and not index:
+        if not has_mps:
+            raise ZhtuneError("--device mps: this machine has no MPS device (Apple silicon with macOS 12.3+)")
+        return "mps"
+    if kind == "cuda" and (not index or index.isdigit()):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        i = int(index or 0)
+        if i >= n:
+            have = f"{n} CUDA device(s)" if n else "no CUDA device (a CPU-only torch build or no GPU)"
+            raise ZhtuneError(f"--device {name}: this machine has {have}")
+        return f"cuda:{i}"
+    raise ZhtuneError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``dtype`` itself, or for ``auto`` bf16 on a device that computes in it natively, else fp32."""
+    if dtype not in DTYPES:
+        raise ZhtuneError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device == "mps" else "fp32"

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from zhtune.cli import main
+
+EXAMS = Path(__file__).resolve().parent / "fixtures" / "exam"
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -113,3 +117,71 @@ def test_train_then_chat_from_the_run_directory(tmp_path, tiny_model_dir, train_
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("助手 Assistant>") == 2
     assert "(history cleared)" in chat.stdout
+
+
+# -- --device and --dtype on every inference command ---------------------------------------------
+INFERENCE_COMMANDS = [["chat"], ["predict"], ["serve"], ["webui"], ["eval", "exam"], ["eval", "gen"],
+                      ["eval", "judge"], ["export"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", INFERENCE_COMMANDS, ids=" ".join)
+def test_every_inference_command_has_device_and_dtype(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # help lines rewrapped as one
+    assert "--device DEVICE where the model runs: auto (cuda if available, then mps, else cpu)" in out
+    if command == ["export"]:  # export's auto: the base model's own dtype
+        assert "auto (the base model's)" in out
+    else:
+        assert "--dtype {auto,fp32,bf16,fp16} weights dtype: auto (bf16 on a GPU" in out
+        assert "else fp32), fp32, bf16, fp16 (default: auto)" in out
+
+
+@pytest.mark.parametrize("command", INFERENCE_COMMANDS, ids=" ".join)
+def test_device_cuda_on_a_cpu_only_machine_is_a_clear_error(command, tiny_model_dir, tmp_path, capsys):
+    """Refused before any weight is loaded (or data read, or a judge asked), naming the device."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "一加一？"}]}\n', encoding="utf-8")
+    rest = {
+        "predict": [str(data), "-o", str(tmp_path / "out.jsonl")],
+        "export": ["-o", str(tmp_path / "export")],
+        "exam": ["--data", str(EXAMS / "cmmlu")],
+        "gen": ["--data", str(data)],
+        "judge": ["--data", str(data), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "judge"],
+    }.get(command[-1], [])
+    code = main([*command, str(tiny_model_dir), *rest, "--device", "cuda"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error: --device cuda: this machine has no CUDA device" in err
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_chat_runs_on_the_device_asked_for(device, tiny_model_dir, monkeypatch):
+    """``zhtune chat --device D``: the model is loaded there (auto is the CPU on a CPU-only machine),
+    in fp32 by default on a CPU, and the chat answers."""
+    import io
+
+    import zhtune.infer.chat as chat
+
+    real, seen = chat.chat_loop, {}
+
+    def scripted(model, tokenizer, template, options, system=""):
+        seen.update(param=next(model.parameters()))
+        out = io.StringIO()
+        real(model, tokenizer, template, options, system, stdin=io.StringIO("你好\n/exit\n"), stdout=out)
+        seen["stdout"] = out.getvalue()
+        return []
+
+    monkeypatch.setattr(chat, "chat_loop", scripted)
+    greedy = ["--template", "chatml", "--temperature", "0", "--max-new-tokens", "4"]
+    assert main(["chat", str(tiny_model_dir), *greedy, "--device", device]) == 0
+    if device == "auto" and torch.cuda.is_available():
+        assert seen["param"].device.type == "cuda"
+        return
+    assert seen["param"].device.type == "cpu" and seen["param"].dtype == torch.float32
+    assert "zhtune chat (template chatml; cpu, fp32)" in seen["stdout"]
+    assert seen["stdout"].count("助手 Assistant>") == 1

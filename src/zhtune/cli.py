@@ -44,6 +44,17 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[
             )
 
 
+def _add_device_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """``--device`` and (unless ``dtype`` is False) ``--dtype``: where an inference command runs
+    its model and in what dtype (:mod:`zhtune.models.device`). The one declaration of both flags
+    for chat, predict, serve, webui and eval; export keeps its own ``--dtype`` (auto = the base's)."""
+    from zhtune.models.device import DEVICE_HELP, DTYPE_HELP, DTYPES
+
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
+    if dtype:
+        parser.add_argument("--dtype", default="auto", choices=DTYPES, help=f"{DTYPE_HELP} (default: auto)")
+
+
 def _from_args(cls: type, args: argparse.Namespace) -> Any:
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
@@ -204,7 +215,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from zhtune.infer.generate import GenerationOptions
     from zhtune.models.loading import load_for_inference
 
-    model, tokenizer, template = load_for_inference(args.run, dtype=args.dtype)
+    model, tokenizer, template = load_for_inference(args.run, dtype=args.dtype, device=args.device)
     chat_loop(
         model, tokenizer, args.template or template, _from_args(GenerationOptions, args), system=args.system
     )
@@ -224,6 +235,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         template=args.template,
         dtype=args.dtype,
+        device=args.device,
         fmt=args.format,
         mapping=parse_mapping(args.map or []),
         rejects=args.rejects,
@@ -259,6 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
         dtype=args.dtype,
+        device=args.device,
         template=args.template,
     )
     return 0
@@ -274,6 +287,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         dtype=args.dtype,
+        device=args.device,
         template=args.template,
         system=args.system,
         defaults=_from_args(GenerationOptions, args),
@@ -336,7 +350,8 @@ def _add_exam_parser(esub: Any) -> None:
     x.add_argument("run", help="run directory (or local model directory, or an export)")
     x.add_argument("--data", required=True, help="exam folder (test/ + dev/), folder of files, or one file")
     x.add_argument("-o", "--output", default="", help="folder for the reports (default: RUN/eval)")
-    _add_dataclass_args(x, ExamOptions, skip=("data", "output", "progress"))
+    _add_dataclass_args(x, ExamOptions, skip=("data", "output", "progress", "device", "dtype"))
+    _add_device_args(x)
     x.add_argument(
         "--no-template", dest="template", action="store_const", const="none",
         help="plain-text prompt, no chat template (same as --template none)",
@@ -511,7 +526,8 @@ def _add_gen_parser(esub: Any) -> None:
     g.add_argument(
         "--map", action="append", metavar="SRC=DST", help="rename a column before reading (repeatable)"
     )
-    _add_dataclass_args(g, GenEvalOptions)
+    _add_dataclass_args(g, GenEvalOptions, skip=("device", "dtype"))
+    _add_device_args(g)
     g.set_defaults(func=cmd_eval_gen)
 
 
@@ -557,7 +573,8 @@ def _add_judge_parsers(esub: Any) -> None:
         "--protocol", default="belle", choices=["belle", "mtbench"],
         help="belle: 0-1 score after 得分; mtbench: 1-10 in [[rating]] (default: belle)",
     )  # fmt: skip
-    _add_dataclass_args(j, JudgeOptions, skip=("data", "output", "protocol", "progress"))
+    _add_dataclass_args(j, JudgeOptions, skip=("data", "output", "protocol", "progress", "device", "dtype"))
+    _add_device_args(j)
     j.add_argument("--no-progress", action="store_true", help="no progress bars")
     j.set_defaults(func=cmd_eval_judge)
 
@@ -694,9 +711,7 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     ch.add_argument("run", help="run directory (or local model directory)")
     ch.add_argument("--system", default="", help="system message")
     ch.add_argument("--template", help="override the run's chat template")
-    ch.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)"
-    )
+    _add_device_args(ch)
     _add_dataclass_args(ch, GenerationOptions)
     ch.set_defaults(func=cmd_chat)
 
@@ -713,9 +728,7 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     pr.add_argument("-o", "--output", required=True, help="output .jsonl (appended to)")
     pr.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
     pr.add_argument("--template", help="override the run's chat template")
-    pr.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)"
-    )
+    _add_device_args(pr)
     pr.add_argument(
         "--temperature",
         type=float,
@@ -746,7 +759,8 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     )
     ex.add_argument("run", help="run directory (or local model directory)")
     ex.add_argument("-o", "--output", required=True, help="directory to create")
-    _add_dataclass_args(ex, ExportOptions)
+    _add_dataclass_args(ex, ExportOptions, skip=("device",))
+    _add_device_args(ex, dtype=False)
     ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser(
@@ -775,9 +789,7 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
         help="start a batch once no request has arrived for this long (default: 10)",
     )
     sv.add_argument("--template", help="override the run's chat template")
-    sv.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)"
-    )
+    _add_device_args(sv)
     sv.set_defaults(func=cmd_serve)
 
     wu = sub.add_parser(
@@ -800,9 +812,7 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
         "sampled replies (default: random)",
     )
     wu.add_argument("--template", help="override the run's chat template")
-    wu.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)"
-    )
+    _add_device_args(wu)
     _add_dataclass_args(wu, GenerationOptions)
     wu.set_defaults(func=cmd_webui)
     _add_vocab_parser(sub)

@@ -339,6 +339,33 @@ def test_cli_eval_exam(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "exam", str(tiny_model_dir), "--data", str(FIXTURES / "cmmlu"), "--shots", "6"]) == 1
 
 
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_cli_eval_exam_on_a_device(device, tiny_model_dir, tmp_path, capsys):
+    """``--device cpu`` / ``auto`` (the CPU here) score in fp32 by default, as before ``--device``
+    existed: predictions made then (settings dtype fp32) resume, another dtype is refused."""
+    if device == "auto" and torch.cuda.is_available():
+        pytest.skip("auto is a GPU here: bf16, not the CPU's fp32")
+    out = tmp_path / "out"
+    args = ["eval", "exam", str(tiny_model_dir), "--data", str(FIXTURES / "cmmlu"), "--shots", "1",
+            "-o", str(out), "--no-progress", "--device", device]  # fmt: skip
+    assert main(args) == 0
+    assert "scoring 7 at 1-shot on cpu (fp32)" in capsys.readouterr().err
+    report = json.loads((out / "exam.json").read_text())
+    assert report["device"] == "cpu" and report["dtype"] == "fp32"
+    assert json.loads((out / "exam_settings.json").read_text())["dtype"] == "fp32"
+    reference = tmp_path / "reference"
+    run_exam(str(tiny_model_dir), ExamOptions(data=str(FIXTURES / "cmmlu"), output=str(reference), shots=1,
+                                              dtype="fp32", device="cpu", progress=False))  # fmt: skip
+    assert (out / "exam_predictions.jsonl").read_text() == (reference / "exam_predictions.jsonl").read_text()
+    # a cut run resumes whatever spelling of fp32 it was started with
+    lines = (out / "exam_predictions.jsonl").read_text().splitlines(keepends=True)
+    (out / "exam_predictions.jsonl").write_text("".join(lines[:4]))
+    assert main([*args, "--dtype", "fp32"]) == 0
+    assert (out / "exam_predictions.jsonl").read_text() == (reference / "exam_predictions.jsonl").read_text()
+    assert main([*args, "--dtype", "bf16"]) == 1
+    assert "dtype: 'fp32' -> 'bf16'" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------
 # a model trained on a synthetic multiple-choice task scores far above chance
 # --------------------------------------------------------------------------------------------

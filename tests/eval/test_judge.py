@@ -378,7 +378,9 @@ def test_mtbench_protocol(tiny_model_dir, questions, tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
 def served(tiny_model_dir, tmp_path):
-    with zhtune_serve(tiny_model_dir, tmp_path / "serve.log") as url:
+    log = tmp_path / "serve.log"
+    with zhtune_serve(tiny_model_dir, log, "--device", "cpu") as url:
+        assert "(cpu, fp32, template " in log.read_text(encoding="utf-8")  # dtype auto: fp32 on a CPU
         yield f"{url}/v1"
 
 
@@ -392,7 +394,7 @@ def test_zhtune_serve_as_the_judge(tiny_model_dir, served, tmp_path):
     )
     opts = JudgeOptions(
         data=str(DATA), judge_url=served, judge_model="default", output=str(out), limit=4, prompts=str(short),
-        max_new_tokens=4, judge_max_tokens=8, progress=False,
+        max_new_tokens=4, judge_max_tokens=8, device="cpu", progress=False,
     )  # fmt: skip
     report, _ = quiet(judge, str(tiny_model_dir), opts)
     rows = [json.loads(line) for line in (out / "judge.jsonl").read_text(encoding="utf-8").splitlines()]

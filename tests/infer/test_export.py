@@ -158,6 +158,15 @@ def test_refusals_before_any_weight_is_loaded(tuned_run, lora_run, tmp_path, cap
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_export_on_the_cpu_keeps_the_weights(tuned_run, tmp_path, capsys):
+    out = tmp_path / "cpu"
+    assert main(["export", str(tuned_run), "-o", str(out), "--device", "cpu"]) == 0
+    assert "-> " + str(out) + ": fp32 (on cpu)" in capsys.readouterr().err
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model, ref = (AutoModelForCausalLM.from_pretrained(d) for d in (out, tuned_run / "model"))
+    torch.testing.assert_close(logits(model, tokenizer), logits(ref, tokenizer))
+
+
 def test_sharded_export_reloads(tuned_run, tmp_path):
     out = tmp_path / "sharded"
     assert (

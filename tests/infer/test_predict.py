@@ -152,3 +152,21 @@ def test_duplicate_ids_and_a_broken_output_file_are_errors(lora_run, inputs, tmp
     )
     assert main(["predict", str(lora_run), str(dup), "-o", str(tmp_path / "d.jsonl"), *GEN]) == 1
     assert "duplicate id 'a' (first at" in capsys.readouterr().err
+
+
+def test_device_cpu_and_auto_give_the_default_rows(lora_run, inputs, tmp_path, capsys):
+    """``--device cpu`` and ``--device auto`` (the CPU here; dtype auto: fp32 on a CPU) write what
+    the defaults write, and say where they ran."""
+    import torch
+
+    default = tmp_path / "default.jsonl"
+    assert main(["predict", str(lora_run), str(inputs), "-o", str(default), "--batch-size", "4", *GEN]) == 0
+    for device in ("cpu", "auto"):
+        out = tmp_path / f"{device}.jsonl"
+        capsys.readouterr()
+        assert main(["predict", str(lora_run), str(inputs), "-o", str(out), "--device", device, *GEN[:2],
+                     "--batch-size", "4", "--dtype", "auto", "--no-progress"]) == 0  # fmt: skip
+        if device == "auto" and torch.cuda.is_available():
+            continue  # bf16 on a GPU: not the fp32 rows
+        assert f"generating {N} on cpu (fp32)" in capsys.readouterr().err
+        assert rows(out) == rows(default)

@@ -189,6 +189,12 @@ def test_the_tiny_run_streams_a_reply(chat):
     assert "Chatting with" in chat.describe() and "chatml" in chat.describe()
 
 
+def test_the_chat_tab_says_where_the_model_runs(chat):
+    if torch.cuda.is_available():
+        pytest.skip("device auto is a GPU here")
+    assert chat.placement == "cpu, fp32" and "cpu, fp32" in chat.describe()  # auto on a CPU-only machine
+
+
 def test_no_model_loaded_says_what_to_do():
     with pytest.raises(ZhtuneError, match="Runs tab"):
         list(respond(ChatModel(), "hi", [], "", GREEDY))

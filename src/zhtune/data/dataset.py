@@ -8,8 +8,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from zhtune.data.readers import chunked
 from zhtune.data.chat_template import ChatTemplateMasker, RenderError
+from zhtune.data.readers import chunked
 from zhtune.data.templates import IGNORE_INDEX, Template, render_batch
 
 #: Records rendered per tokenizer call.

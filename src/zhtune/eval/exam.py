@@ -588,8 +588,10 @@ class ExamOptions:
     """Longest prompt in tokens (0: the model's context length)."""
     max_new_tokens: int = 16
     """Tokens generated per answer when scoring by generation."""
-    dtype: str = "fp32"
-    """Weights dtype: fp32, bf16 or fp16."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16."""
+    device: str = "auto"
+    """Where the model runs: auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps."""
     overwrite: bool = False
     """Start over instead of resuming from exam_predictions.jsonl."""
     progress: bool = True
@@ -737,9 +739,12 @@ def _score_subject(
 def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
     """``zhtune eval exam``: score RUN on the exam in ``options.data``; returns the report (also
     written to OUTPUT/exam.json and exam.md, predictions to OUTPUT/exam_predictions.jsonl)."""
+    from zhtune.models.device import resolve_device, resolve_dtype
     from zhtune.models.loading import load_for_inference
     from zhtune.progress import progress_bar
 
+    device = resolve_device(options.device)  # a device this machine lacks fails before anything runs
+    dtype = resolve_dtype(options.dtype, device)
     if not 0 <= options.shots <= 5:
         raise ZhtuneError(f"--shots must be between 0 and 5, got {options.shots}")
     if options.scoring not in SCORINGS:
@@ -776,7 +781,7 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
         "scoring": options.scoring,
         "template": options.template,
         "max_length": options.max_length,
-        "dtype": options.dtype,
+        "dtype": dtype,  # resolved: auto on a CPU resumes an fp32 run
     }
     settings_path = out / SETTINGS
     if options.overwrite:
@@ -797,13 +802,14 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
     n_todo = sum(counts[s] for s in todo)
     print(
         f"zhtune eval exam: {sum(counts.values()):,} questions in {len(counts)} subjects ({benchmark}); "
-        f"{len(done)} subjects already in {pred_path}; scoring {n_todo:,} at {options.shots}-shot",
+        f"{len(done)} subjects already in {pred_path}; scoring {n_todo:,} at {options.shots}-shot"
+        + (f" on {device} ({dtype})" if n_todo else ""),
         file=sys.stderr,
     )
 
     prompt_desc, letter_tokens, dropped, seconds = "", {}, 0, 0.0
     if todo:
-        model, tokenizer, run_template = load_for_inference(run, dtype=options.dtype)
+        model, tokenizer, run_template = load_for_inference(run, dtype=dtype, device=device)
         template = _resolve_template(run, options.template, run_template)
         max_length = options.max_length or _context_length(model, tokenizer)
         builder = PromptBuilder(tokenizer, template, max_length)
@@ -860,6 +866,8 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
         "shots_dropped": dropped,
         "seconds": round(seconds, 2),
         "questions_per_s": round(n_todo / seconds, 2) if seconds else None,
+        "device": device if todo else previous.get("device", ""),
+        "dtype": dtype,
         "run": str(run),
     }
     _write_atomic(out / REPORT_JSON, json.dumps(report, ensure_ascii=False, indent=2) + "\n")

@@ -198,8 +198,10 @@ class GenEvalOptions:
     """Most tokens generated per answer."""
     template: str = ""
     """Chat template (empty: the run's own)."""
-    dtype: str = "fp32"
-    """Weights dtype: fp32, bf16 or fp16."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16."""
+    device: str = "auto"
+    """Where the model runs: auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps."""
     format: str = "auto"
     """Input format: auto, alpaca, belle, sharegpt, openai (see `zhtune data convert`)."""
     allow_rejects: bool = False
@@ -208,8 +210,11 @@ class GenEvalOptions:
     """Show a progress bar."""
 
 
-def _settings(run: str, data: list[str], opts: GenEvalOptions, mapping: dict[str, str]) -> dict[str, Any]:
-    """What decides the predictions; a resumed run must match them."""
+def _settings(
+    run: str, data: list[str], opts: GenEvalOptions, mapping: dict[str, str], dtype: str
+) -> dict[str, Any]:
+    """What decides the predictions (``dtype`` resolved, so auto on a CPU resumes an fp32 run);
+    a resumed run must match them."""
     import os
 
     return {
@@ -217,7 +222,7 @@ def _settings(run: str, data: list[str], opts: GenEvalOptions, mapping: dict[str
         "data": [os.path.abspath(p) for p in data],
         "max_new_tokens": opts.max_new_tokens,
         "template": opts.template,
-        "dtype": opts.dtype,
+        "dtype": dtype,
         "format": opts.format,
         "map": mapping,
         "decoding": "greedy",
@@ -264,14 +269,18 @@ def eval_gen(
     from zhtune.data.readers import expand_inputs
     from zhtune.infer.generate import GenerationOptions
     from zhtune.infer.predict import predict
+    from zhtune.models.device import resolve_device, resolve_dtype
 
     if not data:
         raise ZhtuneError("give the test data with --data FILE")
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
     out = Path(opts.output_dir or Path(run) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     paths = expand_inputs(data)
     predictions = out / "gen_predictions.jsonl"
-    _check_settings(out / "gen_settings.json", predictions, _settings(run, paths, opts, mapping or {}))
+    settings = _settings(run, paths, opts, mapping or {}, dtype)
+    _check_settings(out / "gen_settings.json", predictions, settings)
     status = predict(
         run,
         paths,
@@ -279,7 +288,8 @@ def eval_gen(
         GenerationOptions(max_new_tokens=opts.max_new_tokens, temperature=0.0),
         batch_size=opts.batch_size,
         template=opts.template or None,
-        dtype=opts.dtype,
+        dtype=dtype,
+        device=device,
         fmt=opts.format,
         mapping=mapping,
         rejects=str(out / "gen_predictions.rejects.jsonl"),
@@ -301,9 +311,7 @@ def eval_gen(
     if not rows:
         raise ZhtuneError(f"no record of {', '.join(paths)} has a reference answer to score against")
     result = aggregate(rows)
-    result.update(
-        n_scored=len(rows), n_without_reference=missing, settings=_settings(run, paths, opts, mapping or {})
-    )
+    result.update(n_scored=len(rows), n_without_reference=missing, settings=settings)
     with (out / "gen_scores.jsonl").open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(

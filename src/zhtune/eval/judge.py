@@ -397,6 +397,7 @@ def generate_answers(run: str, questions: list[Question], out: Path, opts: Judge
         batch_size=opts.batch_size,
         template=opts.template or None,
         dtype=opts.dtype,
+        device=opts.device,
         fmt="openai",
         progress=opts.progress,
     )
@@ -679,8 +680,10 @@ class JudgeOptions:
     """Most tokens in the run's answers (greedy)."""
     template: str = ""
     """Chat template for the run's prompts; empty: the run's own."""
-    dtype: str = "fp32"
-    """Weights dtype for answering: fp32, bf16 or fp16."""
+    dtype: str = "auto"
+    """Weights dtype for answering: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16."""
+    device: str = "auto"
+    """Where the answering model runs: auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps."""
     progress: bool = True
     """Show progress bars."""
 
@@ -707,6 +710,7 @@ def judge(run: str, opts: JudgeOptions) -> dict[str, Any]:
     """``zhtune eval judge``: answer, judge and report; returns the report (also in judge.json).
     ``report["failed"]`` counts questions the judge never answered (not in the report)."""
     from zhtune.eval.report import eval_dir, write_run_report, write_text_atomic
+    from zhtune.models.device import resolve_device
 
     protocol = get_protocol(opts.protocol)
     for name in ("concurrency", "batch_size", "max_new_tokens", "judge_max_tokens"):
@@ -719,6 +723,7 @@ def judge(run: str, opts: JudgeOptions) -> dict[str, Any]:
     endpoint = resolve_endpoint(opts)
     if not Path(run).exists():
         raise ZhtuneError(f"run or model directory not found: {run}")
+    resolve_device(opts.device)  # a device this machine lacks fails before anything is asked
     out = Path(opts.output) if opts.output else eval_dir(run)
     out.mkdir(parents=True, exist_ok=True)
 

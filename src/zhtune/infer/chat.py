@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import IO, Any
 
-from zhtune.infer.generate import GenerationOptions, Prompter, stream_generate
+from zhtune.infer.generate import GenerationOptions, Prompter, placement, stream_generate
 
 HELP = "commands: /clear (new conversation), /system TEXT (set system message), /exit (quit)"
 
@@ -31,7 +31,7 @@ def chat_loop(
     prompter = Prompter(tokenizer, template_name)
     interactive = stdin.isatty()
     history: list[dict[str, str]] = []
-    stdout.write(f"zhtune chat (template {template_name}); {HELP}\n")
+    stdout.write(f"zhtune chat (template {template_name}; {placement(model)}); {HELP}\n")
     while True:
         if interactive:
             stdout.write("\n用户 User> ")

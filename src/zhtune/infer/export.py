@@ -63,6 +63,8 @@ class ExportOptions:
     """Quantization library: bitsandbytes (int8 / NF4; CPU and GPU) or gptq (GPTQ, group size 128; needs a CUDA GPU and gptqmodel)."""
     dtype: str = "auto"
     """Weights dtype: auto (the base model's), fp32, bf16, fp16; with --quantize, the dtype of what stays unquantized and of the computation."""
+    device: str = "auto"
+    """Where merging, quantizing and the perplexity run: auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps."""
     eval_data: str = ""
     """Data (any supported format) for the perplexity before/after quantizing (default: the run's training data)."""
     eval_records: int = 128
@@ -92,6 +94,8 @@ class Plan:
     """peft type (``LORA``, ``PREFIX_TUNING``, ...) or ``BOTTLENECK``; None for full weights."""
     merge: bool
     dtype: str
+    device: str
+    """Where the weights are loaded, merged, quantized and measured (resolved: ``cpu``, ``cuda:0``, ...)."""
 
 
 def adapter_kind(adapter_dir: str) -> str:
@@ -119,8 +123,10 @@ def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
     """Check the request against the run; raise :class:`ZhtuneError` saying what to change."""
     import yaml
 
+    from zhtune.models.device import resolve_device
     from zhtune.models.loading import MERGEABLE, resolve_source
 
+    device = resolve_device(opts.device)
     src = resolve_source(run)
     run_dir = Path(run).resolve()
     out = Path(output).resolve()
@@ -153,25 +159,28 @@ def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
             "(LoRA-like adapters), or export without --quantize"
         )
     if opts.quantize and opts.backend == "gptq":
-        check_gptq()
+        check_gptq(device)
     if opts.quantize and opts.backend == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
         raise ZhtuneError(
             "--quantize needs bitsandbytes: pip install -c constraints.txt 'zhtune[qlora]' "
             "(CUDA GPUs, and x86 CPUs with bitsandbytes >= 0.46)"
         )
     dtype = base_dtype(src.weights) if opts.dtype == "auto" else opts.dtype
-    return Plan(run_dir, out, src, run_config, kind, bool(opts.merge and kind), dtype)
+    return Plan(run_dir, out, src, run_config, kind, bool(opts.merge and kind), dtype, device)
 
 
-def check_gptq() -> None:
+def check_gptq(device: str) -> None:
     """GPTQ quantizes layer by layer on a CUDA GPU with gptqmodel (through transformers'
     ``GPTQConfig``, which also needs optimum); refuse at once where that cannot run."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not device.startswith("cuda"):
+        where = "on this machine"
+        if torch.cuda.is_available():
+            where = f"--device {device} is not one: pass --device cuda, or"
         raise ZhtuneError(
             "--backend gptq needs a CUDA GPU (GPTQ calibrates every layer on it, and gptqmodel builds "
-            "CUDA kernels); on this machine use --backend bitsandbytes (int8 / NF4, runs on CPUs)"
+            f"CUDA kernels); {where} use --backend bitsandbytes (int8 / NF4, runs on CPUs)"
         )
     missing = [name for name in ("gptqmodel", "optimum") if importlib.util.find_spec(name) is None]
     if missing:
@@ -244,7 +253,7 @@ def load_merged(plan: Plan) -> tuple[Any, Any, str]:
 
     # Never quantized here: merging needs full-precision weights (a QLoRA adapter merges into the
     # full-precision base, as QLoRA's authors export it), and quantizing comes last.
-    return load_source(plan.src, plan.dtype, adapter="merge" if plan.merge else "skip")
+    return load_source(plan.src, plan.dtype, adapter="merge" if plan.merge else "skip", device=plan.device)
 
 
 def save_model(model: Any, tokenizer: Any, template: str, directory: Path, max_shard_size: str) -> None:
@@ -278,12 +287,13 @@ def quantize(
 ) -> dict:
     """Quantize the full-precision model saved in ``staged`` into ``directory``; returns the
     manifest's ``quantization`` entry."""
+    from zhtune.models.loading import load_model
     from zhtune.train.methods import quantization_config
 
     if opts.backend == "bitsandbytes":
         # the QLoRA settings: NF4 with double quantization, or LLM.int8()
         config = quantization_config(opts.quantize, plan.dtype)
-        model = load_on_device(staged, plan.dtype, plan.src.trust_remote_code, quantization_config=config)
+        model = load_model(str(staged), plan.dtype, plan.src.trust_remote_code, config, plan.device)
         model.save_pretrained(str(directory), max_shard_size=opts.max_shard_size)
         kind = "nf4, double quantization" if opts.quantize == 4 else "LLM.int8()"
         return {"backend": "bitsandbytes", "bits": opts.quantize, "type": kind}
@@ -294,29 +304,9 @@ def quantize(
     records = read_records(paths, fmt, registry, opts.calibration_records, last=False)
     texts = [conversation_text(r["messages"], tokenizer, template) for r in records]
     config = GPTQConfig(bits=opts.quantize, group_size=GPTQ_GROUP_SIZE, dataset=texts, tokenizer=tokenizer)
-    model = load_on_device(staged, "fp16", plan.src.trust_remote_code, quantization_config=config)
+    model = load_model(str(staged), "fp16", plan.src.trust_remote_code, config, plan.device)
     model.save_pretrained(str(directory), max_shard_size=opts.max_shard_size)
     return {"backend": "gptq", "bits": opts.quantize, "group_size": GPTQ_GROUP_SIZE, "calibration": paths}
-
-
-def load_on_device(directory: Path, dtype: str, trust_remote_code: bool, **kwargs: Any) -> Any:
-    """``from_pretrained`` straight onto the GPU if there is one, else the CPU (quantized layers
-    cannot move afterwards)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from zhtune.models.loading import quiet_transformers
-
-    quiet_transformers()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(
-        str(directory),
-        dtype=torch_dtype,
-        device_map={"": device},
-        trust_remote_code=trust_remote_code,
-        **kwargs,
-    )
 
 
 def conversation_text(messages: list[dict[str, str]], tokenizer: Any, template: str) -> str:
@@ -363,10 +353,13 @@ def quantize_and_measure(
 ) -> tuple[dict, list[dict[str, Any]]]:
     """Quantize the model in ``staged`` into ``final``; returns the manifest's quantization entry
     and the report rows: size and perplexity of both, each as reloaded from disk."""
+    from zhtune.models.loading import load_model
+
     cutoff = int(plan.run_config.get("cutoff_len", 1024))
 
     def measured(name: str, directory: Path) -> dict[str, Any]:
-        model = load_on_device(directory, plan.dtype, plan.src.trust_remote_code)
+        # straight onto plan.device (quantized layers cannot move afterwards)
+        model = load_model(str(directory), plan.dtype, plan.src.trust_remote_code, device=plan.device)
         ppl = perplexity(model, tokenizer, template, records, cutoff)
         return {"name": name, "bytes": weights_bytes(directory), "perplexity": ppl}
 
@@ -393,7 +386,7 @@ def export(run: str, output: str, opts: ExportOptions) -> Path:
     method = plan.run_config.get("method", plan.adapter_kind or "model")
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731
     say(
-        f"zhtune export: {plan.run} ({method}) -> {plan.out}: {plan.dtype}"
+        f"zhtune export: {plan.run} ({method}) -> {plan.out}: {plan.dtype} (on {plan.device})"
         + (", adapter merged" if plan.merge else ", adapter kept in adapter/" if src.adapter else "")
         + (f", {opts.backend} {opts.quantize}-bit" if opts.quantize else "")
     )

@@ -67,6 +67,15 @@ class Reply:
     """True if a stop token ended the reply; False if it ran into ``max_new_tokens``."""
 
 
+def placement(model: Any) -> str:
+    """Where a loaded model runs and in what dtype, for start-up lines: ``"cuda:0, bf16"``."""
+    import torch
+
+    p = next(model.parameters())
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return f"{p.device}, {names.get(p.dtype, str(p.dtype).removeprefix('torch.'))}"
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
     """``(input_ids, attention_mask)``, both ``(len(prompts), longest)`` long tensors, each
     prompt right-aligned (left padding, so every row's next token comes at the last position)."""

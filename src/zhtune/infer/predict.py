@@ -185,7 +185,8 @@ def predict(
     options: GenerationOptions,
     batch_size: int = 8,
     template: str | None = None,
-    dtype: str = "fp32",
+    dtype: str = "auto",
+    device: str = "auto",
     fmt: str = "auto",
     mapping: dict[str, str] | None = None,
     rejects: str | None = None,
@@ -195,14 +196,18 @@ def predict(
 ) -> int:
     """``zhtune predict``: generate a reply for every prompt of ``inputs`` not yet in ``output``.
 
-    Returns the exit status: 1 if any record was rejected and not ``allow_rejects``, else 0.
+    The model runs on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`). Returns the
+    exit status: 1 if any record was rejected and not ``allow_rejects``, else 0.
     """
     from zhtune.infer.generate import Prompter, generate_replies
+    from zhtune.models.device import resolve_device, resolve_dtype
     from zhtune.models.loading import load_for_inference
     from zhtune.progress import progress_bar
 
     if batch_size < 1:
         raise ZhtuneError(f"--batch-size must be >= 1, got {batch_size}")
+    device = resolve_device(device)  # a device this machine lacks fails before any input is read
+    dtype = resolve_dtype(dtype, device)
     out = Path(output)
     paths = expand_inputs(inputs)
     if any(os.path.abspath(p) == os.path.abspath(out) for p in paths):
@@ -233,7 +238,7 @@ def predict(
     todo = [r for r in records if r["id"] not in done]
     print(
         f"zhtune predict: {len(records):,} prompts in {', '.join(paths)}; {len(records) - len(todo):,} "
-        f"already in {out}; generating {len(todo):,}",
+        f"already in {out}; generating {len(todo):,}" + (f" on {device} ({dtype})" if todo else ""),
         file=sys.stderr,
     )
 
@@ -241,7 +246,7 @@ def predict(
     if todo:
         import torch
 
-        model, tokenizer, run_template = load_for_inference(run, dtype=dtype)
+        model, tokenizer, run_template = load_for_inference(run, dtype=dtype, device=device)
         prompter = Prompter(tokenizer, template or run_template)
         prompts = [prompter.prompt_ids(r["messages"]) for r in todo]
         torch.manual_seed(seed)

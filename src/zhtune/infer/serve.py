@@ -49,7 +49,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.generate import BatchDecoder, Prompter, Sampling, prompt_learning
+from zhtune.infer.generate import BatchDecoder, Prompter, Sampling, placement, prompt_learning
 
 # ---------------------------------------------------------------------------------------------
 # The engine: a scheduler thread that batches choices on the model
@@ -642,10 +642,12 @@ def serve(
     max_concurrent: int = 128,
     max_batch_size: int = 32,
     batch_wait_ms: float = 10.0,
-    dtype: str = "fp32",
+    dtype: str = "auto",
     template: str | None = None,
+    device: str = "auto",
 ) -> None:
-    """Load ``run`` and serve it until interrupted."""
+    """Load ``run`` on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`) and serve it
+    until interrupted."""
     import uvicorn
 
     from zhtune.models.loading import load_for_inference
@@ -655,12 +657,13 @@ def serve(
             raise ZhtuneError(f"{name} must be at least 1, got {value}")
     if batch_wait_ms < 0:
         raise ZhtuneError(f"--batch-wait-ms must be 0 or more, got {batch_wait_ms}")
-    model, tokenizer, run_template = load_for_inference(run, dtype=dtype)
+    model, tokenizer, run_template = load_for_inference(run, dtype=dtype, device=device)
     name = Path(run).resolve().name
     engine = Engine(model, tokenizer, template or run_template, max_batch_size, batch_wait_ms, max_concurrent)
     app = create_app(engine.start(), name, api_key)
     print(
-        f"zhtune serve: '{name}' (template {engine.template}, context {engine.context_length} tokens), "
+        f"zhtune serve: '{name}' ({placement(model)}, template {engine.template}, "
+        f"context {engine.context_length} tokens), "
         f"batches of up to {max_batch_size} after at most {batch_wait_ms:g} ms, "
         f"OpenAI API at http://{host}:{port}/v1" + ("" if api_key else " (no API key)"),
         file=sys.stderr,

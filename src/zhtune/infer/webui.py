@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.generate import GenerationOptions, Prompter, stream_generate
+from zhtune.infer.generate import GenerationOptions, Prompter, placement, stream_generate
 
 LOG_FILE = "trainer_log.jsonl"  # as written by zhtune.train.sft
 MAX_REPORT_CHARS = 20_000
@@ -179,8 +179,10 @@ def reports_markdown(summary: RunSummary) -> str:
 class ChatModel:
     """The one model the chat tab talks to; the runs tab can switch it to another run."""
 
-    def __init__(self, dtype: str = "fp32", template: str | None = None) -> None:
-        self.dtype = dtype
+    def __init__(self, dtype: str = "auto", template: str | None = None, device: str = "auto") -> None:
+        self.dtype, self.device = dtype, device
+        self.placement = ""
+        """Where the loaded model runs and its dtype (``"cpu, fp32"``)."""
         self.template_override = template
         self.run: Path | None = None
         self.template = ""
@@ -192,16 +194,16 @@ class ChatModel:
         """Load a run (or export, or model directory) in place of the current model."""
         from zhtune.models.loading import load_for_inference
 
-        model, tokenizer, template = load_for_inference(run, dtype=self.dtype)
+        model, tokenizer, template = load_for_inference(run, dtype=self.dtype, device=self.device)
         with self._lock:
-            self.template = self.template_override or template
+            self.template, self.placement = self.template_override or template, placement(model)
             self._model, self._prompter = model, Prompter(tokenizer, self.template)
             self.run = Path(run)
 
     def describe(self) -> str:
         if self.run is None:
             return "No model loaded: pick a run in the **Runs** tab and press *Chat with this run*."
-        return f"Chatting with `{self.run}` (template `{self.template}`, {self.dtype})."
+        return f"Chatting with `{self.run}` (template `{self.template}`, {self.placement})."
 
     def stream(self, messages: list[dict[str, str]], options: GenerationOptions) -> Iterator[str]:
         """The reply to ``messages`` (canonical turns), piece by piece."""
@@ -432,7 +434,8 @@ def launch(
     runs_dir: str | None = None,
     host: str = "127.0.0.1",
     port: int = 7860,
-    dtype: str = "fp32",
+    dtype: str = "auto",
+    device: str = "auto",
     template: str | None = None,
     system: str = "",
     defaults: GenerationOptions | None = None,
@@ -441,9 +444,12 @@ def launch(
     """``zhtune webui``: load ``run`` (if given), build the page and serve it until Ctrl-C.
     ``seed`` seeds torch's sampler once, after loading: a fresh server then samples the same
     replies to the same messages."""
+    from zhtune.models.device import resolve_device
+
     gr = import_gradio()  # fail before loading a model if gradio is missing
+    device = resolve_device(device)  # and before serving a page that could never load one
     folder = Path(runs_dir) if runs_dir else (Path(run).resolve().parent if run else Path("runs"))
-    chat = ChatModel(dtype, template)
+    chat = ChatModel(dtype, template, device)
     if run:
         chat.load(run)
     app = build_app(chat, folder, defaults or GenerationOptions(), system)

@@ -104,9 +104,12 @@ def quiet_transformers() -> None:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    """``AutoTokenizer.from_pretrained`` on a local directory (never the hub), with a clear error."""
+    """``AutoTokenizer.from_pretrained`` on a local directory (never the hub), with a clear error.
+    A ``.gguf`` file gives the tokenizer of its cached conversion."""
     from transformers import AutoTokenizer
 
+    if is_gguf(path) and Path(path).is_file():
+        path = str(gguf_model_dir(path))
     if not Path(path).is_dir():
         raise ZhtuneError(f"tokenizer directory not found: {path}")
     try:

@@ -21,13 +21,15 @@ def chat_loop(
     template_name: str,
     options: GenerationOptions,
     system: str = "",
-    stdin: IO[str] = sys.stdin,
-    stdout: IO[str] = sys.stdout,
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
 ) -> list[dict[str, str]]:
-    """Read user turns from ``stdin`` until EOF or ``/exit``; stream each reply to ``stdout``.
+    """Read user turns from ``stdin`` until EOF or ``/exit``; stream each reply to ``stdout``
+    (default: the process's, looked up at call time).
 
     Returns the final conversation (handy for tests).
     """
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     prompter = Prompter(tokenizer, template_name)
     interactive = stdin.isatty()
     history: list[dict[str, str]] = []

@@ -75,7 +75,7 @@ class Check:
         if done.returncode != 0:
             self.rows.append((name, seconds, f"FAILED (exit {done.returncode}): {done.stderr.strip()[-300:]}"))
             raise SystemExit(self.table())
-        return done.stdout + done.stderr
+        return done.stdout
 
     def row(self, name: str, seconds: float, result: str) -> None:
         self.rows.append((name, seconds, result))
@@ -143,7 +143,8 @@ def main() -> None:
             f"train {method}",
             ["train", f"model={base}", f"data=[{data}]", f"output_dir={run}", f"method={method}",
              f"max_steps={args.steps}", "batch_size=16", "lr=1e-3" if method == "lora" else "lr=3e-4",
-             "cutoff_len=128", "precision=bf16", "logging_steps=10", "overwrite=true", "--no-progress"],
+             "cutoff_len=128", "precision=bf16", f"logging_steps={max(1, args.steps // 10)}", "overwrite=true",
+             "--no-progress"],
         )  # fmt: skip
         rows = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in rows if "loss" in r]
@@ -166,7 +167,7 @@ def main() -> None:
     t0 = time.perf_counter()
     reply = check.zhtune("chat", ["chat", str(lora), *dev, "--temperature", "0", "--max-new-tokens", "16"],
                          stdin="把 305 写成中文数字。\n/exit\n")  # fmt: skip
-    check.row("chat", time.perf_counter() - t0, "reply: " + " ".join(reply.split())[-60:])
+    check.row("chat", time.perf_counter() - t0, "reply: " + repr(reply.split("Assistant>")[-1].strip()[:60]))
 
     prompts = out / "prompts.jsonl"
     test = json.loads((ROOT / "src/zhtune/assets/quickstart/test.json").read_text(encoding="utf-8"))[:64]
@@ -181,7 +182,8 @@ def main() -> None:
     check.row("predict", time.perf_counter() - t0, f"{n} rows")
 
     t0 = time.perf_counter()
-    check.row("serve", time.perf_counter() - t0, serve_once(check, lora, dev, out))
+    served = serve_once(check, lora, dev, out)
+    check.row("serve", time.perf_counter() - t0, served)
 
     t0 = time.perf_counter()
     log = check.zhtune("eval exam", ["eval", "exam", str(lora), "--data", str(ROOT / "tests/fixtures/exam/ceval"),
@@ -190,7 +192,7 @@ def main() -> None:
     check.row("eval exam", time.perf_counter() - t0, f"accuracy {score:.2f} (4 questions)")
 
     t0 = time.perf_counter()
-    check.zhtune("export", ["export", str(lora), "-o", str(out / "export"), *dev])
+    check.zhtune("export", ["export", str(lora), "-o", str(out / "export"), "--merge", "--overwrite", *dev])
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(out / "export")

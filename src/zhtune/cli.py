@@ -535,7 +535,7 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from zhtune.eval.judge import JudgeOptions, judge, print_summary
-    from zhtune.eval.report import eval_dir
+    from zhtune.rundir import eval_dir
 
     options = _from_args(JudgeOptions, args)
     options.progress = not args.no_progress

@@ -272,7 +272,7 @@ class Evolver:
         return None
 
     async def evolve_source(self, client: Any, src: Source, bar: Any) -> None:
-        from zhtune.infer.client import RETRY_STATUSES, ApiError
+        from zhtune.llm.client import RETRY_STATUSES, ApiError
 
         src.current_id, src.current = src.id, src.instruction
         for r in range(1, self.options.rounds + 1):
@@ -300,7 +300,7 @@ class Evolver:
     async def run(self, sources: list[Source], bar: Any) -> None:
         import asyncio
 
-        from zhtune.infer.client import map_limited
+        from zhtune.llm.client import map_limited
 
         self.slots = asyncio.Semaphore(self.options.concurrency)
         async with self.options.client(self.output) as client:

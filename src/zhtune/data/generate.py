@@ -439,7 +439,7 @@ class Generator:
         """Ask and filter until ``--num`` is reached; returns why it stopped early (None: done)."""
         import asyncio
 
-        from zhtune.infer.client import RETRY_STATUSES, ApiError
+        from zhtune.llm.client import RETRY_STATUSES, ApiError
 
         options, state, guard = self.options, self.state, self.guard
         numbers = self.request_numbers()

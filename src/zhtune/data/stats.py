@@ -206,11 +206,9 @@ def plot_stats(stats_or_lengths: dict[str, Any], out_png: str) -> None:
     Accepts the dict from :func:`compute_stats` or a plain ``{"prompt": lengths, "response":
     lengths}`` mapping (unit: chars).
     """
-    import matplotlib
+    from zhtune.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     lengths = stats_or_lengths.get("lengths")
     unit = "tokens" if lengths and "tokens" in lengths else "chars"
     data = lengths[unit] if lengths else stats_or_lengths

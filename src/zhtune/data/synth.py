@@ -2,7 +2,7 @@
 prompt assets, and append-only JSON Lines files that a re-run reads back to resume.
 
 Both commands ask a teacher model (any OpenAI-compatible endpoint, through
-:class:`zhtune.infer.client.ChatClient`) and write what they keep to ``OUT.jsonl`` and what they
+:class:`zhtune.llm.client.ChatClient`) and write what they keep to ``OUT.jsonl`` and what they
 drop to ``OUT.rejects.jsonl`` *as it arrives*, one flushed line at a time. Replies are cached in
 ``OUT.cache.sqlite``, so a run killed at any point and started again re-reads the replies it had
 already paid for and sends only new requests.
@@ -58,14 +58,14 @@ class EndpointOptions:
     """Show a progress bar."""
 
     def endpoint(self) -> Any:
-        """The resolved :class:`~zhtune.infer.client.Endpoint` (flags, then environment)."""
-        from zhtune.infer.client import Endpoint
+        """The resolved :class:`~zhtune.llm.client.Endpoint` (flags, then environment)."""
+        from zhtune.llm.client import Endpoint
 
         return Endpoint.resolve(self.base_url or None, self.model or None, self.api_key or None)
 
     def client(self, output: str | Path) -> Any:
-        """A :class:`~zhtune.infer.client.ChatClient` for these options, caching next to ``output``."""
-        from zhtune.infer.client import ChatClient
+        """A :class:`~zhtune.llm.client.ChatClient` for these options, caching next to ``output``."""
+        from zhtune.llm.client import ChatClient
 
         return ChatClient(
             self.endpoint(),

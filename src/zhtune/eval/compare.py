@@ -18,7 +18,6 @@ from typing import Any
 
 from zhtune.errors import ZhtuneError
 from zhtune.eval.report import (
-    eval_dir,
     fmt_value,
     markdown_table,
     order_metrics,
@@ -27,6 +26,7 @@ from zhtune.eval.report import (
     run_labels,
     write_text_atomic,
 )
+from zhtune.rundir import eval_dir
 
 
 @dataclass(frozen=True)

@@ -613,9 +613,9 @@ def _resolve_template(run: str, option: str, run_template: str) -> str | None:
         return None
     if option != "auto":
         return option
-    from zhtune.models.loading import EXPORT_MANIFEST, is_run_dir
+    from zhtune.rundir import RunDir
 
-    tuned = is_run_dir(run) or (Path(run) / EXPORT_MANIFEST).is_file()
+    tuned = RunDir(run).finished or RunDir(run).is_export
     return run_template if tuned else None
 
 

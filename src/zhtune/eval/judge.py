@@ -16,7 +16,7 @@ Top to bottom:
 4. **Judge**: each (question, answer) becomes the judge message of its class (BELLE's layout:
    the class prompt, the question, the gold answer except for generation, brainstorming and
    rewrite, the model's answer), sent at temperature 0 through
-   :class:`zhtune.infer.client.ChatClient` (concurrency, retries, SQLite reply cache). The score
+   :class:`zhtune.llm.client.ChatClient` (concurrency, retries, SQLite reply cache). The score
    is parsed from the reply with an ordered list of patterns (:data:`PROTOCOLS`); a reply with
    no score is asked once more and, if still without one, recorded as ``unparsed`` and counted,
    never scored 0. Judgements are appended to ``judge.jsonl`` as they arrive; a re-run judges
@@ -475,7 +475,7 @@ def run_judge(
     """Judge every (question, answer) of ``todo``, appending each row to ``out_file`` as it
     arrives. Returns (new rows, usage, failures). A question that fails at the judge for good
     is left out (a re-run asks again); a non-retryable error (bad key, unknown model) stops all."""
-    from zhtune.infer.client import ApiError, ChatClient, map_limited
+    from zhtune.llm.client import ApiError, ChatClient, map_limited
     from zhtune.progress import progress_bar
 
     rows: list[dict[str, Any]] = []
@@ -692,7 +692,7 @@ def resolve_endpoint(opts: JudgeOptions) -> Any:
     """The judge endpoint from the options, else the environment; a clear error if incomplete."""
     import os
 
-    from zhtune.infer.client import Endpoint
+    from zhtune.llm.client import Endpoint
 
     if not (opts.judge_url or os.environ.get("OPENAI_BASE_URL")):
         raise ZhtuneError("no judge: pass --judge-url (e.g. http://127.0.0.1:8000/v1) or set OPENAI_BASE_URL")
@@ -709,8 +709,9 @@ def resolve_endpoint(opts: JudgeOptions) -> Any:
 def judge(run: str, opts: JudgeOptions) -> dict[str, Any]:
     """``zhtune eval judge``: answer, judge and report; returns the report (also in judge.json).
     ``report["failed"]`` counts questions the judge never answered (not in the report)."""
-    from zhtune.eval.report import eval_dir, write_run_report, write_text_atomic
+    from zhtune.eval.report import write_run_report, write_text_atomic
     from zhtune.models.device import resolve_device
+    from zhtune.rundir import eval_dir
 
     protocol = get_protocol(opts.protocol)
     for name in ("concurrency", "batch_size", "max_new_tokens", "judge_max_tokens"):

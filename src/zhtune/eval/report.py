@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
+from zhtune.rundir import eval_dir
 
 REPORT_MD = "report.md"
 """The run's combined report: every ``<metric>.md`` section of its eval directory."""
@@ -56,14 +57,6 @@ def read_report(path: str | Path) -> dict[str, Any] | None:
     data.setdefault("metric", path.stem)
     data.setdefault("counts", {})
     return data
-
-
-def eval_dir(run: str | Path) -> Path:
-    """``RUN/eval`` for a run (or model) directory; an eval directory itself is returned as is."""
-    run = Path(run)
-    if run.name == "eval" and not (run / "eval").is_dir():
-        return run
-    return run / "eval"
 
 
 def read_run_reports(run: str | Path) -> dict[str, dict[str, Any]]:
@@ -156,11 +149,9 @@ def plot_bars(
     """Horizontal grouped bars: one group per label (top to bottom in order), one bar per
     series, each bar labelled with its value written with ``fmt`` (a missing value: an en dash
     and no bar). Written as a PNG with matplotlib's Agg backend (no display needed)."""
-    import matplotlib
+    from zhtune.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = max(len(series), 1)
     height = 0.8 / n
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * len(labels) * max(n, 2)), dpi=100)
@@ -187,7 +178,6 @@ def plot_bars(
 
 
 __all__ = [
-    "eval_dir",
     "fmt_value",
     "is_report",
     "markdown_table",

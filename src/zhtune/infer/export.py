@@ -121,10 +121,10 @@ def _inside(a: Path, b: Path) -> bool:
 
 def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
     """Check the request against the run; raise :class:`ZhtuneError` saying what to change."""
-    import yaml
 
     from zhtune.models.device import resolve_device
     from zhtune.models.loading import MERGEABLE, resolve_source
+    from zhtune.rundir import RunDir
 
     device = resolve_device(opts.device)
     src = resolve_source(run)
@@ -141,9 +141,8 @@ def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
         raise ZhtuneError(f"--backend must be one of {', '.join(BACKENDS)}, got {opts.backend!r}")
     if opts.dtype not in ("auto", *DTYPES.values()):
         raise ZhtuneError(f"--dtype must be auto, fp32, bf16 or fp16, got {opts.dtype!r}")
-    run_config: dict[str, Any] = {}
-    if (run_dir / "config.yaml").is_file():
-        run_config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    run_config: dict[str, Any] = RunDir(run_dir).config() if RunDir(run_dir).config_path.is_file() else {}
+
 
     kind = adapter_kind(src.adapter) if src.adapter else None
     method = run_config.get("method", kind)
@@ -221,27 +220,17 @@ def read_records(paths: list[str], fmt: str, registry: str, n: int, last: bool) 
 
 def perplexity(model: Any, tokenizer: Any, template: str, records: list[dict], cutoff_len: int) -> float:
     """exp(mean loss over the assistant tokens of ``records``): the training loss, exponentiated."""
-    import torch
-
-    from zhtune.data.dataset import pad_batch, tokenize_records
+    from zhtune.data.dataset import tokenize_records
     from zhtune.data.templates import get_template
-    from zhtune.train.sft import summed_token_loss
+    from zhtune.models.token_loss import mean_token_loss
 
     examples = tokenize_records(records, tokenizer, get_template(template), cutoff_len).examples
     if not examples:
         raise ZhtuneError(f"no eval record has an answer within {cutoff_len} tokens")
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")  # bitsandbytes int8 on CPU
-        for i in range(0, len(examples), 16):
-            batch = {
-                k: v.to(device) for k, v in pad_batch(examples[i : i + 16], tokenizer.pad_token_id).items()
-            }
-            total += float(summed_token_loss(model, batch))
-            count += int((batch["labels"][:, 1:] != -100).sum())
-    return math.exp(total / count)
+        loss = mean_token_loss(model, examples, 16, tokenizer.pad_token_id, next(model.parameters()).device)
+    return math.exp(loss)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +277,7 @@ def quantize(
     """Quantize the full-precision model saved in ``staged`` into ``directory``; returns the
     manifest's ``quantization`` entry."""
     from zhtune.models.loading import load_model
-    from zhtune.train.methods import quantization_config
+    from zhtune.models.quantization import quantization_config
 
     if opts.backend == "bitsandbytes":
         # the QLoRA settings: NF4 with double quantization, or LLM.int8()
@@ -378,7 +367,7 @@ def quantize_and_measure(
 def export(run: str, output: str, opts: ExportOptions) -> Path:
     """``zhtune export``: write ``run`` to ``output`` as described in the module doc; returns it."""
     from zhtune import __version__
-    from zhtune.models.loading import EXPORT_MANIFEST
+    from zhtune.rundir import EXPORT_MANIFEST
 
     started = time.time()
     plan = make_plan(run, output, opts)

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zhtune import rundir
 from zhtune.errors import ZhtuneError
 from zhtune.infer.generate import GenerationOptions, Prompter, placement, stream_generate
+from zhtune.rundir import RunDir
 
-LOG_FILE = "trainer_log.jsonl"  # as written by zhtune.train.sft
 MAX_REPORT_CHARS = 20_000
 """Longer eval reports are cut to this many characters on the page."""
 
@@ -39,10 +40,8 @@ MAX_REPORT_CHARS = 20_000
 # Runs: find them, summarise one
 # ---------------------------------------------------------------------------------------------
 def is_run(path: Path) -> bool:
-    """A zhtune run directory, finished or still training: ``config.yaml`` plus a log or weights."""
-    return (path / "config.yaml").is_file() and any(
-        (path / name).exists() for name in (LOG_FILE, "model", "adapter")
-    )
+    """A zhtune run directory, finished or still training (:attr:`zhtune.rundir.RunDir.is_run`)."""
+    return RunDir(path).is_run
 
 
 def list_runs(runs_dir: str | Path, max_depth: int = 3) -> list[Path]:
@@ -66,12 +65,7 @@ def list_runs(runs_dir: str | Path, max_depth: int = 3) -> list[Path]:
 
     if root.is_dir():
         walk(root, 0)
-    return sorted(found, key=_last_change, reverse=True)
-
-
-def _last_change(run: Path) -> float:
-    log = run / LOG_FILE
-    return (log if log.exists() else run / "config.yaml").stat().st_mtime
+    return sorted(found, key=lambda run: RunDir(run).last_change(), reverse=True)
 
 
 def run_label(run: Path, runs_dir: str | Path) -> str:
@@ -99,26 +93,18 @@ class RunSummary:
 
     @property
     def finished(self) -> bool:
-        return (self.path / "model").is_dir() or (self.path / "adapter").is_dir()
+        return RunDir(self.path).finished
 
 
 def read_run(run: str | Path) -> RunSummary:
     """Read a run directory's config, results, log and eval reports (what exists of them)."""
     p = Path(run)
-    if not (p / "config.yaml").is_file():
-        raise ZhtuneError(f"{p} is not a run directory (no config.yaml)")
-    results = None
-    if (p / "train_results.json").is_file():
-        results = json.loads((p / "train_results.json").read_text(encoding="utf-8"))
-    log = []
-    if (p / LOG_FILE).is_file():  # a run still training may end on a half-written line
-        for line in (p / LOG_FILE).read_text(encoding="utf-8").splitlines():
-            try:
-                log.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    rd = RunDir(p)
+    if not rd.config_path.is_file():
+        raise ZhtuneError(f"{p} is not a run directory (no {rundir.CONFIG})")
+    results, log = rd.results(), rd.log()  # a run still training may end on a half-written line
     reports = {}
-    for f in sorted((p / "eval").glob("*")) if (p / "eval").is_dir() else []:
+    for f in sorted(rd.eval_dir.glob("*")) if rd.eval_dir.is_dir() else []:
         if f.suffix == ".md":
             reports[f"eval/{f.name}"] = f.read_text(encoding="utf-8")
         elif f.suffix == ".json":
@@ -128,19 +114,19 @@ def read_run(run: str | Path) -> RunSummary:
             except json.JSONDecodeError:  # shown as it is
                 pass
             reports[f"eval/{f.name}"] = text
-    return RunSummary(p, (p / "config.yaml").read_text(encoding="utf-8"), results, log, reports)
+    return RunSummary(p, rd.config_path.read_text(encoding="utf-8"), results, log, reports)
 
 
 def loss_curve(summary: RunSummary, plot_dir: str | Path) -> Path | None:
     """The run's loss plot: its ``loss.png`` if that is up to date with the log, otherwise one
     drawn from ``trainer_log.jsonl`` into ``plot_dir`` (a run still training has no
     ``loss.png`` yet); None without logged losses. The run directory is never written."""
-    png, log = summary.path / "loss.png", summary.path / LOG_FILE
+    png, log = summary.path / rundir.LOSS_PLOT, RunDir(summary.path).log_path
     if png.is_file() and (not log.exists() or png.stat().st_mtime >= log.stat().st_mtime):
         return png
     if not any("loss" in row or "eval_loss" in row for row in summary.log):
         return None
-    from zhtune.train.sft import plot_loss
+    from zhtune.plots import plot_loss
 
     name = hashlib.sha1(str(summary.path.resolve()).encode()).hexdigest()[:12]
     out = Path(plot_dir) / f"{name}-loss.png"

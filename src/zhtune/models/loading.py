@@ -13,6 +13,7 @@ from typing import Any
 
 from zhtune.errors import ZhtuneError
 from zhtune.models.gguf import gguf_model_dir, is_gguf
+from zhtune.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,7 @@ class ModelSource:
 
 def is_run_dir(path: str | Path) -> bool:
     """True if ``path`` is a finished zhtune run (config.yaml and model/ or adapter/)."""
-    p = Path(path)
-    return (p / "config.yaml").is_file() and ((p / "model").is_dir() or (p / "adapter").is_dir())
+    return RunDir(path).finished
 
 
 def resolve_source(path: str | Path) -> ModelSource:
@@ -47,21 +47,20 @@ GGUF file (:mod:`zhtune.models.gguf`)."""
     if is_gguf(p) and p.is_file():  # dequantized once, then read from the cache
         converted = str(gguf_model_dir(p))
         return ModelSource(converted, converted)
-    if (p / EXPORT_MANIFEST).is_file():
+    run = RunDir(p)
+    if run.is_export:
         return export_source(p)
-    if is_run_dir(p):
-        import yaml
-
-        cfg = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
+    if run.finished:
+        cfg = run.config()
         trust = bool(cfg.get("trust_remote_code", False))  # run-dir metadata, written by zhtune itself
         template = str(cfg.get("template", "auto"))
-        if (p / "model").is_dir():
-            return ModelSource(str(p / "model"), str(p), None, template, trust)
+        if run.model_dir.is_dir():
+            return ModelSource(str(run.model_dir), str(p), None, template, trust)
         base = resolve_source(cfg["model"])
         bits = int(cfg.get("quantization_bits", 4)) if cfg.get("method") == "qlora" else None
-        return ModelSource(base.weights, str(p), str(p / "adapter"), template, trust, bits)
+        return ModelSource(base.weights, str(p), str(run.adapter_dir), template, trust, bits)
     if not (p / "config.json").is_file():
-        if (p / "config.yaml").is_file():
+        if run.config_path.is_file():
             raise ZhtuneError(f"{p} is a run directory without model/ or adapter/ (training did not finish?)")
         raise ZhtuneError(
             f"{p} is not a Hugging Face model directory (no config.json) nor a zhtune run directory"
@@ -69,18 +68,11 @@ GGUF file (:mod:`zhtune.models.gguf`)."""
     return ModelSource(str(p), str(p))
 
 
-EXPORT_MANIFEST = "zhtune_export.json"
-"""What ``zhtune export`` writes beside the weights: source run, method, template, dtype,
-quantization, and an adapter kept apart (``adapter/``) if it was not merged."""
-
-
 def export_source(path: str | Path) -> ModelSource:
     """The :class:`ModelSource` of a ``zhtune export`` directory: its own weights and tokenizer,
     the template the run was trained with, and its ``adapter/`` when exported without merging."""
-    import json
-
     p = Path(path)
-    manifest = json.loads((p / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+    manifest = RunDir(p).export_manifest()
     adapter = manifest.get("adapter")
     return ModelSource(
         str(p),
@@ -161,7 +153,7 @@ def load_for_inference(path: str | Path, dtype: str = "auto", device: str = "aut
     dtype = resolve_dtype(dtype, device)
     quant = None
     if src.quantization_bits:
-        from zhtune.train.methods import quantization_config
+        from zhtune.models.quantization import quantization_config
 
         quant = quantization_config(src.quantization_bits, dtype)
     loaded = load_source(src, dtype, quant, adapter="merge" if quant is None else "attach", device=device)

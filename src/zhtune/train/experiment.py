@@ -33,9 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zhtune import rundir
 from zhtune.config import build_config, parse_overrides, read_yaml, to_dict
 from zhtune.errors import ZhtuneError
 from zhtune.eval.report import fmt_value, markdown_table, plot_bars
+from zhtune.plots import plot_loss_curves
+from zhtune.rundir import RunDir
 from zhtune.train.config import TrainConfig
 
 MANAGED_KEYS = ("output_dir", "resume", "overwrite")
@@ -217,7 +220,7 @@ def _exam(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
     if len(ev.data) != 1:
         raise ZhtuneError(f"eval metric exam: give one exam folder or file in 'data', got {len(ev.data)}")
     options = ExamOptions(
-        data=ev.data[0], output=str(run_dir / "eval"), shots=ev.shots, batch_size=ev.batch_size
+        data=ev.data[0], output=str(RunDir(run_dir).eval_dir), shots=ev.shots, batch_size=ev.batch_size
     )
     report = run_exam(str(run_dir), options)
     return {**report, "scores": report["categories"], "counts": {}, "subjects": report["scores"]}
@@ -232,7 +235,7 @@ def _judge(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
         raise ZhtuneError(f"eval metric judge: give one question file in 'data', got {len(ev.data)}")
     options = JudgeOptions(
         data=ev.data[0], judge_url=ev.judge_url, judge_model=ev.judge_model, protocol=ev.judge_protocol,
-        output=str(run_dir / "eval"), limit=ev.judge_limit, batch_size=ev.batch_size,
+        output=str(RunDir(run_dir).eval_dir), limit=ev.judge_limit, batch_size=ev.batch_size,
         max_new_tokens=ev.max_new_tokens, progress=False,
     )  # fmt: skip
     report = judge(str(run_dir), options)
@@ -405,16 +408,17 @@ def _check_same_request(run: Run) -> None:
 def train_run(run: Run, progress: bool = True) -> str:
     """Train ``run`` unless its directory holds a finished run; returns ``skipped``, ``resumed``
     or ``trained``."""
-    from zhtune.train.sft import latest_checkpoint, train
+    from zhtune.train.sft import train
 
     _check_same_request(run)
-    if (run.dir / "train_results.json").exists():
+    run_dir = RunDir(run.dir)
+    if run_dir.results_path.exists():
         return "skipped"
-    resume = latest_checkpoint(run.dir) is not None
+    resume = run_dir.latest_checkpoint() is not None
     # a directory without a checkpoint holds only a partial log: start it afresh
     cfg = dataclasses.replace(run.train, resume=resume, overwrite=not resume)
     run.dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run.dir / "eval", ignore_errors=True)  # scores of earlier weights
+    shutil.rmtree(run_dir.eval_dir, ignore_errors=True)  # scores of earlier weights
     record = {"name": run.name, "label": run.label, "axes": run.axes, "train": _requested(run)}
     (run.dir / REQUEST_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", "utf-8")
     train(cfg, progress=progress)
@@ -470,7 +474,7 @@ def evaluate_run(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -
         "records": len(records),
         "sha1": digest,
     }
-    path = run_dir / "eval" / f"{ev.metric}.json"
+    path = RunDir(run_dir).eval_dir / f"{ev.metric}.json"
     if path.exists():
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("settings") == settings:
@@ -490,7 +494,9 @@ def evaluate_run(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -
 # --------------------------------------------------------------------------------------------
 def result_row(run: Run, scores: dict[str, Any] | None) -> dict[str, Any]:
     """One run's line of the report: axis values, train results and (if scored) the metric."""
-    results = json.loads((run.dir / "train_results.json").read_text(encoding="utf-8"))
+    results = RunDir(run.dir).results()
+    if results is None:
+        raise ZhtuneError(f"run {run.label}: {run.dir} has no {rundir.RESULTS} (training did not finish)")
     row: dict[str, Any] = {"name": run.name, "label": run.label, "run_dir": str(run.dir), "axes": run.axes}
     for key in (
         "trainable_params",
@@ -535,36 +541,6 @@ def format_table(rows: list[dict[str, Any]], metric: Metric | None) -> str:
     return markdown_table(head, lines, align)
 
 
-def plot_loss_curves(runs: list[Run], out_png: Path) -> None:
-    """Train loss of every run against step, overlaid (validation loss dashed, same colour)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from zhtune.train.sft import LOG_FILE, read_log
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
-    for i, run in enumerate(runs):
-        log = read_log(run.dir / LOG_FILE)
-        color = colors(i % colors.N)
-        train = [(r["step"], r["loss"]) for r in log if "loss" in r]
-        val = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
-        if train:
-            ax.plot(*zip(*train), color=color, label=run.label)
-        if val:
-            ax.plot(*zip(*val), "o--", color=color, markersize=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("train loss per run (validation loss: dots, dashed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-
-
 def write_report(
     cfg: ExperimentConfig, runs: list[Run], rows: list[dict[str, Any]], source: str
 ) -> tuple[str, Path]:
@@ -598,7 +574,7 @@ def write_report(
     }
     (out / "results.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n", "utf-8")
 
-    plot_loss_curves(runs, out / "loss_curves.png")
+    plot_loss_curves({run.label: RunDir(run.dir).log() for run in runs}, out / "loss_curves.png")
     labels = [r["label"] for r in rows]
     if metric:
         series = {"all": [r["overall"] for r in rows]}

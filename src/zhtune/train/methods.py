@@ -254,23 +254,6 @@ def _qlora(model: Any, cfg: TrainConfig, total_steps: int) -> Any:
     return _lora_with()(model, cfg, total_steps)
 
 
-def quantization_config(bits: int, compute_dtype: str) -> Any:
-    """bitsandbytes settings for a QLoRA base: NF4 with double quantization, or int8."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            compute_dtype, torch.float32
-        ),
-    )
-
-
 _BOTTLENECK = {"save": _save_bottleneck}
 METHODS: dict[str, Method] = {
     m.name: m

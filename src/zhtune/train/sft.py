@@ -26,13 +26,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from zhtune import rundir
 from zhtune.config import save_config
 from zhtune.data.dataset import Tokenized
 from zhtune.errors import ZhtuneError
+from zhtune.plots import plot_loss
+from zhtune.rundir import RunDir
 from zhtune.train.config import TrainConfig
-
-LOG_FILE = "trainer_log.jsonl"
-STATE_FILE = "trainer_state.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,22 +41,15 @@ STATE_FILE = "trainer_state.json"
 def prepare_output_dir(cfg: TrainConfig) -> Path:
     """Create the run directory; refuse to clobber a finished run unless asked."""
     out = Path(cfg.output_dir)
-    finished = (out / "model").exists() or (out / "adapter").exists()
+    run = RunDir(out)
+    finished = run.model_dir.exists() or run.adapter_dir.exists()
     if finished and not (cfg.overwrite or cfg.resume):
         raise ZhtuneError(
             f"{out} already holds a finished run; choose another output_dir, or pass overwrite=true "
             "(or resume=true to continue from its last checkpoint)"
         )
     if cfg.overwrite and not cfg.resume:
-        for name in (
-            "model",
-            "adapter",
-            "checkpoints",
-            LOG_FILE,
-            "truncated.jsonl",
-            "rejects.jsonl",
-            "pissa_init",
-        ):
+        for name in (rundir.MODEL, rundir.ADAPTER, rundir.CHECKPOINTS, rundir.LOG, rundir.TRUNCATED, rundir.REJECTS, "pissa_init"):
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -64,12 +57,6 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest ``checkpoints/step-N`` directory that finished writing, or None."""
-    ckpts = [p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).exists()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,37 +157,6 @@ def micro_batches(
 # --------------------------------------------------------------------------------------------
 # Logging and plots
 # --------------------------------------------------------------------------------------------
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``trainer_log.jsonl``."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def plot_loss(log: list[dict[str, Any]], out_png: Path, title: str = "") -> None:
-    """Train loss (and validation loss where logged) against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
-    val = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------------------------
 # Optimisation
 # --------------------------------------------------------------------------------------------
@@ -231,44 +187,6 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Any:
     return f
 
 
-def summed_token_loss(model: Any, batch: dict[str, Any]) -> Any:
-    """Sum of next-token cross-entropies over the labelled tokens of ``batch`` (a scalar tensor),
-    computed from the logits: independent of what a method adds to ``.loss`` (AdaLoRA's
-    regulariser) and of virtual tokens prepended to the logits (prompt tuning)."""
-    import torch
-
-    from zhtune.data.dataset import model_inputs
-
-    inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"]
-    logits = logits[:, -labels.shape[1] :][:, :-1].float()
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-    )
-
-
-def evaluate_loss(model: Any, examples: list[Any], batch_size: int, pad_id: int, accelerator: Any) -> float:
-    """Mean token loss over ``examples`` (labelled tokens only)."""
-    import torch
-
-    from zhtune.data.dataset import pad_batch
-
-    model.eval()
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = {
-                k: v.to(accelerator.device)
-                for k, v in pad_batch(examples[i : i + batch_size], pad_id).items()
-            }
-            with accelerator.autocast():
-                total += summed_token_loss(model, batch).double().cpu()
-            count += int((batch["labels"][:, 1:] != -100).sum())
-    model.train()
-    return float(total / max(count, 1))
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -285,10 +203,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from zhtune.models.families import check_packing, has_plain_head, resolve_template
     from zhtune.models.gguf import is_gguf
     from zhtune.models.loading import load_model, load_tokenizer, resolve_source
+    from zhtune.models.quantization import quantization_config
+    from zhtune.models.token_loss import mean_token_loss
     from zhtune.progress import progress_bar
     from zhtune.train.compile import check_compile, compile_blocks
     from zhtune.train.loss import frozen_to, fused_causal_lm_loss, output_layer
-    from zhtune.train.methods import METHODS, continue_adapter, quantization_config
+    from zhtune.train.methods import METHODS, continue_adapter
 
     started = time.time()
     if cfg.precision == "fp16" and not torch.cuda.is_available():
@@ -350,7 +270,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     cfg = replace(cfg, template=template_name, model=str(Path(base).resolve()))
 
     # -- data ---------------------------------------------------------------------------------
-    rejects_path = out / "rejects.jsonl"
+    rejects_path = out / rundir.REJECTS
     records, n_rejected = load_data(
         cfg.data,
         fmt=cfg.format,
@@ -364,7 +284,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         tok = tokenize_records(records, tokenizer, template, cfg.cutoff_len, cfg.train_on_prompt)
     if is_main:
         write_jsonl(rejects_path, tok.rejects, append=True)
-        write_jsonl(out / "truncated.jsonl", tok.truncated)
+        write_jsonl(out / rundir.TRUNCATED, tok.truncated)
     if not tok.examples:
         raise ZhtuneError(f"no usable training records in {', '.join(cfg.data)} (see {rejects_path})")
     train_set, val_set = split_validation(tok.examples, cfg.val_size, cfg.seed)
@@ -428,19 +348,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # -- resume -------------------------------------------------------------------------------
     step, epoch, batch_pos = 0, 0, 0
     tokens_seen = 0  # non-pad input tokens so far, all processes
-    log_path = out / LOG_FILE
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    run = RunDir(out)
+    log_path = run.log_path
+    ckpt = run.latest_checkpoint() if cfg.resume else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / STATE_FILE).read_text())
+        state = json.loads((ckpt / rundir.STATE).read_text())
         step, epoch, batch_pos, tokens_seen = state["step"], state["epoch"], state["batch"], state["tokens"]
         if is_main:  # drop log rows written after the checkpoint: the curve continues from it
-            rows = [r for r in read_log(log_path) if r["step"] <= step]
+            rows = [r for r in run.log() if r["step"] <= step]
             log_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     elif cfg.resume:
-        say(f"resume=true but no checkpoint in {out / 'checkpoints'}; starting from scratch")
+        say(f"resume=true but no checkpoint in {run.checkpoints_dir}; starting from scratch")
     if is_main:
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, run.config_path)
 
     if cfg.stage == "pt":
         data_line = f"{n_docs} documents -> {n_samples} train / {len(val_set)} validation blocks of {cfg.cutoff_len} tokens"
@@ -555,9 +476,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             # compiled too, and would turn the training graph's shapes dynamic: a recompile)
             eval_start = time.time()
             with torch.compiler.set_stance("force_eager") if cfg.compile else nullcontext():
-                row["eval_loss"] = round(
-                    evaluate_loss(model, val_set, cfg.batch_size, pad_id, accelerator), 6
-                )
+                loss = mean_token_loss(model, val_set, cfg.batch_size, pad_id, accelerator.device, accelerator.autocast)
+            row["eval_loss"] = round(loss, 6)
+            model.train()
             window_start += time.time() - eval_start  # tokens/s counts training time only
             last_eval_epoch = epoch + (batch_pos >= n_batches)
         if row and log_file is not None:
@@ -599,8 +520,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             gen.eos_token_id = stop_token_ids(template, tokenizer)
             gen.pad_token_id = pad_id
             gen.save_pretrained(str(weights_dir))
-        log = read_log(log_path)
-        plot_loss(log, out / "loss.png", title=f"{out.name}: {cfg.method}")
+        log = run.log()
+        plot_loss(log, out / rundir.LOSS_PLOT, title=f"{out.name}: {cfg.method}")
         results = {
             "steps": step,
             "train_examples": n_samples,
@@ -614,7 +535,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             "final_eval_loss": next((r["eval_loss"] for r in reversed(log) if "eval_loss" in r), None),
             "train_seconds": round(time.time() - started, 2),
         }
-        (out / "train_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        run.results_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         say(f"done in {results['train_seconds']} s: final loss {results['final_loss']}; run directory {out}")
     accelerator.wait_for_everyone()
     return out
@@ -632,11 +553,12 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]], append: bool = False) ->
 def save_checkpoint(accelerator: Any, out: Path, position: dict[str, int], keep: int) -> None:
     """Save a resumable state (weights, optimizer, scheduler, RNG) plus ``position`` (step,
     epoch, batch within the epoch, tokens seen) and prune old checkpoints."""
-    ckpt = out / "checkpoints" / f"step-{position['step']}"
+    run = RunDir(out)
+    ckpt = run.checkpoint(position["step"])
     accelerator.save_state(str(ckpt))
     if accelerator.is_main_process:
-        (ckpt / STATE_FILE).write_text(json.dumps(position) + "\n")
-        ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        (ckpt / rundir.STATE).write_text(json.dumps(position) + "\n")
+        ckpts = run.checkpoints()
         for old in ckpts[: max(0, len(ckpts) - keep)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -11,7 +11,7 @@ import pytest
 
 from tests.stub_openai import Scripted, StubServer
 from zhtune.errors import ZhtuneError
-from zhtune.infer.client import ApiError, ChatClient, Endpoint, map_limited
+from zhtune.llm.client import ApiError, ChatClient, Endpoint, map_limited
 
 MSG = [{"role": "user", "content": "你好"}]
 

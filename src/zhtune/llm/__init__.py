@@ -1,0 +1,1 @@
+"""Talking to OpenAI-compatible endpoints (teacher models for data generation, LLM judges)."""

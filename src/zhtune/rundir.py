@@ -1,0 +1,159 @@
+"""The run directory: the one module that names its files and reads them back.
+
+``zhtune train`` writes a run, everything else (chat, predict, serve, export, eval, the web UI,
+experiments) reads one; they all go through :class:`RunDir`, so the layout lives here alone::
+
+    RUN/
+      config.yaml          the resolved training config
+      model/ | adapter/    the weights (a finished run has one of them)
+      trainer_log.jsonl    one JSON row per logged step (the last may be half-written while training)
+      trainer_state.json   inside checkpoints/step-N/: where the loop stood
+      train_results.json   the summary, written when training finished
+      loss.png, rejects.jsonl, truncated.jsonl, checkpoints/step-N/, eval/
+    EXPORT/zhtune_export.json   the manifest of a ``zhtune export`` directory
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.yaml"
+LOG = "trainer_log.jsonl"
+STATE = "trainer_state.json"
+RESULTS = "train_results.json"
+LOSS_PLOT = "loss.png"
+REJECTS = "rejects.jsonl"
+TRUNCATED = "truncated.jsonl"
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+ADAPTER = "adapter"
+EVAL = "eval"
+EXPORT_MANIFEST = "zhtune_export.json"
+"""What ``zhtune export`` writes beside the weights: source run, method, template, dtype,
+quantization, and an adapter kept apart (``adapter/``) if it was not merged."""
+
+
+def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file that a writer may still be appending to: blank lines and a
+    half-written last line are skipped; [] if the file does not exist."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory's paths and readers (nothing is created by building one)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    # -- paths ----------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / RESULTS
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / EVAL
+
+    def checkpoint(self, step: int) -> Path:
+        """``checkpoints/step-N``."""
+        return self.checkpoints_dir / f"step-{step}"
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        """Training finished: ``config.yaml`` and ``model/`` or ``adapter/``."""
+        return self.config_path.is_file() and (self.model_dir.is_dir() or self.adapter_dir.is_dir())
+
+    @property
+    def is_run(self) -> bool:
+        """A run, finished or still training: ``config.yaml`` plus a log or weights."""
+        return self.config_path.is_file() and (
+            self.log_path.exists() or self.model_dir.is_dir() or self.adapter_dir.is_dir()
+        )
+
+    @property
+    def is_export(self) -> bool:
+        """A ``zhtune export`` directory."""
+        return (self.path / EXPORT_MANIFEST).is_file()
+
+    # -- readers --------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """``config.yaml`` as a dict ({} if empty)."""
+        import yaml
+
+        return yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+
+    def log(self) -> list[dict[str, Any]]:
+        """Rows of ``trainer_log.jsonl`` (a half-written last line is skipped)."""
+        return read_jsonl_rows(self.log_path)
+
+    def results(self) -> dict[str, Any] | None:
+        """``train_results.json``, or None while training (or after an interruption)."""
+        if not self.results_path.is_file():
+            return None
+        return json.loads(self.results_path.read_text(encoding="utf-8"))
+
+    def export_manifest(self) -> dict[str, Any]:
+        """``zhtune_export.json`` of an export directory."""
+        return json.loads((self.path / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest ``checkpoints/step-N`` that finished writing (it holds its state file), or None."""
+        done = [p for p in self.checkpoints_dir.glob("step-*") if (p / STATE).exists()]
+        return max(done, key=checkpoint_step, default=None)
+
+    def checkpoints(self) -> list[Path]:
+        """Every ``checkpoints/step-N``, oldest first."""
+        return sorted(self.checkpoints_dir.glob("step-*"), key=checkpoint_step)
+
+    def last_change(self) -> float:
+        """When the run last wrote its log (or its config): for newest-first listings."""
+        return (self.log_path if self.log_path.exists() else self.config_path).stat().st_mtime
+
+
+def checkpoint_step(path: Path) -> int:
+    """N of a ``step-N`` checkpoint directory."""
+    return int(path.name.split("-")[1])
+
+
+def eval_dir(run: str | Path) -> Path:
+    """``RUN/eval`` for a run (or model) directory; an eval directory itself is returned as is."""
+    run = Path(run)
+    if run.name == EVAL and not (run / EVAL).is_dir():
+        return run
+    return run / EVAL

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.serving import zhtune_serve
+from zhtune.infer.engine import find_stop, unsure_tail
 from zhtune.infer.generate import (
     BatchDecoder,
     GenerationOptions,
@@ -20,7 +21,6 @@ from zhtune.infer.generate import (
     generate_batch,
     generate_replies,
 )
-from zhtune.infer.serve import find_stop, unsure_tail
 from zhtune.models.loading import load_for_inference
 from zhtune.models.tiny import TINY_CONFIG_KEYS, build_tiny_model
 

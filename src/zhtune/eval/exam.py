@@ -60,140 +60,17 @@ class Subject:
     """Categories whose means include this subject (CMMLU puts some in two)."""
 
 
-def _s(zh: str, *categories: str) -> Subject:
-    return Subject(zh, categories)
+def _subject_table(benchmark: str) -> dict[str, Subject]:
+    """A benchmark's subject table from ``assets/exam/<benchmark>.json`` (its source named there)."""
+    data = json.loads((ASSETS / f"{benchmark}.json").read_text(encoding="utf-8"))
+    return {k: Subject(v["zh"], tuple(v["categories"])) for k, v in data["subjects"].items()}
 
 
-CMMLU: dict[str, Subject] = {
-    "agronomy": _s("农学", OTHER),
-    "anatomy": _s("解剖学", STEM),
-    "ancient_chinese": _s("古汉语", SOC, CHINA),
-    "arts": _s("艺术学", HUM),
-    "astronomy": _s("天文学", STEM),
-    "business_ethics": _s("商业伦理", SOC),
-    "chinese_civil_service_exam": _s("中国公务员考试", SOC, CHINA),
-    "chinese_driving_rule": _s("中国驾驶规则", OTHER, CHINA),
-    "chinese_food_culture": _s("中国饮食文化", SOC, CHINA),
-    "chinese_foreign_policy": _s("中国外交政策", SOC, CHINA),
-    "chinese_history": _s("中国历史", HUM, CHINA),
-    "chinese_literature": _s("中国文学", HUM, CHINA),
-    "chinese_teacher_qualification": _s("中国教师资格", SOC, CHINA),
-    "clinical_knowledge": _s("临床知识", OTHER),
-    "college_actuarial_science": _s("大学精算学", STEM),
-    "college_education": _s("大学教育学", SOC),
-    "college_engineering_hydrology": _s("大学工程水文学", STEM),
-    "college_law": _s("大学法律", HUM),
-    "college_mathematics": _s("大学数学", STEM),
-    "college_medical_statistics": _s("大学医学统计", STEM),
-    "college_medicine": _s("大学医学", OTHER),
-    "computer_science": _s("计算机科学", STEM),
-    "computer_security": _s("计算机安全", OTHER),
-    "conceptual_physics": _s("概念物理学", STEM),
-    "construction_project_management": _s("建设工程管理", OTHER, CHINA),
-    "economics": _s("经济学", SOC),
-    "education": _s("教育学", SOC),
-    "electrical_engineering": _s("电气工程", STEM),
-    "elementary_chinese": _s("小学语文", SOC, CHINA),
-    "elementary_commonsense": _s("小学常识", OTHER, CHINA),
-    "elementary_information_and_technology": _s("小学信息技术", OTHER),
-    "elementary_mathematics": _s("初等数学", STEM),
-    "ethnology": _s("民族学", SOC, CHINA),
-    "food_science": _s("食品科学", OTHER),
-    "genetics": _s("遗传学", STEM),
-    "global_facts": _s("全球事实", HUM),
-    "high_school_biology": _s("高中生物", STEM),
-    "high_school_chemistry": _s("高中化学", STEM),
-    "high_school_geography": _s("高中地理", SOC),
-    "high_school_mathematics": _s("高中数学", STEM),
-    "high_school_physics": _s("高中物理学", STEM),
-    "high_school_politics": _s("高中政治", SOC, CHINA),
-    "human_sexuality": _s("人类性行为", OTHER),
-    "international_law": _s("国际法学", HUM),
-    "journalism": _s("新闻学", SOC),
-    "jurisprudence": _s("法理学", HUM),
-    "legal_and_moral_basis": _s("法律与道德基础", OTHER),
-    "logical": _s("逻辑学", HUM),
-    "machine_learning": _s("机器学习", STEM),
-    "management": _s("管理学", SOC),
-    "marketing": _s("市场营销", SOC),
-    "marxist_theory": _s("马克思主义理论", HUM),
-    "modern_chinese": _s("现代汉语", SOC, CHINA),
-    "nutrition": _s("营养学", OTHER),
-    "philosophy": _s("哲学", HUM),
-    "professional_accounting": _s("专业会计", SOC),
-    "professional_law": _s("专业法学", HUM),
-    "professional_medicine": _s("专业医学", OTHER),
-    "professional_psychology": _s("专业心理学", SOC),
-    "public_relations": _s("公共关系", SOC),
-    "security_study": _s("安全研究", SOC),
-    "sociology": _s("社会学", SOC),
-    "sports_science": _s("体育学", OTHER),
-    "traditional_chinese_medicine": _s("中医中药", OTHER, CHINA),
-    "virology": _s("病毒学", STEM),
-    "world_history": _s("世界历史", HUM),
-    "world_religions": _s("世界宗教", HUM),
-}
-"""CMMLU's 67 subjects (haonan-li/CMMLU ``src/categories.py``: each subcategory mapped to its
-category; "china specific" subjects also count in their subject-matter category)."""
-
-CEVAL: dict[str, Subject] = {
-    "computer_network": _s("计算机网络", STEM),
-    "operating_system": _s("操作系统", STEM),
-    "computer_architecture": _s("计算机组成", STEM),
-    "college_programming": _s("大学编程", STEM),
-    "college_physics": _s("大学物理", STEM),
-    "college_chemistry": _s("大学化学", STEM),
-    "advanced_mathematics": _s("高等数学", STEM),
-    "probability_and_statistics": _s("概率统计", STEM),
-    "discrete_mathematics": _s("离散数学", STEM),
-    "electrical_engineer": _s("注册电气工程师", STEM),
-    "metrology_engineer": _s("注册计量师", STEM),
-    "high_school_mathematics": _s("高中数学", STEM),
-    "high_school_physics": _s("高中物理", STEM),
-    "high_school_chemistry": _s("高中化学", STEM),
-    "high_school_biology": _s("高中生物", STEM),
-    "middle_school_mathematics": _s("初中数学", STEM),
-    "middle_school_biology": _s("初中生物", STEM),
-    "middle_school_physics": _s("初中物理", STEM),
-    "middle_school_chemistry": _s("初中化学", STEM),
-    "veterinary_medicine": _s("兽医学", STEM),
-    "college_economics": _s("大学经济学", SOC),
-    "business_administration": _s("工商管理", SOC),
-    "marxism": _s("马克思主义基本原理", SOC),
-    "mao_zedong_thought": _s("毛泽东思想和中国特色社会主义理论体系概论", SOC),
-    "education_science": _s("教育学", SOC),
-    "teacher_qualification": _s("教师资格", SOC),
-    "high_school_politics": _s("高中政治", SOC),
-    "high_school_geography": _s("高中地理", SOC),
-    "middle_school_politics": _s("初中政治", SOC),
-    "middle_school_geography": _s("初中地理", SOC),
-    "modern_chinese_history": _s("近代史纲要", HUM),
-    "ideological_and_moral_cultivation": _s("思想道德修养与法律基础", HUM),
-    "logic": _s("逻辑学", HUM),
-    "law": _s("法学", HUM),
-    "chinese_language_and_literature": _s("中国语言文学", HUM),
-    "art_studies": _s("艺术学", HUM),
-    "professional_tour_guide": _s("导游资格", HUM),
-    "legal_professional": _s("法律职业资格", HUM),
-    "high_school_chinese": _s("高中语文", HUM),
-    "high_school_history": _s("高中历史", HUM),
-    "middle_school_history": _s("初中历史", HUM),
-    "civil_servant": _s("公务员", OTHER),
-    "sports_science": _s("体育学", OTHER),
-    "plant_protection": _s("植物保护", OTHER),
-    "basic_medicine": _s("基础医学", OTHER),
-    "clinical_medicine": _s("临床医学", OTHER),
-    "urban_and_rural_planner": _s("注册城乡规划师", OTHER),
-    "accountant": _s("注册会计师", OTHER),
-    "fire_engineer": _s("注册消防工程师", OTHER),
-    "environmental_impact_assessment_engineer": _s("环境影响评价工程师", OTHER),
-    "tax_accountant": _s("税务师", OTHER),
-    "physician": _s("医师资格", OTHER),
-}
-"""C-Eval's 52 subjects (SJTU-LIT/ceval ``subject_mapping.json``)."""
-
-BENCHMARKS: dict[str, dict[str, Subject]] = {"cmmlu": CMMLU, "ceval": CEVAL}
-"""Subject tables by benchmark; a data set uses the table that knows most of its subjects."""
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "exam"
+BENCHMARKS: dict[str, dict[str, Subject]] = {b: _subject_table(b) for b in ("cmmlu", "ceval")}
+"""Subject tables by benchmark (data: CMMLU's 67 subjects, C-Eval's 52); a data set uses the
+table that knows most of its subjects."""
+CMMLU, CEVAL = BENCHMARKS["cmmlu"], BENCHMARKS["ceval"]
 
 CATEGORY_ORDER = (STEM, HUM, SOC, OTHER, CHINA)
 

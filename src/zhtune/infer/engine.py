@@ -1,0 +1,241 @@
+"""The serving engine: one scheduler thread that owns the model and decodes queued replies in batches.
+
+Every request becomes ``n`` *choices* (one per reply), queued here. The scheduler takes up to
+``max_batch_size`` queued choices, as soon as that many are queued or no request has arrived for
+``batch_wait_ms``, and decodes them together with :class:`~zhtune.infer.generate.BatchDecoder`
+(one left-padded prefill, then one forward pass per token for the whole batch). Each row keeps
+its own sampling settings, token budget and stop strings and leaves the batch when done; a
+streamed choice gets the text it gained after every step. Nothing here knows HTTP: the app
+(:mod:`zhtune.infer.serve`) submits choices and receives :class:`Event` objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from zhtune.infer.generate import BatchDecoder, Prompter, Sampling, prompt_learning
+
+# ---------------------------------------------------------------------------------------------
+# The engine: a scheduler thread that batches choices on the model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    """What the scheduler reports about one choice: new text, and at the end why it ended."""
+
+    index: int
+    text: str
+    """Text gained since the last event (a streamed choice), or the whole reply."""
+    finish_reason: str | None = None
+    """``stop`` (stop token or stop string) or ``length`` on the choice's last event."""
+    tokens: int = 0
+    """Tokens generated for this choice so far (a final stop token included)."""
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One HTTP request on the scheduler's side: how to reach its handler, and whether it still listens."""
+
+    deliver: Callable[[Event], None]
+    remaining: int
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class Choice:
+    """One reply to generate: a row of some batch."""
+
+    job: Job
+    index: int
+    prompt: list[int]
+    sampling: Sampling
+    stop: list[str]
+    stream: bool
+    tokens: list[int] = field(default_factory=list)
+    generated: int = 0
+    sent: int = 0
+    """Characters of the reply already delivered."""
+    done: bool = False
+
+
+class Busy(Exception):
+    """More requests are in flight than ``max_concurrent`` allows."""
+
+
+class Engine:
+    """The model, its tokenizer, and the thread that runs every generation in batches."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        template: str,
+        max_batch_size: int = 32,
+        batch_wait_ms: float = 10.0,
+        max_concurrent: int = 128,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        # the scheduler thread decodes with its own copy: a Rust tokenizer used by two threads at
+        # once may raise "Already borrowed"
+        self._detokenizer = copy.deepcopy(tokenizer)
+        self.template = template
+        self.prompter = Prompter(tokenizer, template)
+        self.stop_ids = self.prompter.stop_ids
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        # virtual tokens of a prefix / prompt / P-tuning adapter take their place in the context
+        # (and an adapter type the decoder cannot batch fails here, at start-up, not per request)
+        self.context_length = context_length(model, tokenizer) - prompt_learning(model)[2]
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.max_batch_size = max_batch_size
+        self.batch_wait = batch_wait_ms / 1000
+        self.max_concurrent = max_concurrent
+        self.stats = {"requests": 0, "choices": 0, "batches": 0, "max_batch_size_seen": 0, "tokens": 0}
+        self.in_flight = 0
+        self._last_arrival = 0.0
+        self._pending: deque[Choice] = deque()
+        self._lock = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="zhtune-batcher", daemon=True)
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    @property
+    def queued(self) -> int:
+        """Choices waiting for a batch."""
+        return len(self._pending)
+
+    def submit(self, choices: list[Choice]) -> None:
+        """Queue a request's choices (all of the same :class:`Job`); raises :class:`Busy`."""
+        with self._lock:
+            if self.in_flight >= self.max_concurrent:
+                raise Busy
+            self.in_flight += 1
+            self.stats["requests"] += 1
+            self._last_arrival = time.monotonic()
+            self._pending.extend(choices)
+            self._lock.notify()
+
+    # -- the scheduler thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                continue
+            try:
+                self._run(batch)
+            except Exception as err:  # a failed batch fails its requests, not the server
+                traceback.print_exc()
+                for choice in batch:
+                    if not choice.done:
+                        self._finish(choice, Event(choice.index, "", error=f"generation failed: {err}"))
+
+    def _next_batch(self) -> list[Choice]:
+        """Up to ``max_batch_size`` choices, once that many are queued or no request has arrived
+        for ``batch_wait`` seconds (a burst of requests becomes one batch; a lone request waits
+        ``batch_wait``, none more than ``max_batch_size`` times that). Choices of requests whose
+        client went away are dropped."""
+        with self._lock:
+            while not self._pending:
+                self._lock.wait()
+            while len(self._pending) < self.max_batch_size:
+                left = self._last_arrival + self.batch_wait - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
+            taken = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+        for choice in taken:
+            if choice.job.cancelled:
+                self._finish(choice, None)
+        return [c for c in taken if not c.done]
+
+    def _run(self, batch: list[Choice]) -> None:
+        """Decode one batch to the end, reporting each choice's progress as it goes."""
+        self.stats["batches"] += 1
+        self.stats["choices"] += len(batch)
+        self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], len(batch))
+        decoder = BatchDecoder(
+            self.model, [c.prompt for c in batch], [c.sampling for c in batch], self.stop_ids, self.pad_id
+        )
+        while decoder.running:
+            gone = [row for row in decoder.running if batch[row].job.cancelled]
+            for row in gone:
+                self._finish(batch[row], None)
+            decoder.finish(gone)
+            if not decoder.running:
+                break
+            for row, token, reason in decoder.step():
+                choice = batch[row]
+                choice.generated += 1
+                self.stats["tokens"] += 1
+                if reason != "stop":  # a stop token is not part of the reply
+                    choice.tokens.append(token)
+                if self._report(choice, reason):
+                    decoder.finish([row])
+
+    def _report(self, choice: Choice, reason: str | None) -> bool:
+        """Send what a choice gained this step (streamed choices), or its whole reply when it
+        ends; returns True if a stop string ended it. A streamed choice holds back text that may
+        still change: a trailing incomplete character, or the start of a stop string."""
+        if not (reason or choice.stream or choice.stop):
+            return False
+        text = self._detokenizer.decode(choice.tokens, skip_special_tokens=True)
+        cut = find_stop(text, choice.stop)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        if reason is None:
+            if not choice.stream:
+                return False
+            text = text[: len(text) - unsure_tail(text, choice.stop)]
+        delta, choice.sent = text[choice.sent :], max(choice.sent, len(text))
+        if reason:
+            self._finish(choice, Event(choice.index, delta, reason, choice.generated))
+        elif delta:
+            choice.job.deliver(Event(choice.index, delta, None, choice.generated))
+        return cut is not None
+
+    def _finish(self, choice: Choice, event: Event | None) -> None:
+        choice.done = True
+        if event is not None:
+            choice.job.deliver(event)
+        with self._lock:
+            choice.job.remaining -= 1
+            if choice.job.remaining == 0:
+                self.in_flight -= 1
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string in ``text`` begins, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def unsure_tail(text: str, stops: list[str]) -> int:
+    """How many trailing characters of a growing reply may still change: replacement characters
+    of a partly generated UTF-8 sequence, or a suffix that begins a stop string."""
+    n = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        n = max(
+            n, next((k for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])), 0)
+        )
+    return n
+
+
+def context_length(model: Any, tokenizer: Any) -> int:
+    """The most tokens (prompt plus reply) the model takes."""
+    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048

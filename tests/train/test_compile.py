@@ -7,11 +7,12 @@ import json
 import pytest
 
 from tests.train.test_packing import cfg
+from zhtune.data.batching import micro_batches
 from zhtune.errors import ZhtuneError
 from zhtune.models.tiny import build_tiny_model
 from zhtune.train import compile as compile_mod
 from zhtune.train.compile import check_compile, decoder_blocks
-from zhtune.train.sft import micro_batches, train
+from zhtune.train.sft import train
 
 
 @pytest.mark.parametrize(("family", "n_layers"), [("llama", 2), ("bloom", 2), ("gpt_neox", 2)])

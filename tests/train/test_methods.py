@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import write_jsonl
 from zhtune.config import build_config
+from zhtune.data.batching import split_validation
 from zhtune.data.dataset import pad_batch, tokenize_records
 from zhtune.data.templates import get_template
 from zhtune.errors import ZhtuneError
@@ -20,7 +21,7 @@ from zhtune.models.loading import attach_adapter, load_for_inference
 from zhtune.models.token_loss import summed_token_loss
 from zhtune.train.config import TrainConfig
 from zhtune.train.methods import METHODS
-from zhtune.train.sft import split_validation, train
+from zhtune.train.sft import train
 
 TRAINED = {
     "freeze": r"layers\.1\.",  # freeze_layers=1 of 2: the last layer only

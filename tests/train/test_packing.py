@@ -10,12 +10,13 @@ import torch
 
 from tests.conftest import write_jsonl
 from zhtune.config import build_config
+from zhtune.data.batching import epoch_batches
 from zhtune.data.dataset import IGNORE_INDEX, model_inputs, pack_examples, pad_batch, tokenize_records
 from zhtune.data.templates import get_template
 from zhtune.models.tiny import build_tiny_model
 from zhtune.models.token_loss import summed_token_loss
 from zhtune.train.config import TrainConfig
-from zhtune.train.sft import epoch_batches, train
+from zhtune.train.sft import train
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,361 @@
+"""Everything a training run needs before its first step, in the order it is built:
+accelerator -> run directory -> model source, tokenizer and template -> data -> model and method
+-> optimizer and schedule, all gathered in one :class:`Setup` for the loop
+(:mod:`zhtune.train.loop`) and the save (:mod:`zhtune.train.sft`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from zhtune import rundir
+from zhtune.data.batching import batches_per_epoch, split_validation
+from zhtune.data.dataset import Tokenized
+from zhtune.data.templates import Template
+from zhtune.errors import ZhtuneError
+from zhtune.models.loading import ModelSource
+from zhtune.rundir import RunDir
+from zhtune.train.config import TrainConfig
+from zhtune.train.methods import Method
+
+
+@dataclass
+class TrainData:
+    """The tokenized data of a run."""
+
+    train_set: list[dict[str, list[int]]]
+    """Training sequences (packed when ``packing``)."""
+    val_set: list[dict[str, list[int]]]
+    n_samples: int
+    """Training examples before packing."""
+    n_docs: int
+    """Documents read (stage pt)."""
+    n_rejected: int
+    """Records rejected while reading or rendering."""
+    tokenized: Tokenized
+
+
+@dataclass
+class Setup:
+    """A run ready for its first step."""
+
+    cfg: TrainConfig
+    """The resolved config (template name, absolute model path): what config.yaml records."""
+    accelerator: Any
+    out: Path
+    src: ModelSource
+    tokenizer: Any
+    template: Template | None
+    template_why: str
+    model_type: str
+    data: TrainData
+    method: Method
+    model: Any
+    """Prepared by accelerate (wrapped under DDP / FSDP / DeepSpeed)."""
+    optimizer: Any
+    scheduler: Any
+    fused: Any
+    """The output layer when the loss is computed here (:mod:`zhtune.train.loss`), else None."""
+    n_compiled: int
+    n_trainable: int
+    n_total: int
+    n_batches: int
+    """Global micro-batches per epoch."""
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    """Build everything for ``cfg``, in order (see the module docstring)."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from zhtune.models.families import has_plain_head
+    from zhtune.train.compile import check_compile
+    from zhtune.train.loss import output_layer
+    from zhtune.train.methods import METHODS
+
+    accelerator = make_accelerator(cfg)
+    if cfg.compile:
+        check_compile(accelerator.device.type)
+    out = prepare_output_dir(cfg) if accelerator.is_main_process else Path(cfg.output_dir)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+
+    cfg, src, tokenizer, template, why, model_type, n_added = resolve_model(cfg)
+    data = load_train_data(cfg, tokenizer, template, model_type, out, accelerator.is_main_process)
+    n_batches = batches_per_epoch(len(data.train_set), cfg.batch_size, accelerator.num_processes)
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    method = METHODS[cfg.method]
+    model, n_compiled = build_model(cfg, src, tokenizer, n_added, method, total_steps)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
+    configure_deepspeed(accelerator, cfg)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The loop autocasts itself and the loss is computed inside forward; Accelerate's wrapper would
+    # also cast the returned logits to fp32, ~10% of a CPU step with a 4k vocabulary, for nothing.
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    model.train()
+    engine = accelerator.distributed_type.value  # FSDP and DeepSpeed shard the output layer's weight
+    fuse = cfg.fused_loss and engine not in ("FSDP", "DEEPSPEED") and not method.virtual_tokens
+    fused = output_layer(accelerator.unwrap_model(model)) if fuse and has_plain_head(model_type) else None
+    return Setup(
+        cfg, accelerator, out, src, tokenizer, template, why, model_type, data, method, model, optimizer,
+        scheduler, fused, n_compiled, n_trainable, n_total, n_batches, steps_per_epoch, total_steps, warmup,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces, in order
+# --------------------------------------------------------------------------------------------
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """An ``Accelerator`` for ``cfg``'s precision and accumulation, checked against the launcher."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration
+
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ZhtuneError("config key 'precision': fp16 needs a GPU; use bf16 or fp32 on a CPU")
+    # Accelerate keeps one process-wide state; a second run in the same process (tests, experiment
+    # grids) may want another precision, so start its mixed-precision state afresh. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # Under torchrun on a machine without GPUs, Accelerate forms a (gloo) process group only when
+    # told to use the CPU; otherwise every process would train alone and all would write the run.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    has_accelerator = (
+        torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    )
+    accelerator = Accelerator(
+        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision],
+        cpu=world_size > 1 and not has_accelerator,
+        gradient_accumulation_steps=cfg.grad_accum,
+        # zhtune shards the data itself and counts optimizer steps globally: one scheduler step
+        # per optimizer step (by default Accelerate steps it num_processes times)
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    accelerator.gradient_accumulation_steps = cfg.grad_accum  # a launcher's setting must not win
+    if accelerator.num_processes != world_size:
+        raise ZhtuneError(
+            f"launched {world_size} processes but Accelerate sees {accelerator.num_processes}; "
+            "check the launcher (accelerate launch / torchrun) and its config"
+        )
+    return accelerator
+
+
+def prepare_output_dir(cfg: TrainConfig) -> Path:
+    """Create the run directory; refuse to clobber a finished run unless asked."""
+    out = Path(cfg.output_dir)
+    run = RunDir(out)
+    finished = run.model_dir.exists() or run.adapter_dir.exists()
+    if finished and not (cfg.overwrite or cfg.resume):
+        raise ZhtuneError(
+            f"{out} already holds a finished run; choose another output_dir, or pass overwrite=true "
+            "(or resume=true to continue from its last checkpoint)"
+        )
+    if cfg.overwrite and not cfg.resume:
+        stale = (rundir.MODEL, rundir.ADAPTER, rundir.CHECKPOINTS, rundir.LOG, rundir.TRUNCATED, rundir.REJECTS)
+        for name in (*stale, "pissa_init"):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resolve_model(
+    cfg: TrainConfig,
+) -> tuple[TrainConfig, ModelSource, Any, Template | None, str, str, int]:
+    """``(resolved cfg, source, tokenizer, template, why that template, model type, tokens
+    added)``: the base model's files, its tokenizer made ready for the template."""
+    import transformers
+
+    from zhtune.data.templates import get_template, prepare_tokenizer
+    from zhtune.models.families import resolve_template
+    from zhtune.models.gguf import is_gguf
+    from zhtune.models.loading import load_tokenizer, resolve_source
+
+    src = resolve_source(cfg.model)
+    if src.adapter:
+        raise ZhtuneError(f"{cfg.model} is a LoRA run; merge it first (export --merge) to train on top of it")
+    tokenizer = load_tokenizer(src.tokenizer, cfg.trust_remote_code)
+    model_type = transformers.AutoConfig.from_pretrained(
+        src.weights, trust_remote_code=cfg.trust_remote_code
+    ).model_type
+    name, why = resolve_template(cfg.template, model_type, tokenizer.get_vocab(), tokenizer.chat_template)
+    template = get_template(name)
+    n_added = prepare_tokenizer(tokenizer, template)
+    # A GGUF base stays recorded as the file (the run directory says where it came from; its
+    # dequantized copy is a cache, rebuilt from the file if removed).
+    base = cfg.model if is_gguf(cfg.model) else src.weights
+    cfg = replace(cfg, template=name, model=str(Path(base).resolve()))
+    return cfg, src, tokenizer, template, why, model_type, n_added
+
+
+def load_train_data(
+    cfg: TrainConfig, tokenizer: Any, template: Template | None, model_type: str, out: Path, is_main: bool
+) -> TrainData:
+    """Read, render, split (and pack) the data; rejects and truncations go to the run directory."""
+    from zhtune.data.dataset import pack_examples, tokenize_records, tokenize_texts
+    from zhtune.data.registry import load_data
+    from zhtune.models.families import check_packing
+
+    rejects_path = out / rundir.REJECTS
+    records, n_rejected = load_data(
+        cfg.data, fmt=cfg.format, registry=cfg.registry or None, rejects_path=rejects_path if is_main else None
+    )
+    n_docs = 0
+    if cfg.stage == "pt":
+        blocks, n_docs = tokenize_texts(records, tokenizer, cfg.cutoff_len)
+        tok = Tokenized(examples=blocks)
+    else:
+        tok = tokenize_records(records, tokenizer, template, cfg.cutoff_len, cfg.train_on_prompt)
+    if is_main:
+        write_jsonl(rejects_path, tok.rejects, append=True)
+        write_jsonl(out / rundir.TRUNCATED, tok.truncated)
+    if not tok.examples:
+        raise ZhtuneError(f"no usable training records in {', '.join(cfg.data)} (see {rejects_path})")
+    train_set, val_set = split_validation(tok.examples, cfg.val_size, cfg.seed)
+    n_samples = len(train_set)
+    if cfg.packing and cfg.stage == "sft":
+        check_packing(model_type)
+        train_set = pack_examples(train_set, cfg.cutoff_len)
+    return TrainData(train_set, val_set, n_samples, n_docs, n_rejected + len(tok.rejects), tok)
+
+
+def build_model(
+    cfg: TrainConfig, src: ModelSource, tokenizer: Any, n_added: int, method: Method, total_steps: int
+) -> tuple[Any, int]:
+    """The base model with the method applied (or an adapter continued); ``(model, compiled
+    decoder blocks)``."""
+    import torch
+
+    from zhtune.models.loading import load_model
+    from zhtune.models.quantization import quantization_config
+    from zhtune.train.compile import compile_blocks
+    from zhtune.train.loss import frozen_to
+    from zhtune.train.methods import continue_adapter
+
+    quant = quantization_config(cfg.quantization_bits, cfg.precision) if method.quantized else None
+    model = load_model(src.weights, "fp32", cfg.trust_remote_code, quant)
+    if n_added or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.use_cache = False
+    if cfg.attn_implementation != "auto":
+        try:
+            model.set_attn_implementation(cfg.attn_implementation)
+        except (ImportError, ValueError) as err:
+            raise ZhtuneError(f"config key 'attn_implementation': {err}") from None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.init_adapter:
+        model = continue_adapter(model, cfg.init_adapter, cfg)
+    else:
+        model = method.prepare(model, cfg, total_steps)
+    if cfg.precision == "bf16" and cfg.bf16_frozen and method.save_dir == "adapter" and not method.quantized:
+        frozen_to(model, torch.bfloat16)
+    return model, compile_blocks(model) if cfg.compile else 0
+
+
+def configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
+    """DeepSpeed has no DataLoader to read the batch size from, and steps and clips itself: give
+    it zhtune's micro-batch, accumulation and clipping."""
+    if accelerator.state.deepspeed_plugin is None:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    ds["gradient_clipping"] = cfg.max_grad_norm
+
+
+def build_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Any:
+    """Multiplier of the peak lr at each step: linear warm-up, then cosine/linear/constant."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]], append: bool = False) -> None:
+    """Write ``rows`` as JSON Lines (nothing, not even a file, when there are none)."""
+    if not rows:
+        return
+    with path.open("a" if append else "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def banner(s: Setup) -> str:
+    """The start-up lines: what is trained on what, template and why, data, schedule, device."""
+    from zhtune.models.gguf import is_gguf
+
+    cfg, data, tok = s.cfg, s.data, s.data.tokenized
+    n_trainable, n_total = s.n_trainable, s.n_total
+    if cfg.stage == "pt":
+        data_line = (
+            f"{data.n_docs} documents -> {data.n_samples} train / {len(data.val_set)} validation blocks "
+            f"of {cfg.cutoff_len} tokens"
+        )
+    else:
+        lost = sum(t["lost_response_tokens"] > 0 for t in tok.truncated)
+        data_line = (
+            f"{data.n_samples} train / {len(data.val_set)} validation examples"
+            + (f" packed into {len(data.train_set)} sequences" if cfg.packing else "")
+            + f", {data.n_rejected} rejected, {tok.n_truncated} truncated to {cfg.cutoff_len} tokens"
+            + (f" ({lost} lost response tokens; see {rundir.TRUNCATED})" if tok.truncated else "")
+        )
+    gguf = f", dequantized copy {s.src.weights}" if is_gguf(cfg.model) else ""
+    epochs = cfg.epochs if cfg.max_steps <= 0 else "-"
+    acc = s.accelerator
+    lines = [
+        f"zhtune train: {cfg.stage} {cfg.method} on {cfg.model} ({s.model_type}{gguf}), "
+        f"{n_trainable:,} trainable / {n_total:,} params ({100 * n_trainable / n_total:.2f}%)",
+        f"  template: {cfg.template} ({s.template_why})",
+        f"  data: {data_line}",
+        f"  {s.total_steps} steps = {epochs} epochs x {s.steps_per_epoch} steps (batch {cfg.batch_size} x "
+        f"accum {cfg.grad_accum} x {acc.num_processes} proc), lr {cfg.lr} {cfg.lr_scheduler}, warmup "
+        f"{s.warmup}, {cfg.precision}, device {acc.device}",
+        f"  run directory: {s.out}",
+    ]
+    if s.n_compiled:
+        lines.append(f"  compiling {s.n_compiled} decoder blocks (torch.compile; the first steps wait for it)")
+    return "\n".join(lines)

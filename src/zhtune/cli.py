@@ -63,7 +63,7 @@ def _from_args(cls: type, args: argparse.Namespace) -> Any:
 # Commands (each imports what it needs)
 # ---------------------------------------------------------------------------------------------
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from zhtune.quickstart import QuickstartOptions, run_quickstart
+    from zhtune.pipelines.quickstart import QuickstartOptions, run_quickstart
 
     run_quickstart(_from_args(QuickstartOptions, args))
     return 0
@@ -203,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from zhtune.train.experiment import load_experiment, run_experiment
+    from zhtune.pipelines.experiment import load_experiment, run_experiment
 
     cfg = load_experiment(args.grid, list(args.overrides))
     run_experiment(cfg, source=args.grid, progress=not args.no_progress)
@@ -606,7 +606,7 @@ def _train_epilog() -> str:
 
 def _experiment_epilog() -> str:
     from zhtune.config import config_help
-    from zhtune.train.experiment import EvalConfig, ExperimentConfig
+    from zhtune.pipelines.experiment import EvalConfig, ExperimentConfig
 
     return (
         "grid keys (YAML or key=value):\n"
@@ -621,7 +621,7 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     (config keys) should be built; others stay cheap."""
     from zhtune.infer.export import ExportOptions
     from zhtune.infer.generate import GenerationOptions
-    from zhtune.quickstart import QuickstartOptions
+    from zhtune.pipelines.quickstart import QuickstartOptions
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(

@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import write_jsonl
 from zhtune.cli import main
 from zhtune.errors import ZhtuneError
-from zhtune.train.experiment import load_experiment, plan_runs, run_experiment, run_name, show_value
+from zhtune.pipelines.experiment import load_experiment, plan_runs, run_experiment, run_name, show_value
 
 GRIDS = sorted((Path(__file__).parents[2] / "src" / "zhtune" / "configs" / "experiments").glob("*.yaml"))
 HEADER = ["method", "lr", "trainable params", "train s", "final loss", "eval loss", "exact_match"]
@@ -260,7 +260,7 @@ def test_help_shows_every_grid_and_eval_key(capsys):
     from dataclasses import fields
 
     from zhtune.config import field_docs
-    from zhtune.train.experiment import EvalConfig, ExperimentConfig
+    from zhtune.pipelines.experiment import EvalConfig, ExperimentConfig
 
     for cls in (ExperimentConfig, EvalConfig):
         assert {f.name for f in fields(cls)} == set(field_docs(cls))
@@ -274,7 +274,7 @@ def test_help_shows_every_grid_and_eval_key(capsys):
 def test_gen_metric_scores_the_same_answers_with_eval_gens_metrics(tiny_model_dir, skill_records):
     from zhtune.eval.gen import score_pair
     from zhtune.models.loading import load_for_inference
-    from zhtune.train.experiment import METRICS, EvalConfig
+    from zhtune.pipelines.experiment import METRICS, EvalConfig
 
     model, tokenizer, template = load_for_inference(tiny_model_dir)
     records = skill_records[1][:6]

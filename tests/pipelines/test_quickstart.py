@@ -7,7 +7,7 @@ import json
 import pytest
 
 from zhtune.data.skills import bundled_dir, make_skill_data, to_chinese, write_skill_data
-from zhtune.quickstart import QuickstartOptions, run_quickstart
+from zhtune.pipelines.quickstart import QuickstartOptions, run_quickstart
 
 
 def test_chinese_numerals():

@@ -146,6 +146,18 @@ class RunDir:
         return (self.log_path if self.log_path.exists() else self.config_path).stat().st_mtime
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed into place, so a reader (or a crash) never
+    sees half a report."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def checkpoint_step(path: Path) -> int:
     """N of a ``step-N`` checkpoint directory."""
     return int(path.name.split("-")[1])

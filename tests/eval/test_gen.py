@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import write_jsonl
 from zhtune.cli import main
-from zhtune.eval.gen import aggregate, bleu4, lcs_length, rouge, rouge_words, score_pair, words
+from zhtune.data.novelty import lcs_length
+from zhtune.eval.gen import aggregate, bleu4, rouge, rouge_words, score_pair, words
 
 
 def test_identical_strings_score_100_and_disjoint_0():

@@ -24,9 +24,8 @@ from zhtune.eval.report import (
     plot_bars,
     read_run_reports,
     run_labels,
-    write_text_atomic,
 )
-from zhtune.rundir import eval_dir
+from zhtune.rundir import eval_dir, write_text_atomic
 
 
 @dataclass(frozen=True)

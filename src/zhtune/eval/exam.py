@@ -30,7 +30,6 @@ appended one subject at a time, so an interrupted run resumes at the first unfin
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError, where
+from zhtune.rundir import write_text_atomic
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -562,12 +562,6 @@ def report_markdown(report: dict[str, Any], table: dict[str, Subject]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _score_subject(
     model: Any,
     tokenizer: Any,
@@ -672,7 +666,7 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
                 + ", ".join(f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in changed)
                 + "): pass --overwrite to start over, or -o for another folder"
             )
-    _write_atomic(settings_path, json.dumps(settings, ensure_ascii=False, indent=2) + "\n")
+    write_text_atomic(settings_path, json.dumps(settings, ensure_ascii=False, indent=2) + "\n")
     counts = {s: len(qs) for s, qs in exam.test.items()}
     done = _finished(pred_path, counts)
     todo = [s for s in exam.test if s not in done]
@@ -747,8 +741,8 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
         "dtype": dtype,
         "run": str(run),
     }
-    _write_atomic(out / REPORT_JSON, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-    _write_atomic(out / REPORT_MD, report_markdown(report, table))
+    write_text_atomic(out / REPORT_JSON, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    write_text_atomic(out / REPORT_MD, report_markdown(report, table))
     return report
 
 

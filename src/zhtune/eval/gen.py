@@ -78,20 +78,6 @@ def bleu4(hypothesis: list[str], reference: list[str]) -> float:
     return penalty * math.exp(log_sum)
 
 
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence of two token lists (O(len(a)·len(b)), one row)."""
-    if len(a) < len(b):
-        a, b = b, a
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev = 0
-        for j, y in enumerate(b, 1):
-            cur = row[j]
-            row[j] = prev + 1 if x == y else max(row[j], row[j - 1])
-            prev = cur
-    return row[-1]
-
-
 def _f1(overlap: int, hyp_count: int, ref_count: int) -> float:
     p = overlap / hyp_count if hyp_count else 0.0
     r = overlap / ref_count if ref_count else 0.0
@@ -128,6 +114,8 @@ def rouge(hypothesis: list[str], reference: list[str]) -> dict[str, float]:
     ROUGE-L uses the LCS over all words with P = LCS / len(hyp), R = LCS / len(ref). A side with
     no non-blank word gives 0 (as LLaMA-Factory does).
     """
+    from zhtune.data.novelty import lcs_length  # imports numpy: not at start-up (zhtune --help)
+
     if not any(w.strip() for w in hypothesis) or not any(w.strip() for w in reference):
         return {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
     hyp, ref = rouge_words(hypothesis), rouge_words(reference)

@@ -377,9 +377,9 @@ def judge_messages(protocol: Protocol, prompts: Prompts, question: Question, ans
 def generate_answers(run: str, questions: list[Question], out: Path, opts: JudgeOptions) -> dict[str, str]:
     """The run's greedy answer to every question, generated where ``judge_answers.jsonl`` lacks
     it (:func:`zhtune.infer.predict.predict`: batched, appended as it goes, resumable)."""
-    from zhtune.eval.report import write_text_atomic
     from zhtune.infer.generate import GenerationOptions
     from zhtune.infer.predict import predict
+    from zhtune.rundir import write_text_atomic
 
     qfile = out / QUESTIONS
     lines = [
@@ -709,9 +709,9 @@ def resolve_endpoint(opts: JudgeOptions) -> Any:
 def judge(run: str, opts: JudgeOptions) -> dict[str, Any]:
     """``zhtune eval judge``: answer, judge and report; returns the report (also in judge.json).
     ``report["failed"]`` counts questions the judge never answered (not in the report)."""
-    from zhtune.eval.report import write_run_report, write_text_atomic
+    from zhtune.eval.report import write_run_report
     from zhtune.models.device import resolve_device
-    from zhtune.rundir import eval_dir
+    from zhtune.rundir import eval_dir, write_text_atomic
 
     protocol = get_protocol(opts.protocol)
     for name in ("concurrency", "batch_size", "max_new_tokens", "judge_max_tokens"):

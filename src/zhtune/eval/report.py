@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
-from zhtune.rundir import eval_dir
+from zhtune.rundir import eval_dir, write_text_atomic
 
 REPORT_MD = "report.md"
 """The run's combined report: every ``<metric>.md`` section of its eval directory."""
@@ -111,15 +111,6 @@ def markdown_table(head: list[str], rows: list[list[Any]], align: list[str] | No
     return "\n".join(lines)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``path`` through a temporary file renamed into place (never half a report)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_run_report(folder: str | Path) -> Path:
     """Gather the ``<metric>.md`` sections of an eval directory (those with a ``<metric>.json``
     report beside them) into ``report.md``; returns its path. Each eval command calls this after
@@ -187,5 +178,4 @@ __all__ = [
     "read_run_reports",
     "run_labels",
     "write_run_report",
-    "write_text_atomic",
 ]

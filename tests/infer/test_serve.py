@@ -355,3 +355,34 @@ def test_serve_a_prefix_tuning_run(prefix_run, tmp_path):
 
         got = asyncio.run(ask_all())
     assert got == [reference(local, q, 8) for q in QUESTIONS[:4]]
+
+
+@pytest.mark.parametrize("poison", [{"top_p": 1e-300}, {"top_p": 5e-45, "temperature": 2}, {"temperature": 1e-300}])
+def test_a_request_with_extreme_sampling_fails_nobody(server, local, poison):
+    """Settings that underflow in float32 (top_p 1e-300 is 0) used to leave nothing to sample and
+    fail the whole batch: now the most likely token is always kept, so the poison request gets an
+    answer and the innocent requests batched with it get exactly their greedy replies."""
+    questions = [f"{q} (p)" for q in QUESTIONS[:4]]
+
+    async def ask(aclient, question: str, extra: dict) -> str:
+        kw = dict(model="default", messages=[{"role": "user", "content": question}], max_tokens=8)
+        return (await aclient.chat.completions.create(**kw, **extra)).choices[0].message.content
+
+    async def ask_all() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0) as aclient:
+            poisoned = ask(aclient, questions[0], {"temperature": 1, **poison})
+            innocent = [ask(aclient, q, {"temperature": 0}) for q in questions[1:]]
+            return await asyncio.gather(poisoned, *innocent)
+
+    replies = asyncio.run(ask_all())
+    assert replies[1:] == [reference(local, q, 8) for q in questions[1:]]
+    assert isinstance(replies[0], str)
+
+
+def test_sampling_with_vanishing_top_p_is_greedy(tiny_tokenizer):
+    model = build_tiny_model("llama", tiny_tokenizer).eval()
+    prompter = Prompter(tiny_tokenizer, "chatml")
+    prompts = [prompter.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:2]]
+    greedy = decode_all(BatchDecoder(model, prompts, [Sampling(6)] * 2, prompter.stop_ids, 0), 2)
+    tiny = [Sampling(6, temperature=1.0, top_p=1e-300, seed=3), Sampling(6, temperature=1.0, top_p=1e-45, seed=4)]
+    assert decode_all(BatchDecoder(model, prompts, tiny, prompter.stop_ids, 0), 2) == greedy

@@ -310,18 +310,27 @@ class BatchDecoder:
 
     def _pick(self, logits: Any) -> Any:
         """Greedy rows take the argmax; sampling rows draw from their temperature/top-p
-        distribution with their own generator."""
+        distribution with their own generator.
+
+        No row's settings can make the draw fail (which would fail every row batched with it):
+        the most likely token is always kept, whatever ``top_p`` (1e-300 is 0 in float32), and a
+        row whose probabilities are not finite (overflowing logits) takes its argmax."""
         import torch
 
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, g in enumerate(self._generators) if g is not None]
         if not sampled:
             return tokens
-        probs = torch.softmax(logits / self._temperature.clamp(min=1e-6)[:, None], dim=-1)
+        probs = torch.softmax(logits.float() / self._temperature.clamp(min=1e-6)[:, None], dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the most likely tokens until their total reaches top_p (the first one always)
-        sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) >= self._top_p[:, None]] = 0
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self._top_p[:, None]
+        drop[:, 0] = False
+        sorted_probs[drop] = 0
+        usable = torch.isfinite(sorted_probs).all(dim=-1) & (sorted_probs.sum(dim=-1) > 0)
         for i in sampled:
+            if not usable[i]:
+                continue  # keeps the argmax
             pick = torch.multinomial(sorted_probs[i], 1, generator=self._generators[i])
             tokens[i] = order[i, pick[0]]
         return tokens

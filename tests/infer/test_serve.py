@@ -386,3 +386,46 @@ def test_sampling_with_vanishing_top_p_is_greedy(tiny_tokenizer):
     greedy = decode_all(BatchDecoder(model, prompts, [Sampling(6)] * 2, prompter.stop_ids, 0), 2)
     tiny = [Sampling(6, temperature=1.0, top_p=1e-300, seed=3), Sampling(6, temperature=1.0, top_p=1e-45, seed=4)]
     assert decode_all(BatchDecoder(model, prompts, tiny, prompter.stop_ids, 0), 2) == greedy
+
+
+@pytest.fixture(scope="module")
+def limited_app(run_dir):
+    """The app in this process with small limits (starlette's TestClient drives it)."""
+    from starlette.testclient import TestClient
+
+    from zhtune.infer.engine import Engine
+    from zhtune.infer.serve import Limits, create_app
+
+    model, tokenizer, template = load_for_inference(run_dir)
+    engine = Engine(model, tokenizer, template, batch_wait_ms=1).start()
+    app = create_app(engine, NAME, limits=Limits(max_body_bytes=4096, max_messages=4, max_choices=3))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def test_request_limits_are_openai_shaped_4xx(limited_app):
+    big = {"model": NAME, "messages": [{"role": "user", "content": "x" * 5000}]}
+    r = limited_app.post("/v1/chat/completions", json=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "--max-body-mb" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b"x" * 1000
+
+    r = limited_app.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    many = {"model": NAME, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}] * 3}
+    r = limited_app.post("/v1/chat/completions", json=many)
+    assert r.status_code == 400 and "--max-messages" in r.json()["error"]["message"]
+
+    r = limited_app.post("/v1/completions", json={"model": NAME, "prompt": ["a", "b"], "n": 2, "max_tokens": 2})
+    assert r.status_code == 400 and "prompts x n" in r.json()["error"]["message"]
+
+    ok = limited_app.post(
+        "/v1/chat/completions",
+        json={"model": NAME, "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 4, "temperature": 0},
+    )
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
+    assert limited_app.get("/health").json()["status"] == "ok"

@@ -139,3 +139,31 @@ def test_expand_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ZhtuneError, match="no data files"):
         expand_inputs([f"{d}/empty"])
+
+
+def test_invalid_utf8_line_is_rejected_alone(tmp_path):
+    """A JSON Lines line that is not UTF-8 becomes a RawError naming its byte; the lines around
+    it (and a byte-order mark on the first) are read as usual."""
+    from zhtune.data.readers import RawError, iter_raw, iter_raw_lazy
+
+    good = [json.dumps({"instruction": f"问题{i}", "output": f"答{i}"}, ensure_ascii=False).encode() for i in range(3)]
+    bad = b'{"instruction": "\xff\xfe", "output": "x"}'
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join([good[0], bad, good[1], good[2]]) + b"\n")
+    items = list(iter_raw(str(path)))
+    assert [line for line, _ in items] == [1, 2, 3, 4]
+    assert items[0][1]["instruction"] == "问题0" and items[3][1]["output"] == "答2"
+    error = items[1][1]
+    assert isinstance(error, RawError)
+    assert f"at byte {3 + len(good[0]) + 1 + 17} of the file (column 18 of the line)" in error.reason
+    lazy = list(iter_raw_lazy(str(path)))  # what `zhtune data clean` reads
+    assert isinstance(lazy[1][1], RawError) and isinstance(lazy[0][1], str)
+
+
+def test_invalid_utf8_in_other_formats_names_the_file(tmp_path):
+    from zhtune.data.readers import iter_raw
+
+    path = tmp_path / "gbk.csv"
+    path.write_bytes(b"instruction,output\n" + "问,答\n".encode("gbk"))
+    with pytest.raises(ZhtuneError, match=r"gbk\.csv: not valid UTF-8 .*iconv"):
+        list(iter_raw(str(path)))

@@ -81,22 +81,30 @@ def parse_json_line(line: str) -> dict[str, Any] | RawError:
         return RawError(f"invalid JSON: {e.msg} (column {e.colno})")
 
 
-def _jsonl_lines(f: TextIO) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of every non-blank line."""
-    for lineno, line in enumerate(f, 1):
-        if line.strip():
-            yield lineno, line
-
-
-def _iter_jsonl_lines(f: TextIO) -> Iterator[RawItem]:
-    for lineno, line in _jsonl_lines(f):
-        yield lineno, parse_json_line(line)
+def _jsonl_lines(path: str) -> Iterator[tuple[int, str | RawError]]:
+    """``(line number, text)`` of every non-blank line of a JSON Lines file; a line that is not
+    valid UTF-8 comes as a :class:`RawError` naming the byte (the rest of the file is read)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start = 3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark
+            try:
+                line = raw[start:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, RawError(
+                    f"invalid UTF-8 ({e.reason}) at byte {offset + start + e.start} of the file "
+                    f"(column {e.start + 1} of the line)"
+                )
+            else:
+                if line.strip():
+                    yield lineno, line
+            offset += len(raw)
 
 
 def read_jsonl(path: str) -> Iterator[RawItem]:
     """Yield one record per non-blank line of a JSON Lines file."""
-    with open(path, encoding="utf-8-sig") as f:
-        yield from _iter_jsonl_lines(f)
+    for lineno, line in _jsonl_lines(path):
+        yield lineno, line if isinstance(line, RawError) else parse_json_line(line)
 
 
 # --------------------------------------------------------------------------- JSON array
@@ -188,7 +196,7 @@ def _iter_json_array(stream: _JsonStream) -> Iterator[RawItem]:
 
 def _first_line_is_json(path: str) -> bool:
     """True if the first non-blank line of ``path`` parses on its own (a JSON Lines file)."""
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if line.strip():
                 try:
@@ -330,7 +338,19 @@ def iter_raw(path: str) -> Iterator[RawItem]:
         raise ZhtuneError(
             f"unsupported file type {Path(path).suffix or '(none)'!r} for {path}; supported: {_supported()}"
         )
-    return reader(path)
+    return _decode_errors_named(path, reader(path))
+
+
+def _decode_errors_named(path: str, items: Iterator[RawItem]) -> Iterator[RawItem]:
+    """``items``, with a text file's invalid UTF-8 turned into a clear error naming the file (JSON
+    Lines files reject the bad line alone instead, see :func:`_jsonl_lines`)."""
+    try:
+        yield from items
+    except UnicodeDecodeError as e:
+        raise ZhtuneError(
+            f"{path}: not valid UTF-8 ({e.reason}); convert it first (e.g. iconv -f GBK -t UTF-8), or "
+            "write it as JSON Lines, where a bad line is rejected alone"
+        ) from None
 
 
 def iter_raw_lazy(path: str) -> Iterator[tuple[int, dict[str, Any] | RawError | str]]:
@@ -339,15 +359,14 @@ def iter_raw_lazy(path: str) -> Iterator[tuple[int, dict[str, Any] | RawError | 
     where the work is spread out (``zhtune data clean`` parses in its worker processes)."""
     suffix = Path(path).suffix.lower()
     if os.path.isfile(path) and (suffix == ".jsonl" or (suffix == ".json" and _is_json_lines(path))):
-        with open(path, encoding="utf-8-sig") as f:
-            yield from _jsonl_lines(f)
+        yield from _jsonl_lines(path)
         return
     yield from iter_raw(path)
 
 
 def _is_json_lines(path: str) -> bool:
     """True for a ``.json`` file that :func:`read_json` reads as JSON Lines."""
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         first = _JsonStream(f, path).peek()
     return first == "{" and _first_line_is_json(path)
 

@@ -75,3 +75,33 @@ def test_cumulative_token_count_continues_after_resume(tmp_path, tiny_model_dir,
         return {r["step"]: r["tokens"] for r in rows}
 
     assert tokens(out)[10] == tokens(ref)[10]
+
+
+@pytest.mark.parametrize("damage", ["truncate-weights", pytest.param("corrupt-state", marks=pytest.mark.slow)])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_model_dir, train_file, damage):
+    """A newest checkpoint that cannot be loaded is reported and the one before it is used: the
+    resumed curve is still the uninterrupted one. Checkpoints appear only once complete."""
+    ref = tmp_path / "ref"
+    base = args(tiny_model_dir, train_file, ref)[:-1]
+    subprocess.run([*base, "max_steps=12", "--no-progress"], check=True, capture_output=True, timeout=300)
+    out = tmp_path / "damaged"
+    short = args(tiny_model_dir, train_file, out)[:-1]
+    subprocess.run([*short, "max_steps=12", "--no-progress"], check=True, capture_output=True, timeout=300)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-10", "step-5"]  # no temporary directory is left behind
+    newest = out / "checkpoints" / "step-10"
+    if damage == "truncate-weights":
+        weights = next(newest.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (newest / "trainer_state.json").write_text("{not json")
+    shutil.rmtree(out / "model")  # pretend it died after the step-10 checkpoint
+    done = subprocess.run(
+        [*short, "max_steps=12", "resume=true", "--no-progress"], check=True, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert f"warning: checkpoint {newest} cannot be loaded" in done.stdout + done.stderr
+    expected, got = curve(ref), curve(out)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step

@@ -19,7 +19,7 @@ from typing import Any
 
 from zhtune import rundir
 from zhtune.data.batching import micro_batches
-from zhtune.rundir import RunDir
+from zhtune.rundir import RunDir, write_text_atomic
 from zhtune.train.setup import Setup
 
 
@@ -37,15 +37,25 @@ class Position:
 
 def resume(s: Setup) -> Position:
     """The newest checkpoint's position (its state loaded into the accelerator), trimming log
-    rows written after it so the curve continues from it; a fresh Position without one."""
+    rows written after it so the curve continues from it; a fresh Position without one.
+
+    A checkpoint that cannot be loaded (a truncated or corrupt file) is reported and the one
+    before it is tried."""
     run = RunDir(s.out)
-    ckpt = run.latest_checkpoint() if s.cfg.resume else None
-    if ckpt is None:
+    candidates = [c for c in reversed(run.checkpoints()) if (c / rundir.STATE).is_file()] if s.cfg.resume else []
+    for ckpt in candidates:
+        try:
+            position = Position(**json.loads((ckpt / rundir.STATE).read_text()))
+            s.accelerator.load_state(str(ckpt))
+            break
+        except Exception as err:  # any unreadable part: fall back to the previous checkpoint
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            s.accelerator.print(f"warning: checkpoint {ckpt} cannot be loaded ({reason}); trying an older one")
+    else:
         if s.cfg.resume:
-            s.accelerator.print(f"resume=true but no checkpoint in {run.checkpoints_dir}; starting from scratch")
+            what = "no usable checkpoint" if candidates else "no checkpoint"
+            s.accelerator.print(f"resume=true but {what} in {run.checkpoints_dir}; starting from scratch")
         return Position()
-    s.accelerator.load_state(str(ckpt))
-    position = Position(**json.loads((ckpt / rundir.STATE).read_text()))
     if s.is_main:
         rows = [r for r in run.log() if r["step"] <= position.step]
         run.log_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -57,9 +67,17 @@ def save_checkpoint(accelerator: Any, out: Path, position: Position, keep: int) 
     old checkpoints down to ``keep``."""
     run = RunDir(out)
     ckpt = run.checkpoint(position.step)
-    accelerator.save_state(str(ckpt))
+    # written under a temporary name, then renamed: a crash mid-write leaves no step-N to resume
+    tmp = ckpt.with_name(f"tmp-{ckpt.name}")
     if accelerator.is_main_process:
-        (ckpt / rundir.STATE).write_text(json.dumps(asdict(position)) + "\n")
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_text_atomic(tmp / rundir.STATE, json.dumps(asdict(position)) + "\n")
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp.rename(ckpt)
         ckpts = run.checkpoints()
         for old in ckpts[: max(0, len(ckpts) - keep)]:
             shutil.rmtree(old, ignore_errors=True)

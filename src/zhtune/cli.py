@@ -44,15 +44,32 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[
             )
 
 
+TRUST_REMOTE_CODE_HELP = (
+    "allow the model's own Python code (auto_map) to run; never switched on by a run's or export's metadata"
+)
+
+
 def _add_device_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
     """``--device`` and (unless ``dtype`` is False) ``--dtype``: where an inference command runs
-    its model and in what dtype (:mod:`zhtune.models.device`). The one declaration of both flags
-    for chat, predict, serve, webui and eval; export keeps its own ``--dtype`` (auto = the base's)."""
+    its model and in what dtype (:mod:`zhtune.models.device`), and ``--trust-remote-code``
+    (:func:`_add_trust_arg`). The one declaration of these flags for chat, predict, serve, webui,
+    eval and export; export keeps its own ``--dtype`` (auto = the base's)."""
     from zhtune.models.device import DEVICE_HELP, DTYPE_HELP, DTYPES
 
     parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     if dtype:
         parser.add_argument("--dtype", default="auto", choices=DTYPES, help=f"{DTYPE_HELP} (default: auto)")
+    _add_trust_arg(parser)
+
+
+def _add_trust_arg(parser: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code``: the only switch that lets a loaded model's own Python code run
+    (:func:`zhtune.models.loading.check_remote_code`); a run's ``config.yaml`` or an export's
+    manifest may ask for it, never grant it. Commands whose options are a dataclass skip that
+    field in :func:`_add_dataclass_args` and get it here (``dest`` is the field's name)."""
+    parser.add_argument(
+        "--trust-remote-code", dest="trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE_HELP
+    )
 
 
 def _from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -215,7 +232,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from zhtune.infer.generate import GenerationOptions
     from zhtune.models.loading import load_for_inference
 
-    model, tokenizer, template = load_for_inference(args.run, dtype=args.dtype, device=args.device)
+    model, tokenizer, template = load_for_inference(
+        args.run, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+    )
     chat_loop(
         model, tokenizer, args.template or template, _from_args(GenerationOptions, args), system=args.system
     )
@@ -242,6 +261,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         allow_rejects=args.allow_rejects,
         progress=not args.no_progress,
         seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
@@ -261,18 +281,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "zhtune serve needs the serving packages: pip install -c constraints.txt -e '.[serve]'"
         ) from None
     from zhtune.infer.serve import serve
+    from zhtune.infer.serve_config import ServeOptions
 
     serve(
         args.run,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        max_concurrent=args.max_concurrent,
-        max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms,
+        _from_args(ServeOptions, args),
         dtype=args.dtype,
         device=args.device,
-        template=args.template,
+        trust_remote_code=args.trust_remote_code,
     )
     return 0
 
@@ -292,6 +308,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
         system=args.system,
         defaults=_from_args(GenerationOptions, args),
         seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
     )
     return 0
 
@@ -350,7 +367,9 @@ def _add_exam_parser(esub: Any) -> None:
     x.add_argument("run", help="run directory (or local model directory, or an export)")
     x.add_argument("--data", required=True, help="exam folder (test/ + dev/), folder of files, or one file")
     x.add_argument("-o", "--output", default="", help="folder for the reports (default: RUN/eval)")
-    _add_dataclass_args(x, ExamOptions, skip=("data", "output", "progress", "device", "dtype"))
+    _add_dataclass_args(
+        x, ExamOptions, skip=("data", "output", "progress", "device", "dtype", "trust_remote_code")
+    )
     _add_device_args(x)
     x.add_argument(
         "--no-template", dest="template", action="store_const", const="none",
@@ -526,7 +545,7 @@ def _add_gen_parser(esub: Any) -> None:
     g.add_argument(
         "--map", action="append", metavar="SRC=DST", help="rename a column before reading (repeatable)"
     )
-    _add_dataclass_args(g, GenEvalOptions, skip=("device", "dtype"))
+    _add_dataclass_args(g, GenEvalOptions, skip=("device", "dtype", "trust_remote_code"))
     _add_device_args(g)
     g.set_defaults(func=cmd_eval_gen)
 
@@ -573,7 +592,11 @@ def _add_judge_parsers(esub: Any) -> None:
         "--protocol", default="belle", choices=["belle", "mtbench"],
         help="belle: 0-1 score after 得分; mtbench: 1-10 in [[rating]] (default: belle)",
     )  # fmt: skip
-    _add_dataclass_args(j, JudgeOptions, skip=("data", "output", "protocol", "progress", "device", "dtype"))
+    _add_dataclass_args(
+        j,
+        JudgeOptions,
+        skip=("data", "output", "protocol", "progress", "device", "dtype", "trust_remote_code"),
+    )
     _add_device_args(j)
     j.add_argument("--no-progress", action="store_true", help="no progress bars")
     j.set_defaults(func=cmd_eval_judge)
@@ -621,6 +644,7 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     (config keys) should be built; others stay cheap."""
     from zhtune.infer.export import ExportOptions
     from zhtune.infer.generate import GenerationOptions
+    from zhtune.infer.serve_config import ServeOptions
     from zhtune.pipelines.quickstart import QuickstartOptions
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -759,7 +783,7 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     )
     ex.add_argument("run", help="run directory (or local model directory)")
     ex.add_argument("-o", "--output", required=True, help="directory to create")
-    _add_dataclass_args(ex, ExportOptions, skip=("device",))
+    _add_dataclass_args(ex, ExportOptions, skip=("device", "trust_remote_code"))
     _add_device_args(ex, dtype=False)
     ex.set_defaults(func=cmd_export)
 
@@ -771,24 +795,7 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
         "together in one batch, streamed ones included.",
     )
     sv.add_argument("run", help="run directory (or local model directory)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1: local only)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    sv.add_argument(
-        "--api-key",
-        default=os.environ.get("ZHTUNE_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1 (default: $ZHTUNE_API_KEY, else no key)",
-    )
-    sv.add_argument(
-        "--max-concurrent", type=int, default=128, help="requests in flight before 429 busy (default: 128)"
-    )
-    sv.add_argument("--max-batch-size", type=int, default=32, help="replies decoded together (default: 32)")
-    sv.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=10.0,
-        help="start a batch once no request has arrived for this long (default: 10)",
-    )
-    sv.add_argument("--template", help="override the run's chat template")
+    _add_dataclass_args(sv, ServeOptions)
     _add_device_args(sv)
     sv.set_defaults(func=cmd_serve)
 

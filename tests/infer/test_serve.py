@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.serving import zhtune_serve
+from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import find_stop, unsure_tail
 from zhtune.infer.generate import (
     BatchDecoder,
@@ -429,3 +430,27 @@ def test_request_limits_are_openai_shaped_4xx(limited_app):
     )
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
     assert limited_app.get("/health").json()["status"] == "ok"
+
+
+def test_exposure_rules(monkeypatch, run_dir, capsys):
+    """A non-loopback bind needs a key (or --insecure-no-auth); an empty key variable is an error,
+    never a silent 'no authentication'. Both are refused before any model is loaded."""
+    from zhtune.cli import main
+    from zhtune.infer.serve_config import ServeOptions
+
+    monkeypatch.delenv("ZHTUNE_API_KEY", raising=False)
+    assert ServeOptions().check() is None  # loopback, no key: allowed
+    with pytest.raises(ZhtuneError, match="--host 0.0.0.0 without an API key"):
+        ServeOptions(host="0.0.0.0").check()
+    assert ServeOptions(host="0.0.0.0", api_key="k").check() == "k"
+    assert ServeOptions(host="0.0.0.0", insecure_no_auth=True).check() is None
+    monkeypatch.setenv("ZHTUNE_API_KEY", "  ")
+    with pytest.raises(ZhtuneError, match="ZHTUNE_API_KEY is set but empty"):
+        ServeOptions().check()
+    monkeypatch.setenv("ZHTUNE_API_KEY", "from-env")
+    assert ServeOptions(host="10.0.0.1").check() == "from-env"
+    monkeypatch.delenv("ZHTUNE_API_KEY")
+    assert main(["serve", str(run_dir), "--host", "0.0.0.0"]) == 1
+    assert "--insecure-no-auth" in capsys.readouterr().err
+    with pytest.raises(ZhtuneError, match="--max-messages must be at least 1"):
+        ServeOptions(max_messages=0).check()

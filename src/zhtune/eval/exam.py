@@ -469,6 +469,8 @@ class ExamOptions:
     """Weights dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16."""
     device: str = "auto"
     """Where the model runs: auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps."""
+    trust_remote_code: bool = False
+    """Allow the model's own Python code (auto_map) to run; never switched on by a run's or export's metadata."""
     overwrite: bool = False
     """Start over instead of resuming from exam_predictions.jsonl."""
     progress: bool = True
@@ -680,7 +682,9 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
 
     prompt_desc, letter_tokens, dropped, seconds = "", {}, 0, 0.0
     if todo:
-        model, tokenizer, run_template = load_for_inference(run, dtype=dtype, device=device)
+        model, tokenizer, run_template = load_for_inference(
+            run, dtype=dtype, device=device, trust_remote_code=options.trust_remote_code
+        )
         template = _resolve_template(run, options.template, run_template)
         max_length = options.max_length or _context_length(model, tokenizer)
         builder = PromptBuilder(tokenizer, template, max_length)

@@ -190,6 +190,8 @@ class GenEvalOptions:
     """Weights dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16."""
     device: str = "auto"
     """Where the model runs: auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps."""
+    trust_remote_code: bool = False
+    """Allow the model's own Python code (auto_map) to run; never switched on by a run's or export's metadata."""
     format: str = "auto"
     """Input format: auto, alpaca, belle, sharegpt, openai (see `zhtune data convert`)."""
     allow_rejects: bool = False
@@ -278,6 +280,7 @@ def eval_gen(
         template=opts.template or None,
         dtype=dtype,
         device=device,
+        trust_remote_code=opts.trust_remote_code,
         fmt=opts.format,
         mapping=mapping,
         rejects=str(out / "gen_predictions.rejects.jsonl"),

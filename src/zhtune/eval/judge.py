@@ -398,6 +398,7 @@ def generate_answers(run: str, questions: list[Question], out: Path, opts: Judge
         template=opts.template or None,
         dtype=opts.dtype,
         device=opts.device,
+        trust_remote_code=opts.trust_remote_code,
         fmt="openai",
         progress=opts.progress,
     )
@@ -684,6 +685,8 @@ class JudgeOptions:
     """Weights dtype for answering: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16."""
     device: str = "auto"
     """Where the answering model runs: auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps."""
+    trust_remote_code: bool = False
+    """Allow the model's own Python code (auto_map) to run; never switched on by a run's or export's metadata."""
     progress: bool = True
     """Show progress bars."""
 

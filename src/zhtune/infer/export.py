@@ -77,6 +77,8 @@ class ExportOptions:
     """Largest safetensors shard."""
     overwrite: bool = False
     """Replace DIR if it already holds files."""
+    trust_remote_code: bool = False
+    """Allow the model's own Python code (auto_map) to run; never switched on by a run's or export's metadata."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,11 +125,12 @@ def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
     """Check the request against the run; raise :class:`ZhtuneError` saying what to change."""
 
     from zhtune.models.device import resolve_device
-    from zhtune.models.loading import MERGEABLE, resolve_source
+    from zhtune.models.loading import MERGEABLE, check_remote_code, resolve_source
     from zhtune.rundir import RunDir
 
     device = resolve_device(opts.device)
-    src = resolve_source(run)
+    src = resolve_source(run, opts.trust_remote_code)
+    check_remote_code(src)
     run_dir = Path(run).resolve()
     out = Path(output).resolve()
     for protected in {run_dir, Path(src.weights).resolve(), Path(src.tokenizer).resolve()}:
@@ -367,6 +370,7 @@ def quantize_and_measure(
 def export(run: str, output: str, opts: ExportOptions) -> Path:
     """``zhtune export``: write ``run`` to ``output`` as described in the module doc; returns it."""
     from zhtune import __version__
+    from zhtune.models.loading import remote_code_files
     from zhtune.rundir import EXPORT_MANIFEST
 
     started = time.time()
@@ -418,7 +422,8 @@ def export(run: str, output: str, opts: ExportOptions) -> Path:
             "adapter_base_bits": src.quantization_bits if src.adapter and not plan.merge else None,
             "dtype": plan.dtype,
             "quantization": quantization,
-            "trust_remote_code": src.trust_remote_code,
+            # asks (never allows): loading DIR runs its own code, so loaders need --trust-remote-code
+            "trust_remote_code": bool(remote_code_files(final)),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (final / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -193,11 +193,13 @@ def predict(
     allow_rejects: bool = False,
     progress: bool = True,
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> int:
     """``zhtune predict``: generate a reply for every prompt of ``inputs`` not yet in ``output``.
 
-    The model runs on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`). Returns the
-    exit status: 1 if any record was rejected and not ``allow_rejects``, else 0.
+    The model runs on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`); its own
+    Python code only with ``trust_remote_code`` (``--trust-remote-code``). Returns the exit status:
+    1 if any record was rejected and not ``allow_rejects``, else 0.
     """
     from zhtune.infer.generate import Prompter, generate_replies
     from zhtune.models.device import resolve_device, resolve_dtype
@@ -246,7 +248,9 @@ def predict(
     if todo:
         import torch
 
-        model, tokenizer, run_template = load_for_inference(run, dtype=dtype, device=device)
+        model, tokenizer, run_template = load_for_inference(
+            run, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
         prompter = Prompter(tokenizer, template or run_template)
         prompts = [prompter.prompt_ids(r["messages"]) for r in todo]
         torch.manual_seed(seed)

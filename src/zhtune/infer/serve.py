@@ -37,6 +37,7 @@ import sys
 import time
 import traceback
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,9 @@ from zhtune.infer.protocol import (
     stop_strings,
     usage,
 )
+from zhtune.infer.serve_config import DEFAULT_LIMITS, LOOPBACK, Limits, ServeOptions
 
-__all__ = ["Api", "RequireApiKey", "create_app", "serve"]
+__all__ = ["Api", "BodyLimit", "Limits", "RequireApiKey", "ServeOptions", "create_app", "serve"]
 
 
 class RequireApiKey:
@@ -82,12 +84,53 @@ class RequireApiKey:
         await self.app(scope, receive, send)
 
 
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` is answered 413 (OpenAI-shaped) as soon as its
+    Content-Length says so, or as soon as that many bytes have arrived, never read whole."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def error(self) -> ApiError:
+        mib = self.max_bytes / 2**20
+        return ApiError(413, f"request body over {mib:g} MiB (--max-body-mb)", code="request_too_large")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self.error().response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self.error()
+            return message
+
+        await self.app(scope, limited, send)
+
+
 class Api:
     """The routes of the OpenAI-compatible API over one engine, served as ``model_name`` (and
     ``default``)."""
 
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(self, engine: Engine, model_name: str, limits: Limits = DEFAULT_LIMITS) -> None:
         self.engine, self.model_name, self.created = engine, model_name, int(time.time())
+        self.limits = limits
+        # prompts are rendered and tokenized off the event loop, one at a time (the tokenizer is
+        # not to be used by two threads at once; the scheduler decodes with its own copy)
+        self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhtune-prompts")
+
+    async def off_loop(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the prompt thread, so a long prompt never stalls other requests."""
+        return await asyncio.get_running_loop().run_in_executor(self._prompts, fn, *args)
 
     # -- running a request ----------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -102,6 +145,14 @@ class Api:
     def start(self, req: SamplingParams, prompts: list[list[int]]) -> tuple[Job, asyncio.Queue[Event], int]:
         """Queue ``n`` choices per prompt; returns the job, its event queue and the choice count."""
         stop = stop_strings(req)
+        asked = len(prompts) * (req.n or 1)
+        if asked > self.limits.max_choices:
+            raise ApiError(
+                400,
+                f"this request asks for {asked} replies (prompts x n); the limit is "
+                f"{self.limits.max_choices} (--max-request-choices)",
+                param="n",
+            )
         rows = [(p, s) for p in prompts for s in samplings(req, len(p), self.engine.context_length)]
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -194,8 +245,14 @@ class Api:
     async def chat_completions(self, request: Request) -> Response:
         req = await parse_body(request, ChatRequest)
         self.check_model(req.model)
+        if len(req.messages) > self.limits.max_messages:
+            raise ApiError(
+                400,
+                f"{len(req.messages)} messages; the limit is {self.limits.max_messages} (--max-messages)",
+                param="messages",
+            )
         try:
-            prompt = self.engine.prompter.prompt_ids(chat_messages(req))
+            prompt = await self.off_loop(self.engine.prompter.prompt_ids, chat_messages(req))
         except (ValueError, ZhtuneError) as err:
             raise ApiError(400, f"cannot build a prompt from these messages: {err}", param="messages") from None
         return await self.respond(req, [prompt], "chat")
@@ -208,7 +265,11 @@ class Api:
             raise ApiError(400, "the prompt is empty", param="prompt")
         items = [raw] if isinstance(raw, str) or isinstance(raw[0], int) else raw
         tokenizer, vocab_size = self.engine.tokenizer, self.engine.vocab_size
-        prompts = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in items]
+        if len(items) > self.limits.max_choices:
+            raise ApiError(400, f"{len(items)} prompts; the limit is {self.limits.max_choices}", param="prompt")
+        texts = [p for p in items if isinstance(p, str)]
+        encoded = iter(await self.off_loop(lambda: tokenizer(texts)["input_ids"]) if texts else [])
+        prompts = [next(encoded) if isinstance(p, str) else list(p) for p in items]
         if any(not 0 <= t < vocab_size for p in prompts for t in p):
             raise ApiError(400, f"token ids must be in [0, {vocab_size})", param="prompt")
         return await self.respond(req, prompts, "text")
@@ -253,9 +314,11 @@ async def _server_error(request: Request, err: Exception) -> Response:
     return ApiError(500, f"internal error: {err}", type="server_error").response()
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> Starlette:
-    """The Starlette app serving ``engine`` as ``model_name`` (and ``default``)."""
-    api = Api(engine, model_name)
+def create_app(
+    engine: Engine, model_name: str, api_key: str | None = None, limits: Limits = DEFAULT_LIMITS
+) -> Starlette:
+    """The Starlette app serving ``engine`` as ``model_name`` (and ``default``) within ``limits``."""
+    api = Api(engine, model_name, limits)
     return Starlette(
         routes=[
             Route("/health", api.health),
@@ -264,9 +327,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> S
             Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
             Route("/v1/completions", api.completions, methods=["POST"]),
         ],
-        middleware=[Middleware(RequireApiKey, api_key=api_key)] if api_key else [],
+        middleware=[Middleware(BodyLimit, max_bytes=limits.max_body_bytes)]
+        + ([Middleware(RequireApiKey, api_key=api_key)] if api_key else []),
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
-        max_body_size=64 * 2**20,
     )
 
 
@@ -276,43 +339,31 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> S
 
 
 def serve(
-    run: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_concurrent: int = 128,
-    max_batch_size: int = 32,
-    batch_wait_ms: float = 10.0,
-    dtype: str = "auto",
-    template: str | None = None,
-    device: str = "auto",
+    run: str, opts: ServeOptions, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
 ) -> None:
-    """Load ``run`` on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`) and serve it
-    until interrupted."""
+    """Load ``run`` on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`; its own Python
+    code only with ``trust_remote_code``, ``--trust-remote-code``) and serve it until interrupted."""
     import uvicorn
 
     from zhtune.models.loading import load_for_inference
 
-    for name, value in (("--max-concurrent", max_concurrent), ("--max-batch-size", max_batch_size)):
-        if value < 1:
-            raise ZhtuneError(f"{name} must be at least 1, got {value}")
-    if batch_wait_ms < 0:
-        raise ZhtuneError(f"--batch-wait-ms must be 0 or more, got {batch_wait_ms}")
-    model, tokenizer, run_template = load_for_inference(run, dtype=dtype, device=device)
+    api_key = opts.check()
+    model, tokenizer, run_template = load_for_inference(
+        run, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
     name = Path(run).resolve().name
-    engine = Engine(model, tokenizer, template or run_template, max_batch_size, batch_wait_ms, max_concurrent)
-    app = create_app(engine.start(), name, api_key)
+    engine = Engine(
+        model, tokenizer, opts.template or run_template, opts.max_batch_size, opts.batch_wait_ms, opts.max_concurrent
+    )
+    app = create_app(engine.start(), name, api_key, opts.limits())
     print(
         f"zhtune serve: '{name}' ({placement(model)}, template {engine.template}, "
         f"context {engine.context_length} tokens), "
-        f"batches of up to {max_batch_size} after at most {batch_wait_ms:g} ms, "
-        f"OpenAI API at http://{host}:{port}/v1" + ("" if api_key else " (no API key)"),
+        f"batches of up to {opts.max_batch_size} after at most {opts.batch_wait_ms:g} ms, "
+        f"OpenAI API at http://{opts.host}:{opts.port}/v1" + ("" if api_key else " (no API key)"),
         file=sys.stderr,
         flush=True,
     )
-    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"warning: serving on {host} without --api-key: anyone who can reach it may use it",
-            file=sys.stderr,
-        )
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    if not api_key and opts.host not in LOOPBACK:
+        print(f"warning: serving on {opts.host} without an API key (--insecure-no-auth)", file=sys.stderr)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level="info", timeout_graceful_shutdown=5)

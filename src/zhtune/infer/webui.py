@@ -165,8 +165,16 @@ def reports_markdown(summary: RunSummary) -> str:
 class ChatModel:
     """The one model the chat tab talks to; the runs tab can switch it to another run."""
 
-    def __init__(self, dtype: str = "auto", template: str | None = None, device: str = "auto") -> None:
+    def __init__(
+        self,
+        dtype: str = "auto",
+        template: str | None = None,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
         self.dtype, self.device = dtype, device
+        self.trust_remote_code = trust_remote_code
+        """``--trust-remote-code``, fixed at launch: no visitor, and no run they pick, can switch it on."""
         self.placement = ""
         """Where the loaded model runs and its dtype (``"cpu, fp32"``)."""
         self.template_override = template
@@ -177,10 +185,14 @@ class ChatModel:
         self._lock = threading.Lock()
 
     def load(self, run: str | Path) -> None:
-        """Load a run (or export, or model directory) in place of the current model."""
+        """Load a run (or export, or model directory) in place of the current model. A run that asks
+        for remote code the server was not launched with raises :class:`ZhtuneError` (shown on the
+        page) and the current model stays."""
         from zhtune.models.loading import load_for_inference
 
-        model, tokenizer, template = load_for_inference(run, dtype=self.dtype, device=self.device)
+        model, tokenizer, template = load_for_inference(
+            run, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code
+        )
         with self._lock:
             self.template, self.placement = self.template_override or template, placement(model)
             self._model, self._prompter = model, Prompter(tokenizer, self.template)
@@ -426,16 +438,18 @@ def launch(
     system: str = "",
     defaults: GenerationOptions | None = None,
     seed: int | None = None,
+    trust_remote_code: bool = False,
 ) -> None:
     """``zhtune webui``: load ``run`` (if given), build the page and serve it until Ctrl-C.
     ``seed`` seeds torch's sampler once, after loading: a fresh server then samples the same
-    replies to the same messages."""
+    replies to the same messages. ``trust_remote_code`` (``--trust-remote-code``) holds for every
+    run loaded while it serves; without it, a run asking for remote code shows an error instead."""
     from zhtune.models.device import resolve_device
 
     gr = import_gradio()  # fail before loading a model if gradio is missing
     device = resolve_device(device)  # and before serving a page that could never load one
     folder = Path(runs_dir) if runs_dir else (Path(run).resolve().parent if run else Path("runs"))
-    chat = ChatModel(dtype, template, device)
+    chat = ChatModel(dtype, template, device, trust_remote_code)
     if run:
         chat.load(run)
     app = build_app(chat, folder, defaults or GenerationOptions(), system)

@@ -182,9 +182,10 @@ class Metric:
     score: Callable[[Any, Any, str, list[dict[str, Any]], EvalConfig], dict[str, Any]] | None = None
     """(model, tokenizer, template name, records, eval config) -> ``{"overall": float,
     "scores": {category: float}, "counts": {category: n}, ...}`` (more keys are kept in the cache)."""
-    score_run: Callable[[Path, EvalConfig], dict[str, Any]] | None = None
-    """Set for metrics that score a run directory themselves, from ``EvalConfig.data`` as they
-    read it, with their own resumable cache (exam); ``score`` is then unused."""
+    score_run: Callable[[Path, EvalConfig, bool], dict[str, Any]] | None = None
+    """Set for metrics that score a run directory themselves (run, eval config, whether the run's
+    model code may run), from ``EvalConfig.data`` as they read it, with their own resumable cache
+    (exam); ``score`` is then unused."""
     describe: Callable[[EvalConfig], str] | None = None
     """The report's sentence on what was scored, for ``score_run`` metrics."""
 
@@ -212,7 +213,7 @@ def _gen(
     return {**aggregate(rows), "predictions": answers}
 
 
-def _exam(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
+def _exam(run_dir: Path, ev: EvalConfig, trust_remote_code: bool = False) -> dict[str, Any]:
     """``zhtune eval exam`` on the run (resumable: a finished exam is read back, not redone), with
     the exam's categories as the table's columns and its subjects kept beside them."""
     from zhtune.eval.exam import ExamOptions, run_exam
@@ -220,13 +221,14 @@ def _exam(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
     if len(ev.data) != 1:
         raise ZhtuneError(f"eval metric exam: give one exam folder or file in 'data', got {len(ev.data)}")
     options = ExamOptions(
-        data=ev.data[0], output=str(RunDir(run_dir).eval_dir), shots=ev.shots, batch_size=ev.batch_size
-    )
+        data=ev.data[0], output=str(RunDir(run_dir).eval_dir), shots=ev.shots, batch_size=ev.batch_size,
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
     report = run_exam(str(run_dir), options)
     return {**report, "scores": report["categories"], "counts": {}, "subjects": report["scores"]}
 
 
-def _judge(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
+def _judge(run_dir: Path, ev: EvalConfig, trust_remote_code: bool = False) -> dict[str, Any]:
     """``zhtune eval judge`` on the run (resumable and cached: a judged question is not asked
     again); the judge's API key comes from $OPENAI_API_KEY, never from the grid file."""
     from zhtune.eval.judge import JudgeOptions, judge
@@ -236,7 +238,7 @@ def _judge(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
     options = JudgeOptions(
         data=ev.data[0], judge_url=ev.judge_url, judge_model=ev.judge_model, protocol=ev.judge_protocol,
         output=str(RunDir(run_dir).eval_dir), limit=ev.judge_limit, batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens, progress=False,
+        max_new_tokens=ev.max_new_tokens, progress=False, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     report = judge(str(run_dir), options)
     if report.get("failed"):
@@ -454,8 +456,12 @@ def load_eval_records(ev: EvalConfig) -> list[dict[str, Any]]:
     return usable
 
 
-def evaluate_run(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
-    """Score a run directory with ``ev.metric``; returns ``(result, cached)``.
+def evaluate_run(
+    run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]], trust_remote_code: bool = False
+) -> tuple[dict[str, Any], bool]:
+    """Score a run directory with ``ev.metric``; returns ``(result, cached)``. Its model's own code
+    runs only with ``trust_remote_code``: the grid's own ``trust_remote_code`` key for the run, never
+    what the run directory recorded.
 
     The result is kept in ``RUN/eval/<metric>.json`` with the settings it was made with (metric,
     max_new_tokens, a hash of the test records) and reused while they stay the same.
@@ -466,7 +472,7 @@ def evaluate_run(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -
 
     metric = METRICS[ev.metric]
     if metric.score_run is not None:
-        return metric.score_run(run_dir, ev), False
+        return metric.score_run(run_dir, ev, trust_remote_code), False
     digest = hashlib.sha1(json.dumps(records, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
     settings = {
         "metric": ev.metric,
@@ -479,7 +485,7 @@ def evaluate_run(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("settings") == settings:
             return cached, True
-    model, tokenizer, template = load_for_inference(run_dir)
+    model, tokenizer, template = load_for_inference(run_dir, trust_remote_code=trust_remote_code)
     assert metric.score is not None
     result = {"settings": settings, **metric.score(model, tokenizer, template, records, ev)}
     del model, tokenizer
@@ -624,7 +630,7 @@ def run_experiment(
             say(f"[{i}/{len(runs)}] finished earlier: training skipped")
         scores = None
         if cfg.eval:
-            scores, cached = evaluate_run(run.dir, cfg.eval, records)
+            scores, cached = evaluate_run(run.dir, cfg.eval, records, run.train.trust_remote_code)
             how = "cached" if cached else "scored"
             shown = fmt_value(scores["overall"], METRICS[cfg.eval.metric].fmt)
             say(f"[{i}/{len(runs)}] {cfg.eval.metric} {shown} ({how})")

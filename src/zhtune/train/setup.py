@@ -192,15 +192,26 @@ def resolve_model(
     from zhtune.data.templates import get_template, prepare_tokenizer
     from zhtune.models.families import resolve_template
     from zhtune.models.gguf import is_gguf
-    from zhtune.models.loading import load_tokenizer, resolve_source
+    from zhtune.models.loading import (
+        TRAIN_TRUST_HINT,
+        check_remote_code,
+        load_error,
+        load_tokenizer,
+        resolve_source,
+    )
 
-    src = resolve_source(cfg.model)
+    # only this run's own config key lets model code run; a run used as `model:` passes on nothing
+    src = resolve_source(cfg.model, cfg.trust_remote_code)
     if src.adapter:
         raise ZhtuneError(f"{cfg.model} is a LoRA run; merge it first (export --merge) to train on top of it")
-    tokenizer = load_tokenizer(src.tokenizer, cfg.trust_remote_code)
-    model_type = transformers.AutoConfig.from_pretrained(
-        src.weights, trust_remote_code=cfg.trust_remote_code
-    ).model_type
+    check_remote_code(src, TRAIN_TRUST_HINT)
+    tokenizer = load_tokenizer(src.tokenizer, src.trust_remote_code)
+    try:
+        model_type = transformers.AutoConfig.from_pretrained(
+            src.weights, trust_remote_code=src.trust_remote_code
+        ).model_type
+    except (OSError, ValueError) as err:
+        raise load_error("a model config", src.weights, err) from None
     name, why = resolve_template(cfg.template, model_type, tokenizer.get_vocab(), tokenizer.chat_template)
     template = get_template(name)
     n_added = prepare_tokenizer(tokenizer, template)
@@ -256,7 +267,7 @@ def build_model(
     from zhtune.train.methods import continue_adapter
 
     quant = quantization_config(cfg.quantization_bits, cfg.precision) if method.quantized else None
-    model = load_model(src.weights, "fp32", cfg.trust_remote_code, quant)
+    model = load_model(src.weights, "fp32", src.trust_remote_code, quant)  # = cfg.trust_remote_code
     if n_added or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False

@@ -1,0 +1,86 @@
+"""The settings of ``zhtune serve``: its options (flags generated from the fields) and the limits
+of one request. Kept apart from the app so that building the CLI parser imports no web framework."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zhtune.errors import ZhtuneError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask (each beyond it is refused with a 4xx naming the limit)."""
+
+    max_body_bytes: int = 2 * 2**20
+    """Request body size (413 beyond)."""
+    max_messages: int = 1024
+    """Messages in one chat request."""
+    max_choices: int = 256
+    """Replies one request asks for: prompts x n."""
+
+
+
+DEFAULT_LIMITS = Limits()
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeOptions:
+    """Options of ``zhtune serve`` (``--device``, ``--dtype`` and ``--trust-remote-code`` apart)."""
+
+    host: str = "127.0.0.1"
+    """Address to bind (127.0.0.1: this machine only; any other needs --api-key or --insecure-no-auth)."""
+    port: int = 8000
+    """Port to listen on."""
+    api_key: str = ""
+    """Require 'Authorization: Bearer KEY' on /v1 (empty: $ZHTUNE_API_KEY if set, else no key)."""
+    insecure_no_auth: bool = False
+    """Serve on a non-loopback address without an API key (anyone who can reach it may use it)."""
+    max_concurrent: int = 128
+    """Requests in flight before 429 busy."""
+    max_batch_size: int = 32
+    """Replies decoded together."""
+    batch_wait_ms: float = 10.0
+    """Start a batch once no request has arrived for this long."""
+    max_body_mb: float = 2.0
+    """Largest request body, MiB (413 beyond)."""
+    max_messages: int = 1024
+    """Most messages in one chat request (400 beyond)."""
+    max_request_choices: int = 256
+    """Most replies one request may ask for, prompts x n (400 beyond)."""
+    template: str = ""
+    """Override the run's chat template (empty: the run's own)."""
+
+    def resolved_key(self) -> str | None:
+        """The API key: the option, else $ZHTUNE_API_KEY; None for none. A key variable that is set
+        but empty is an error (it would silently turn authentication off)."""
+        import os
+
+        if self.api_key:
+            return self.api_key
+        env = os.environ.get("ZHTUNE_API_KEY")
+        if env is not None and not env.strip():
+            raise ZhtuneError("ZHTUNE_API_KEY is set but empty: set a key, or unset it to serve without one")
+        return env or None
+
+    def check(self) -> str | None:
+        """Validate the options (before any model is loaded); returns the API key."""
+        for name in ("max_concurrent", "max_batch_size", "max_messages", "max_request_choices"):
+            if getattr(self, name) < 1:
+                raise ZhtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_wait_ms < 0:
+            raise ZhtuneError(f"--batch-wait-ms must be 0 or more, got {self.batch_wait_ms}")
+        if self.max_body_mb <= 0:
+            raise ZhtuneError(f"--max-body-mb must be above 0, got {self.max_body_mb}")
+        key = self.resolved_key()
+        if key is None and self.host not in LOOPBACK and not self.insecure_no_auth:
+            raise ZhtuneError(
+                f"--host {self.host} without an API key would let anyone who can reach it use the model: "
+                "pass --api-key KEY (or set ZHTUNE_API_KEY), or --insecure-no-auth to serve it openly"
+            )
+        return key
+
+    def limits(self) -> Limits:
+        return Limits(int(self.max_body_mb * 2**20), self.max_messages, self.max_request_choices)

@@ -454,3 +454,22 @@ def test_exposure_rules(monkeypatch, run_dir, capsys):
     assert "--insecure-no-auth" in capsys.readouterr().err
     with pytest.raises(ZhtuneError, match="--max-messages must be at least 1"):
         ServeOptions(max_messages=0).check()
+
+
+def test_a_failed_generation_is_a_500_with_an_error_id_not_internals(limited_app, monkeypatch, capfd):
+    import zhtune.infer.engine as engine_module
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("secret detail /home/me/model")
+
+    monkeypatch.setattr(engine_module, "BatchDecoder", Broken)
+    body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = limited_app.post("/v1/chat/completions", json=body)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    message = r.json()["error"]["message"]
+    assert "generation failed (error id err-" in message and "secret" not in message
+    error_id = message.split("error id ")[1].split(";")[0]
+    assert f"[{error_id}] generation failed" in capfd.readouterr().err  # the details are in the log
+    monkeypatch.undo()
+    assert limited_app.post("/v1/chat/completions", json=body).status_code == 200  # and the server goes on

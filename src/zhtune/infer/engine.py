@@ -134,11 +134,11 @@ class Engine:
                 continue
             try:
                 self._run(batch)
-            except Exception as err:  # a failed batch fails its requests, not the server
-                traceback.print_exc()
+            except Exception:  # a failed batch fails its requests, not the server
+                error = log_error("generation failed")
                 for choice in batch:
                     if not choice.done:
-                        self._finish(choice, Event(choice.index, "", error=f"generation failed: {err}"))
+                        self._finish(choice, Event(choice.index, "", error=error))
 
     def _next_batch(self) -> list[Choice]:
         """Up to ``max_batch_size`` choices, once that many are queued or no request has arrived
@@ -212,6 +212,19 @@ class Engine:
             choice.job.remaining -= 1
             if choice.job.remaining == 0:
                 self.in_flight -= 1
+
+
+def log_error(what: str) -> str:
+    """Print the exception being handled to the server log under a new error id, and return
+    what a client is told: ``what`` and the id, never the exception's text (which may show paths
+    and internals)."""
+    import secrets
+    import sys
+
+    error_id = "err-" + secrets.token_hex(6)
+    print(f"[{error_id}] {what}:", file=sys.stderr)
+    traceback.print_exc()
+    return f"{what} (error id {error_id}; the server log has the details)"
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:

@@ -35,7 +35,6 @@ import json
 import secrets
 import sys
 import time
-import traceback
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,7 +48,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import Busy, Choice, Engine, Event, Job
+from zhtune.infer.engine import Busy, Choice, Engine, Event, Job, log_error
 from zhtune.infer.generate import placement
 from zhtune.infer.protocol import (
     ApiError,
@@ -310,8 +309,11 @@ async def _http_error(request: Request, err: Exception) -> Response:
 
 
 async def _server_error(request: Request, err: Exception) -> Response:
-    traceback.print_exception(err)
-    return ApiError(500, f"internal error: {err}", type="server_error").response()
+    try:
+        raise err
+    except Exception:
+        message = log_error(f"internal error in {request.method} {request.url.path}")
+    return ApiError(500, message, type="server_error").response()
 
 
 def create_app(

@@ -64,9 +64,19 @@ def test_json_array_syntax_error_names_file_and_line(tmp_path, monkeypatch, chun
         list(iter_raw(str(path)))
 
 
-def test_json_array_missing_bracket(tmp_path):
+def test_truncated_json_array_keeps_its_complete_records(tmp_path):
+    """A file cut off at its end (no closing bracket, or inside the last element) keeps every
+    complete record and rejects the tail, naming the line; a syntax error elsewhere still stops."""
     path = tmp_path / "cut.json"
     path.write_text('[{"a": 1},\n{"a": 2}')
+    items = list(iter_raw(str(path)))
+    assert [r for _, r in items[:2]] == [{"a": 1}, {"a": 2}]
+    assert isinstance(items[2][1], RawError) and "no closing ']'" in items[2][1].reason
+    path.write_text('[{"a": 1},\n{"a": 2},\n{"a": "thr')
+    items = list(iter_raw(str(path)))
+    assert [r for _, r in items[:2]] == [{"a": 1}, {"a": 2}]
+    assert items[2][0] == 3 and "ends inside this element" in items[2][1].reason
+    path.write_text('[{"a": 1}\n{"a": 2}]')
     with pytest.raises(ZhtuneError, match=r"cut\.json:2: .*expected ',' or '\]'"):
         list(iter_raw(str(path)))
 

@@ -123,6 +123,8 @@ class _JsonStream:
     def __init__(self, f: TextIO, path: str) -> None:
         self.f, self.path = f, path
         self.buf, self.pos, self.line, self.eof = "", 0, 1, False
+        self.truncated = False
+        """The last :meth:`value` failed because the file ends inside it."""
 
     def _fill(self) -> bool:
         """Append more text to the buffer (dropping what was consumed); False at end of file."""
@@ -167,6 +169,9 @@ class _JsonStream:
                 cut_off = e.pos >= len(self.buf) - 16 or e.msg.startswith("Unterminated")
                 if cut_off and self._fill():
                     continue
+                # truncated: the file ends inside the value (not a syntax error near its end)
+                at_end = e.msg.startswith("Unterminated") or e.pos >= len(self.buf.rstrip())
+                self.truncated = self.eof and at_end
                 raise self.fail(e.msg, e.pos) from None
             if end == len(self.buf) and self._fill():  # a number may continue in the next chunk
                 continue
@@ -181,16 +186,28 @@ def _iter_json_array(stream: _JsonStream) -> Iterator[RawItem]:
         stream.take("]")
         return
     while True:
-        if stream.peek() == "":
-            raise stream.fail("unexpected end of file inside the array (missing ']')")
+        if stream.peek() == "":  # a truncated file keeps the records before its end
+            yield stream.line, RawError("the file ends inside the array (no closing ']'; truncated?)")
+            return
         line = stream.line
-        yield line, _as_object(stream.value())
+        try:
+            value = stream.value()
+        except ZhtuneError as err:
+            if not stream.truncated:
+                raise
+            yield line, RawError(f"the file ends inside this element (truncated?): {err}")
+            stream.pos = len(stream.buf)  # the cut-off tail is consumed: nothing follows it
+            return
+        yield line, _as_object(value)
         sep = stream.peek()
         if sep == "]":
             stream.take("]")
             return
+        if sep == "":
+            yield stream.line, RawError("the file ends inside the array (no closing ']'; truncated?)")
+            return
         if sep != ",":
-            raise stream.fail(f"expected ',' or ']' after an array element, found {sep or 'end of file'!r}")
+            raise stream.fail(f"expected ',' or ']' after an array element, found {sep!r}")
         stream.take(",")
 
 

@@ -109,9 +109,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_data_clean(args: argparse.Namespace) -> int:
     from zhtune.data.clean import STEPS, CleanOptions, clean_files
-    from zhtune.data.convert import parse_mapping
+    from zhtune.data.convert import parse_mapping, rejects_exit_status
 
-    clean_files(
+    counts = clean_files(
         args.inputs,
         args.output,
         _from_args(CleanOptions, args),
@@ -122,7 +122,9 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         restart=args.restart,
     )
-    return 0
+    # records removed by a cleaning step are the point; records that could not be read are
+    # rejects, as in `zhtune data convert`
+    return rejects_exit_status(counts["read"].removed, args.allow_rejects)
 
 
 def _add_clean_parser(dsub: Any) -> None:
@@ -153,6 +155,10 @@ def _add_clean_parser(dsub: Any) -> None:
     )
     c.add_argument("--rejects", help="where removed records go (default: OUTPUT.rejects.jsonl)")
     c.add_argument("--restart", action="store_true", help="start over instead of resuming an interrupted run")
+    c.add_argument(
+        "--allow-rejects", action="store_true",
+        help="exit 0 even if some records could not be read (they are in the rejects file either way)",
+    )  # fmt: skip
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_data_clean)
 

@@ -233,7 +233,10 @@ def test_cli_end_to_end_and_errors(tmp_path, capsys):
             "1",
         ]
     )
-    assert code == 0
+    assert code == 1  # one record cannot be read: a reject, as in convert (the rest is cleaned)
+    assert "exit status 1 because records were rejected" in capsys.readouterr().err
+    assert main(["data", "clean", str(FIXTURES / "sharegpt_html.json"), "-o", str(out), "--no-progress",
+                 "--workers", "1", "--allow-rejects", "--restart"]) == 0  # fmt: skip
     assert {r["id"] for r in _read(out)} == {"page", "plain"}
     steps = {r["step"] for r in _read(tmp_path / "clean.rejects.jsonl")}
     assert steps == {"read", "errors", "self-ref", "lang"}
@@ -360,14 +363,14 @@ def test_resume_starts_over_when_inputs_or_settings_change(tmp_path, monkeypatch
     out = tmp_path / "out.jsonl"
     _clean_interrupted(monkeypatch, inp, out, 3)
     capsys.readouterr()
-    assert main(["data", "clean", str(inp), "-o", str(out), "--no-near-dup", "--no-progress"]) == 0
+    assert main(["data", "clean", str(inp), "-o", str(out), "--no-near-dup", "--no-progress"]) == 1  # its bad line
     assert "settings changed" in capsys.readouterr().err
     clean_files(
         [str(inp)], str(tmp_path / "ref.jsonl"), CleanOptions(workers=1), {"near-dup": False}, progress=False
     )
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
     _clean_interrupted(monkeypatch, inp, out, 3)  # --restart ignores a valid checkpoint
-    assert main(["data", "clean", str(inp), "-o", str(out), "--restart", "--no-progress"]) == 0
+    assert main(["data", "clean", str(inp), "-o", str(out), "--restart", "--no-progress", "--allow-rejects"]) == 0
     assert "resuming" not in capsys.readouterr().err
 
 
@@ -387,3 +390,19 @@ def test_resume_with_another_worker_count(tmp_path, monkeypatch, capsys):
     assert "resuming after 16 records" in capsys.readouterr().err
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
     assert (tmp_path / "out.rejects.jsonl").read_bytes() == (tmp_path / "ref.rejects.jsonl").read_bytes()
+
+
+def test_exit_status_follows_convert_for_unreadable_records(tmp_path):
+    """Records a step removes are the point (exit 0); records that cannot be read are rejects, as
+    in convert: exit 1 unless --allow-rejects, the readable ones cleaned either way."""
+    from zhtune.cli import main
+
+    good = [json.dumps({"instruction": f"把{i}写成中文数字。", "output": f"答案是第{i}个"}, ensure_ascii=False) for i in range(4)]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(("\n".join(good[:2]) + "\n").encode() + b'{"instruction": "\xff"}\n' + ("\n".join(good[2:]) + "\n").encode())
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "clean", str(path), "-o", str(out), "--no-progress"]) == 1
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 4
+    rejects = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["line"]) for r in rejects] == [("read", 3)] and "invalid UTF-8" in rejects[0]["reason"]
+    assert main(["data", "clean", str(path), "-o", str(out), "--no-progress", "--allow-rejects", "--restart"]) == 0

@@ -314,6 +314,8 @@ def cmd_webui(args: argparse.Namespace) -> int:
         system=args.system,
         defaults=_from_args(GenerationOptions, args),
         seed=args.seed,
+        auth=args.auth,
+        insecure_no_auth=args.insecure_no_auth,
         trust_remote_code=args.trust_remote_code,
     )
     return 0
@@ -817,6 +819,13 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     wu.add_argument("--runs-dir", help="folder of runs to browse (default: RUN's parent folder, or ./runs)")
     wu.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1: local only)")
     wu.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    wu.add_argument(
+        "--auth", default=os.environ.get("ZHTUNE_WEBUI_AUTH", ""), metavar="USER:PASSWORD",
+        help="a login in front of the page (default: $ZHTUNE_WEBUI_AUTH; needed for a non-loopback --host)",
+    )  # fmt: skip
+    wu.add_argument(
+        "--insecure-no-auth", action="store_true", help="serve on a non-loopback --host without --auth"
+    )
     wu.add_argument("--system", default="", help="starting system message")
     wu.add_argument(
         "--seed",

@@ -124,6 +124,24 @@ def test_reads_a_finished_runs_config_results_and_eval_reports(runs_dir, tmp_pat
     assert loss_curve(summary, tmp_path) == runs_dir / "tiny-full" / "loss.png"
 
 
+def test_links_out_of_the_runs_folder_are_never_followed(runs_dir, tmp_path):
+    """A symlinked run outside the runs folder is not listed, and an eval report that is a link
+    (say to /etc/passwd) is not shown."""
+    outside = tmp_path / "elsewhere" / "secret-run"
+    shutil.copytree(runs_dir / "tiny-full", outside, ignore=shutil.ignore_patterns("model", "eval"))
+    secret = tmp_path / "secret.md"
+    secret.write_text("password: hunter2\n")
+    linked_runs = tmp_path / "runs-with-links"
+    linked_runs.mkdir()
+    (linked_runs / "outside").symlink_to(outside, target_is_directory=True)
+    shutil.copytree(runs_dir / "tiny-full", linked_runs / "own", ignore=shutil.ignore_patterns("model"))
+    (linked_runs / "own" / "eval" / "passwd.md").symlink_to(secret)
+    assert list_runs(linked_runs) == [linked_runs / "own"]
+    summary = read_run(linked_runs / "own")
+    assert "eval/passwd.md" not in summary.eval_reports and "hunter2" not in reports_markdown(summary)
+    assert list(summary.eval_reports) == ["eval/exact_match.json", "eval/report.md"]
+
+
 def test_a_run_still_training_is_plotted_from_its_log(runs_dir, tmp_path):
     live = runs_dir / "sweep" / "lr-1e-3"
     summary = read_run(live)
@@ -319,3 +337,13 @@ def test_browser_chat_streams_and_runs_tab_shows_the_run(webui_server, tmp_path)
         finally:
             instance.close()
     print(f"reply texts seen while streaming: {replies}; screenshots in {tmp_path}")
+
+
+def test_a_non_loopback_page_needs_a_login(capsys, monkeypatch):
+    from zhtune.cli import main
+
+    monkeypatch.delenv("ZHTUNE_WEBUI_AUTH", raising=False)
+    assert main(["webui", "--host", "0.0.0.0"]) == 1
+    assert "pass --auth USER:PASSWORD, or --insecure-no-auth" in capsys.readouterr().err
+    assert main(["webui", "--auth", "nopassword"]) == 1
+    assert "--auth takes USER:PASSWORD" in capsys.readouterr().err

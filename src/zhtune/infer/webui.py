@@ -46,7 +46,8 @@ def is_run(path: Path) -> bool:
 
 def list_runs(runs_dir: str | Path, max_depth: int = 3) -> list[Path]:
     """Run directories under ``runs_dir`` (itself included), at most ``max_depth`` folders
-    down, newest first. The inside of a run (weights, checkpoints) is not searched."""
+    down, newest first. The inside of a run (weights, checkpoints) is not searched, and no
+    symbolic link is followed (a link could lead the page out of ``runs_dir``)."""
     root = Path(runs_dir)
     found: list[Path] = []
 
@@ -57,7 +58,9 @@ def list_runs(runs_dir: str | Path, max_depth: int = 3) -> list[Path]:
         if depth >= max_depth:
             return
         try:
-            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            children = sorted(
+                p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+            )
         except OSError:  # unreadable folder: not ours to report
             return
         for child in children:
@@ -104,7 +107,8 @@ def read_run(run: str | Path) -> RunSummary:
         raise ZhtuneError(f"{p} is not a run directory (no {rundir.CONFIG})")
     results, log = rd.results(), rd.log()  # a run still training may end on a half-written line
     reports = {}
-    for f in sorted(rd.eval_dir.glob("*")) if rd.eval_dir.is_dir() else []:
+    inside = rd.eval_dir.is_dir() and not rd.eval_dir.is_symlink()
+    for f in sorted(p for p in rd.eval_dir.glob("*") if not p.is_symlink()) if inside else []:  # no links out
         if f.suffix == ".md":
             reports[f"eval/{f.name}"] = f.read_text(encoding="utf-8")
         elif f.suffix == ".json":
@@ -319,11 +323,18 @@ def build_app(chat: ChatModel, runs_dir: str | Path, defaults: GenerationOptions
         except ZhtuneError as err:
             raise gr.Error(str(err)) from None
 
+    def listed(run: str) -> str:
+        """``run`` if the page lists it (a visitor can name no other directory), else an error."""
+        if run not in {value for _, value in run_choices()}:
+            raise gr.Error(f"{run} is not a run under {runs_dir}")
+        return run
+
     def on_pick(run: str | None):
         if not run:
             return f"No runs under `{runs_dir}`.", None, "", ""
         from PIL import Image
 
+        run = listed(run)
         try:
             summary = read_run(run)
         except (ZhtuneError, OSError, json.JSONDecodeError) as err:  # e.g. deleted since listed
@@ -348,7 +359,7 @@ def build_app(chat: ChatModel, runs_dir: str | Path, defaults: GenerationOptions
         if not run:
             raise gr.Error("pick a run first")
         try:
-            chat.load(run)
+            chat.load(listed(run))
         except ZhtuneError as err:
             raise gr.Error(str(err)) from None
         return chat.describe(), *clear_chat()
@@ -439,12 +450,29 @@ def launch(
     defaults: GenerationOptions | None = None,
     seed: int | None = None,
     trust_remote_code: bool = False,
+    auth: str = "",
+    insecure_no_auth: bool = False,
 ) -> None:
     """``zhtune webui``: load ``run`` (if given), build the page and serve it until Ctrl-C.
     ``seed`` seeds torch's sampler once, after loading: a fresh server then samples the same
     replies to the same messages. ``trust_remote_code`` (``--trust-remote-code``) holds for every
-    run loaded while it serves; without it, a run asking for remote code shows an error instead."""
+    run loaded while it serves; without it, a run asking for remote code shows an error instead.
+    ``auth`` (``USER:PASSWORD``) puts a login in front of the page; a non-loopback ``host`` needs
+    it unless ``insecure_no_auth``."""
+    from zhtune.infer.serve_config import LOOPBACK
     from zhtune.models.device import resolve_device
+
+    login = None
+    if auth:
+        user, sep, password = auth.partition(":")
+        if not (sep and user and password):
+            raise ZhtuneError("--auth takes USER:PASSWORD (both non-empty)")
+        login = (user, password)
+    if login is None and host not in LOOPBACK and not insecure_no_auth:
+        raise ZhtuneError(
+            f"--host {host} without --auth would let anyone who can reach it read your runs and use the "
+            "model: pass --auth USER:PASSWORD, or --insecure-no-auth to serve it openly"
+        )
 
     gr = import_gradio()  # fail before loading a model if gradio is missing
     device = resolve_device(device)  # and before serving a page that could never load one
@@ -473,4 +501,5 @@ def launch(
         mcp_server=False,
         run_history=False,
         footer_links=["api", "settings"],
+        auth=login,
     )

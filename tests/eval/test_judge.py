@@ -406,3 +406,29 @@ def test_zhtune_serve_as_the_judge(tiny_model_dir, served, tmp_path):
     assert report["unparsed_total"] == sum(r["unparsed"] for r in rows)
     assert sum(report["counts"].values()) == 4 and (out / "report.md").exists()
     shutil.rmtree(out)
+
+
+def test_reruns_get_past_questions_that_fail_for_good(tiny_model_dir, questions, tmp_path):
+    """The judge was down (5 failures in a row: it gives up), and the questions it failed keep
+    failing (a content filter, say). A re-run asks the never-asked questions first and does not
+    count the known failures as the judge being down, so it judges everything it can."""
+    out = tmp_path / "eval"
+    down = dict.fromkeys(PLAN, [Scripted(status=503)])
+    with StubServer(Judge(down, questions)) as server:
+        code, log = quiet(
+            main, ["eval", "judge", str(tiny_model_dir), *cli_args(server, out), "--max-retries", "0",
+                   "--concurrency", "1"],
+        )  # fmt: skip
+    assert code == 1 and "5 times in a row, giving up" in log
+    failed_ids = {json.loads(line)["id"] for line in (out / "judge_failures.jsonl").read_text().splitlines()}
+    assert len(failed_ids) == 5
+    bad_classes = {q.cls for q in questions if q.id in failed_ids}
+    plan = {c: [Scripted(status=400)] if c in bad_classes else ["得分：0.5"] for c in PLAN}
+    with StubServer(Judge(plan, questions)) as server:
+        code, log = quiet(
+            main, ["eval", "judge", str(tiny_model_dir), *cli_args(server, out), "--max-retries", "0",
+                   "--concurrency", "1"],
+        )  # fmt: skip
+    assert code == 1 and "giving up" not in log and "5 questions failed at the judge" in log
+    saved = json.loads((out / "judge.json").read_text(encoding="utf-8"))
+    assert saved["judged"] == 5 and saved["failed"] == 5

@@ -59,8 +59,12 @@ ANSWERS, JUDGEMENTS, REPORT_JSON, REPORT_MD, CACHE, QUESTIONS = (
     "judge_cache.sqlite",
     "judge_questions.jsonl",
 )
+FAILURES = "judge_failures.jsonl"
+"""Questions the judge failed for good, one ``{"id", "error"}`` row each (appended per run)."""
 MAX_CONSECUTIVE_FAILURES = 5
-"""Give up when this many questions in a row fail at the judge (it is down, not flaky)."""
+"""Give up when this many new questions in a row fail at the judge (it is down, not flaky);
+questions that failed on an earlier run do not count (they may fail for good, e.g. a content
+filter), so a re-run always gets past them to the questions never asked."""
 FATAL_STATUSES = frozenset({401, 402, 403, 404})
 """Judge errors that would be the same for every question (key, billing, model name): stop at
 once. Any other failure (a prompt too long for the judge, retries exhausted) fails that question
@@ -472,10 +476,13 @@ def run_judge(
     endpoint: Any,
     opts: JudgeOptions,
     cache: str,
+    failed_before: frozenset[str] = frozenset(),
 ) -> tuple[list[dict[str, Any]], Any, list[str]]:
     """Judge every (question, answer) of ``todo``, appending each row to ``out_file`` as it
     arrives. Returns (new rows, usage, failures). A question that fails at the judge for good
-    is left out (a re-run asks again); a non-retryable error (bad key, unknown model) stops all."""
+    is left out and recorded in ``judge_failures.jsonl`` beside ``out_file`` (a re-run asks
+    again, after the questions never asked, see :data:`MAX_CONSECUTIVE_FAILURES`); a
+    non-retryable error (bad key, unknown model) stops all."""
     from zhtune.llm.client import ApiError, ChatClient, map_limited
     from zhtune.progress import progress_bar
 
@@ -494,6 +501,7 @@ def run_judge(
         ) as client:
             with (
                 out_file.open("a", encoding="utf-8") as f,
+                (out_file.parent / FAILURES).open("a", encoding="utf-8") as failed,
                 progress_bar("judge", opts.progress, total=len(todo), unit=" answers") as bar,
             ):
 
@@ -508,6 +516,10 @@ def run_judge(
                         if e.status in FATAL_STATUSES:
                             raise  # the same for every request: stop at once
                         failures.append(f"{q.id}: {e}")
+                        failed.write(json.dumps({"id": q.id, "error": str(e)}, ensure_ascii=False) + "\n")
+                        failed.flush()
+                        if q.id in failed_before:
+                            return  # known to fail: says nothing about the judge being down
                         streak[0] += 1
                         if streak[0] >= MAX_CONSECUTIVE_FAILURES:
                             raise ZhtuneError(
@@ -535,7 +547,9 @@ def run_judge(
                     f.flush()
                     rows.append(row)
 
-                await map_limited(todo, work, progress=bar)
+                # never-asked questions first: a re-run gets to them whatever the known failures do
+                ordered = sorted(todo, key=lambda item: item[0].id in failed_before)
+                await map_limited(ordered, work, progress=bar)
             return client.usage
 
     usage = asyncio.run(go())
@@ -714,7 +728,7 @@ def judge(run: str, opts: JudgeOptions) -> dict[str, Any]:
     ``report["failed"]`` counts questions the judge never answered (not in the report)."""
     from zhtune.eval.report import write_run_report
     from zhtune.models.device import resolve_device
-    from zhtune.rundir import eval_dir, write_text_atomic
+    from zhtune.rundir import eval_dir, read_jsonl_rows, write_text_atomic
 
     protocol = get_protocol(opts.protocol)
     for name in ("concurrency", "batch_size", "max_new_tokens", "judge_max_tokens"):
@@ -778,7 +792,10 @@ def judge(run: str, opts: JudgeOptions) -> dict[str, Any]:
         file=sys.stderr,
     )
     cache = opts.judge_cache or str(out / CACHE)
-    new_rows, usage, failures = run_judge(todo, judged_path, protocol, prompts, endpoint, opts, cache)
+    failed_before = frozenset(str(r.get("id")) for r in read_jsonl_rows(out / FAILURES))
+    new_rows, usage, failures = run_judge(
+        todo, judged_path, protocol, prompts, endpoint, opts, cache, failed_before
+    )
     done.update({r["id"]: r for r in new_rows})
 
     # 5: report over this question set, in data order

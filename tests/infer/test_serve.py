@@ -473,3 +473,23 @@ def test_a_failed_generation_is_a_500_with_an_error_id_not_internals(limited_app
     assert f"[{error_id}] generation failed" in capfd.readouterr().err  # the details are in the log
     monkeypatch.undo()
     assert limited_app.post("/v1/chat/completions", json=body).status_code == 200  # and the server goes on
+
+
+def test_a_whole_answer_stops_when_its_client_leaves(monkeypatch):
+    """A non-streaming request watches its connection: once the client is gone its job is
+    cancelled, and the scheduler drops its rows at the next step (as for a stream)."""
+    import zhtune.infer.serve as serve_module
+    from zhtune.infer.engine import Job
+
+    monkeypatch.setattr(serve_module, "DISCONNECT_POLL_S", 0.01)
+
+    class Client:
+        polls = 0
+
+        async def is_disconnected(self) -> bool:
+            self.polls += 1
+            return self.polls >= 3
+
+    job = Job(deliver=lambda event: None, remaining=1)
+    asyncio.run(asyncio.wait_for(serve_module._cancel_on_disconnect(Client(), job), timeout=5))
+    assert job.cancelled

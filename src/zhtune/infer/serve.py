@@ -187,8 +187,12 @@ class Api:
         finally:
             job.cancelled = True  # a no-op once done; stops the rest if the client went away
 
-    async def respond(self, req: SamplingParams, prompts: list[list[int]], kind: str) -> Response:
-        """Run the request; answer at once (``kind`` chat or text) or as a stream of events."""
+    async def respond(
+        self, request: Request, req: SamplingParams, prompts: list[list[int]], kind: str
+    ) -> Response:
+        """Run the request; answer at once (``kind`` chat or text) or as a stream of events. A
+        client that goes away stops its generation (a stream at its next chunk, a whole answer
+        within :data:`DISCONNECT_POLL_S`)."""
         job, events, count = self.start(req, prompts)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion"}
@@ -204,9 +208,13 @@ class Api:
 
         if not req.stream:
             texts, reasons, tokens = [""] * count, [None] * count, [0] * count
-            async for ev in self.events_of(job, events, count):
-                texts[ev.index] += ev.text
-                reasons[ev.index], tokens[ev.index] = ev.finish_reason, ev.tokens
+            watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job))
+            try:
+                async for ev in self.events_of(job, events, count):
+                    texts[ev.index] += ev.text
+                    reasons[ev.index], tokens[ev.index] = ev.finish_reason, ev.tokens
+            finally:
+                watcher.cancel()
             choices = [choice(i, texts[i], reasons[i]) for i in range(count)]
             return JSONResponse(head | {"choices": choices, "usage": usage(prompts, sum(tokens))})
 
@@ -254,7 +262,7 @@ class Api:
             prompt = await self.off_loop(self.engine.prompter.prompt_ids, chat_messages(req))
         except (ValueError, ZhtuneError) as err:
             raise ApiError(400, f"cannot build a prompt from these messages: {err}", param="messages") from None
-        return await self.respond(req, [prompt], "chat")
+        return await self.respond(request, req, [prompt], "chat")
 
     async def completions(self, request: Request) -> Response:
         req = await parse_body(request, CompletionRequest)
@@ -271,7 +279,7 @@ class Api:
         prompts = [next(encoded) if isinstance(p, str) else list(p) for p in items]
         if any(not 0 <= t < vocab_size for p in prompts for t in p):
             raise ApiError(400, f"token ids must be in [0, {vocab_size})", param="prompt")
-        return await self.respond(req, prompts, "text")
+        return await self.respond(request, req, prompts, "text")
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "zhtune"}
@@ -296,6 +304,20 @@ class Api:
                 "batching": engine.stats | {"max_batch_size": engine.max_batch_size},
             }
         )
+
+
+DISCONNECT_POLL_S = 0.5
+"""How often a non-streaming request checks whether its client is still there."""
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Mark ``job`` cancelled (the scheduler drops its rows at the next step) once the client
+    has gone; runs until cancelled itself."""
+    while not job.cancelled:
+        if await request.is_disconnected():
+            job.cancelled = True
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 async def _api_error(request: Request, err: Exception) -> Response:

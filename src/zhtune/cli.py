@@ -647,97 +647,11 @@ def _experiment_epilog() -> str:
     )
 
 
-def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser. ``full_help_for`` names the subcommand whose expensive help text
-    (config keys) should be built; others stay cheap."""
+def _add_inference_parsers(sub: Any) -> None:
+    """``chat``, ``predict``, ``export``, ``serve`` and ``webui``: the commands that run a model."""
     from zhtune.infer.export import ExportOptions
     from zhtune.infer.generate import GenerationOptions
     from zhtune.infer.serve_config import ServeOptions
-    from zhtune.pipelines.quickstart import QuickstartOptions
-
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(
-        prog="zhtune", description="Instruction-tune open LLMs for Chinese and English."
-    )
-    p.add_argument("--version", action="version", version=f"zhtune {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    q = sub.add_parser(
-        "quickstart", help="the whole loop on a CPU with no downloads (a few minutes)", formatter_class=fmt
-    )
-    _add_dataclass_args(q, QuickstartOptions)
-    q.set_defaults(func=cmd_quickstart)
-
-    data = sub.add_parser("data", help="convert, inspect and prepare instruction data")
-    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
-    c = dsub.add_parser(
-        "convert",
-        help="any supported format -> canonical conversations (JSON Lines)",
-        description="Convert Alpaca, BELLE, ShareGPT/Vicuna, OpenAI messages, seed-task or column-mapped files "
-        "(json, jsonl, csv, parquet, datasets directories) into canonical conversation records.",
-    )
-    c.add_argument("inputs", nargs="+", help="input files, directories or globs")
-    c.add_argument("-o", "--output", required=True, help="output .jsonl")
-    c.add_argument(
-        "--format", default="auto", help="auto, alpaca, belle, sharegpt, openai, seed, text (default: auto)"
-    )
-    c.add_argument(
-        "--map",
-        action="append",
-        metavar="SRC=DST",
-        help="rename a column before reading, e.g. zh_instruction=instruction (repeatable)",
-    )
-    c.add_argument(
-        "--rejects", help="where skipped records go with their reason (default: OUTPUT.rejects.jsonl)"
-    )
-    c.add_argument("--allow-rejects", action="store_true", help="exit 0 even if some records were rejected")
-    c.add_argument(
-        "--strict",
-        action="store_true",
-        help="reject records with fields their format does not use (default: ignore and count them)",
-    )
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.set_defaults(func=cmd_convert)
-    s = dsub.add_parser("stats", help="counts, length percentiles per field, languages, plot")
-    s.add_argument("input", help="a data file in any supported format")
-    s.add_argument("--tokenizer", help="tokenizer directory, to count tokens as well as characters")
-    s.add_argument("--plot", help="write length histograms to this PNG")
-    s.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    s.set_defaults(func=cmd_stats)
-    _add_clean_parser(dsub)
-    _add_data_prep_parsers(dsub)
-    _add_synth_parsers(dsub)
-
-    t = sub.add_parser(
-        "train",
-        help="fine-tune a model from a YAML config plus key=value overrides",
-        description="zhtune train CONFIG.yaml [key=value ...]   (or only key=value pairs)",
-        epilog=_train_epilog()
-        if full_help_for == "train"
-        else "run `zhtune train --help` for every config key",
-        formatter_class=fmt,
-    )
-    t.add_argument("config", nargs="?", help="YAML config file")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 method=lora")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser(
-        "experiment",
-        help="a grid of train+eval runs -> one comparison table and charts",
-        description="zhtune experiment GRID.yaml [key=value ...]: train every combination of the grid's axes "
-        "(finished runs are skipped, interrupted ones resumed), score each one, and write results.md, "
-        "results.json, loss_curves.png and metric.png. Dotted keys reach into sections: "
-        "overrides.max_steps=50, eval.max_new_tokens=8.",
-        epilog=_experiment_epilog()
-        if full_help_for == "experiment"
-        else "run `zhtune experiment --help` for every grid key",
-        formatter_class=fmt,
-    )
-    e.add_argument("grid", help="grid YAML file (see src/zhtune/configs/experiments/)")
-    e.add_argument("overrides", nargs="*", help="key=value overrides of the grid, e.g. output_dir=runs/exp2")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.set_defaults(func=cmd_experiment)
 
     ch = sub.add_parser("chat", help="multi-turn terminal chat with a run or model directory (streaming)")
     ch.add_argument("run", help="run directory (or local model directory)")
@@ -837,6 +751,98 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
     _add_device_args(wu)
     _add_dataclass_args(wu, GenerationOptions)
     wu.set_defaults(func=cmd_webui)
+
+
+def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser. ``full_help_for`` names the subcommand whose expensive help text
+    (config keys) should be built; others stay cheap."""
+    from zhtune.pipelines.quickstart import QuickstartOptions
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="zhtune", description="Instruction-tune open LLMs for Chinese and English."
+    )
+    p.add_argument("--version", action="version", version=f"zhtune {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser(
+        "quickstart", help="the whole loop on a CPU with no downloads (a few minutes)", formatter_class=fmt
+    )
+    _add_dataclass_args(q, QuickstartOptions)
+    q.set_defaults(func=cmd_quickstart)
+
+    data = sub.add_parser("data", help="convert, inspect and prepare instruction data")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    c = dsub.add_parser(
+        "convert",
+        help="any supported format -> canonical conversations (JSON Lines)",
+        description="Convert Alpaca, BELLE, ShareGPT/Vicuna, OpenAI messages, seed-task or column-mapped files "
+        "(json, jsonl, csv, parquet, datasets directories) into canonical conversation records.",
+    )
+    c.add_argument("inputs", nargs="+", help="input files, directories or globs")
+    c.add_argument("-o", "--output", required=True, help="output .jsonl")
+    c.add_argument(
+        "--format", default="auto", help="auto, alpaca, belle, sharegpt, openai, seed, text (default: auto)"
+    )
+    c.add_argument(
+        "--map",
+        action="append",
+        metavar="SRC=DST",
+        help="rename a column before reading, e.g. zh_instruction=instruction (repeatable)",
+    )
+    c.add_argument(
+        "--rejects", help="where skipped records go with their reason (default: OUTPUT.rejects.jsonl)"
+    )
+    c.add_argument("--allow-rejects", action="store_true", help="exit 0 even if some records were rejected")
+    c.add_argument(
+        "--strict",
+        action="store_true",
+        help="reject records with fields their format does not use (default: ignore and count them)",
+    )
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+    s = dsub.add_parser("stats", help="counts, length percentiles per field, languages, plot")
+    s.add_argument("input", help="a data file in any supported format")
+    s.add_argument("--tokenizer", help="tokenizer directory, to count tokens as well as characters")
+    s.add_argument("--plot", help="write length histograms to this PNG")
+    s.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    s.set_defaults(func=cmd_stats)
+    _add_clean_parser(dsub)
+    _add_data_prep_parsers(dsub)
+    _add_synth_parsers(dsub)
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune a model from a YAML config plus key=value overrides",
+        description="zhtune train CONFIG.yaml [key=value ...]   (or only key=value pairs)",
+        epilog=_train_epilog()
+        if full_help_for == "train"
+        else "run `zhtune train --help` for every config key",
+        formatter_class=fmt,
+    )
+    t.add_argument("config", nargs="?", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 method=lora")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser(
+        "experiment",
+        help="a grid of train+eval runs -> one comparison table and charts",
+        description="zhtune experiment GRID.yaml [key=value ...]: train every combination of the grid's axes "
+        "(finished runs are skipped, interrupted ones resumed), score each one, and write results.md, "
+        "results.json, loss_curves.png and metric.png. Dotted keys reach into sections: "
+        "overrides.max_steps=50, eval.max_new_tokens=8.",
+        epilog=_experiment_epilog()
+        if full_help_for == "experiment"
+        else "run `zhtune experiment --help` for every grid key",
+        formatter_class=fmt,
+    )
+    e.add_argument("grid", help="grid YAML file (see src/zhtune/configs/experiments/)")
+    e.add_argument("overrides", nargs="*", help="key=value overrides of the grid, e.g. output_dir=runs/exp2")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_experiment)
+
+    _add_inference_parsers(sub)
     _add_vocab_parser(sub)
     esub = _add_eval_parser(sub)
     _add_exam_parser(esub)

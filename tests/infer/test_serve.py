@@ -493,3 +493,28 @@ def test_a_whole_answer_stops_when_its_client_leaves(monkeypatch):
     job = Job(deliver=lambda event: None, remaining=1)
     asyncio.run(asyncio.wait_for(serve_module._cancel_on_disconnect(Client(), job), timeout=5))
     assert job.cancelled
+
+
+def test_foreign_hosts_and_non_json_bodies_are_refused(limited_app, run_dir):
+    """DNS rebinding (a page whose own name points at 127.0.0.1) meets a 421; a cross-site form
+    post (a body that is not declared JSON) a 415; both OpenAI-shaped."""
+    from starlette.testclient import TestClient
+
+    from zhtune.infer.engine import Engine
+    from zhtune.infer.serve import create_app
+    from zhtune.infer.serve_config import ServeOptions
+
+    body = '{"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}'
+    r = limited_app.post("/v1/chat/completions", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+    assert ServeOptions().hosts() == ("127.0.0.1", "localhost", "[::1]")
+    assert ServeOptions(host="0.0.0.0", insecure_no_auth=True).hosts() is None
+    assert ServeOptions(host="0.0.0.0", allowed_hosts="api.example.com, 10.0.0.5").hosts() == ("api.example.com", "10.0.0.5")
+    model, tokenizer, template = load_for_inference(run_dir)
+    app = create_app(Engine(model, tokenizer, template).start(), NAME, hosts=ServeOptions().hosts())
+    with TestClient(app, base_url="http://evil.example:8000") as foreign:
+        r = foreign.get("/health")
+        assert r.status_code == 421 and "evil.example" in r.json()["error"]["message"]
+    with TestClient(app, base_url="http://localhost:8000") as local_client:
+        assert local_client.get("/health").status_code == 200

@@ -106,7 +106,14 @@ UNION_TAGS = {"str", "int", "float", "bool"}
 
 
 async def parse_body(request: Request, schema: type[SamplingParams]) -> Any:
-    """The request's JSON body validated against ``schema``; errors raise :class:`ApiError` (400)."""
+    """The request's JSON body validated against ``schema``; errors raise :class:`ApiError` (400;
+    415 for a body that does not say it is JSON: a cross-site form post cannot send that)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(
+            415, f"send the body as JSON (Content-Type: application/json), not {kind or 'no content type'}",
+            code="unsupported_media_type",
+        )  # fmt: skip
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

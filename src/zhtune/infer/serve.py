@@ -63,7 +63,7 @@ from zhtune.infer.protocol import (
 )
 from zhtune.infer.serve_config import DEFAULT_LIMITS, LOOPBACK, Limits, ServeOptions
 
-__all__ = ["Api", "BodyLimit", "Limits", "RequireApiKey", "ServeOptions", "create_app", "serve"]
+__all__ = ["Api", "BodyLimit", "HostCheck", "Limits", "RequireApiKey", "ServeOptions", "create_app", "serve"]
 
 
 class RequireApiKey:
@@ -114,6 +114,25 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header (port aside) is not in ``hosts`` gets a 421,
+    so a web page whose own name resolves to this machine (DNS rebinding) reaches nothing."""
+
+    def __init__(self, app: Any, hosts: tuple[str, ...]) -> None:
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name not in self.hosts:
+                allowed = ", ".join(self.hosts)
+                await ApiError(421, f"unknown Host {host!r}; this server answers {allowed} (--allowed-hosts)",
+                               code="misdirected_request").response()(scope, receive, send)  # fmt: skip
+                return
+        await self.app(scope, receive, send)
 
 
 class Api:
@@ -339,9 +358,14 @@ async def _server_error(request: Request, err: Exception) -> Response:
 
 
 def create_app(
-    engine: Engine, model_name: str, api_key: str | None = None, limits: Limits = DEFAULT_LIMITS
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    hosts: tuple[str, ...] | None = None,
 ) -> Starlette:
-    """The Starlette app serving ``engine`` as ``model_name`` (and ``default``) within ``limits``."""
+    """The Starlette app serving ``engine`` as ``model_name`` (and ``default``) within ``limits``,
+    answering only the Host names in ``hosts`` (None: any)."""
     api = Api(engine, model_name, limits)
     return Starlette(
         routes=[
@@ -351,7 +375,8 @@ def create_app(
             Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
             Route("/v1/completions", api.completions, methods=["POST"]),
         ],
-        middleware=[Middleware(BodyLimit, max_bytes=limits.max_body_bytes)]
+        middleware=([Middleware(HostCheck, hosts=hosts)] if hosts is not None else [])
+        + [Middleware(BodyLimit, max_bytes=limits.max_body_bytes)]
         + ([Middleware(RequireApiKey, api_key=api_key)] if api_key else []),
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
     )
@@ -379,7 +404,7 @@ def serve(
     engine = Engine(
         model, tokenizer, opts.template or run_template, opts.max_batch_size, opts.batch_wait_ms, opts.max_concurrent
     )
-    app = create_app(engine.start(), name, api_key, opts.limits())
+    app = create_app(engine.start(), name, api_key, opts.limits(), opts.hosts())
     print(
         f"zhtune serve: '{name}' ({placement(model)}, template {engine.template}, "
         f"context {engine.context_length} tokens), "

@@ -24,6 +24,8 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+"""Host header names (without the port) of a loopback server."""
 
 
 @dataclass
@@ -52,6 +54,8 @@ class ServeOptions:
     """Most replies one request may ask for, prompts x n (400 beyond)."""
     template: str = ""
     """Override the run's chat template (empty: the run's own)."""
+    allowed_hosts: str = ""
+    """Host headers answered, comma-separated (empty: localhost names for a loopback --host, any for others)."""
 
     def resolved_key(self) -> str | None:
         """The API key: the option, else $ZHTUNE_API_KEY; None for none. A key variable that is set
@@ -81,6 +85,13 @@ class ServeOptions:
                 "pass --api-key KEY (or set ZHTUNE_API_KEY), or --insecure-no-auth to serve it openly"
             )
         return key
+
+    def hosts(self) -> tuple[str, ...] | None:
+        """The Host names requests may carry (a page on another site that points its own name at
+        127.0.0.1, DNS rebinding, then reaches nothing); None: any."""
+        if self.allowed_hosts:
+            return tuple(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
+        return LOOPBACK_NAMES if self.host in LOOPBACK else None
 
     def limits(self) -> Limits:
         return Limits(int(self.max_body_mb * 2**20), self.max_messages, self.max_request_choices)

@@ -202,26 +202,17 @@ def main() -> None:
 
 def serve_once(check: Check, run: Path, dev: list[str], out: Path) -> str:
     """Start ``zhtune serve``, send one chat completion, stop it; the reply and its latency."""
-    import socket
+    sys.path.insert(0, str(ROOT))
+    from tests.serving import free_port, wait_ready
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (out / "serve.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "zhtune", "serve", str(run), *dev, "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=check.env)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                return f"FAILED to start: {(out / 'serve.log').read_text()[-300:]}"
-            time.sleep(0.3)
+        if not wait_ready(f"{url}/health", proc, 180, poll=0.3):
+            return f"FAILED to start: {(out / 'serve.log').read_text()[-300:]}"
         t0 = time.perf_counter()
         r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
             "model": "default", "messages": [{"role": "user", "content": "What number is 三百零五?"}],

@@ -22,6 +22,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float, poll: float = 0.2) -> bool:
+    """Wait until ``url`` answers 200; False if ``proc`` exits or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+
+
 @contextmanager
 def zhtune_server(
     args: list[str],
@@ -41,16 +55,8 @@ def zhtune_server(
             cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})}
         )
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"zhtune {args[0]} did not start:\n{log.read_text()}")
-                time.sleep(0.2)
+            if not wait_ready(f"{url}{ready_path}", proc, timeout):
+                pytest.fail(f"zhtune {args[0]} did not start:\n{log.read_text()}")
             yield url
         finally:
             proc.terminate()

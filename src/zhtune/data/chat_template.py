@@ -75,11 +75,7 @@ class ChatTemplateMasker:
     """
 
     def __init__(self, tokenizer: Any) -> None:
-        template = getattr(tokenizer, "chat_template", None)
-        if not template or not isinstance(template, str):
-            raise ZhtuneError(
-                "template 'tokenizer' needs a tokenizer with a chat_template; choose a named template"
-            )
+        template = _chat_template(tokenizer)
         self.tokenizer = tokenizer
         self.markers = has_generation_markers(template) and bool(getattr(tokenizer, "is_fast", False))
         final = self._render([{"role": "user", "content": "x"}, _assistant(_STAND_IN)], False)
@@ -90,16 +86,7 @@ class ChatTemplateMasker:
 
     # -- rendering --------------------------------------------------------------------------
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except Exception as err:  # jinja2's TemplateError and the template's own raise_exception
-            raise RenderError(f"the chat template refused the conversation: {err}") from None
-
-    def prompt_text(self, messages: list[dict[str, str]]) -> str:
-        """The conversation followed by the generation prompt (what serving sends the model)."""
-        return self._render(messages, True)
+        return render_text(self.tokenizer, messages, add_generation_prompt)
 
     def spans(self, messages: list[dict[str, str]]) -> tuple[str, list[Span]]:
         """The full text of ``messages`` and the character spans of every assistant reply."""
@@ -193,6 +180,24 @@ class ChatTemplateMasker:
         return texts[0], [Span(a, b) for a, b in indices[0]]
 
 
+def _chat_template(tokenizer: Any) -> str:
+    """The tokenizer's chat_template, or a clear error when it has none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or not isinstance(template, str):
+        raise ZhtuneError("template 'tokenizer' needs a tokenizer with a chat_template; choose a named template")
+    return template
+
+
+def render_text(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """``messages`` rendered by the tokenizer's own chat_template (with the generation prompt:
+    what serving sends the model); a conversation the template refuses raises :class:`RenderError`."""
+    _chat_template(tokenizer)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # jinja2's TemplateError and the template's own raise_exception
+        raise RenderError(f"the chat template refused the conversation: {err}") from None
+
+
 def _assistant(content: str) -> dict[str, str]:
     return {"role": "assistant", "content": content}
 
@@ -247,4 +252,11 @@ def end_of_turn_token_ids(tokenizer: Any) -> list[int]:
     return [t for t in tokenizer(tail, add_special_tokens=False)["input_ids"] if t in special]
 
 
-__all__ = ["ChatTemplateMasker", "RenderError", "Span", "end_of_turn_token_ids", "has_generation_markers"]
+__all__ = [
+    "ChatTemplateMasker",
+    "RenderError",
+    "Span",
+    "end_of_turn_token_ids",
+    "has_generation_markers",
+    "render_text",
+]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from zhtune.data.chat_template import IGNORE_INDEX, ChatTemplateMasker, RenderError, end_of_turn_token_ids
+from zhtune.data.chat_template import render_text as chat_template_text
 from zhtune.errors import ZhtuneError
 
 
@@ -279,13 +280,13 @@ def _render_with_chat_template(
 ) -> list[tuple[list[int], list[int]]]:
     """:func:`render_batch` with the tokenizer's own chat_template
     (:class:`~zhtune.data.chat_template.ChatTemplateMasker`); the first conversation that cannot
-    be masked raises its error. A generation prompt is the template's own, every label ignored."""
-    masker = ChatTemplateMasker(tokenizer)
+    be masked raises its error. A generation prompt is the template's own (one render, no mask
+    to derive), every label ignored."""
     if add_generation_prompt:
-        ids = encode_many(tokenizer, [masker.prompt_text(m) for m in conversations])
+        ids = encode_many(tokenizer, [chat_template_text(tokenizer, m, True) for m in conversations])
         return [(x, [IGNORE_INDEX] * len(x)) for x in ids]
     out = []
-    for item in masker.render_batch(conversations, train_on_prompt):
+    for item in ChatTemplateMasker(tokenizer).render_batch(conversations, train_on_prompt):
         if isinstance(item, RenderError):
             raise item
         out.append(item)

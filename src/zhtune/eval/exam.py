@@ -494,7 +494,7 @@ def _resolve_template(run: str, option: str, run_template: str) -> str | None:
         return option
     from zhtune.rundir import RunDir
 
-    tuned = RunDir(run).finished or RunDir(run).is_export
+    tuned = (rd := RunDir(run)).finished or rd.is_export
     return run_template if tuned else None
 
 

@@ -123,7 +123,6 @@ def _inside(a: Path, b: Path) -> bool:
 
 def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
     """Check the request against the run; raise :class:`ZhtuneError` saying what to change."""
-
     from zhtune.models.device import resolve_device
     from zhtune.models.loading import MERGEABLE, check_remote_code, resolve_source
     from zhtune.rundir import RunDir
@@ -144,8 +143,8 @@ def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
         raise ZhtuneError(f"--backend must be one of {', '.join(BACKENDS)}, got {opts.backend!r}")
     if opts.dtype not in ("auto", *DTYPES.values()):
         raise ZhtuneError(f"--dtype must be auto, fp32, bf16 or fp16, got {opts.dtype!r}")
-    run_config: dict[str, Any] = RunDir(run_dir).config() if RunDir(run_dir).config_path.is_file() else {}
-
+    run_files = RunDir(run_dir)
+    run_config: dict[str, Any] = run_files.config() if run_files.config_path.is_file() else {}
 
     kind = adapter_kind(src.adapter) if src.adapter else None
     method = run_config.get("method", kind)

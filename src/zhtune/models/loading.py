@@ -250,7 +250,6 @@ def load_for_inference(
     from zhtune.models.device import resolve_device, resolve_dtype
 
     src = resolve_source(path, trust_remote_code)
-    check_remote_code(src)  # before the device or any weight is touched
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     quant = None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "zhtune"
-BASE = {"errors", "config", "rundir", "plots", "progress", "parallel", "allocator", "__init__", "__version__"}
+BASE = {"errors", "config", "flags", "rundir", "plots", "progress", "parallel", "allocator", "__init__", "__version__"}
 ALLOWED = {
     "base": BASE,
     "llm": BASE | {"llm"},

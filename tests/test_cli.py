@@ -129,12 +129,13 @@ def test_every_inference_command_has_device_and_dtype(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])
     assert exc.value.code == 0
-    out = " ".join(capsys.readouterr().out.split())  # help lines rewrapped as one
-    assert "--device DEVICE where the model runs: auto (cuda if available, then mps, else cpu)" in out
-    if command == ["export"]:  # export's auto: the base model's own dtype
+    out = " ".join(capsys.readouterr().out.split()).lower()  # help lines rewrapped as one
+    if command == ["export"]:  # export's auto: the base model's own dtype; its device does more
+        assert "--device device where merging, quantizing and the perplexity run: auto (cuda" in out
         assert "auto (the base model's)" in out
     else:
-        assert "--dtype {auto,fp32,bf16,fp16} weights dtype: auto (bf16 on a GPU" in out
+        assert "--device device where the model runs: auto (cuda if available, then mps, else cpu)" in out
+        assert "--dtype {auto,fp32,bf16,fp16} weights dtype: auto (bf16 on a gpu" in out
         assert "else fp32), fp32, bf16, fp16 (default: auto)" in out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.options import flat
 from tests.stub_openai import Scripted, StubServer
 from zhtune.cli import main
 from zhtune.data.evolve import METHODS, EvolveOptions, evolve, judged_equal, pick_method
@@ -58,7 +59,7 @@ def write_input(path: Path, instructions: list[str]) -> Path:
 
 def options(server: StubServer, **kw) -> EvolveOptions:
     base = {"base_url": server.base_url, "model": "stub", "progress": False, "backoff": 0.01}
-    return EvolveOptions(**{**base, **kw})
+    return flat(EvolveOptions, **{**base, **kw})
 
 
 def test_each_elimination_rule(tmp_path, capsys):

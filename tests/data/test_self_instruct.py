@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.options import flat
 from tests.serving import zhtune_serve
 from tests.stub_openai import Scripted, StubServer
 from zhtune.cli import main
@@ -54,7 +55,7 @@ def options(server: StubServer, **kw) -> GenerateOptions:
         "backoff": 0.01,
         "concurrency": 2,
     }
-    return GenerateOptions(**{**base, **kw})
+    return flat(GenerateOptions, **{**base, **kw})
 
 
 def request_number(request: dict) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.options import flat
 from zhtune.cli import main
 from zhtune.errors import ZhtuneError
 from zhtune.eval.exam import (
@@ -222,7 +223,7 @@ def test_batched_exam_equals_one_question_at_a_time(tiny_model_dir, tmp_path):
 
     report = run_exam(
         str(tiny_model_dir),
-        ExamOptions(
+        flat(ExamOptions,
             data=str(FIXTURES / "cmmlu"), output=str(tmp_path), shots=2, batch_size=3, progress=False,
             max_length=2048,  # the tiny model's 512 positions would drop shots of chinese_history
         ),
@@ -268,7 +269,7 @@ def test_batched_exam_equals_one_question_at_a_time(tiny_model_dir, tmp_path):
 
 
 def test_resume_skips_finished_subjects_and_redoes_a_cut_one(tiny_model_dir, tmp_path, capsys):
-    opts = ExamOptions(data=str(FIXTURES / "cmmlu"), output=str(tmp_path), shots=1, progress=False)
+    opts = flat(ExamOptions, data=str(FIXTURES / "cmmlu"), output=str(tmp_path), shots=1, progress=False)
     first = run_exam(str(tiny_model_dir), opts)
     pred = tmp_path / "exam_predictions.jsonl"
     lines = pred.read_text().splitlines(keepends=True)
@@ -286,14 +287,15 @@ def test_resume_skips_finished_subjects_and_redoes_a_cut_one(tiny_model_dir, tmp
     # other settings are refused rather than mixed in
     with pytest.raises(ZhtuneError, match="other settings.*shots: 1 -> 0.*--overwrite"):
         run_exam(
-            str(tiny_model_dir), ExamOptions(data=opts.data, output=str(tmp_path), shots=0, progress=False)
+            str(tiny_model_dir),
+            flat(ExamOptions, data=opts.data, output=str(tmp_path), shots=0, progress=False),
         )
 
 
 def test_multi_letter_subject_is_scored_by_generation(tiny_model_dir, tmp_path):
     report = run_exam(
         str(tiny_model_dir),
-        ExamOptions(
+        flat(ExamOptions,
             data=str(FIXTURES / "mmcu" / "psychology.json"), output=str(tmp_path), shots=0,
             max_new_tokens=4, progress=False,
         ),
@@ -311,8 +313,13 @@ def test_multi_letter_subject_is_scored_by_generation(tiny_model_dir, tmp_path):
 def test_chat_template_prompt(tiny_model_dir, tmp_path):
     report = run_exam(
         str(tiny_model_dir),
-        ExamOptions(
-            data=str(FIXTURES / "cmmlu"), output=str(tmp_path), shots=1, template="chatml", progress=False
+        flat(
+            ExamOptions,
+            data=str(FIXTURES / "cmmlu"),
+            output=str(tmp_path),
+            shots=1,
+            template="chatml",
+            progress=False,
         ),
     )
     assert report["prompt"] == "chat:chatml" and report["questions"] == 7
@@ -354,7 +361,7 @@ def test_cli_eval_exam_on_a_device(device, tiny_model_dir, tmp_path, capsys):
     assert report["device"] == "cpu" and report["dtype"] == "fp32"
     assert json.loads((out / "exam_settings.json").read_text())["dtype"] == "fp32"
     reference = tmp_path / "reference"
-    run_exam(str(tiny_model_dir), ExamOptions(data=str(FIXTURES / "cmmlu"), output=str(reference), shots=1,
+    run_exam(str(tiny_model_dir), flat(ExamOptions, data=str(FIXTURES / "cmmlu"), output=str(reference), shots=1,
                                               dtype="fp32", device="cpu", progress=False))  # fmt: skip
     assert (out / "exam_predictions.jsonl").read_text() == (reference / "exam_predictions.jsonl").read_text()
     # a cut run resumes whatever spelling of fp32 it was started with
@@ -402,8 +409,8 @@ def test_trained_model_scores_far_above_chance(tmp_path):
             w.writerow([i, q.question, *q.options.values(), q.answer])
 
     def exam(model_dir: Path, out: str) -> float:
-        opts = ExamOptions(
-            data=str(tmp_path / "numbers"), output=str(tmp_path / out), shots=0, progress=False
+        opts = flat(
+            ExamOptions, data=str(tmp_path / "numbers"), output=str(tmp_path / out), shots=0, progress=False
         )
         return run_exam(str(model_dir), opts)["overall"]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.options import flat
 from tests.serving import zhtune_serve
 from tests.stub_openai import Scripted, StubServer
 from zhtune.cli import main
@@ -150,11 +151,11 @@ def test_custom_prompt_file_slots_default_and_missing_class(tmp_path):
 
     out = tmp_path / "out"
     custom.write_text(json.dumps({"math": "{question} {answer}"}), encoding="utf-8")
-    opts = JudgeOptions(
-        data=str(DATA), prompts=str(custom), judge_url="http://127.0.0.1:9/v1", judge_model="j"
+    opts = flat(
+        JudgeOptions, data=str(DATA), prompts=str(custom), base_url="http://127.0.0.1:9/v1", model="j"
     )
     with pytest.raises(ZhtuneError, match=r"p\.json: no prompt for class\(es\) code, open qa"):
-        judge(str(tmp_path), JudgeOptions(**{**opts.__dict__, "output": str(out)}))
+        judge(str(tmp_path), flat(JudgeOptions, **{**opts.__dict__, "output": str(out)}))
 
 
 def test_bad_records_are_rejected_with_line_and_field(tmp_path):
@@ -228,10 +229,10 @@ def questions(tmp_path_factory) -> list[Question]:
 
 def options(server: StubServer, out: Path, **kw) -> JudgeOptions:
     values = dict(
-        data=str(DATA), judge_url=server.base_url, judge_model="stub-judge", output=str(out),
+        data=str(DATA), base_url=server.base_url, model="stub-judge", output=str(out),
         max_new_tokens=4, backoff=0.01, max_retries=2, concurrency=3, progress=False,
     )  # fmt: skip
-    return JudgeOptions(**{**values, **kw})
+    return flat(JudgeOptions, **{**values, **kw})
 
 
 def quiet(fn, *args):
@@ -292,7 +293,7 @@ def test_judge_end_to_end_and_rerun_sends_nothing(tiny_model_dir, questions, tmp
         assert again["usage"]["cached"] == 12 and again["usage"]["prompt_tokens"] == 0
 
         # another judge model: everything is judged again, nothing mixed in
-        other, _ = quiet(judge, str(tiny_model_dir), options(server, out, judge_model="other"))
+        other, _ = quiet(judge, str(tiny_model_dir), options(server, out, model="other"))
         # (the scripted judge has played its failures already: 10 requests + math asked again)
         assert len(server.requests) == sent + 11 and other["judge_model"] == "other"
         assert other["usage"]["cached"] == 0 and other["judged"] == 10
@@ -304,7 +305,7 @@ def test_judge_end_to_end_and_rerun_sends_nothing(tiny_model_dir, questions, tmp
             "\n".join([json.dumps(first, ensure_ascii=False), *lines[1:]]) + "\n", "utf-8"
         )
         before = len(server.requests)
-        again, _ = quiet(judge, str(tiny_model_dir), options(server, out, judge_model="other"))
+        again, _ = quiet(judge, str(tiny_model_dir), options(server, out, model="other"))
         assert len(server.requests) - before in (1, 2) and again["judged"] == 10
         rows = [json.loads(line) for line in (out / "judge.jsonl").read_text(encoding="utf-8").splitlines()]
         assert rows[-1]["id"] == first["id"] and rows[-1]["answer"] == "换了一个回答"
@@ -341,7 +342,7 @@ def cli_args(server: StubServer, out: Path) -> list[str]:
 
 def test_wrong_key_stops_at_once(tiny_model_dir, tmp_path):
     with StubServer(lambda req, n: "得分：1", api_key="right") as server:
-        opts = options(server, tmp_path / "eval", judge_api_key="wrong")
+        opts = options(server, tmp_path / "eval", api_key="wrong")
         with pytest.raises(ZhtuneError, match="HTTP 401"):
             quiet(judge, str(tiny_model_dir), opts)
         assert len(server.requests) == 0  # refused before the script: nothing judged
@@ -349,8 +350,8 @@ def test_wrong_key_stops_at_once(tiny_model_dir, tmp_path):
 
 def test_no_judge_url_is_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    with pytest.raises(ZhtuneError, match="--judge-url"):
-        judge(str(tiny_model_dir), JudgeOptions(data=str(DATA), judge_model="m", output=str(tmp_path)))
+    with pytest.raises(ZhtuneError, match="--judge-base-url"):
+        judge(str(tiny_model_dir), flat(JudgeOptions, data=str(DATA), model="m", output=str(tmp_path)))
 
 
 def test_mtbench_protocol(tiny_model_dir, questions, tmp_path):
@@ -392,9 +393,9 @@ def test_zhtune_serve_as_the_judge(tiny_model_dir, served, tmp_path):
     short.write_text(
         json.dumps({"default": "打分：{question}\n{answer}"}, ensure_ascii=False), encoding="utf-8"
     )
-    opts = JudgeOptions(
-        data=str(DATA), judge_url=served, judge_model="default", output=str(out), limit=4, prompts=str(short),
-        max_new_tokens=4, judge_max_tokens=8, device="cpu", progress=False,
+    opts = flat(JudgeOptions,
+        data=str(DATA), base_url=served, model="default", output=str(out), limit=4, prompts=str(short),
+        max_new_tokens=4, max_tokens=8, device="cpu", progress=False,
     )  # fmt: skip
     report, _ = quiet(judge, str(tiny_model_dir), opts)
     rows = [json.loads(line) for line in (out / "judge.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -383,9 +383,9 @@ def test_every_loading_command_lists_the_flag(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])
     assert exc.value.code == 0
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().out.split()).lower()
     assert (
-        "--trust-remote-code allow the model's own Python code (auto_map) to run; never switched on by a "
+        "--trust-remote-code allow the model's own python code (auto_map) to run; never switched on by a "
         "run's or export's metadata" in out
     )
     assert "--no-trust-remote-code" not in out

@@ -274,12 +274,12 @@ def test_help_shows_every_grid_and_eval_key(capsys):
 def test_gen_metric_scores_the_same_answers_with_eval_gens_metrics(tiny_model_dir, skill_records):
     from zhtune.eval.gen import score_pair
     from zhtune.models.loading import load_for_inference
-    from zhtune.pipelines.experiment import METRICS, EvalConfig
+    from zhtune.pipelines.experiment import EvalConfig, gen_scores
 
     model, tokenizer, template = load_for_inference(tiny_model_dir)
     records = skill_records[1][:6]
     ev = EvalConfig(data=["unused.jsonl"], metric="gen", max_new_tokens=8, batch_size=4)
-    result = METRICS["gen"].score(model, tokenizer, template, records, ev)
+    result = gen_scores(model, tokenizer, template, records, ev)
     answers = result["predictions"]
     assert [a["reference"] for a in answers] == [r["messages"][-1]["content"] for r in records]
     rouge_l = [score_pair(a["prediction"], a["reference"])["rouge-l"] for a in answers]
@@ -323,7 +323,7 @@ def test_judge_metric_scores_each_run_with_eval_judge(experiment, grid):
     with StubServer(lambda request, n: "得分：0.7") as server:
         args = [
             "axes.method=[full]", "axes.lr=[0.001]", "eval.metric=judge", f"eval.data=[{data}]",
-            f"eval.judge_url={server.base_url}", "eval.judge_model=stub-judge", "eval.judge_limit=4",
+            f"eval.judge.base_url={server.base_url}", "eval.judge.model=stub-judge", "eval.judge_limit=4",
         ]  # fmt: skip
         (row,), log = run_quietly(grid, *args)
         sent = len(server.requests)

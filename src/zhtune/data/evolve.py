@@ -39,8 +39,8 @@ from typing import Any
 from zhtune.data.lang import guess_lang
 from zhtune.data.synth import (
     Appender,
-    EndpointOptions,
     StopGuard,
+    TeacherOptions,
     contains_any,
     format_reasons,
     load_prompts,
@@ -48,6 +48,7 @@ from zhtune.data.synth import (
     sidecar,
 )
 from zhtune.errors import ZhtuneError
+from zhtune.flags import flag
 
 #: The in-depth methods (their texts are in the prompt asset) and the in-breadth one.
 DEPTH_METHODS = ("constraints", "deepen", "concretize", "reasoning", "complicate_input")
@@ -58,9 +59,11 @@ SHORT_ANSWER = 80
 
 
 @dataclass
-class EvolveOptions(EndpointOptions):
+class EvolveOptions:
     """Options of ``zhtune data evolve`` (the endpoint ones are shared with ``generate``)."""
 
+    teacher: TeacherOptions = flag(default_factory=TeacherOptions)
+    """The teacher endpoint, sampling, seed, cache and progress bar (shared with the other generator)."""
     rounds: int = 1
     """Evolution rounds per instruction."""
     lang: str = "auto"
@@ -210,7 +213,7 @@ class Evolver:
         self, client: Any, text: str, extra: str, asked: list[str], temperature: float | None = None
     ) -> str:
         """One request (its cache key appended to ``asked``); raises ``_Stopped`` once the run stops."""
-        o = self.options
+        o = self.options.teacher
         if not self.guard.allow():
             raise _Stopped
         asked.append(extra)
@@ -218,14 +221,14 @@ class Evolver:
             [{"role": "user", "content": text}],
             cache_extra=extra,
             temperature=o.temperature if temperature is None else temperature,
-            max_tokens=o.max_tokens,
+            max_tokens=o.endpoint.max_tokens,
         )
         return reply.text.strip()
 
     async def evolve_round(self, client: Any, src: Source, r: int, asked: list[str]) -> str | None:
         """One round of one instruction: evolve, judge, answer, check, write; returns the rule that
         eliminated it (None: kept)."""
-        method = pick_method(self.options.seed, src.id, r)
+        method = pick_method(self.options.teacher.seed, src.id, r)
         extra = f"evol-instruct:{src.id}:{r}"
         lang = src.lang
         evolved = await self.ask(client, evolve_prompt(lang, method, src.current), f"{extra}:evolve", asked)
@@ -302,8 +305,8 @@ class Evolver:
 
         from zhtune.llm.client import map_limited
 
-        self.slots = asyncio.Semaphore(self.options.concurrency)
-        async with self.options.client(self.output) as client:
+        self.slots = asyncio.Semaphore(self.options.teacher.endpoint.concurrency)
+        async with self.options.teacher.client(self.output) as client:
             self.teacher = client.endpoint.model
             await map_limited(sources, lambda s: self.evolve_source(client, s, bar))
             self.usage = client.usage
@@ -356,7 +359,7 @@ def evolve(inputs: list[str], output: str, options: EvolveOptions) -> int:
         raise ZhtuneError(f"--lang {options.lang!r}: choose auto, {', '.join(load_prompts('evol_instruct'))}")
     if not output.endswith(".jsonl"):
         raise ZhtuneError(f"-o {output}: the output must be a .jsonl file (it is appended to)")
-    options.endpoint()  # fail on a missing endpoint before reading anything
+    options.teacher.endpoint.resolve()  # fail on a missing endpoint before reading anything
     ev = Evolver(output, options)
     seen = {("input", r.get("file"), r.get("line"), r.get("index")) for r in read_appended(ev.rejects.path)}
     sources, bad = read_sources(inputs, options.format, options.lang, ev.rejects, seen)
@@ -370,7 +373,7 @@ def evolve(inputs: list[str], output: str, options: EvolveOptions) -> int:
         f"by earlier runs" + (f"; {bad:,} unusable records -> {ev.rejects.path}" if bad else ""),
         file=sys.stderr,
     )
-    with progress_bar("evolve", options.progress, total=total, initial=done, unit=" round") as bar:
+    with progress_bar("evolve", options.teacher.progress, total=total, initial=done, unit=" round") as bar:
         try:
             asyncio.run(ev.run(sources, bar))
         finally:

@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Any
 from zhtune.data.readers import RawError, iter_raw
 from zhtune.data.synth import (
     Appender,
-    EndpointOptions,
     StopGuard,
+    TeacherOptions,
     contains_any,
     format_reasons,
     load_prompts,
@@ -55,15 +55,18 @@ from zhtune.data.synth import (
     sidecar,
 )
 from zhtune.errors import ZhtuneError, where
+from zhtune.flags import flag
 
 if TYPE_CHECKING:  # numpy and asyncio load only when a run starts, so `zhtune --help` stays fast
     from zhtune.data.novelty import NoveltyIndex
 
 
 @dataclass
-class GenerateOptions(EndpointOptions):
+class GenerateOptions:
     """Options of ``zhtune data generate`` (the endpoint ones are shared with ``evolve``)."""
 
+    teacher: TeacherOptions = flag(default_factory=TeacherOptions)
+    """The teacher endpoint, sampling, seed, cache and progress bar (shared with the other generator)."""
     num: int = 100
     """Records to keep in OUT (a re-run with a larger --num goes on)."""
     lang: str = "zh"
@@ -366,7 +369,7 @@ class Generator:
     def examples(self, n: int) -> tuple[list[Seed], list[Seed]]:
         """The prompt examples of request ``n``: seeds, and ``--machine-examples`` kept tasks drawn
         from requests below ``n - MACHINE_LAG`` (fewer while there are not enough; seeds fill up)."""
-        k, seed = self.options.machine_examples, self.options.seed
+        k, seed = self.options.machine_examples, self.options.teacher.seed
         pool = sorted((m for m in self.machine if m[0] < n - MACHINE_LAG), key=lambda m: (m[0], m[1]))
         drawn = random.Random(f"{seed}:{n}:machine").sample(pool, min(k, len(pool))) if k else []
         seeds = sample_seeds(self.seeds, self.prompt.seeds_per_request - len(drawn), seed, n)
@@ -383,9 +386,9 @@ class Generator:
         reply = await client.chat(
             [{"role": "user", "content": text}],
             cache_extra=f"self-instruct:{n}",
-            temperature=self.options.temperature,
-            max_tokens=self.options.max_tokens,
-            seed=self.options.seed * 1_000_003 + n,
+            temperature=self.options.teacher.temperature,
+            max_tokens=self.options.teacher.endpoint.max_tokens,
+            seed=self.options.teacher.seed * 1_000_003 + n,
         )
         return seeds, machine, reply
 
@@ -445,14 +448,14 @@ class Generator:
         numbers = self.request_numbers()
         exhausted = False
         held: int | None = None  # the next request number, waiting for ``ready``
-        async with options.client(self.output) as client:
+        async with options.teacher.client(self.output) as client:
             self.teacher = client.endpoint.model
             pending: dict[asyncio.Future, int] = {}
             while True:
                 while (
                     not (guard.stop or exhausted)
                     and state.kept < options.num
-                    and len(pending) < options.concurrency
+                    and len(pending) < options.teacher.endpoint.concurrency
                 ):
                     held = next(numbers, None) if held is None else held
                     if held is None:
@@ -509,7 +512,7 @@ def generate(seeds_path: str, output: str, options: GenerateOptions) -> int:
     if Path(output).suffix != ".jsonl":
         raise ZhtuneError(f"-o {output}: the output must be a .jsonl file (it is appended to)")
     gen = Generator(load_seeds(seeds_path), output, options)
-    gen.options.endpoint()  # fail on a missing endpoint before reading anything else
+    gen.options.teacher.endpoint.resolve()  # fail on a missing endpoint before reading anything else
     gen.restore()
     before = gen.state.kept
     print(
@@ -521,7 +524,7 @@ def generate(seeds_path: str, output: str, options: GenerateOptions) -> int:
     stop: str | None = None
     if before < options.num:
         with progress_bar(
-            "generate", options.progress, total=options.num, initial=before, unit=" rec"
+            "generate", options.teacher.progress, total=options.num, initial=before, unit=" rec"
         ) as bar:
             try:
                 stop = asyncio.run(gen.run(bar))

@@ -20,36 +20,20 @@ from pathlib import Path
 from typing import IO, Any
 
 from zhtune.errors import ZhtuneError, where
+from zhtune.flags import flag
+from zhtune.llm.options import EndpointOptions
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
 
 
 @dataclass
-class EndpointOptions:
-    """The teacher endpoint and how to talk to it (shared by generate and evolve)."""
+class TeacherOptions:
+    """The teacher model and how to ask it (shared by generate and evolve)."""
 
-    base_url: str = ""
-    """OpenAI-compatible base URL ending in /v1 (empty: $OPENAI_BASE_URL)."""
-    model: str = ""
-    """Model name sent with each request (empty: $OPENAI_MODEL)."""
-    api_key: str = ""
-    """API key (empty: $OPENAI_API_KEY, else none)."""
-    concurrency: int = 8
-    """Requests in flight at once."""
+    endpoint: EndpointOptions = flag(default_factory=EndpointOptions)
+    """Where the teacher is and how to talk to it (flags --base-url, --model, --api-key, ...)."""
     temperature: float = 1.0
     """Sampling temperature of the teacher."""
-    max_tokens: int = 2048
-    """Most tokens per reply."""
-    timeout: float = 120.0
-    """Seconds per attempt before a request is retried."""
-    max_retries: int = 5
-    """Extra attempts per request on 429, 5xx, timeouts and malformed replies."""
-    backoff: float = 1.0
-    """First wait before a retry, seconds (doubling each attempt; a Retry-After header wins)."""
-    price_in: float = 0.0
-    """Price per million prompt tokens, for the cost line of the summary."""
-    price_out: float = 0.0
-    """Price per million completion tokens."""
     seed: int = 0
     """Seed of every random choice (and of the request's own `seed`), so a re-run asks the same."""
     cache: bool = True
@@ -57,26 +41,9 @@ class EndpointOptions:
     progress: bool = True
     """Show a progress bar."""
 
-    def endpoint(self) -> Any:
-        """The resolved :class:`~zhtune.llm.client.Endpoint` (flags, then environment)."""
-        from zhtune.llm.client import Endpoint
-
-        return Endpoint.resolve(self.base_url or None, self.model or None, self.api_key or None)
-
     def client(self, output: str | Path) -> Any:
-        """A :class:`~zhtune.llm.client.ChatClient` for these options, caching next to ``output``."""
-        from zhtune.llm.client import ChatClient
-
-        return ChatClient(
-            self.endpoint(),
-            concurrency=self.concurrency,
-            max_retries=self.max_retries,
-            timeout=self.timeout,
-            backoff=self.backoff,
-            cache=sidecar(output, ".cache.sqlite") if self.cache else None,
-            price_in=self.price_in,
-            price_out=self.price_out,
-        )
+        """A :class:`~zhtune.llm.client.ChatClient` for the teacher, caching next to ``output``."""
+        return self.endpoint.client(sidecar(output, ".cache.sqlite") if self.cache else None)
 
 
 @cache
@@ -214,7 +181,7 @@ class StopGuard:
 
 __all__ = [
     "Appender",
-    "EndpointOptions",
+    "TeacherOptions",
     "StopGuard",
     "contains_any",
     "format_reasons",

@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError, where
+from zhtune.flags import flag
+from zhtune.models.device import RuntimeOptions
 from zhtune.rundir import write_text_atomic
 
 LETTERS = ("A", "B", "C", "D")
@@ -443,10 +445,10 @@ def extract_letters(reply: str) -> str:
 class ExamOptions:
     """Options of ``zhtune eval exam``."""
 
-    data: str = ""
+    data: str = flag(default="", required=True)
     """Exam folder (with test/ and dev/, or the test files themselves) or one file: CSV
     (C-Eval, CMMLU), JSON/JSONL, or xlsx (MMCU)."""
-    output: str = ""
+    output: str = flag(default="", short="-o")
     """Folder for exam.json, exam.md and exam_predictions.jsonl (default: RUN/eval)."""
     shots: int = 5
     """Solved dev examples before each question (0-5; dropped from the front if too long)."""
@@ -465,12 +467,8 @@ class ExamOptions:
     """Longest prompt in tokens (0: the model's context length)."""
     max_new_tokens: int = 16
     """Tokens generated per answer when scoring by generation."""
-    dtype: str = "auto"
-    """Weights dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16."""
-    device: str = "auto"
-    """Where the model runs: auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps."""
-    trust_remote_code: bool = False
-    """Allow the model's own Python code (auto_map) to run; never switched on by a run's or export's metadata."""
+    runtime: RuntimeOptions = flag(default_factory=RuntimeOptions)
+    """Device, dtype and whether the model's own code may run (--device, --dtype, --trust-remote-code)."""
     overwrite: bool = False
     """Start over instead of resuming from exam_predictions.jsonl."""
     progress: bool = True
@@ -616,8 +614,8 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
     from zhtune.models.loading import load_for_inference
     from zhtune.progress import progress_bar
 
-    device = resolve_device(options.device)  # a device this machine lacks fails before anything runs
-    dtype = resolve_dtype(options.dtype, device)
+    device = resolve_device(options.runtime.device)  # a device this machine lacks fails before anything runs
+    dtype = resolve_dtype(options.runtime.dtype, device)
     if not 0 <= options.shots <= 5:
         raise ZhtuneError(f"--shots must be between 0 and 5, got {options.shots}")
     if options.scoring not in SCORINGS:
@@ -683,7 +681,7 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
     prompt_desc, letter_tokens, dropped, seconds = "", {}, 0, 0.0
     if todo:
         model, tokenizer, run_template = load_for_inference(
-            run, dtype=dtype, device=device, trust_remote_code=options.trust_remote_code
+            run, dtype=dtype, device=device, trust_remote_code=options.runtime.trust_remote_code
         )
         template = _resolve_template(run, options.template, run_template)
         max_length = options.max_length or _context_length(model, tokenizer)

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
+from zhtune.flags import flag
+from zhtune.models.device import RuntimeOptions
 
 #: Report keys, in table order.
 METRIC_NAMES = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match")
@@ -186,12 +188,8 @@ class GenEvalOptions:
     """Most tokens generated per answer."""
     template: str = ""
     """Chat template (empty: the run's own)."""
-    dtype: str = "auto"
-    """Weights dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16."""
-    device: str = "auto"
-    """Where the model runs: auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps."""
-    trust_remote_code: bool = False
-    """Allow the model's own Python code (auto_map) to run; never switched on by a run's or export's metadata."""
+    runtime: RuntimeOptions = flag(default_factory=RuntimeOptions)
+    """Device, dtype and whether the model's own code may run (--device, --dtype, --trust-remote-code)."""
     format: str = "auto"
     """Input format: auto, alpaca, belle, sharegpt, openai (see `zhtune data convert`)."""
     allow_rejects: bool = False
@@ -263,8 +261,8 @@ def eval_gen(
 
     if not data:
         raise ZhtuneError("give the test data with --data FILE")
-    device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device)
+    device = resolve_device(opts.runtime.device)
+    dtype = resolve_dtype(opts.runtime.dtype, device)
     out = Path(opts.output_dir or Path(run) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     paths = expand_inputs(data)
@@ -280,7 +278,7 @@ def eval_gen(
         template=opts.template or None,
         dtype=dtype,
         device=device,
-        trust_remote_code=opts.trust_remote_code,
+        trust_remote_code=opts.runtime.trust_remote_code,
         fmt=opts.format,
         mapping=mapping,
         rejects=str(out / "gen_predictions.rejects.jsonl"),

@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError, where
+from zhtune.flags import flag
+from zhtune.llm.options import EndpointOptions
+from zhtune.models.device import RuntimeOptions
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "judge"
 OTHERS = frozenset({"math", "code"})
@@ -400,9 +403,9 @@ def generate_answers(run: str, questions: list[Question], out: Path, opts: Judge
         options,
         batch_size=opts.batch_size,
         template=opts.template or None,
-        dtype=opts.dtype,
-        device=opts.device,
-        trust_remote_code=opts.trust_remote_code,
+        dtype=opts.runtime.dtype,
+        device=opts.runtime.device,
+        trust_remote_code=opts.runtime.trust_remote_code,
         fmt="openai",
         progress=opts.progress,
     )
@@ -483,7 +486,7 @@ def run_judge(
     is left out and recorded in ``judge_failures.jsonl`` beside ``out_file`` (a re-run asks
     again, after the questions never asked, see :data:`MAX_CONSECUTIVE_FAILURES`); a
     non-retryable error (bad key, unknown model) stops all."""
-    from zhtune.llm.client import ApiError, ChatClient, map_limited
+    from zhtune.llm.client import ApiError, map_limited
     from zhtune.progress import progress_bar
 
     rows: list[dict[str, Any]] = []
@@ -491,14 +494,7 @@ def run_judge(
     streak = [0]
 
     async def go() -> Any:
-        async with ChatClient(
-            endpoint,
-            concurrency=opts.concurrency,
-            max_retries=opts.max_retries,
-            timeout=opts.timeout,
-            backoff=opts.backoff,
-            cache=cache,
-        ) as client:
+        async with opts.judge.client(cache, flag_prefix="judge-") as client:
             with (
                 out_file.open("a", encoding="utf-8") as f,
                 (out_file.parent / FAILURES).open("a", encoding="utf-8") as failed,
@@ -510,7 +506,7 @@ def run_judge(
                     messages = judge_messages(protocol, prompts, q, answer)
                     try:
                         raw, how, reply, attempts = await judge_one(
-                            client, protocol, messages, opts.judge_max_tokens
+                            client, protocol, messages, opts.judge.max_tokens
                         )
                     except ApiError as e:
                         if e.status in FATAL_STATUSES:
@@ -657,36 +653,32 @@ def report_markdown(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
+def default_judge() -> EndpointOptions:
+    """The judge endpoint's defaults: those of any endpoint, with shorter replies (a score and
+    its reasons fit in 1,024 tokens)."""
+    return EndpointOptions(max_tokens=1024)
+
+
 @dataclass
 class JudgeOptions:
     """Options of ``zhtune eval judge``."""
 
-    data: str = ""
+    data: str = flag(default="", required=True)
     """Questions: BELLE-eval's {question, std_answer, class} records (JSON Lines, JSON, CSV, ...)."""
-    judge_url: str = ""
-    """The judge's OpenAI-compatible base URL, ending in /v1; empty: $OPENAI_BASE_URL."""
-    judge_model: str = ""
-    """The judge's model name; empty: $OPENAI_MODEL."""
-    judge_api_key: str = ""
-    """The judge's API key; empty: $OPENAI_API_KEY, else none."""
-    protocol: str = "belle"
+    judge: EndpointOptions = flag(
+        default_factory=default_judge, prefix="judge-",
+        aliases={"base_url": ("--judge-url",), "concurrency": ("--concurrency",),
+                 "max_retries": ("--max-retries",), "timeout": ("--timeout",), "backoff": ("--backoff",)},
+    )  # fmt: skip
+    """The judge: its endpoint and how to talk to it (--judge-base-url, --judge-model, --judge-api-key, --judge-concurrency, ...; the older --judge-url, --concurrency, --max-retries, --timeout and --backoff still work)."""
+    protocol: str = flag(default="belle", choices=("belle", "mtbench"))
     """belle (0-1 score after 得分, per-class prompts) or mtbench (1-10 in [[rating]])."""
     prompts: str = ""
     """Judge prompts: BELLE's eval_prompt.json or a JSON mapping class -> prompt with {question}, {answer}, {std_answer} slots; empty: eval_prompt.json beside --data for belle, else built-in prompts."""
-    output: str = ""
+    output: str = flag(default="", short="-o")
     """Folder for judge.jsonl, judge.json, judge.md, report.md, answers and cache; empty: RUN/eval."""
     limit: int = 0
     """Judge only the first N questions (0: all)."""
-    concurrency: int = 8
-    """Judge requests in flight at once."""
-    max_retries: int = 5
-    """Extra attempts per judge request on 429, 5xx, timeouts and malformed replies."""
-    timeout: float = 120.0
-    """Seconds per judge request attempt."""
-    backoff: float = 1.0
-    """First wait between retries, seconds (doubling each time, or the server's Retry-After)."""
-    judge_max_tokens: int = 1024
-    """Most tokens in a judge reply."""
     judge_cache: str = ""
     """SQLite cache of judge replies, so re-runs pay nothing twice; empty: OUTPUT/judge_cache.sqlite."""
     batch_size: int = 8
@@ -695,32 +687,10 @@ class JudgeOptions:
     """Most tokens in the run's answers (greedy)."""
     template: str = ""
     """Chat template for the run's prompts; empty: the run's own."""
-    dtype: str = "auto"
-    """Weights dtype for answering: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16."""
-    device: str = "auto"
-    """Where the answering model runs: auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps."""
-    trust_remote_code: bool = False
-    """Allow the model's own Python code (auto_map) to run; never switched on by a run's or export's metadata."""
+    runtime: RuntimeOptions = flag(default_factory=RuntimeOptions)
+    """Device, dtype and whether the model's own code may run (--device, --dtype, --trust-remote-code)."""
     progress: bool = True
     """Show progress bars."""
-
-
-def resolve_endpoint(opts: JudgeOptions) -> Any:
-    """The judge endpoint from the options, else the environment; a clear error if incomplete."""
-    import os
-
-    from zhtune.llm.client import Endpoint
-
-    if not (opts.judge_url or os.environ.get("OPENAI_BASE_URL")):
-        raise ZhtuneError("no judge: pass --judge-url (e.g. http://127.0.0.1:8000/v1) or set OPENAI_BASE_URL")
-    if not (opts.judge_model or os.environ.get("OPENAI_MODEL")):
-        raise ZhtuneError("no judge model: pass --judge-model or set OPENAI_MODEL")
-    try:
-        return Endpoint.resolve(opts.judge_url or None, opts.judge_model or None, opts.judge_api_key or None)
-    except ZhtuneError as e:
-        raise ZhtuneError(
-            str(e).replace("--base-url", "--judge-url").replace("--model", "--judge-model")
-        ) from None
 
 
 def judge(run: str, opts: JudgeOptions) -> dict[str, Any]:
@@ -731,17 +701,18 @@ def judge(run: str, opts: JudgeOptions) -> dict[str, Any]:
     from zhtune.rundir import eval_dir, read_jsonl_rows, write_text_atomic
 
     protocol = get_protocol(opts.protocol)
-    for name in ("concurrency", "batch_size", "max_new_tokens", "judge_max_tokens"):
+    opts.judge.check(flag_prefix="judge-")
+    for name in ("batch_size", "max_new_tokens"):
         if getattr(opts, name) < 1:
             raise ZhtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
     if opts.limit < 0:
         raise ZhtuneError(f"--limit must be >= 0, got {opts.limit}")
     if not opts.data:
         raise ZhtuneError("--data: give the questions file (e.g. ../shared/data/belle/eval_set.json)")
-    endpoint = resolve_endpoint(opts)
+    endpoint = opts.judge.resolve(flag_prefix="judge-")
     if not Path(run).exists():
         raise ZhtuneError(f"run or model directory not found: {run}")
-    resolve_device(opts.device)  # a device this machine lacks fails before anything is asked
+    resolve_device(opts.runtime.device)  # a device this machine lacks fails before anything is asked
     out = Path(opts.output) if opts.output else eval_dir(run)
     out.mkdir(parents=True, exist_ok=True)
 

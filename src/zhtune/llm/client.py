@@ -60,20 +60,24 @@ class Endpoint:
     api_key: str = ""
 
     @classmethod
-    def resolve(cls, base_url: str | None, model: str | None, api_key: str | None) -> Endpoint:
+    def resolve(
+        cls, base_url: str | None, model: str | None, api_key: str | None, flag_prefix: str = ""
+    ) -> Endpoint:
         """Fill what the command line left out from the environment (``OPENAI_BASE_URL``,
-        ``OPENAI_MODEL``, ``OPENAI_API_KEY``), and fail clearly when something is missing."""
+        ``OPENAI_MODEL``, ``OPENAI_API_KEY``), and fail clearly when something is missing. Errors
+        name the flags as the command spells them (``flag_prefix`` ``judge-``: ``--judge-model``)."""
         url = base_url or os.environ.get("OPENAI_BASE_URL", "")
         name = model or os.environ.get("OPENAI_MODEL", "")
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        url_flag, model_flag = f"--{flag_prefix}base-url", f"--{flag_prefix}model"
         if not url:
             raise ZhtuneError(
-                "no endpoint: pass --base-url (e.g. http://127.0.0.1:8000/v1) or set OPENAI_BASE_URL"
+                f"no endpoint: pass {url_flag} (e.g. http://127.0.0.1:8000/v1) or set OPENAI_BASE_URL"
             )
         if not url.startswith(("http://", "https://")):
-            raise ZhtuneError(f"--base-url {url!r}: expected an http:// or https:// URL ending in /v1")
+            raise ZhtuneError(f"{url_flag} {url!r}: expected an http:// or https:// URL ending in /v1")
         if not name:
-            raise ZhtuneError("no model name: pass --model or set OPENAI_MODEL")
+            raise ZhtuneError(f"no model name: pass {model_flag} or set OPENAI_MODEL")
         return cls(url.rstrip("/"), name, key or "")
 
 

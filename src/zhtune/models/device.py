@@ -8,12 +8,28 @@ places the model there.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from zhtune.errors import ZhtuneError
+from zhtune.flags import flag
 
 DEVICE_HELP = "where the model runs: auto (cuda if available, then mps, else cpu), cpu, cuda, cuda:N, mps"
 DTYPE_HELP = "weights dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
+
+
+@dataclass
+class RuntimeOptions:
+    """Where an inference command runs its model, in what dtype, and whether the model's own code
+    may run: one declaration for chat, predict, serve, webui, eval and export."""
+
+    device: str = "auto"
+    """Where the model runs: auto (cuda if available, then mps, else cpu), cpu, cuda, cuda:N, mps."""
+    dtype: str = flag(default="auto", choices=DTYPES)
+    """Weights dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16."""
+    trust_remote_code: bool = False
+    """Allow the model's own Python code (auto_map) to run; never switched on by a run's or export's metadata."""
 
 def resolve_device(name: str = "auto") -> str:
     """The torch device string for ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``),

@@ -36,9 +36,12 @@ from typing import Any
 from zhtune import rundir
 from zhtune.config import build_config, parse_overrides, read_yaml, to_dict
 from zhtune.errors import ZhtuneError
+from zhtune.eval.judge import default_judge
 from zhtune.eval.report import fmt_value, markdown_table, plot_bars
+from zhtune.llm.options import EndpointOptions
+from zhtune.models.device import RuntimeOptions
 from zhtune.plots import plot_loss_curves
-from zhtune.rundir import RunDir
+from zhtune.rundir import RunDir, write_text_atomic
 from zhtune.train.config import TrainConfig
 
 MANAGED_KEYS = ("output_dir", "resume", "overwrite")
@@ -59,7 +62,7 @@ class EvalConfig:
     data: list[str]
     """Test files in any supported format; each record's last assistant turn is the reference and meta.category its category (metric exam: one exam folder or file, as `zhtune eval exam --data`)."""
     metric: str = "exact_match"
-    """Metric: exact_match (greedy answer equals the reference after stripping whitespace), gen (ROUGE-L F on jieba words, as `zhtune eval gen`; BLEU-4, ROUGE-1/2 and exact match kept beside it) exam (multiple-choice accuracy, as `zhtune eval exam`; columns are the exam's categories) or judge (an LLM judge, as `zhtune eval judge`: BELLE-eval's per-class scores; needs judge_url and judge_model)."""
+    """Metric: exact_match (greedy answer equals the reference after stripping whitespace), gen (ROUGE-L F on jieba words, as `zhtune eval gen`; BLEU-4, ROUGE-1/2 and exact match kept beside it) exam (multiple-choice accuracy, as `zhtune eval exam`; columns are the exam's categories) or judge (an LLM judge, as `zhtune eval judge`: BELLE-eval's per-class scores; needs judge.base_url and judge.model)."""
     max_new_tokens: int = 32
     """Most tokens generated per answer."""
     batch_size: int = 32
@@ -68,14 +71,14 @@ class EvalConfig:
     """Score only the first N records of each category (0: all)."""
     shots: int = 5
     """exam: solved dev examples before each question (0-5)."""
-    judge_url: str = ""
-    """judge: the judge's OpenAI-compatible base URL ending in /v1 (empty: $OPENAI_BASE_URL)."""
-    judge_model: str = ""
-    """judge: the judge's model name (empty: $OPENAI_MODEL)."""
+    judge: EndpointOptions | None = None
+    """judge: the judge endpoint, the fields of `zhtune eval judge`'s --judge-* flags (base_url, model, concurrency, max_tokens, timeout, ...; empty base_url/model: $OPENAI_BASE_URL/$OPENAI_MODEL). The API key comes only from $OPENAI_API_KEY, never from the grid file."""
     judge_protocol: str = "belle"
     """judge: belle (0-1 score per class) or mtbench (1-10 rating)."""
     judge_limit: int = 0
     """judge: judge only the first N questions (0: all)."""
+    trust_remote_code: bool = False
+    """Let the run's model code (auto_map) run while scoring; also on for runs whose train config sets trust_remote_code."""
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -91,6 +94,8 @@ class EvalConfig:
                 raise ZhtuneError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")
         if self.max_per_category < 0:
             raise ZhtuneError(f"config key 'max_per_category': must be >= 0, got {self.max_per_category}")
+        if self.judge is not None and self.judge.api_key:
+            raise ZhtuneError("config key 'judge.api_key': keep keys out of grid files; set OPENAI_API_KEY")
 
 
 @dataclass
@@ -145,21 +150,27 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     source = str(path)
     values = read_yaml(path)
     for key, value in parse_overrides(overrides or []).items():
-        head, dot, rest = key.partition(".")
-        if not dot:
-            values[key] = value
-            continue
-        section = values.setdefault(head, {})
-        if not isinstance(section, dict):
-            raise ZhtuneError(
-                f"override '{key}': '{head}' is not a mapping in {source} (train keys for every run: "
-                f"overrides.{rest}={value})"
-            )
-        section[rest] = value
+        *heads, last = key.split(".")
+        section = values
+        for i, head in enumerate(heads):
+            section = section.setdefault(head, {})
+            if not isinstance(section, dict):
+                rest = ".".join([*heads[i + 1 :], last])
+                raise ZhtuneError(
+                    f"override '{key}': '{head}' is not a mapping in {source} (train keys for every run: "
+                    f"overrides.{rest}={value})"
+                )
+        section[last] = value
     section = values.get("eval")
     if section is not None:
         if not isinstance(section, dict):
             raise ZhtuneError(f"{source}: eval: expected a mapping of eval keys, got {section!r}")
+        judge_keys = section.get("judge")
+        if judge_keys is not None:
+            if not isinstance(judge_keys, dict):
+                raise ZhtuneError(f"{source}: eval: judge: expected a mapping of endpoint keys, got {judge_keys!r}")
+            given = build_config(EndpointOptions, judge_keys, source=f"{source}: eval: judge")
+            section["judge"] = dataclasses.replace(default_judge(), **{k: getattr(given, k) for k in judge_keys})
         values["eval"] = build_config(EvalConfig, section, source=f"{source}: eval")
     if isinstance(values.get("base"), str):
         values["base"] = str(Path(path).parent / values["base"])  # an absolute base stays as it is
@@ -171,26 +182,58 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Metric:
-    """One way to score a tuned model on test records."""
+    """One way to score a tuned run: ``score(run_dir, eval config) -> scores``, where scores is
+    ``{"overall": float, "scores": {column: float}, "counts": {column: n}, ...}`` (more keys are kept
+    in the run's eval cache; ``"cached": True`` when it was read back, not scored)."""
 
     name: str
+    score: Callable[[Path, EvalConfig], dict[str, Any]]
     fmt: str = "{:.1%}"
     """How a score is written in the table and on the chart."""
     max_value: float | None = 1.0
     """The best possible score (the chart's axis ends there), or None if unbounded."""
     higher_is_better: bool = True
-    score: Callable[[Any, Any, str, list[dict[str, Any]], EvalConfig], dict[str, Any]] | None = None
-    """(model, tokenizer, template name, records, eval config) -> ``{"overall": float,
-    "scores": {category: float}, "counts": {category: n}, ...}`` (more keys are kept in the cache)."""
-    score_run: Callable[[Path, EvalConfig, bool], dict[str, Any]] | None = None
-    """Set for metrics that score a run directory themselves (run, eval config, whether the run's
-    model code may run), from ``EvalConfig.data`` as they read it, with their own resumable cache
-    (exam); ``score`` is then unused."""
+    reads_records: bool = False
+    """The metric reads ``EvalConfig.data`` as test records (checked before anything trains)."""
     describe: Callable[[EvalConfig], str] | None = None
-    """The report's sentence on what was scored, for ``score_run`` metrics."""
+    """The report's sentence on what was scored (default: the number of test records)."""
 
 
-def _exact_match(
+RecordScorer = Callable[[Any, Any, str, list[dict[str, Any]], EvalConfig], dict[str, Any]]
+"""(model, tokenizer, template name, records, eval config) -> scores: a metric over test records."""
+
+
+def on_records(scorer: RecordScorer) -> Callable[[Path, EvalConfig], dict[str, Any]]:
+    """A record metric as a :class:`Metric` score: read the test records, load the run's model
+    and score them, caching the result in ``RUN/eval/<metric>.json`` with the settings it was made
+    with (metric, max_new_tokens, a hash of the records), reused while they stay the same."""
+
+    def score(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
+        import gc
+
+        from zhtune.models.loading import load_for_inference
+
+        records = load_eval_records(ev)
+        digest = hashlib.sha1(json.dumps(records, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+        settings = {"metric": ev.metric, "max_new_tokens": ev.max_new_tokens, "records": len(records),
+                    "sha1": digest}  # fmt: skip
+        path = RunDir(run_dir).eval_dir / f"{ev.metric}.json"
+        if path.exists():
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if cached.get("settings") == settings:
+                return {**cached, "cached": True}
+        model, tokenizer, template = load_for_inference(run_dir, trust_remote_code=ev.trust_remote_code)
+        result = {"settings": settings, **scorer(model, tokenizer, template, records, ev)}
+        del model, tokenizer
+        gc.collect()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(result, ensure_ascii=False, indent=1) + "\n")
+        return result
+
+    return score
+
+
+def exact_match_scores(
     model: Any, tokenizer: Any, template: str, records: list[dict[str, Any]], ev: EvalConfig
 ) -> dict[str, Any]:
     from zhtune.eval.exact_match import exact_match
@@ -200,45 +243,48 @@ def _exact_match(
     )
 
 
-def _gen(
+def gen_scores(
     model: Any, tokenizer: Any, template: str, records: list[dict[str, Any]], ev: EvalConfig
 ) -> dict[str, Any]:
-    """The greedy answers of :func:`_exact_match`, scored by ``zhtune eval gen``'s metrics."""
+    """The greedy answers of :func:`exact_match_scores`, scored by ``zhtune eval gen``'s metrics."""
     from zhtune.eval.gen import aggregate, score_pair
 
-    answers = _exact_match(model, tokenizer, template, records, ev)["predictions"]
+    answers = exact_match_scores(model, tokenizer, template, records, ev)["predictions"]
     rows = [
         {"category": p["category"], "scores": score_pair(p["prediction"], p["reference"])} for p in answers
     ]
     return {**aggregate(rows), "predictions": answers}
 
 
-def _exam(run_dir: Path, ev: EvalConfig, trust_remote_code: bool = False) -> dict[str, Any]:
+def _one_file(ev: EvalConfig) -> str:
+    if len(ev.data) != 1:
+        raise ZhtuneError(f"eval metric {ev.metric}: give one file or folder in 'data', got {len(ev.data)}")
+    return ev.data[0]
+
+
+def _exam(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
     """``zhtune eval exam`` on the run (resumable: a finished exam is read back, not redone), with
     the exam's categories as the table's columns and its subjects kept beside them."""
     from zhtune.eval.exam import ExamOptions, run_exam
 
-    if len(ev.data) != 1:
-        raise ZhtuneError(f"eval metric exam: give one exam folder or file in 'data', got {len(ev.data)}")
     options = ExamOptions(
-        data=ev.data[0], output=str(RunDir(run_dir).eval_dir), shots=ev.shots, batch_size=ev.batch_size,
-        trust_remote_code=trust_remote_code,
+        data=_one_file(ev), output=str(RunDir(run_dir).eval_dir), shots=ev.shots, batch_size=ev.batch_size,
+        runtime=RuntimeOptions(trust_remote_code=ev.trust_remote_code),
     )  # fmt: skip
     report = run_exam(str(run_dir), options)
     return {**report, "scores": report["categories"], "counts": {}, "subjects": report["scores"]}
 
 
-def _judge(run_dir: Path, ev: EvalConfig, trust_remote_code: bool = False) -> dict[str, Any]:
+def _judge(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
     """``zhtune eval judge`` on the run (resumable and cached: a judged question is not asked
     again); the judge's API key comes from $OPENAI_API_KEY, never from the grid file."""
     from zhtune.eval.judge import JudgeOptions, judge
 
-    if len(ev.data) != 1:
-        raise ZhtuneError(f"eval metric judge: give one question file in 'data', got {len(ev.data)}")
     options = JudgeOptions(
-        data=ev.data[0], judge_url=ev.judge_url, judge_model=ev.judge_model, protocol=ev.judge_protocol,
+        data=_one_file(ev), judge=ev.judge or default_judge(), protocol=ev.judge_protocol,
         output=str(RunDir(run_dir).eval_dir), limit=ev.judge_limit, batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens, progress=False, trust_remote_code=trust_remote_code,
+        max_new_tokens=ev.max_new_tokens, progress=False,
+        runtime=RuntimeOptions(trust_remote_code=ev.trust_remote_code),
     )  # fmt: skip
     report = judge(str(run_dir), options)
     if report.get("failed"):
@@ -251,17 +297,17 @@ def _judge(run_dir: Path, ev: EvalConfig, trust_remote_code: bool = False) -> di
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
-        Metric("exact_match", score=_exact_match),
-        Metric("gen", score=_gen),
+        Metric("exact_match", on_records(exact_match_scores), reads_records=True),
+        Metric("gen", on_records(gen_scores), reads_records=True),
         Metric(
             "exam",
-            score_run=_exam,
+            _exam,
             describe=lambda ev: f"exam on {', '.join(ev.data)} ({ev.shots} shots; columns: categories).",
         ),
         Metric(
             "judge",
+            _judge,
             fmt="{:.3f}",
-            score_run=_judge,
             describe=lambda ev: f"LLM judge ({ev.judge_protocol}) on {', '.join(ev.data)}; columns: classes.",
         ),
     ]
@@ -456,43 +502,12 @@ def load_eval_records(ev: EvalConfig) -> list[dict[str, Any]]:
     return usable
 
 
-def evaluate_run(
-    run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]], trust_remote_code: bool = False
-) -> tuple[dict[str, Any], bool]:
-    """Score a run directory with ``ev.metric``; returns ``(result, cached)``. Its model's own code
-    runs only with ``trust_remote_code``: the grid's own ``trust_remote_code`` key for the run, never
-    what the run directory recorded.
-
-    The result is kept in ``RUN/eval/<metric>.json`` with the settings it was made with (metric,
-    max_new_tokens, a hash of the test records) and reused while they stay the same.
-    """
-    import gc
-
-    from zhtune.models.loading import load_for_inference
-
-    metric = METRICS[ev.metric]
-    if metric.score_run is not None:
-        return metric.score_run(run_dir, ev, trust_remote_code), False
-    digest = hashlib.sha1(json.dumps(records, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
-    settings = {
-        "metric": ev.metric,
-        "max_new_tokens": ev.max_new_tokens,
-        "records": len(records),
-        "sha1": digest,
-    }
-    path = RunDir(run_dir).eval_dir / f"{ev.metric}.json"
-    if path.exists():
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        if cached.get("settings") == settings:
-            return cached, True
-    model, tokenizer, template = load_for_inference(run_dir, trust_remote_code=trust_remote_code)
-    assert metric.score is not None
-    result = {"settings": settings, **metric.score(model, tokenizer, template, records, ev)}
-    del model, tokenizer
-    gc.collect()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    return result, False
+def evaluate_run(run: Run, ev: EvalConfig) -> dict[str, Any]:
+    """Score a run with ``ev.metric``. Its model's own code runs only with ``trust_remote_code``:
+    the grid's own key (in ``eval`` or in the run's train config), never what the run directory
+    recorded."""
+    trusted = ev.trust_remote_code or run.train.trust_remote_code
+    return METRICS[ev.metric].score(run.dir, dataclasses.replace(ev, trust_remote_code=trusted))
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,8 +624,8 @@ def run_experiment(
         print(msg, file=sys.stderr, flush=True)
 
     runs = plan_runs(cfg, source)  # every run's config is valid before the first one trains
-    reads_records = cfg.eval is not None and METRICS[cfg.eval.metric].score_run is None
-    records = load_eval_records(cfg.eval) if reads_records else []
+    reads_records = cfg.eval is not None and METRICS[cfg.eval.metric].reads_records
+    records = load_eval_records(cfg.eval) if reads_records else []  # bad test data fails before training
     say(
         f"zhtune experiment: {len(runs)} runs ({' x '.join(f'{k}: {len(v)}' for k, v in cfg.axes.items())}) "
         f"-> {cfg.output_dir}"
@@ -630,8 +645,8 @@ def run_experiment(
             say(f"[{i}/{len(runs)}] finished earlier: training skipped")
         scores = None
         if cfg.eval:
-            scores, cached = evaluate_run(run.dir, cfg.eval, records, run.train.trust_remote_code)
-            how = "cached" if cached else "scored"
+            scores = evaluate_run(run, cfg.eval)
+            how = "cached" if scores.get("cached") else "scored"
             shown = fmt_value(scores["overall"], METRICS[cfg.eval.metric].fmt)
             say(f"[{i}/{len(runs)}] {cfg.eval.metric} {shown} ({how})")
         rows.append(result_row(run, scores))

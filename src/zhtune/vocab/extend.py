@@ -20,11 +20,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
+from zhtune.flags import flag
 from zhtune.vocab import merge
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -46,27 +47,28 @@ ENGLISH_SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "vocab" / "
 class ExtendOptions:
     """What ``zhtune vocab extend`` does (its command-line flags)."""
 
-    base: str
+    base: str = flag(positional=True)
     """Base tokenizer directory (a Hugging Face model or tokenizer directory)."""
-    corpus: list[str]
+    corpus: list[str] = flag(positional=True)
     """Corpus files, directories or globs: .txt/.md (lines) or any data file zhtune reads."""
-    output: str
+    output: str = flag(short="-o", required=True)
     """Directory to write the extended tokenizer to."""
     vocab_size: int = 20000
     """Size of the Chinese vocabulary to train; only its Chinese words the base lacks are added."""
-    model_type: str = "bpe"
+    model_type: str = flag(default="bpe", choices=("bpe", "unigram"))
     """Chinese vocabulary model: bpe, or unigram (SentencePiece-style bases only)."""
     heldout: float = 0.01
     """Share of corpus lines held out of training for the before/after table (0: none)."""
-    eval_text: list[str] = field(default_factory=list)
+    eval_text: list[str] = flag(default_factory=list, metavar="FILE")
     """Extra plain-text files to measure (each its own table row)."""
     format: str = "auto"
     """Data format of non-text corpus files (see `zhtune data convert`)."""
-    mapping: dict[str, str] = field(default_factory=dict)
-    """Column renames for non-text corpus files (``--map zh_output=output``)."""
+    mapping: dict[str, str] = flag(default_factory=dict, cli=False)
+    """Column renames for non-text corpus files (from ``--map zh_output=output``)."""
     overwrite: bool = False
     """Write into a non-empty output directory."""
     progress: bool = True
+    """Show progress bars."""
 
 
 # --------------------------------------------------------------------------------------------

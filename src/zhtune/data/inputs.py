@@ -1,0 +1,35 @@
+"""How a command reads data files: one declaration of ``--format``, ``--map``, ``--rejects``,
+``--allow-rejects`` and ``--progress`` for every command that reads records (convert, clean, cot,
+mix, predict, eval gen, vocab extend). A command takes the flags it uses (``skip`` the others)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zhtune.flags import flag
+
+
+@dataclass
+class InputOptions:
+    """How input files are read, and where the records that cannot be used go."""
+
+    format: str = "auto"
+    """Input format: auto, alpaca, belle, sharegpt, openai, seed, text (see `zhtune data convert`)."""
+    map: list[str] = flag(default_factory=list, metavar="SRC=DST")
+    """Rename a column before reading, e.g. zh_instruction=instruction (repeatable, or comma-joined)."""
+    rejects: str = ""
+    """Where skipped records go with their reason (empty: OUTPUT.rejects.jsonl)."""
+    allow_rejects: bool = False
+    """Exit 0 even if some records were rejected (they are in the rejects file either way)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def mapping(self) -> dict[str, str]:
+        """``--map`` as a dict of column renames (a clear error on a malformed pair)."""
+        from zhtune.data.convert import parse_mapping
+
+        return parse_mapping(self.map)
+
+    def rejects_path(self) -> str | None:
+        """``--rejects``, or None for the default beside the output."""
+        return self.rejects or None

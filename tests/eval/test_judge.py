@@ -19,21 +19,18 @@ from tests.serving import zhtune_serve
 from tests.stub_openai import Scripted, StubServer
 from zhtune.cli import main
 from zhtune.errors import ZhtuneError
-from zhtune.eval.judge import (
+from zhtune.eval.judge import JudgeOptions, judge, macro_scores, summarize
+from zhtune.eval.judge_prompts import (
     BELLE_NOISE,
     BELLE_PATTERNS,
     MTBENCH_PATTERNS,
     PROTOCOLS,
-    JudgeOptions,
     Question,
-    judge,
     judge_messages,
     load_prompts,
-    macro_scores,
     normalize_class,
     parse_score,
     read_questions,
-    summarize,
 )
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "judge"

@@ -32,16 +32,17 @@ import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from zhtune.data.lang import guess_lang
 from zhtune.data.synth import (
     Appender,
+    Rule,
     StopGuard,
     TeacherOptions,
     contains_any,
+    first_rejection,
     format_reasons,
     load_prompts,
     read_appended,
@@ -134,22 +135,13 @@ def check_no_content(lang: str, instruction: str, answer: str) -> str | None:
     return "the answer is only punctuation and stop words"
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One elimination rule: its name, when it applies (before or after the answer), its check."""
-
-    name: str
-    stage: str
-    check: Callable[[str, str, str], str | None]
-
-
 #: The rules in the order applied; ``no_information_gain`` (the Equal judge) runs between the
 #: "instruction" and "answer" stages, since it costs a request.
 RULES: tuple[Rule, ...] = (
-    Rule("empty", "instruction", check_empty),
-    Rule("copied_prompt", "instruction", check_copied),
-    Rule("sorry", "answer", check_sorry),
-    Rule("no_content", "answer", check_no_content),
+    Rule("empty", check_empty, stage="instruction"),
+    Rule("copied_prompt", check_copied, stage="instruction"),
+    Rule("sorry", check_sorry, stage="answer"),
+    Rule("no_content", check_no_content, stage="answer"),
 )
 
 
@@ -250,14 +242,7 @@ class Evolver:
             else:
                 if stage == "answer":
                     answer = await self.ask(client, evolved, f"{extra}:answer", asked)
-                rule, reason = next(
-                    (
-                        (x.name, why)
-                        for x in RULES
-                        if x.stage == stage and (why := x.check(lang, evolved, answer))
-                    ),
-                    (None, None),
-                )
+                rule, reason = first_rejection(RULES, lang, evolved, answer, stage=stage) or (None, None)
             if rule is not None:
                 self.state.eliminated[rule] += 1
                 self.rejects.write({**base, "rule": rule, "reason": reason, "answer": answer})

@@ -38,7 +38,7 @@ import re
 import string
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,9 +46,11 @@ from typing import TYPE_CHECKING, Any
 from zhtune.data.readers import RawError, iter_raw
 from zhtune.data.synth import (
     Appender,
+    Rule,
     StopGuard,
     TeacherOptions,
     contains_any,
+    first_rejection,
     format_reasons,
     load_prompts,
     read_appended,
@@ -280,21 +282,13 @@ def check_start(task: ParsedTask, prompt: SelfInstructPrompt) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Filter:
-    """One rejection rule: its name (in rejects and the summary) and check (reason or None)."""
-
-    name: str
-    check: Callable[[ParsedTask, SelfInstructPrompt], str | None]
-
-
 #: The filters, in the order they are applied (novelty comes last: it is the costliest).
-FILTERS: tuple[Filter, ...] = (
-    Filter("incomplete", check_incomplete),
-    Filter("length", check_length),
-    Filter("blacklist", check_blacklist),
-    Filter("gpt_phrase", check_gpt_phrase),
-    Filter("start", check_start),
+FILTERS: tuple[Rule, ...] = (
+    Rule("incomplete", check_incomplete),
+    Rule("length", check_length),
+    Rule("blacklist", check_blacklist),
+    Rule("gpt_phrase", check_gpt_phrase),
+    Rule("start", check_start),
 )
 
 
@@ -412,7 +406,7 @@ class Generator:
             if k == len(tasks) - 1 and reply.finish_reason == "length":
                 self.reject(n, "truncated", "the reply was cut at --max-tokens", task.raw, instruction)
                 continue
-            failed = next(((f.name, r) for f in FILTERS if (r := f.check(task, prompt))), None)
+            failed = first_rejection(FILTERS, task, prompt)
             if failed is None and (match := self.index.check(instruction)) is not None:
                 failed = ("duplicate", f"{self.options.novelty} {match.score:.2f} with {match.text!r}")
             if failed is not None:

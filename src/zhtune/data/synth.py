@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -44,6 +44,25 @@ class TeacherOptions:
     def client(self, output: str | Path) -> Any:
         """A :class:`~zhtune.llm.client.ChatClient` for the teacher, caching next to ``output``."""
         return self.endpoint.client(sidecar(output, ".cache.sqlite") if self.cache else None)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One keep/reject rule of a generator: its name (in the rejects file and the summary), the
+    stage it applies at (evolve checks instructions before asking for the answer, answers after;
+    generate has one stage), and its check, which returns the reason to reject or None."""
+
+    name: str
+    check: Callable[..., str | None]
+    stage: str = ""
+
+
+def first_rejection(rules: Iterable[Rule], *args: Any, stage: str = "") -> tuple[str, str] | None:
+    """``(rule name, reason)`` of the first rule of ``stage`` whose check rejects ``args``, or None."""
+    for rule in rules:
+        if rule.stage == stage and (reason := rule.check(*args)):
+            return rule.name, reason
+    return None
 
 
 @cache
@@ -181,9 +200,11 @@ class StopGuard:
 
 __all__ = [
     "Appender",
+    "Rule",
     "TeacherOptions",
     "StopGuard",
     "contains_any",
+    "first_rejection",
     "format_reasons",
     "load_prompts",
     "read_appended",

@@ -71,7 +71,7 @@ def test_batch_of_4_gives_the_greedy_predictions_of_batch_1(lora_run, inputs, tm
 
 
 def test_rerun_generates_only_the_missing_rows(lora_run, inputs, tmp_path, monkeypatch, capsys):
-    import zhtune.infer.generate as generate
+    import zhtune.infer.predict as predict_module
 
     out = tmp_path / "pred.jsonl"
     assert main(["predict", str(lora_run), str(inputs), "-o", str(out), "--batch-size", "4", *GEN]) == 0
@@ -81,13 +81,13 @@ def test_rerun_generates_only_the_missing_rows(lora_run, inputs, tmp_path, monke
     out.write_text("\n".join(kept) + "\n" + lines[1][:25], encoding="utf-8")
 
     generated: list[int] = []
-    real = generate.generate_replies
+    real = predict_module.generate_replies
 
     def counting(model, tokenizer, prompts, *args):
         generated.append(len(prompts))
         return real(model, tokenizer, prompts, *args)
 
-    monkeypatch.setattr(generate, "generate_replies", counting)
+    monkeypatch.setattr(predict_module, "generate_replies", counting)
     capsys.readouterr()
     assert main(["predict", str(lora_run), str(inputs), "-o", str(out), "--batch-size", "4", *GEN]) == 0
     assert sum(generated) == N - len(kept)

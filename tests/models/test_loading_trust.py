@@ -253,7 +253,8 @@ def test_eval_exam_refuses(run, marker, tmp_path, capsys):
 
 def test_eval_gen_and_judge_pass_the_flag_on(run, tmp_path, monkeypatch):
     """gen and judge answer through predict: the flag goes with them."""
-    import zhtune.infer.predict as predict_module
+    import zhtune.eval.gen as gen_module
+    import zhtune.eval.judge as judge_module
 
     calls: list[bool] = []
 
@@ -261,7 +262,8 @@ def test_eval_gen_and_judge_pass_the_flag_on(run, tmp_path, monkeypatch):
         calls.append(trust_remote_code)
         raise ZhtuneError("stop here")
 
-    monkeypatch.setattr(predict_module, "predict", fake_predict)
+    for module in (gen_module, judge_module):
+        monkeypatch.setattr(module, "predict", fake_predict)
     data = tmp_path / "in.jsonl"
     data.write_text(
         '{"messages": [{"role": "user", "content": "一加一？"}, {"role": "assistant", "content": "二"}]}\n',

@@ -36,9 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zhtune.data import filters
-from zhtune.data.lang import detect_lang
-from zhtune.data.readers import chunked
+from zhtune.data.convert import Outcome, convert_one, default_rejects_path, detect_file_format, dump_line
+from zhtune.data.formats import apply_mapping, get_format
+from zhtune.data.lang import _fasttext_model, detect_lang
+from zhtune.data.readers import RawError, chunked, expand_inputs, iter_raw_lazy, parse_json_line
 from zhtune.data.split import BYTES_BOUND, split_conversation, tokens_per_byte_bound
+from zhtune.data.templates import encode_many
 from zhtune.errors import ZhtuneError
 from zhtune.parallel import ordered_map
 from zhtune.progress import progress_bar
@@ -265,7 +268,6 @@ class Worker:
         self.counts[(step, what)] += n
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        from zhtune.data.templates import encode_many
 
         return [len(ids) for ids in encode_many(self.tokenizer, texts)]
 
@@ -273,9 +275,6 @@ class Worker:
         """Parse (a JSON Lines line) and convert one raw record, as
         :func:`~zhtune.data.convert.iter_conversations` does, here in the worker so that the main
         process only reads lines."""
-        from zhtune.data.convert import Outcome, convert_one
-        from zhtune.data.formats import apply_mapping
-        from zhtune.data.readers import RawError, parse_json_line
 
         path, line, index, original, fmt = item
         if isinstance(original, str):
@@ -292,7 +291,6 @@ class Worker:
         ``("keep", (path, line, index), id, json_line, fingerprint)`` or ``("remove",
         rejects_line)``; and the counts of this chunk. The fingerprints of the chunk's kept
         records are computed together at the end."""
-        from zhtune.data.convert import dump_line
 
         self.counts = Counter()
         out: list[tuple] = []
@@ -357,9 +355,6 @@ def _load_opencc() -> Any:
 def _raw_items(paths: list[str], fmt: str, mapping: dict[str, str]) -> Iterator[RawItem]:
     """``(path, line, index, raw, format)`` for every raw record of every input: the reading half
     of :func:`~zhtune.data.convert.iter_conversations` (same format detection per file)."""
-    from zhtune.data.convert import detect_file_format
-    from zhtune.data.formats import apply_mapping, get_format
-    from zhtune.data.readers import RawError, iter_raw_lazy, parse_json_line
 
     named = None if fmt == "auto" else get_format(fmt)
     for path in paths:
@@ -435,7 +430,6 @@ def format_clean_summary(
 def _dup_line(where: tuple[str, int, int], rid: str, verdict: Any, record_line: bytes) -> bytes:
     """The rejects line of a duplicate (:func:`reject_entry`'s layout, with ``duplicate_of``
     and ``similarity``), around the record's JSON line as the worker serialised it."""
-    from zhtune.data.convert import dump_line
 
     kind = "exact" if verdict.step == "exact-dup" else "near"
     path, line, index = where
@@ -556,9 +550,7 @@ def clean_files(
     checkpoint (``restart`` starts over), and its files are byte for byte those of an
     uninterrupted run.
     """
-    from zhtune.data.convert import default_rejects_path
     from zhtune.data.dedup import Deduper
-    from zhtune.data.readers import expand_inputs
 
     options = options or CleanOptions()
     enabled = resolve_steps(steps or {}, options)
@@ -690,7 +682,6 @@ def _check_resources(enabled: list[str], options: CleanOptions) -> Any:
     if "t2s" in enabled:
         _load_opencc()
     if "lang" in enabled:
-        from zhtune.data.lang import _fasttext_model
 
         _fasttext_model()
         if not options.langs.strip():

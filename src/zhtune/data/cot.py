@@ -30,6 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zhtune.data.convert import (
+    Outcome,
+    RejectWriter,
+    atomic_open,
+    default_rejects_path,
+    dump_line,
+    make_record_id,
+    rejects_exit_status,
+)
+from zhtune.data.formats import CARRIED, apply_mapping
+from zhtune.data.lang import guess_lang
+from zhtune.data.readers import RawError, expand_inputs, iter_raw
+from zhtune.data.schema import RecordError
 from zhtune.errors import ZhtuneError
 
 
@@ -124,7 +137,6 @@ def pick_template(choice: str, lang: str, seed: int, record_id: str) -> CotTempl
 
 
 def _text(raw: dict[str, Any], key: str, required: bool = True) -> str:
-    from zhtune.data.schema import RecordError
 
     value = raw.get(key)
     if value is None:
@@ -149,8 +161,6 @@ def cot_messages(
     raw: dict[str, Any], choice: str, lang: str, seed: int, record_id: str
 ) -> tuple[list, CotTemplate]:
     """One raw record -> ``(messages, template)``; raises :class:`~zhtune.data.schema.RecordError`."""
-    from zhtune.data.lang import guess_lang
-    from zhtune.data.schema import RecordError
 
     if "question" in raw:
         question = _text(raw, "question")
@@ -208,19 +218,6 @@ def cot_convert(
 
     from tqdm import tqdm
 
-    from zhtune.data.convert import (
-        Outcome,
-        RejectWriter,
-        atomic_open,
-        default_rejects_path,
-        dump_line,
-        make_record_id,
-        rejects_exit_status,
-    )
-    from zhtune.data.formats import CARRIED, apply_mapping
-    from zhtune.data.lang import guess_lang
-    from zhtune.data.readers import RawError, expand_inputs, iter_raw
-    from zhtune.data.schema import RecordError
 
     choice = check_options(opts)
     lang = opts.lang

@@ -35,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from zhtune.data.convert import iter_conversations, reject_entry
 from zhtune.data.lang import guess_lang
 from zhtune.data.synth import (
     Appender,
@@ -50,6 +51,8 @@ from zhtune.data.synth import (
 )
 from zhtune.errors import ZhtuneError
 from zhtune.flags import flag
+from zhtune.llm.client import RETRY_STATUSES, ApiError, map_limited
+from zhtune.progress import progress_bar
 
 #: The in-depth methods (their texts are in the prompt asset) and the in-breadth one.
 DEPTH_METHODS = ("constraints", "deepen", "concretize", "reasoning", "complicate_input")
@@ -260,7 +263,6 @@ class Evolver:
         return None
 
     async def evolve_source(self, client: Any, src: Source, bar: Any) -> None:
-        from zhtune.llm.client import RETRY_STATUSES, ApiError
 
         src.current_id, src.current = src.id, src.instruction
         for r in range(1, self.options.rounds + 1):
@@ -288,7 +290,6 @@ class Evolver:
     async def run(self, sources: list[Source], bar: Any) -> None:
         import asyncio
 
-        from zhtune.llm.client import map_limited
 
         self.slots = asyncio.Semaphore(self.options.teacher.endpoint.concurrency)
         async with self.options.teacher.client(self.output) as client:
@@ -302,7 +303,6 @@ def read_sources(
 ) -> tuple[list[Source], int]:
     """The instructions to evolve (first user turn of each record), and how many records were
     unusable (written to the rejects file once, with the converter's reason)."""
-    from zhtune.data.convert import iter_conversations, reject_entry
 
     sources, bad = [], 0
     ids: set[str] = set()
@@ -336,7 +336,6 @@ def evolve(inputs: list[str], output: str, options: EvolveOptions) -> int:
     """
     import asyncio
 
-    from zhtune.progress import progress_bar
 
     if options.rounds < 1 or options.patience < 1:
         raise ZhtuneError("--rounds and --patience must be at least 1")

@@ -58,6 +58,8 @@ from zhtune.data.synth import (
 )
 from zhtune.errors import ZhtuneError, where
 from zhtune.flags import flag
+from zhtune.llm.client import RETRY_STATUSES, ApiError
+from zhtune.progress import progress_bar
 
 if TYPE_CHECKING:  # numpy and asyncio load only when a run starts, so `zhtune --help` stays fast
     from zhtune.data.novelty import NoveltyIndex
@@ -436,7 +438,6 @@ class Generator:
         """Ask and filter until ``--num`` is reached; returns why it stopped early (None: done)."""
         import asyncio
 
-        from zhtune.llm.client import RETRY_STATUSES, ApiError
 
         options, state, guard = self.options, self.state, self.guard
         numbers = self.request_numbers()
@@ -495,7 +496,6 @@ def generate(seeds_path: str, output: str, options: GenerateOptions) -> int:
     """
     import asyncio
 
-    from zhtune.progress import progress_bar
 
     if options.num < 1 or options.patience < 1:
         raise ZhtuneError("--num and --patience must be at least 1")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zhtune.data.convert import parse_mapping
 from zhtune.flags import flag
 
 
@@ -26,7 +27,6 @@ class InputOptions:
 
     def mapping(self) -> dict[str, str]:
         """``--map`` as a dict of column renames (a clear error on a malformed pair)."""
-        from zhtune.data.convert import parse_mapping
 
         return parse_mapping(self.map)
 

@@ -31,6 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zhtune.data.convert import (
+    RejectWriter,
+    atomic_open,
+    default_rejects_path,
+    dump_line,
+    rejects_exit_status,
+)
+from zhtune.data.readers import expand_inputs
+from zhtune.data.registry import iter_sources, resolve_sources
 from zhtune.errors import ZhtuneError
 
 
@@ -135,7 +144,6 @@ def pick_counts(ranks: Any, quota: int) -> Any:
 
 
 def _sources(specs: list[SourceSpec], opts: MixOptions) -> list[Any]:
-    from zhtune.data.registry import resolve_sources
 
     return resolve_sources([s.name for s in specs], opts.registry or None, opts.format)
 
@@ -160,14 +168,6 @@ def mix(specs: list[str], output: str, opts: MixOptions, rejects: str | None = N
     import numpy as np
     from tqdm import tqdm
 
-    from zhtune.data.convert import (
-        RejectWriter,
-        atomic_open,
-        default_rejects_path,
-        dump_line,
-        rejects_exit_status,
-    )
-    from zhtune.data.readers import expand_inputs
 
     if not specs:
         raise ZhtuneError(
@@ -257,6 +257,5 @@ def mix(specs: list[str], output: str, opts: MixOptions, rejects: str | None = N
 
 
 def _outcomes(src: Any) -> Any:
-    from zhtune.data.registry import iter_sources
 
     return iter_sources([src])

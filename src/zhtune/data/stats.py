@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from zhtune.data.convert import iter_conversations
+from zhtune.models.loading import load_tokenizer as load
+from zhtune.plots import pyplot
 
 FIELDS = ("system", "prompt", "response", "conversation")
 FIELD_OF_ROLE = {"system": "system", "user": "prompt", "assistant": "response"}
@@ -36,7 +38,6 @@ TOKEN_BATCH = 256
 def load_tokenizer(path: str) -> Any:
     """A Hugging Face tokenizer from a local directory (never the network), for counting only:
     its length limit is lifted so long records do not trigger warnings meant for models."""
-    from zhtune.models.loading import load_tokenizer as load
 
     tokenizer = load(path)
     tokenizer.model_max_length = sys.maxsize
@@ -206,7 +207,6 @@ def plot_stats(stats_or_lengths: dict[str, Any], out_png: str) -> None:
     Accepts the dict from :func:`compute_stats` or a plain ``{"prompt": lengths, "response":
     lengths}`` mapping (unit: chars).
     """
-    from zhtune.plots import pyplot
 
     plt = pyplot()
     lengths = stats_or_lengths.get("lengths")

@@ -39,10 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zhtune.data.readers import RawError, iter_raw
+from zhtune.data.templates import render
 from zhtune.errors import ZhtuneError, where
 from zhtune.flags import flag
-from zhtune.models.device import RuntimeOptions
-from zhtune.rundir import write_text_atomic
+from zhtune.infer.generate import GenerationOptions, Prompter, generate_replies, left_pad
+from zhtune.models.device import RuntimeOptions, resolve_device, resolve_dtype
+from zhtune.models.loading import load_for_inference
+from zhtune.progress import progress_bar
+from zhtune.rundir import RunDir, write_text_atomic
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -211,7 +216,6 @@ def iter_records(path: str) -> Iterator[tuple[str | None, int, dict[str, Any]]]:
     if path.lower().endswith((".xlsx", ".xlsm")):
         yield from _iter_xlsx(path)
         return
-    from zhtune.data.readers import RawError, iter_raw
 
     for line, raw in iter_raw(path):
         if isinstance(raw, RawError):
@@ -345,7 +349,6 @@ class PromptBuilder:
         self.max_length = max_length
         self.stop_ids: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         if template is not None:
-            from zhtune.infer.generate import Prompter
 
             self.prompter: Any = Prompter(tokenizer, template)
             self.stop_ids = self.prompter.stop_ids
@@ -380,7 +383,6 @@ class PromptBuilder:
                 full = self.tokenizer(format_question(solved, True).rstrip("\n"))["input_ids"]
             else:
                 msgs = chat_messages("", [], solved) + [{"role": "assistant", "content": letter}]
-                from zhtune.data.templates import render
 
                 full = render(self.prompter.template, msgs, self.tokenizer)[0]
             if full[: len(prompt)] == prompt and len(full) > len(prompt):
@@ -409,7 +411,6 @@ def letter_probs(
     a padded row gives the logits it gives alone)."""
     import torch
 
-    from zhtune.infer.generate import left_pad
 
     ids, mask = left_pad(prompts, pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -490,7 +491,6 @@ def _resolve_template(run: str, option: str, run_template: str) -> str | None:
         return None
     if option != "auto":
         return option
-    from zhtune.rundir import RunDir
 
     tuned = (rd := RunDir(run)).finished or rd.is_export
     return run_template if tuned else None
@@ -575,7 +575,6 @@ def _score_subject(
     step: Callable[[int], None],
 ) -> tuple[list[dict[str, Any]], int]:
     """Prediction rows of one subject (in question order) and how many prompts lost shots."""
-    from zhtune.infer.generate import GenerationOptions, generate_replies
 
     built = [builder.build(head, shots, q) for q in questions]
     prompts = [ids for ids, _ in built]
@@ -610,9 +609,6 @@ def _score_subject(
 def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
     """``zhtune eval exam``: score RUN on the exam in ``options.data``; returns the report (also
     written to OUTPUT/exam.json and exam.md, predictions to OUTPUT/exam_predictions.jsonl)."""
-    from zhtune.models.device import resolve_device, resolve_dtype
-    from zhtune.models.loading import load_for_inference
-    from zhtune.progress import progress_bar
 
     device = resolve_device(options.runtime.device)  # a device this machine lacks fails before anything runs
     dtype = resolve_dtype(options.runtime.dtype, device)

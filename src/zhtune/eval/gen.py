@@ -36,9 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zhtune.data.readers import expand_inputs
 from zhtune.errors import ZhtuneError
 from zhtune.flags import flag
-from zhtune.models.device import RuntimeOptions
+from zhtune.infer.generate import GenerationOptions
+from zhtune.infer.predict import predict
+from zhtune.models.device import RuntimeOptions, resolve_device, resolve_dtype
 
 #: Report keys, in table order.
 METRIC_NAMES = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match")
@@ -254,10 +257,6 @@ def eval_gen(
     mapping: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Generate (resumably) and score; returns the report and the exit status of generation."""
-    from zhtune.data.readers import expand_inputs
-    from zhtune.infer.generate import GenerationOptions
-    from zhtune.infer.predict import predict
-    from zhtune.models.device import resolve_device, resolve_dtype
 
     if not data:
         raise ZhtuneError("give the test data with --data FILE")

@@ -59,9 +59,15 @@ from zhtune.eval.judge_prompts import (
     parse_score,
     read_questions,
 )
+from zhtune.eval.report import fmt_value, markdown_table, write_run_report
 from zhtune.flags import flag
+from zhtune.infer.generate import GenerationOptions
+from zhtune.infer.predict import done_ids, predict
+from zhtune.llm.client import ApiError, map_limited
 from zhtune.llm.options import EndpointOptions
-from zhtune.models.device import RuntimeOptions
+from zhtune.models.device import RuntimeOptions, resolve_device
+from zhtune.progress import progress_bar
+from zhtune.rundir import eval_dir, read_jsonl_rows, write_text_atomic
 
 OTHERS = frozenset({"math", "code"})
 """BELLE's "others" classes, left out of ``score_w/o_others`` (normalised names)."""
@@ -91,9 +97,6 @@ only: it is counted, left out of judge.jsonl and asked again on the next run."""
 def generate_answers(run: str, questions: list[Question], out: Path, opts: JudgeOptions) -> dict[str, str]:
     """The run's greedy answer to every question, generated where ``judge_answers.jsonl`` lacks
     it (:func:`zhtune.infer.predict.predict`: batched, appended as it goes, resumable)."""
-    from zhtune.infer.generate import GenerationOptions
-    from zhtune.infer.predict import predict
-    from zhtune.rundir import write_text_atomic
 
     qfile = out / QUESTIONS
     lines = [
@@ -138,7 +141,6 @@ def generate_answers(run: str, questions: list[Question], out: Path, opts: Judge
 def read_judgements(path: Path) -> dict[str, dict[str, Any]]:
     """The newest row per id already in ``judge.jsonl`` (a cut-off last line from a kill is
     repaired; rows are appended, so a later row of an id supersedes an earlier one)."""
-    from zhtune.infer.predict import done_ids
 
     if not path.exists():
         return {}
@@ -193,8 +195,6 @@ def run_judge(
     is left out and recorded in ``judge_failures.jsonl`` beside ``out_file`` (a re-run asks
     again, after the questions never asked, see :data:`MAX_CONSECUTIVE_FAILURES`); a
     non-retryable error (bad key, unknown model) stops all."""
-    from zhtune.llm.client import ApiError, map_limited
-    from zhtune.progress import progress_bar
 
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -305,7 +305,6 @@ def summarize(rows: list[dict[str, Any]], protocol: Protocol) -> dict[str, Any]:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """``judge.md``: a row per class (n, mean score, unparsed), then score and score_w/o_others."""
-    from zhtune.eval.report import fmt_value, markdown_table
 
     raw = "raw_scores" in report
     head = ["class", "n", "score", "unparsed"] + (["raw mean (1-10)"] if raw else [])
@@ -403,9 +402,6 @@ class JudgeOptions:
 def judge(run: str, opts: JudgeOptions) -> dict[str, Any]:
     """``zhtune eval judge``: answer, judge and report; returns the report (also in judge.json).
     ``report["failed"]`` counts questions the judge never answered (not in the report)."""
-    from zhtune.eval.report import write_run_report
-    from zhtune.models.device import resolve_device
-    from zhtune.rundir import eval_dir, read_jsonl_rows, write_text_atomic
 
     protocol = get_protocol(opts.protocol)
     opts.judge.check(flag_prefix="judge-")

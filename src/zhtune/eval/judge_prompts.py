@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zhtune.data.convert import Outcome, RejectWriter, make_record_id
+from zhtune.data.readers import RawError, iter_raw
+from zhtune.data.schema import RecordError
 from zhtune.errors import ZhtuneError, where
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "judge"
@@ -170,7 +173,6 @@ class Question:
 
 def _question(raw: dict[str, Any], rid: str) -> Question:
     """One raw record -> a :class:`Question`; raises :class:`RecordError` naming the field."""
-    from zhtune.data.schema import RecordError
 
     for key in ("question", "class"):
         if not isinstance(raw.get(key), str) or not raw[key].strip():
@@ -186,9 +188,6 @@ def _question(raw: dict[str, Any], rid: str) -> Question:
 def read_questions(path: str, rejects: str) -> list[Question]:
     """The questions of ``path`` in file order; unusable records go to ``rejects`` (and are
     reported on stderr). Duplicate ids are rejected: ids identify rows of every output."""
-    from zhtune.data.convert import Outcome, RejectWriter, make_record_id
-    from zhtune.data.readers import RawError, iter_raw
-    from zhtune.data.schema import RecordError
 
     questions: list[Question] = []
     seen: set[str] = set()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
+from zhtune.plots import pyplot
 from zhtune.rundir import eval_dir, write_text_atomic
 
 REPORT_MD = "report.md"
@@ -140,7 +141,6 @@ def plot_bars(
     """Horizontal grouped bars: one group per label (top to bottom in order), one bar per
     series, each bar labelled with its value written with ``fmt`` (a missing value: an en dash
     and no bar). Written as a PNG with matplotlib's Agg backend (no display needed)."""
-    from zhtune.plots import pyplot
 
     plt = pyplot()
     n = max(len(series), 1)

@@ -42,7 +42,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zhtune import __version__
+from zhtune.data.dataset import tokenize_records
+from zhtune.data.registry import iter_sources, resolve_sources
+from zhtune.data.templates import get_template, render_text, stop_token_ids, to_jinja
 from zhtune.errors import ZhtuneError
+from zhtune.models.bottleneck import is_bottleneck_dir
+from zhtune.models.device import resolve_device
+from zhtune.models.loading import (
+    MERGEABLE,
+    check_remote_code,
+    load_model,
+    load_source,
+    remote_code_files,
+    resolve_source,
+)
+from zhtune.models.quantization import quantization_config
+from zhtune.models.token_loss import mean_token_loss
+from zhtune.rundir import EXPORT_MANIFEST, RunDir
 
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 """``config.json`` dtype names -> zhtune's."""
@@ -102,7 +119,6 @@ class Plan:
 
 def adapter_kind(adapter_dir: str) -> str:
     """``BOTTLENECK`` or the peft type recorded in ``adapter_config.json``."""
-    from zhtune.models.bottleneck import is_bottleneck_dir
 
     if is_bottleneck_dir(adapter_dir):
         return "BOTTLENECK"
@@ -123,9 +139,6 @@ def _inside(a: Path, b: Path) -> bool:
 
 def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
     """Check the request against the run; raise :class:`ZhtuneError` saying what to change."""
-    from zhtune.models.device import resolve_device
-    from zhtune.models.loading import MERGEABLE, check_remote_code, resolve_source
-    from zhtune.rundir import RunDir
 
     device = resolve_device(opts.device)
     src = resolve_source(run, opts.trust_remote_code)
@@ -207,7 +220,6 @@ def run_data(plan: Plan, path: str, what: str) -> tuple[list[str], str, str]:
 def read_records(paths: list[str], fmt: str, registry: str, n: int, last: bool) -> list[dict[str, Any]]:
     """The first or last ``n`` usable conversations of ``paths`` (files or registered dataset
     names; streamed; rejects skipped)."""
-    from zhtune.data.registry import iter_sources, resolve_sources
 
     kept: deque[dict[str, Any]] = deque(maxlen=n if last else None)
     for o in iter_sources(resolve_sources(paths, registry or None, fmt)):
@@ -222,9 +234,6 @@ def read_records(paths: list[str], fmt: str, registry: str, n: int, last: bool) 
 
 def perplexity(model: Any, tokenizer: Any, template: str, records: list[dict], cutoff_len: int) -> float:
     """exp(mean loss over the assistant tokens of ``records``): the training loss, exponentiated."""
-    from zhtune.data.dataset import tokenize_records
-    from zhtune.data.templates import get_template
-    from zhtune.models.token_loss import mean_token_loss
 
     examples = tokenize_records(records, tokenizer, get_template(template), cutoff_len).examples
     if not examples:
@@ -240,7 +249,6 @@ def perplexity(model: Any, tokenizer: Any, template: str, records: list[dict], c
 # --------------------------------------------------------------------------------------------
 def load_merged(plan: Plan) -> tuple[Any, Any, str]:
     """The model to export in ``plan.dtype`` (adapter merged if asked), its tokenizer, template."""
-    from zhtune.models.loading import load_source
 
     # Never quantized here: merging needs full-precision weights (a QLoRA adapter merges into the
     # full-precision base, as QLoRA's authors export it), and quantizing comes last.
@@ -250,7 +258,6 @@ def load_merged(plan: Plan) -> tuple[Any, Any, str]:
 def save_model(model: Any, tokenizer: Any, template: str, directory: Path, max_shard_size: str) -> None:
     """Weights, tokenizer with the template as its chat_template, and the template's stop ids as
     the generation config's eos (what ``train`` saves in ``model/``)."""
-    from zhtune.data.templates import get_template, stop_token_ids, to_jinja
 
     named = get_template(template)
     if named is not None and not tokenizer.chat_template:
@@ -278,8 +285,6 @@ def quantize(
 ) -> dict:
     """Quantize the full-precision model saved in ``staged`` into ``directory``; returns the
     manifest's ``quantization`` entry."""
-    from zhtune.models.loading import load_model
-    from zhtune.models.quantization import quantization_config
 
     if opts.backend == "bitsandbytes":
         # the QLoRA settings: NF4 with double quantization, or LLM.int8()
@@ -302,7 +307,6 @@ def quantize(
 
 def conversation_text(messages: list[dict[str, str]], tokenizer: Any, template: str) -> str:
     """A conversation as the text the model was trained on."""
-    from zhtune.data.templates import get_template, render_text
 
     named = get_template(template)
     if named is None:
@@ -344,7 +348,6 @@ def quantize_and_measure(
 ) -> tuple[dict, list[dict[str, Any]]]:
     """Quantize the model in ``staged`` into ``final``; returns the manifest's quantization entry
     and the report rows: size and perplexity of both, each as reloaded from disk."""
-    from zhtune.models.loading import load_model
 
     cutoff = int(plan.run_config.get("cutoff_len", 1024))
 
@@ -368,9 +371,6 @@ def quantize_and_measure(
 # --------------------------------------------------------------------------------------------
 def export(run: str, output: str, opts: ExportOptions) -> Path:
     """``zhtune export``: write ``run`` to ``output`` as described in the module doc; returns it."""
-    from zhtune import __version__
-    from zhtune.models.loading import remote_code_files
-    from zhtune.rundir import EXPORT_MANIFEST
 
     started = time.time()
     plan = make_plan(run, output, opts)

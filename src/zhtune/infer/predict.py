@@ -48,7 +48,10 @@ from zhtune.data.formats import FORMATS, Format, apply_mapping, detect_format, g
 from zhtune.data.readers import RawError, expand_inputs, iter_raw
 from zhtune.data.schema import RecordError, validate_record
 from zhtune.errors import ZhtuneError, where
-from zhtune.infer.generate import GenerationOptions
+from zhtune.infer.generate import GenerationOptions, Prompter, generate_replies
+from zhtune.models.device import resolve_device, resolve_dtype
+from zhtune.models.loading import load_for_inference
+from zhtune.progress import progress_bar
 
 ANSWER_SLOTS = {"output": "", "target": ""}
 """The answer fields of the Alpaca and BELLE layouts, which prediction inputs may leave out: an
@@ -201,10 +204,6 @@ def predict(
     Python code only with ``trust_remote_code`` (``--trust-remote-code``). Returns the exit status:
     1 if any record was rejected and not ``allow_rejects``, else 0.
     """
-    from zhtune.infer.generate import Prompter, generate_replies
-    from zhtune.models.device import resolve_device, resolve_dtype
-    from zhtune.models.loading import load_for_inference
-    from zhtune.progress import progress_bar
 
     if batch_size < 1:
         raise ZhtuneError(f"--batch-size must be >= 1, got {batch_size}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
+from zhtune.llm.client import ChatClient, Endpoint
 
 
 @dataclass
@@ -52,7 +53,6 @@ class EndpointOptions:
     def resolve(self, flag_prefix: str = "") -> Any:
         """The resolved :class:`~zhtune.llm.client.Endpoint` (options, then the environment); a
         clear error naming ``--{flag_prefix}base-url`` / ``--{flag_prefix}model`` if incomplete."""
-        from zhtune.llm.client import Endpoint
 
         return Endpoint.resolve(
             self.base_url or None, self.model or None, self.api_key or None, flag_prefix=flag_prefix
@@ -61,7 +61,6 @@ class EndpointOptions:
     def client(self, cache: str | Path | None, flag_prefix: str = "") -> Any:
         """A :class:`~zhtune.llm.client.ChatClient` for this endpoint (replies cached in the SQLite
         file ``cache``, or not at all when it is None)."""
-        from zhtune.llm.client import ChatClient
 
         self.check(flag_prefix)
         return ChatClient(

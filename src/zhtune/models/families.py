@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from zhtune.errors import ZhtuneError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -84,7 +86,6 @@ def lora_targets(model_type: str, requested: list[str]) -> str | list[str]:
 
 def check_packing(model_type: str) -> None:
     """Raise a clear error if packed samples cannot be kept apart in this family."""
-    from zhtune.errors import ZhtuneError
 
     fam = FAMILIES.get(model_type)
     if fam is None or not fam.packs:

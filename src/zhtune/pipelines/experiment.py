@@ -35,14 +35,20 @@ from typing import Any
 
 from zhtune import rundir
 from zhtune.config import build_config, parse_overrides, read_yaml, to_dict
+from zhtune.data.convert import load_conversations
 from zhtune.errors import ZhtuneError
-from zhtune.eval.judge import default_judge
+from zhtune.eval.exact_match import exact_match
+from zhtune.eval.exam import ExamOptions, run_exam
+from zhtune.eval.gen import aggregate, score_pair
+from zhtune.eval.judge import JudgeOptions, default_judge, judge
 from zhtune.eval.report import fmt_value, markdown_table, plot_bars
 from zhtune.llm.options import EndpointOptions
 from zhtune.models.device import RuntimeOptions
+from zhtune.models.loading import load_for_inference
 from zhtune.plots import plot_loss_curves
 from zhtune.rundir import RunDir, write_text_atomic
 from zhtune.train.config import TrainConfig
+from zhtune.train.sft import train
 
 MANAGED_KEYS = ("output_dir", "resume", "overwrite")
 """Train keys the experiment sets for each run itself."""
@@ -211,8 +217,6 @@ def on_records(scorer: RecordScorer) -> Callable[[Path, EvalConfig], dict[str, A
     def score(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
         import gc
 
-        from zhtune.models.loading import load_for_inference
-
         records = load_eval_records(ev)
         digest = hashlib.sha1(json.dumps(records, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
         settings = {"metric": ev.metric, "max_new_tokens": ev.max_new_tokens, "records": len(records),
@@ -236,7 +240,6 @@ def on_records(scorer: RecordScorer) -> Callable[[Path, EvalConfig], dict[str, A
 def exact_match_scores(
     model: Any, tokenizer: Any, template: str, records: list[dict[str, Any]], ev: EvalConfig
 ) -> dict[str, Any]:
-    from zhtune.eval.exact_match import exact_match
 
     return exact_match(
         model, tokenizer, template, records, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens
@@ -247,7 +250,6 @@ def gen_scores(
     model: Any, tokenizer: Any, template: str, records: list[dict[str, Any]], ev: EvalConfig
 ) -> dict[str, Any]:
     """The greedy answers of :func:`exact_match_scores`, scored by ``zhtune eval gen``'s metrics."""
-    from zhtune.eval.gen import aggregate, score_pair
 
     answers = exact_match_scores(model, tokenizer, template, records, ev)["predictions"]
     rows = [
@@ -265,7 +267,6 @@ def _one_file(ev: EvalConfig) -> str:
 def _exam(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
     """``zhtune eval exam`` on the run (resumable: a finished exam is read back, not redone), with
     the exam's categories as the table's columns and its subjects kept beside them."""
-    from zhtune.eval.exam import ExamOptions, run_exam
 
     options = ExamOptions(
         data=_one_file(ev), output=str(RunDir(run_dir).eval_dir), shots=ev.shots, batch_size=ev.batch_size,
@@ -278,7 +279,6 @@ def _exam(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
 def _judge(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
     """``zhtune eval judge`` on the run (resumable and cached: a judged question is not asked
     again); the judge's API key comes from $OPENAI_API_KEY, never from the grid file."""
-    from zhtune.eval.judge import JudgeOptions, judge
 
     options = JudgeOptions(
         data=_one_file(ev), judge=ev.judge or default_judge(), protocol=ev.judge_protocol,
@@ -456,7 +456,6 @@ def _check_same_request(run: Run) -> None:
 def train_run(run: Run, progress: bool = True) -> str:
     """Train ``run`` unless its directory holds a finished run; returns ``skipped``, ``resumed``
     or ``trained``."""
-    from zhtune.train.sft import train
 
     _check_same_request(run)
     run_dir = RunDir(run.dir)
@@ -479,7 +478,6 @@ def train_run(run: Run, progress: bool = True) -> str:
 def load_eval_records(ev: EvalConfig) -> list[dict[str, Any]]:
     """The test records (canonical), those ending in an assistant turn, at most
     ``max_per_category`` of each category."""
-    from zhtune.data.convert import load_conversations
 
     records, n_rejected = load_conversations(ev.data)
     usable = [r for r in records if len(r["messages"]) >= 2 and r["messages"][-1]["role"] == "assistant"]

@@ -22,6 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zhtune.config import build_config, save_config
+from zhtune.data.convert import convert_files
+from zhtune.data.skills import bundled_dir
+from zhtune.data.templates import get_template, prepare_tokenizer
+from zhtune.errors import ZhtuneError
+from zhtune.eval.exact_match import exact_match
+from zhtune.infer.export import perplexity
+from zhtune.models.loading import load_for_inference, quiet_transformers
+from zhtune.models.tiny import build_tiny_llama, train_tokenizer
+from zhtune.train.config import TrainConfig
+from zhtune.train.sft import train
+
 
 @dataclass
 class QuickstartOptions:
@@ -99,7 +111,6 @@ def _skills(spec: str) -> tuple[str, ...]:
     chosen = tuple(s.strip() for s in spec.split(",") if s.strip())
     unknown = [s for s in chosen if s not in SKILLS]
     if unknown or not chosen:
-        from zhtune.errors import ZhtuneError
 
         raise ZhtuneError(f"--skills {spec!r}: expected a comma-separated subset of {', '.join(SKILLS)}")
     return chosen
@@ -111,16 +122,6 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
 
     import torch
 
-    from zhtune.config import build_config, save_config
-    from zhtune.data.convert import convert_files
-    from zhtune.data.skills import bundled_dir
-    from zhtune.data.templates import get_template, prepare_tokenizer
-    from zhtune.eval.exact_match import exact_match
-    from zhtune.infer.export import perplexity
-    from zhtune.models.loading import load_for_inference, quiet_transformers
-    from zhtune.models.tiny import build_tiny_llama, train_tokenizer
-    from zhtune.train.config import TrainConfig
-    from zhtune.train.sft import train
 
     skills = _skills(opts.skills)
     real = bool(opts.model)

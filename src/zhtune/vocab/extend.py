@@ -24,8 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from zhtune.data.convert import iter_conversations
+from zhtune.data.lang import guess_lang
+from zhtune.data.readers import READERS, is_datasets_dir
 from zhtune.errors import ZhtuneError
 from zhtune.flags import flag
+from zhtune.models.loading import load_tokenizer
 from zhtune.vocab import merge
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -76,7 +80,6 @@ class ExtendOptions:
 # --------------------------------------------------------------------------------------------
 def corpus_files(paths: list[str]) -> list[str]:
     """Expand globs and directories into corpus files (text and data files), in a stable order."""
-    from zhtune.data.readers import READERS, is_datasets_dir
 
     known = (*TEXT_SUFFIXES, *READERS)
     out: list[str] = []
@@ -112,7 +115,6 @@ def iter_texts(path: str, fmt: str = "auto", mapping: dict[str, str] | None = No
         with open(path, encoding="utf-8-sig", errors="replace") as f:
             yield from f
         return
-    from zhtune.data.convert import iter_conversations
 
     for outcome in iter_conversations(path, fmt, mapping, chat=False):
         if outcome.record is not None:
@@ -285,7 +287,6 @@ def measure(tokenizer: Any, lines: list[str]) -> TextStats:
 
 def eval_sets(heldout: list[str], eval_text: list[str]) -> dict[str, list[str]]:
     """Named sets of lines for the table: held-out Chinese and English, then each eval file."""
-    from zhtune.data.lang import guess_lang
 
     sets: dict[str, list[str]] = {"zh (held out)": [], "en (held out)": []}
     for line in heldout:
@@ -349,7 +350,6 @@ def require_sentencepiece() -> None:
 
 def load_base(path: str) -> Any:
     """The base tokenizer (a fast tokenizer, with a ``tokenizer.json`` behind it)."""
-    from zhtune.models.loading import load_tokenizer
 
     if not Path(path).is_dir():
         raise ZhtuneError(f"base tokenizer directory not found: {path}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
+from zhtune.models.loading import load_tokenizer, quiet_transformers, resolve_source
 
 PAD_MULTIPLE = 64
 
@@ -115,7 +116,6 @@ def resize_command(model_dir: str, tokenizer_dir: str, output: str, overwrite: b
     """``zhtune vocab resize MODEL_DIR NEW_TOKENIZER_DIR -o OUT``."""
     from transformers import AutoModelForCausalLM
 
-    from zhtune.models.loading import load_tokenizer, quiet_transformers, resolve_source
 
     src = resolve_source(model_dir)
     if src.adapter:

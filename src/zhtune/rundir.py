@@ -10,6 +10,7 @@ experiments) reads one; they all go through :class:`RunDir`, so the layout lives
       trainer_state.json   inside checkpoints/step-N/: where the loop stood
       train_results.json   the summary, written when training finished
       loss.png, rejects.jsonl, truncated.jsonl, checkpoints/step-N/, eval/
+      tracking/            TensorBoard events (report_to)
     EXPORT/zhtune_export.json   the manifest of a ``zhtune export`` directory
 """
 
@@ -31,6 +32,8 @@ CHECKPOINTS = "checkpoints"
 MODEL = "model"
 ADAPTER = "adapter"
 EVAL = "eval"
+TRACKING = "tracking"
+"""Where ``report_to`` trackers that write files (TensorBoard) put them: ``RUN/tracking/RUN_NAME/``."""
 EXPORT_MANIFEST = "zhtune_export.json"
 """What ``zhtune export`` writes beside the weights: source run, method, template, dtype,
 quantization, and an adapter kept apart (``adapter/``) if it was not merged."""

@@ -21,6 +21,7 @@ from zhtune import rundir
 from zhtune.data.batching import micro_batches
 from zhtune.rundir import RunDir, write_text_atomic
 from zhtune.train.setup import Setup
+from zhtune.train.tracking import scalars
 
 
 @dataclass
@@ -181,6 +182,8 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
             row = {"step": pos.step, "epoch": epoch, **row, "tokens": pos.tokens, "elapsed_s": round(time.time() - started, 2)}
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
+        if row and cfg.report_to:
+            acc.log(scalars(row), step=pos.step)
         if cfg.save_steps > 0 and pos.step % cfg.save_steps == 0 and pos.step < s.total_steps:
             at = Position(pos.step, pos.epoch, pos.batch, pos.tokens + window.seen)
             save_checkpoint(acc, s.out, at, cfg.save_total_limit)

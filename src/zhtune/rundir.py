@@ -161,6 +161,58 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_run(path: str | Path) -> Path | None:
+    """The run directory that ``path`` is a ``checkpoints/step-N`` of (it holds its state file), or None."""
+    p = Path(path)
+    if p.parent.name == CHECKPOINTS and p.name.startswith("step-") and (p / STATE).is_file():
+        return p.parent.parent
+    return None
+
+
+def checkpoint_problem(path: Path) -> str:
+    """Why checkpoint ``path`` cannot be complete, naming the file ("" when it looks whole): its
+    state file must parse, no file may be empty, and each safetensors file must hold the bytes its
+    header promises (a write cut short by a crash or a full disk fails here, before loading)."""
+    state = path / STATE
+    if not state.is_file():
+        return f"{state} is missing"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"{state} does not parse ({err})"
+    for f in sorted(path.rglob("*")):
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        if size == 0:
+            return f"{f} is empty"
+        if f.suffix == ".safetensors":
+            problem = _safetensors_problem(f, size)
+            if problem:
+                return f"{f} {problem}"
+    return ""
+
+
+def _safetensors_problem(path: Path, size: int) -> str:
+    """A safetensors file: 8 bytes of header length, a JSON header, then the tensors' bytes."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is truncated ({size} bytes)"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return f"is truncated: its header alone needs {8 + n} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "has an unreadable header"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"is truncated: {size} of {expected} bytes"
+    return ""
+
+
 def checkpoint_step(path: Path) -> int:
     """N of a ``step-N`` checkpoint directory."""
     return int(path.name.split("-")[1])

@@ -43,15 +43,25 @@ def resume(s: Setup) -> Position:
     A checkpoint that cannot be loaded (a truncated or corrupt file) is reported and the one
     before it is tried."""
     run = RunDir(s.out)
-    candidates = [c for c in reversed(run.checkpoints()) if (c / rundir.STATE).is_file()] if s.cfg.resume else []
+    candidates = (
+        [c for c in reversed(run.checkpoints()) if (c / rundir.STATE).is_file()] if s.cfg.resume else []
+    )
     for ckpt in candidates:
+        problem = rundir.checkpoint_problem(ckpt)
+        if problem:
+            s.accelerator.print(
+                f"warning: checkpoint {ckpt} cannot be loaded ({problem}); trying an older one"
+            )
+            continue
         try:
             position = Position(**json.loads((ckpt / rundir.STATE).read_text()))
             s.accelerator.load_state(str(ckpt))
             break
         except Exception as err:  # any unreadable part: fall back to the previous checkpoint
             reason = " ".join(str(err).split())[:300] or type(err).__name__
-            s.accelerator.print(f"warning: checkpoint {ckpt} cannot be loaded ({reason}); trying an older one")
+            s.accelerator.print(
+                f"warning: checkpoint {ckpt} cannot be loaded ({reason}); trying an older one"
+            )
     else:
         if s.cfg.resume:
             what = "no usable checkpoint" if candidates else "no checkpoint"
@@ -61,6 +71,43 @@ def resume(s: Setup) -> Position:
         rows = [r for r in run.log() if r["step"] <= position.step]
         run.log_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return position
+
+
+def adapter_checkpoint_hooks(s: Setup) -> None:
+    """For a peft method (:attr:`~zhtune.train.methods.Method.adapter_checkpoints`), under one
+    process or DDP: a checkpoint holds the adapter in peft's layout plus the tokenizer (plain
+    ``PeftModel.from_pretrained(base, CHECKPOINT)`` loads it; chat, eval and export take it), and
+    accelerate saves only the optimizer, scheduler and RNG state beside it. Sharded engines (FSDP,
+    DeepSpeed) keep accelerate's own save of everything."""
+    acc = s.accelerator
+    if not s.method.adapter_checkpoints or acc.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        return
+
+    def save(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if acc.is_main_process:
+            acc.unwrap_model(models[0]).save_pretrained(output_dir, safe_serialization=True)
+            s.tokenizer.save_pretrained(output_dir)
+            shutil.copy(RunDir(s.out).config_path, Path(output_dir) / rundir.CONFIG)  # for export
+        weights.clear()  # no copy of the frozen base
+
+    def load(models: list[Any], input_dir: str) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = Path(input_dir) / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing")
+        result = set_peft_model_state_dict(acc.unwrap_model(models[0]), load_file(str(weights)))
+        if result.unexpected_keys:
+            raise ValueError(f"{weights} holds weights this model has not: {result.unexpected_keys[:3]}")
+        models.clear()
+
+    acc.register_save_state_pre_hook(save)
+    acc.register_load_state_pre_hook(load)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""peft's adapter weights file."""
 
 
 def save_checkpoint(accelerator: Any, out: Path, position: Position, keep: int) -> None:
@@ -130,7 +177,9 @@ def validation_loss(s: Setup) -> float:
 
     acc = s.accelerator
     with torch.compiler.set_stance("force_eager") if s.cfg.compile else nullcontext():
-        loss = mean_token_loss(s.model, s.data.val_set, s.cfg.batch_size, s.tokenizer.pad_token_id, acc.device, acc.autocast)
+        loss = mean_token_loss(
+            s.model, s.data.val_set, s.cfg.batch_size, s.tokenizer.pad_token_id, acc.device, acc.autocast
+        )
     s.model.train()
     return loss
 
@@ -149,7 +198,9 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
         cfg.group_by_length, rank=acc.process_index, num_processes=acc.num_processes,
         fixed_length=cfg.cutoff_len if cfg.compile and (cfg.packing or cfg.stage == "pt") else 0,
     )  # fmt: skip
-    bar = progress_bar("train", progress and s.is_main, total=s.total_steps, initial=pos.step, dynamic_ncols=True)
+    bar = progress_bar(
+        "train", progress and s.is_main, total=s.total_steps, initial=pos.step, dynamic_ncols=True
+    )
     window = Window()
     last_eval_epoch = pos.epoch
     log_file = RunDir(s.out).log_path.open("a", encoding="utf-8") if s.is_main else None
@@ -160,7 +211,9 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
         pos.step += 1
         window.add(step_loss, n_tokens, seen)
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", epoch=f"{pos.epoch + pos.batch / s.n_batches:.2f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{step_loss:.4f}", epoch=f"{pos.epoch + pos.batch / s.n_batches:.2f}", refresh=False
+        )
 
         row: dict[str, Any] = {}
         if pos.step % cfg.logging_steps == 0 or pos.step == s.total_steps:
@@ -179,7 +232,13 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
             last_eval_epoch = pos.epoch + (pos.batch >= s.n_batches)
         if row and log_file is not None:
             epoch = round(pos.epoch + pos.batch / s.n_batches, 4)
-            row = {"step": pos.step, "epoch": epoch, **row, "tokens": pos.tokens, "elapsed_s": round(time.time() - started, 2)}
+            row = {
+                "step": pos.step,
+                "epoch": epoch,
+                **row,
+                "tokens": pos.tokens,
+                "elapsed_s": round(time.time() - started, 2),
+            }
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
         if row and cfg.report_to:

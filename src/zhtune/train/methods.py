@@ -66,6 +66,13 @@ class Method:
     quantized: bool = False
     """The frozen base is loaded quantized (bitsandbytes)."""
 
+    @property
+    def adapter_checkpoints(self) -> bool:
+        """Checkpoints hold the adapter alone, in peft's layout (``PeftModel.from_pretrained(base,
+        CHECKPOINT)`` loads one), not the frozen base: every peft method saved as peft saves it
+        (PiSSA converts its adapter only at the end, the bottleneck adapters are zhtune's own)."""
+        return self.save_dir == "adapter" and self.save is _save_pretrained
+
 
 # --------------------------------------------------------------------------------------------
 # Builders

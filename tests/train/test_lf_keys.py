@@ -189,3 +189,39 @@ def assert_events_hold_the_loss(out: Path) -> None:
     assert logged["train/loss"] == [1, 2, 3, 4]
     rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == logged["train/loss"]
+
+
+def test_lf_full_example_trains_without_its_deepspeed_key(tmp_path, tiny_model_dir):
+    """examples/train_full/qwen3_full_sft.yaml: its deepspeed key is refused with the launch
+    command; without it the full fine-tuning runs and saves model/."""
+    from zhtune.train.sft import train
+
+    full = {"finetuning_type: lora": "finetuning_type: full", "lora_rank: 8\n": "", "lora_target: all\n": ""}
+    ds = {"finetuning_type: lora": "finetuning_type: full\ndeepspeed: examples/deepspeed/ds_z3_config.json"}
+    with pytest.raises(
+        ZhtuneError, match="'deepspeed' is not supported: zhtune runs DeepSpeed through accelerate"
+    ):
+        load_config(TrainConfig, lf_yaml(tmp_path, model=tiny_model_dir, **ds))
+    out = tmp_path / "full"
+    cfg = load_config(TrainConfig, lf_yaml(tmp_path, model=tiny_model_dir, out=out, **full), ["max_steps=2"])
+    assert cfg.method == "full" and cfg.lr == 2e-4
+    train(cfg, progress=False)
+    assert (out / "model" / "config.json").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")
+def test_a_tracker_that_is_not_installed_is_a_config_error(tmp_path):
+    with pytest.raises(ZhtuneError, match="report_to': wandb needs its package: pip install wandb"):
+        load_config(TrainConfig, lf_yaml(tmp_path, report_to="wandb"))
+
+
+def test_tracking_scalars_and_hyperparameters():
+    from zhtune.train.tracking import hyperparameters, scalars
+
+    row = {"step": 3, "epoch": 0.5, "loss": 1.5, "lr": 1e-4, "grad_norm": None, "eval_loss": 2.0}
+    assert scalars(row) == {"train/epoch": 0.5, "train/loss": 1.5, "train/lr": 1e-4, "eval/loss": 2.0}
+    assert hyperparameters({"data": ["a", "b"], "lr": 1e-4, "x": None}) == {
+        "data": "a,b",
+        "lr": 1e-4,
+        "x": None,
+    }

@@ -302,7 +302,9 @@ DATASET_INFO = "dataset_info.json"
 
 
 def _show(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "[]"
+    return str(value)
 
 
 def is_lf_config(values: dict[str, Any], own: set[str]) -> bool:

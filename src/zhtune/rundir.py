@@ -180,16 +180,47 @@ def checkpoint_problem(path: Path) -> str:
         json.loads(state.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         return f"{state} does not parse ({err})"
-    for f in sorted(path.rglob("*")):
-        if not f.is_file():
-            continue
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    if not any(f.is_dir() for f in path.iterdir()):  # one process or DDP: accelerate's flat layout
+        names = {f.name for f in files}
+        if not names & set(CHECKPOINT_WEIGHTS):
+            return f"{path} holds no weights file ({' or '.join(CHECKPOINT_WEIGHTS)})"
+        for name in CHECKPOINT_STATE:
+            if name not in names:
+                return f"{path / name} is missing"
+    for f in files:
         size = f.stat().st_size
         if size == 0:
             return f"{f} is empty"
-        if f.suffix == ".safetensors":
-            problem = _safetensors_problem(f, size)
-            if problem:
-                return f"{f} {problem}"
+        problem = _safetensors_problem(f, size) if f.suffix == ".safetensors" else ""
+        problem = problem or (_torch_file_problem(f, size) if f.suffix in (".bin", ".pkl") else "")
+        if problem:
+            return f"{f} {problem}"
+    return ""
+
+
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+"""A flat checkpoint's weights: accelerate's save of the model, or a peft adapter's."""
+CHECKPOINT_STATE = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+"""accelerate's training state in a flat checkpoint (accelerate would skip a bad RNG file silently)."""
+CRC_CHECKED_BYTES = 2**30
+"""torch files up to this size have every member's CRC checked (larger: the archive index only)."""
+
+
+def _torch_file_problem(path: Path, size: int) -> str:
+    """A ``torch.save`` file is a zip archive: check it without unpickling anything."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return "is not a readable torch file (truncated or overwritten)"
+    if size <= CRC_CHECKED_BYTES:
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            return f"is corrupt ({err})"
+        if bad is not None:
+            return f"is corrupt (its member {bad} fails its checksum)"
     return ""
 
 

@@ -102,8 +102,8 @@ def test_a_truncated_checkpoint_is_named_before_loading(lora_run, tmp_path):
     assert checkpoint_problem(ckpt).startswith(f"{weights} is truncated")
     weights.write_bytes(b"\x00" * 4)
     assert "is truncated (4 bytes)" in checkpoint_problem(ckpt)
+    shutil.copy(lora_run / "checkpoints" / "step-10" / weights.name, weights)
     (ckpt / "optimizer.bin").write_bytes(b"")
-    weights.unlink()
     assert checkpoint_problem(ckpt) == f"{ckpt / 'optimizer.bin'} is empty"
     (ckpt / "trainer_state.json").unlink()
     assert checkpoint_problem(ckpt) == f"{ckpt / 'trainer_state.json'} is missing"
@@ -121,3 +121,28 @@ def test_resume_skips_a_truncated_newest_checkpoint(lora_run, tmp_path, tiny_mod
     expected, got = curve(lora_run), curve(out)
     for step in range(6, 13):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("delete:adapter_model.safetensors", "holds no weights file (model.safetensors or "),
+        ("delete:random_states_0.pkl", "random_states_0.pkl is missing"),
+        ("flip:random_states_0.pkl", "random_states_0.pkl is corrupt"),
+        ("cut:optimizer.bin", "optimizer.bin is not a readable torch file"),
+    ],
+)
+def test_each_missing_or_corrupt_file_is_named(lora_run, tmp_path, damage, message):
+    ckpt = tmp_path / "step-10"
+    shutil.copytree(lora_run / "checkpoints" / "step-10", ckpt)
+    how, name = damage.split(":")
+    f = ckpt / name
+    if how == "delete":
+        f.unlink()
+    elif how == "cut":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:  # one byte changed inside the data: only the checksum can tell
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    assert message in checkpoint_problem(ckpt)

@@ -225,3 +225,12 @@ def test_tracking_scalars_and_hyperparameters():
         "lr": 1e-4,
         "x": None,
     }
+
+
+def test_zhtune_keys_mix_with_lf_keys_in_one_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model_name_or_path: m\ndataset: a\noutput_dir: o\nmethod: dora\nlr: 2e-4\n", encoding="utf-8"
+    )
+    cfg = load_config(TrainConfig, str(path))
+    assert (cfg.method, cfg.lr, cfg.model) == ("dora", 2e-4, "m")

@@ -40,7 +40,7 @@ class Alias:
     refuse: str = ""
     """Why zhtune cannot honour it (the key is then an error)."""
     accept: tuple[Any, ...] = ()
-    """For a refused key: values that mean "off" and are accepted as no-ops."""
+    """Values that mean "off" and are accepted as no-ops (null always is, for a refused key)."""
 
 
 # ---------------------------------------------------------------------------- value translations
@@ -76,26 +76,21 @@ SCHEDULERS = {
 }
 FLASH_ATTN = {"auto": "auto", "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager"}
 STAGES = {"sft": "sft", "pt": "pt"}
-TEMPLATES = {
-    # LLaMA-Factory name -> zhtune name; any other name -> auto (the tokenizer's own chat template,
-    # else the family's), which is what LLaMA-Factory's family templates reproduce
-    "alpaca": "alpaca", "belle": "belle", "chatml": "chatml", "qwen": "qwen", "llama3": "llama3",
-    "llama2": "llama2", "gemma": "gemma", "default": "default",
-}  # fmt: skip
 NO_TEMPLATE = {"empty"}
 
 
 def template_name(value: Any) -> str:
-    from zhtune.data.templates import TEMPLATES as ZHTUNE_TEMPLATES
+    """A template name zhtune has (alpaca, belle, chatml, qwen, llama3, llama2, gemma, default:
+    LLaMA-Factory's of the same name) is kept; any other -> auto (the tokenizer's own chat
+    template, else the family's), which is what LLaMA-Factory's family templates reproduce."""
+    from zhtune.data.templates import TEMPLATES
 
     name = str(value)
     if name in NO_TEMPLATE:
         raise Refused(
             "template 'empty' (no chat formatting) has no zhtune counterpart; use stage pt for raw text"
         )
-    if name in ("auto", "tokenizer") or name in ZHTUNE_TEMPLATES:
-        return name
-    return TEMPLATES.get(name, "auto")
+    return name if name in ("auto", "tokenizer") or name in TEMPLATES else "auto"
 
 
 def report_list(value: Any) -> list[str]:
@@ -171,7 +166,7 @@ LF_KEYS: dict[str, Alias] = {
     "save_steps": Alias("save_steps"),
     "save_total_limit": Alias("save_total_limit"),
     "report_to": Alias("report_to", report_list),
-    "resume_from_checkpoint": Alias("resume", resume_flag),
+    "resume_from_checkpoint": Alias("resume", resume_flag, accept=(None, False)),
     "eval_steps": Alias("eval_steps"),
     # train
     "per_device_train_batch_size": Alias("batch_size"),
@@ -346,16 +341,13 @@ def translate(values: dict[str, Any], own: set[str], source: str) -> dict[str, A
                     )
                 put(key, value, key)
                 continue
+            if value in alias.accept or (alias.refuse and value is None):
+                notes.append(f"{key}: {value} (no-op{f': {alias.refuse}' if alias.refuse else ''})")
+                continue
             if alias.refuse:
-                if value in alias.accept or value is None:
-                    notes.append(f"{key}: {value} (no-op: {alias.refuse})")
-                    continue
                 raise Refused(f"'{key}' is not supported: {alias.refuse}")
             if not alias.to:
                 notes.append(f"{key}: {_show(value)} (no-op: {alias.note})")
-                continue
-            if key == "resume_from_checkpoint" and value in (None, False):
-                notes.append(f"{key}: {value} (no-op)")
                 continue
             new = alias.value(value) if alias.value is not None else value
             put(alias.to, new, key)
@@ -367,6 +359,8 @@ def translate(values: dict[str, Any], own: set[str], source: str) -> dict[str, A
             given = {k: values[k] for k in keys if k in values}
             if given or (lf and keys == METHOD_KEYS):
                 for zkey, new in combine(given).items():
+                    if not given and zkey in out:  # the default only where zhtune's key is not given
+                        continue
                     put(zkey, new, "+".join(given) or "finetuning_type (default lora)")
                     notes.append(
                         f"{' + '.join(f'{k}: {v}' for k, v in given.items()) or 'finetuning_type: lora (default)'} -> {zkey}: {new}"

@@ -280,6 +280,8 @@ COMBINED: dict[tuple[str, ...], Callable[[dict[str, Any]], dict[str, Any]]] = {
     PRECISION_KEYS: precision,
 }
 
+COMBINED_KEYS = frozenset(k for keys in COMBINED for k in keys)
+
 #: LLaMA-Factory's (and transformers') defaults where they differ from zhtune's, applied to a
 #: config written in its keys: key -> value (a function of the translated values for lora_alpha).
 LF_DEFAULTS: dict[str, Any] = {
@@ -304,8 +306,76 @@ def _show(value: Any) -> str:
 
 def is_lf_config(values: dict[str, Any], own: set[str]) -> bool:
     """Any key that only LLaMA-Factory has (a combined one counts)."""
-    combined = {k for keys in COMBINED for k in keys}
-    return any(k not in own and (k in LF_KEYS or k in combined) for k in values)
+    return any(k not in own and (k in LF_KEYS or k in COMBINED_KEYS) for k in values)
+
+
+@dataclass
+class Translation:
+    """zhtune values being built from one layer of input, with a note per translation."""
+
+    source: str
+    out: dict[str, Any]
+    notes: list[str]
+    set_by: dict[str, str]
+
+    def put(self, key: str, value: Any, origin: str) -> None:
+        """Set zhtune ``key``; two different input keys for one setting is an error."""
+        if key in self.set_by and self.set_by[key] != origin:
+            raise ZhtuneError(
+                f"{self.source}: '{self.set_by[key]}' and '{origin}' both set '{key}'; keep one"
+            )
+        self.set_by[key] = origin
+        self.out[key] = value
+
+    def key(self, key: str, value: Any, own: set[str]) -> None:
+        """One input key: zhtune's own, or an alias of :data:`LF_KEYS` (raises :class:`Refused`)."""
+        alias = LF_KEYS.get(key)
+        if alias is None:
+            if key not in own:
+                known = [*own, *LF_KEYS, *COMBINED_KEYS]
+                close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+                hint = f" Did you mean: {', '.join(close)}?" if close else ""
+                raise ZhtuneError(
+                    f"{self.source}: unknown config key '{key}'.{hint} (see --help for all keys)"
+                )
+            self.put(key, value, key)
+        elif value in alias.accept or (alias.refuse and value is None):
+            self.notes.append(f"{key}: {value} (no-op{f': {alias.refuse}' if alias.refuse else ''})")
+        elif alias.refuse:
+            raise Refused(f"'{key}' is not supported: {alias.refuse}")
+        elif not alias.to:
+            self.notes.append(f"{key}: {_show(value)} (no-op: {alias.note})")
+        else:
+            new = alias.value(value) if alias.value is not None else value
+            self.put(alias.to, new, key)
+            if _show(new) != _show(value):
+                self.notes.append(f"{key}: {_show(value)} -> {alias.to}: {_show(new)}")
+            elif key != alias.to:
+                self.notes.append(f"{key} -> {alias.to}")
+
+    def combined(self, values: dict[str, Any], lf: bool) -> None:
+        """The :data:`COMBINED` groups; a config in LLaMA-Factory's keys gets its default method
+        (lora) unless zhtune's ``method`` is given."""
+        for keys, combine in COMBINED.items():
+            given = {k: values[k] for k in keys if k in values}
+            if not (given or (lf and keys == METHOD_KEYS)):
+                continue
+            said = " + ".join(f"{k}: {v}" for k, v in given.items()) or "finetuning_type: lora (default)"
+            for zkey, new in combine(given).items():
+                if given or zkey not in self.out:
+                    self.put(zkey, new, "+".join(given) or "finetuning_type")
+                    self.notes.append(f"{said} -> {zkey}: {new}")
+
+    def lf_defaults(self, values: dict[str, Any]) -> None:
+        """Where names are looked up (``dataset_dir``) and :data:`LF_DEFAULTS`, for what is not set."""
+        if "data" in self.out and "registry" not in self.out:
+            directory = str(values.get("dataset_dir", DEFAULT_DATASET_DIR)).rstrip("/")
+            self.out["registry"] = f"{directory}/{DATASET_INFO}"
+            self.notes.append(f"dataset_dir: {directory} -> registry: {self.out['registry']}")
+        for key, default in LF_DEFAULTS.items():
+            if key not in self.out:
+                self.out[key] = default(self.out) if callable(default) else default
+                self.notes.append(f"(LLaMA-Factory default) {key}: {self.out[key]}")
 
 
 def translate(values: dict[str, Any], own: set[str], source: str) -> dict[str, Any]:
@@ -313,73 +383,16 @@ def translate(values: dict[str, Any], own: set[str], source: str) -> dict[str, A
     listing every translation. A refused key or value, or two keys for one setting, is an error
     naming ``source``."""
     lf = is_lf_config(values, own)
-    out: dict[str, Any] = {}
-    notes: list[str] = list(values.get(NOTES) or [])
-    set_by: dict[str, str] = {}
-
-    def put(key: str, value: Any, origin: str) -> None:
-        if key in set_by and set_by[key] != origin:
-            raise ZhtuneError(f"{source}: '{set_by[key]}' and '{origin}' both set '{key}'; keep one")
-        set_by[key] = origin
-        out[key] = value
-
-    combined = {k for keys in COMBINED for k in keys}
+    t = Translation(source, {}, list(values.get(NOTES) or []), {})
     try:
         for key, value in values.items():
-            if key in (NOTES, "dataset_dir"):  # dataset_dir: read with dataset, below
-                continue
-            alias = LF_KEYS.get(key)
-            if key in combined:
-                continue
-            if alias is None or (key in own and not alias.to):
-                if key not in own:
-                    known = [*own, *LF_KEYS, *combined]
-                    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-                    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-                    raise ZhtuneError(
-                        f"{source}: unknown config key '{key}'.{hint} (see --help for all keys)"
-                    )
-                put(key, value, key)
-                continue
-            if value in alias.accept or (alias.refuse and value is None):
-                notes.append(f"{key}: {value} (no-op{f': {alias.refuse}' if alias.refuse else ''})")
-                continue
-            if alias.refuse:
-                raise Refused(f"'{key}' is not supported: {alias.refuse}")
-            if not alias.to:
-                notes.append(f"{key}: {_show(value)} (no-op: {alias.note})")
-                continue
-            new = alias.value(value) if alias.value is not None else value
-            put(alias.to, new, key)
-            if _show(new) != _show(value):
-                notes.append(f"{key}: {_show(value)} -> {alias.to}: {_show(new)}")
-            elif key != alias.to:
-                notes.append(f"{key} -> {alias.to}")
-        for keys, combine in COMBINED.items():
-            given = {k: values[k] for k in keys if k in values}
-            if given or (lf and keys == METHOD_KEYS):
-                for zkey, new in combine(given).items():
-                    if not given and zkey in out:  # the default only where zhtune's key is not given
-                        continue
-                    put(zkey, new, "+".join(given) or "finetuning_type (default lora)")
-                    notes.append(
-                        f"{' + '.join(f'{k}: {v}' for k, v in given.items()) or 'finetuning_type: lora (default)'} -> {zkey}: {new}"
-                    )
+            if key not in (NOTES, "dataset_dir") and key not in COMBINED_KEYS:  # those: below
+                t.key(key, value, own)
+        t.combined(values, lf)
     except Refused as err:
         raise ZhtuneError(f"{source}: {err}") from None
     if "neat_packing" in values:
-        notes.append(
-            "packing: zhtune always packs without attention across samples (LLaMA-Factory's neat_packing)"
-        )
+        t.notes.append("packing: zhtune never attends across packed samples (LLaMA-Factory's neat_packing)")
     if lf:
-        if "data" in out and "registry" not in out:
-            directory = str(values.get("dataset_dir", DEFAULT_DATASET_DIR)).rstrip("/")
-            out["registry"] = f"{directory}/{DATASET_INFO}"
-            notes.append(f"dataset_dir: {directory} -> registry: {out['registry']}")
-        for key, default in LF_DEFAULTS.items():
-            if key not in out:
-                out[key] = default(out) if callable(default) else default
-                notes.append(f"(LLaMA-Factory default) {key}: {out[key]}")
-    if notes:
-        out[NOTES] = notes
-    return out
+        t.lf_defaults(values)
+    return {**t.out, NOTES: t.notes} if t.notes else t.out

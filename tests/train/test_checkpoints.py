@@ -146,3 +146,21 @@ def test_each_missing_or_corrupt_file_is_named(lora_run, tmp_path, damage, messa
         data[len(data) // 2] ^= 0xFF
         f.write_bytes(bytes(data))
     assert message in checkpoint_problem(ckpt)
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "prompt"])
+def test_other_peft_methods_resume_on_the_same_curve(method, tmp_path, tiny_model_dir, train_file):
+    """dora and ia3 from their adapter checkpoints; prompt (a virtual-token method) from
+    accelerate's full save, kept for it."""
+    ref = tmp_path / "ref"
+    kw = dict(method=method, max_steps=7, lora_target=["all"], lr=1e-2)
+    train(cfg(tiny_model_dir, train_file, ref, **kw), progress=False)
+    adapter_ckpt = (ref / "checkpoints" / "step-5" / "adapter_config.json").is_file()
+    assert adapter_ckpt == (method != "prompt")
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "adapter")
+    train(cfg(tiny_model_dir, train_file, out, resume=True, **kw), progress=False)
+    expected, got = curve(ref), curve(out)
+    for step in (6, 7):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step

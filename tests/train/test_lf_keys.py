@@ -141,6 +141,7 @@ def test_unknown_key_still_gets_a_close_match(tmp_path):
         ("neat_packing: true", {"packing": True}),
         ("num_train_epochs: 2.0\nwarmup_steps: 3", {"epochs": 2.0, "warmup_steps": 3}),
         ("disable_gradient_checkpointing: true", {"gradient_checkpointing": False}),
+        ("ddp_timeout: 180000000", {"ddp_timeout": 180000000}),
         ("lora_rank: 16", {"lora_rank": 16, "lora_alpha": 32.0, "lr": 5e-5, "lr_scheduler": "linear"}),
     ],
 )
@@ -234,3 +235,12 @@ def test_zhtune_keys_mix_with_lf_keys_in_one_file(tmp_path):
     )
     cfg = load_config(TrainConfig, str(path))
     assert (cfg.method, cfg.lr, cfg.model) == ("dora", 2e-4, "m")
+
+
+def test_ddp_timeout_reaches_the_process_group_settings(tmp_path):
+    from datetime import timedelta
+
+    from zhtune.train.setup import make_accelerator
+
+    cfg = load_config(TrainConfig, lf_yaml(tmp_path, out=tmp_path / "o"))
+    assert make_accelerator(cfg).init_handler.timeout == timedelta(seconds=180000000)

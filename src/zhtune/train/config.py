@@ -109,6 +109,8 @@ class TrainConfig:
     """Attention kernel: auto (transformers' default, SDPA), eager, sdpa, or flash_attention_2 (GPU, flash-attn installed; packed samples then run as variable-length sequences)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    ddp_timeout: int = 1800
+    """Seconds a process waits for the others (collective operations) before a multi-process run fails."""
     num_workers: int = 0
     """DataLoader worker processes."""
     fused_loss: bool = True
@@ -142,6 +144,7 @@ class TrainConfig:
             "logging_steps",
             "num_virtual_tokens",
             "adapter_size",
+            "ddp_timeout",
         ):
             if getattr(self, name) < 1:
                 raise ZhtuneError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")

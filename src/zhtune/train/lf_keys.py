@@ -159,6 +159,7 @@ LF_KEYS: dict[str, Alias] = {
     "neat_packing": Alias("packing"),
     "train_on_prompt": Alias("train_on_prompt"),
     "dataloader_num_workers": Alias("num_workers"),
+    "ddp_timeout": Alias("ddp_timeout"),
     # output
     "output_dir": Alias("output_dir"),
     "overwrite_output_dir": Alias("overwrite"),
@@ -188,7 +189,6 @@ LF_KEYS: dict[str, Alias] = {
     "plot_loss": Alias(note="loss.png is always written"),
     "per_device_eval_batch_size": Alias(note="validation uses batch_size"),
     "eval_strategy": Alias(note="validation every eval_steps (0: each epoch)"),
-    "ddp_timeout": Alias(note="multi-process runs use accelerate's process-group timeout"),
     "include_num_input_tokens_seen": Alias(note="trainer_log.jsonl always counts tokens"),
     "run_name": Alias(note="trackers name the run after output_dir"),
     "save_only_model": Alias(

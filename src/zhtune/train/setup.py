@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ZhtuneError("config key 'precision': fp16 needs a GPU; use bf16 or fp32 on a CPU")
@@ -151,6 +152,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         # per optimizer step (by default Accelerate steps it num_processes times)
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=cfg.report_to or None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
         project_dir=str(Path(cfg.output_dir) / rundir.TRACKING),
     )
     accelerator.gradient_accumulation_steps = cfg.grad_accum  # a launcher's setting must not win

@@ -245,9 +245,7 @@ def load_model(
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     quiet_transformers()
-    extra: dict[str, Any] = (
-        {"quantization_config": quantization_config} if quantization_config is not None else {}
-    )
+    extra: dict[str, Any] = {"quantization_config": quantization_config} if quantization_config is not None else {}
     if device is not None:
         extra["device_map"] = {"": device}
     try:

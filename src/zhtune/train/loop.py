@@ -43,9 +43,7 @@ def resume(s: Setup) -> Position:
     A checkpoint that cannot be loaded (a truncated or corrupt file) is reported and the one
     before it is tried."""
     run = RunDir(s.out)
-    candidates = (
-        [c for c in reversed(run.checkpoints()) if (c / rundir.STATE).is_file()] if s.cfg.resume else []
-    )
+    candidates = [c for c in reversed(run.checkpoints()) if (c / rundir.STATE).is_file()] if s.cfg.resume else []
     for ckpt in candidates:
         problem = rundir.checkpoint_problem(ckpt)
         if problem:
@@ -59,9 +57,7 @@ def resume(s: Setup) -> Position:
             break
         except Exception as err:  # any unreadable part: fall back to the previous checkpoint
             reason = " ".join(str(err).split())[:300] or type(err).__name__
-            s.accelerator.print(
-                f"warning: checkpoint {ckpt} cannot be loaded ({reason}); trying an older one"
-            )
+            s.accelerator.print(f"warning: checkpoint {ckpt} cannot be loaded ({reason}); trying an older one")
     else:
         if s.cfg.resume:
             what = "no usable checkpoint" if candidates else "no checkpoint"

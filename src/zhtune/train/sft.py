@@ -55,9 +55,7 @@ def save_run(s: Setup, position: Position, started: float) -> None:
     # FSDP and ZeRO-3 keep a shard of the weights on each process: gather them (every process
     # takes part); with DDP, ZeRO-2 or one process the model holds them whole
     ds_plugin = acc.state.deepspeed_plugin
-    sharded = acc.distributed_type == DistributedType.FSDP or (
-        ds_plugin is not None and ds_plugin.zero_stage == 3
-    )
+    sharded = acc.distributed_type == DistributedType.FSDP or (ds_plugin is not None and ds_plugin.zero_stage == 3)
     full_state = {"state_dict": acc.get_state_dict(s.model)} if sharded else {}
     if s.is_main:
         run = RunDir(out)
@@ -87,7 +85,5 @@ def save_run(s: Setup, position: Position, started: float) -> None:
             "train_seconds": round(time.time() - started, 2),
         }
         run.results_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        acc.print(
-            f"done in {results['train_seconds']} s: final loss {results['final_loss']}; run directory {out}"
-        )
+        acc.print(f"done in {results['train_seconds']} s: final loss {results['final_loss']}; run directory {out}")
     acc.wait_for_everyone()

@@ -173,9 +173,7 @@ def validation_loss(s: Setup) -> float:
 
     acc = s.accelerator
     with torch.compiler.set_stance("force_eager") if s.cfg.compile else nullcontext():
-        loss = mean_token_loss(
-            s.model, s.data.val_set, s.cfg.batch_size, s.tokenizer.pad_token_id, acc.device, acc.autocast
-        )
+        loss = mean_token_loss(s.model, s.data.val_set, s.cfg.batch_size, s.tokenizer.pad_token_id, acc.device, acc.autocast)
     s.model.train()
     return loss
 
@@ -194,9 +192,7 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
         cfg.group_by_length, rank=acc.process_index, num_processes=acc.num_processes,
         fixed_length=cfg.cutoff_len if cfg.compile and (cfg.packing or cfg.stage == "pt") else 0,
     )  # fmt: skip
-    bar = progress_bar(
-        "train", progress and s.is_main, total=s.total_steps, initial=pos.step, dynamic_ncols=True
-    )
+    bar = progress_bar("train", progress and s.is_main, total=s.total_steps, initial=pos.step, dynamic_ncols=True)
     window = Window()
     last_eval_epoch = pos.epoch
     log_file = RunDir(s.out).log_path.open("a", encoding="utf-8") if s.is_main else None
@@ -207,9 +203,7 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
         pos.step += 1
         window.add(step_loss, n_tokens, seen)
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{step_loss:.4f}", epoch=f"{pos.epoch + pos.batch / s.n_batches:.2f}", refresh=False
-        )
+        bar.set_postfix(loss=f"{step_loss:.4f}", epoch=f"{pos.epoch + pos.batch / s.n_batches:.2f}", refresh=False)
 
         row: dict[str, Any] = {}
         if pos.step % cfg.logging_steps == 0 or pos.step == s.total_steps:
@@ -228,13 +222,7 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
             last_eval_epoch = pos.epoch + (pos.batch >= s.n_batches)
         if row and log_file is not None:
             epoch = round(pos.epoch + pos.batch / s.n_batches, 4)
-            row = {
-                "step": pos.step,
-                "epoch": epoch,
-                **row,
-                "tokens": pos.tokens,
-                "elapsed_s": round(time.time() - started, 2),
-            }
+            row = {"step": pos.step, "epoch": epoch, **row, "tokens": pos.tokens, "elapsed_s": round(time.time() - started, 2)}
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
         if row and cfg.report_to:

@@ -100,3 +100,23 @@ def test_shipped_configs_parse(path):
 
 def test_configs_are_shipped():
     assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("text", ["2e-4", "2.0e-4", "2E-4", "+2e-4", "0.0002"])
+def test_numbers_parse_the_same_in_yaml_and_on_the_command_line(tmp_path, text):
+    base = ["model=m", "data=a.jsonl", "output_dir=o"]
+    from_yaml = load_config(
+        TrainConfig, write(tmp_path, f"model: m\ndata: [a.jsonl]\noutput_dir: o\nlr: {text}\n")
+    )
+    from_cli = load_config(TrainConfig, None, [*base, f"lr={text}"])
+    assert from_yaml.lr == from_cli.lr == pytest.approx(2e-4) and isinstance(from_yaml.lr, float)
+
+
+def test_a_string_key_keeps_text_that_looks_like_a_number():
+    cfg = load_config(TrainConfig, None, ["model=1e5", "data=a.jsonl", "output_dir=o"])
+    assert cfg.model == "1e5"
+
+
+def test_a_word_is_still_not_a_float():
+    with pytest.raises(ZhtuneError, match="'lr': expected float, got 'fast'"):
+        load_config(TrainConfig, None, ["model=m", "data=a.jsonl", "output_dir=o", "lr=fast"])

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -24,6 +25,10 @@ from zhtune.errors import ZhtuneError
 
 C = TypeVar("C")
 MISSING = dataclasses.MISSING
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+"""A decimal number as text: YAML 1.1 (PyYAML) leaves ``1e-4`` and ``2.0e-5`` strings."""
+NOTES = "translated"
+"""The key under which a config class's ``translate_keys`` hook records what it translated."""
 
 
 @cache
@@ -90,6 +95,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            return float(value)  # `lr: 2e-4` in YAML is the number it looks like, as on the command line
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -114,13 +121,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as err:
             raise ZhtuneError(f"override '{item}': value is not valid YAML ({err})") from None
-        # YAML 1.1 reads 1e-4 as a string; numbers written that way are meant as numbers.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value.lower() for c in ".e") and value.strip() else value
-            except ValueError:
-                pass
-        out[key.strip()] = value
+        out[key.strip()] = value  # a number YAML leaves a string (1e-4) is read by _coerce
     return out
 
 
@@ -150,6 +151,7 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
     Unknown keys are errors with close matches; values are type-checked; fields without a
     default must be given. ``source`` names where the values came from, for messages.
     """
+    values = translate_keys(cls, values, source)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     for key in values:
@@ -171,11 +173,31 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
         raise ZhtuneError(f"{source}: {err}") from None
 
 
+def translate_keys(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` in ``cls``'s own keys: a config class that accepts another tool's keys (the
+    train config takes LLaMA-Factory's) has a ``translate_keys(values, source)`` hook that
+    rewrites them and lists what it did under :data:`NOTES`; its own keys pass unchanged."""
+    hook = getattr(cls, "translate_keys", None)
+    return hook(values, source) if hook is not None else values
+
+
+def merge_layers(cls: type, layers: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    """Later layers (``(values, source)``) win key by key, each translated first, so an override in
+    zhtune's keys replaces the same setting written in another tool's keys; notes accumulate."""
+    merged: dict[str, Any] = {}
+    notes: list[str] = []
+    for values, source in layers:
+        values = dict(translate_keys(cls, values, source))
+        notes += values.pop(NOTES, [])
+        merged.update(values)
+    return {**merged, NOTES: notes} if notes else merged
+
+
 def load_config(cls: type[C], path: str | None, overrides: list[str] | None = None) -> C:
     """YAML file (optional) + ``key=value`` overrides -> validated ``cls`` instance."""
-    values = read_yaml(path) if path else {}
-    values.update(parse_overrides(overrides or []))
-    return build_config(cls, values, source=str(path) if path else "command line")
+    layers = [(read_yaml(path), str(path))] if path else []
+    layers.append((parse_overrides(overrides or []), "command line"))
+    return build_config(cls, merge_layers(cls, layers), source=str(path) if path else "command line")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ experiments) reads one; they all go through :class:`RunDir`, so the layout lives
       trainer_state.json   inside checkpoints/step-N/: where the loop stood
       train_results.json   the summary, written when training finished
       loss.png, rejects.jsonl, truncated.jsonl, checkpoints/step-N/, eval/
+      tracking/            TensorBoard events (report_to)
     EXPORT/zhtune_export.json   the manifest of a ``zhtune export`` directory
 """
 
@@ -31,6 +32,8 @@ CHECKPOINTS = "checkpoints"
 MODEL = "model"
 ADAPTER = "adapter"
 EVAL = "eval"
+TRACKING = "tracking"
+"""Where ``report_to`` trackers that write files (TensorBoard) put them: ``RUN/tracking/RUN_NAME/``."""
 EXPORT_MANIFEST = "zhtune_export.json"
 """What ``zhtune export`` writes beside the weights: source run, method, template, dtype,
 quantization, and an adapter kept apart (``adapter/``) if it was not merged."""
@@ -156,6 +159,89 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def checkpoint_run(path: str | Path) -> Path | None:
+    """The run directory that ``path`` is a ``checkpoints/step-N`` of (it holds its state file), or None."""
+    p = Path(path)
+    if p.parent.name == CHECKPOINTS and p.name.startswith("step-") and (p / STATE).is_file():
+        return p.parent.parent
+    return None
+
+
+def checkpoint_problem(path: Path) -> str:
+    """Why checkpoint ``path`` cannot be complete, naming the file ("" when it looks whole): its
+    state file must parse, no file may be empty, and each safetensors file must hold the bytes its
+    header promises (a write cut short by a crash or a full disk fails here, before loading)."""
+    state = path / STATE
+    if not state.is_file():
+        return f"{state} is missing"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"{state} does not parse ({err})"
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    if not any(f.is_dir() for f in path.iterdir()):  # one process or DDP: accelerate's flat layout
+        names = {f.name for f in files}
+        if not names & set(CHECKPOINT_WEIGHTS):
+            return f"{path} holds no weights file ({' or '.join(CHECKPOINT_WEIGHTS)})"
+        for name in CHECKPOINT_STATE:
+            if name not in names:
+                return f"{path / name} is missing"
+    for f in files:
+        size = f.stat().st_size
+        if size == 0:
+            return f"{f} is empty"
+        problem = _safetensors_problem(f, size) if f.suffix == ".safetensors" else ""
+        problem = problem or (_torch_file_problem(f, size) if f.suffix in (".bin", ".pkl") else "")
+        if problem:
+            return f"{f} {problem}"
+    return ""
+
+
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+"""A flat checkpoint's weights: accelerate's save of the model, or a peft adapter's."""
+CHECKPOINT_STATE = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+"""accelerate's training state in a flat checkpoint (accelerate would skip a bad RNG file silently)."""
+CRC_CHECKED_BYTES = 2**30
+"""torch files up to this size have every member's CRC checked (larger: the archive index only)."""
+
+
+def _torch_file_problem(path: Path, size: int) -> str:
+    """A ``torch.save`` file is a zip archive: check it without unpickling anything."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return "is not a readable torch file (truncated or overwritten)"
+    if size <= CRC_CHECKED_BYTES:
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            return f"is corrupt ({err})"
+        if bad is not None:
+            return f"is corrupt (its member {bad} fails its checksum)"
+    return ""
+
+
+def _safetensors_problem(path: Path, size: int) -> str:
+    """A safetensors file: 8 bytes of header length, a JSON header, then the tensors' bytes."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is truncated ({size} bytes)"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return f"is truncated: its header alone needs {8 + n} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "has an unreadable header"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"is truncated: {size} of {expected} bytes"
+    return ""
 
 
 def checkpoint_step(path: Path) -> int:

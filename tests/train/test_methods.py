@@ -41,6 +41,13 @@ TRAINED = {
     "qlora": r"lora_[AB]",
 }
 """Method -> pattern of the parameter names it trains (everything else must stay frozen)."""
+SAVED_AS = {
+    "adalora": r"lora_[ABE]$",  # saved as parameters, without .weight
+    "prefix": r"prompt_embeddings",
+    "prompt": r"prompt_embeddings",
+    "ptuning": r"prompt_embeddings",
+}
+"""Where peft's saved adapter names the trained parameters otherwise."""
 LR = {"prompt": 1e-1, "ia3": 3e-2, "ptuning": 3e-3}
 MERGEABLE = ("lora", "dora", "rslora", "pissa", "adalora", "ia3")
 VAL = 16
@@ -108,10 +115,13 @@ def test_method_trains_only_its_parameters_and_reloads(method, tmp_path, tuned_b
     curve = [r["loss"] for r in log if "loss" in r]
     assert curve[-1] < (0.9 if method == "ptuning" else 0.85) * curve[0], curve  # P-tuning v1 is the weakest
 
-    # between two checkpoints exactly the method's parameters moved
-    a = load_file(run / "checkpoints" / "step-10" / "model.safetensors")
-    b = load_file(run / "checkpoints" / "step-20" / "model.safetensors")
-    pattern = re.compile(TRAINED[method])
+    # between two checkpoints exactly the method's parameters moved (a peft method's checkpoint
+    # holds its adapter alone, under peft's names)
+    adapter = METHODS[method].adapter_checkpoints
+    weights = "adapter_model.safetensors" if adapter else "model.safetensors"
+    a = load_file(run / "checkpoints" / "step-10" / weights)
+    b = load_file(run / "checkpoints" / "step-20" / weights)
+    pattern = re.compile(SAVED_AS.get(method, TRAINED[method]) if adapter else TRAINED[method])
     changed = {k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])}
     intended = {k for k in a if pattern.search(k) and a[k].is_floating_point()}
     # (bitsandbytes re-serialises a 4-bit base's quantization state slightly differently per save)

@@ -188,21 +188,21 @@ def _iter_file(
 
 def iter_conversations(
     paths: str | list[str],
-    fmt: str = "auto",
+    fmt: str | Format = "auto",
     mapping: dict[str, str] | None = None,
     chat: bool = True,
     strict: bool = False,
 ) -> Iterator[Outcome]:
     """Stream an :class:`Outcome` for every raw record of every input.
 
-    ``fmt`` is ``"auto"`` (detected per file from its first parseable record) or a name in
-    :data:`~zhtune.data.formats.FORMATS`. ``mapping`` renames source columns first. With
+    ``fmt`` is ``"auto"`` (detected per file from its first parseable record), a name in
+    :data:`~zhtune.data.formats.FORMATS`, or a :class:`Format` (a registry entry's own layout). ``mapping`` renames source columns first. With
     ``chat`` (training data) a record needs an assistant turn; without it (stats) only the
     shape is checked. With ``strict`` a record with a field its format does not use is
     rejected (default: the field is ignored and counted). Raises :class:`ZhtuneError` for an unknown format, an undetectable file,
     or a file that is broken beyond one record.
     """
-    named = None if fmt == "auto" else get_format(fmt)
+    named = fmt if isinstance(fmt, Format) else None if fmt == "auto" else get_format(fmt)
     for path in expand_inputs([paths] if isinstance(paths, str) else list(paths)):
         yield from _iter_file(path, named, mapping or {}, chat, strict)
 
@@ -271,7 +271,7 @@ class RejectWriter:
 
 def load_conversations(
     paths: str | list[str],
-    fmt: str = "auto",
+    fmt: str | Format = "auto",
     mapping: dict[str, str] | None = None,
     rejects_path: str | None = None,
 ) -> tuple[list[dict[str, Any]], int]:

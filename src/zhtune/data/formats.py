@@ -32,7 +32,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from zhtune.data.schema import RecordError
@@ -188,6 +188,53 @@ def _sharegpt_turn(i: int, turn: Any) -> dict[str, str]:
             f"{where}.{who_key}", f"unknown speaker {who!r} (expected one of {', '.join(SPEAKERS)})"
         )
     return _msg(role, _str(turn, text_key, where=f"{where}.{text_key}"))
+
+
+#: LLaMA-Factory's sharegpt layout by default (its dataset_info.json ``tags``).
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+#: The tags naming a speaker, and the role each one is.
+TAG_ROLES = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
+#: Tool-calling speakers: recognised, but their turns cannot be trained on (no tool role).
+TOOL_TAGS = ("observation_tag", "function_tag")
+
+
+def sharegpt_tagged(tags: dict[str, str]) -> Format:
+    """The sharegpt format with LLaMA-Factory's ``tags`` (``role_tag``, ``content_tag``,
+    ``user_tag``...; the others keep :data:`SHAREGPT_TAGS`): ``conversations`` of
+    ``{role_tag: speaker, content_tag: text}``. A tool-call turn rejects its record."""
+    t = {**SHAREGPT_TAGS, **tags}
+    speakers = {t[tag]: role for tag, role in TAG_ROLES.items()}
+    tools = {t[tag] for tag in TOOL_TAGS}
+
+    def turn(i: int, item: Any) -> dict[str, str]:
+        where = f"conversations[{i}]"
+        if not isinstance(item, dict):
+            raise RecordError(where, f"must be an object, got {_type_name(item)}")
+        who = _str(item, t["role_tag"], where=f"{where}.{t['role_tag']}")
+        if who in tools:
+            raise RecordError(f"{where}.{t['role_tag']}", f"tool-call turns ({who!r}) are not supported")
+        if who not in speakers:
+            raise RecordError(
+                f"{where}.{t['role_tag']}", f"unknown speaker {who!r} (tags: {', '.join(speakers)})"
+            )
+        return _msg(speakers[who], _str(item, t["content_tag"], where=f"{where}.{t['content_tag']}"))
+
+    def to_messages(raw: dict[str, Any]) -> Messages:
+        messages = [turn(i, item) for i, item in enumerate(_list(raw, "conversations"))]
+        system = _str(raw, "system", required=False)
+        if system.strip() and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, _msg("system", system))
+        return messages
+
+    return replace(FORMATS["sharegpt"], to_messages=to_messages, known=FORMATS["sharegpt"].known | {"tools"})
 
 
 def sharegpt_messages(raw: dict[str, Any]) -> Messages:

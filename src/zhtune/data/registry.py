@@ -63,7 +63,13 @@ class DatasetEntry:
     description: str = ""
     """One line about the data."""
     registry: str = ""
-    """The YAML file that defines this entry."""
+    """The YAML (or dataset_info.json) file that defines this entry."""
+    turns: dict[str, str] | None = None
+    """ShareGPT turn layout (LLaMA-Factory's ``tags``: role_tag, content_tag, user_tag...); None
+    for zhtune's own reading of the format."""
+    unusable: str = ""
+    """Why zhtune cannot read this entry (a dataset_info.json entry for DPO, images, the hub...),
+    naming the field; "" when it can. Using the entry is then an error with this reason."""
 
     def exists(self) -> bool:
         """Whether the path (or glob) names at least one existing file or directory."""
@@ -83,6 +89,14 @@ class DataSource:
     paths: list[str]
     format: str
     mapping: dict[str, str]
+    turns: dict[str, str] | None = None
+
+    def reader_format(self) -> Any:
+        """What :func:`~zhtune.data.convert.iter_conversations` reads it with: the format name, or
+        the sharegpt format with this source's turn tags."""
+        from zhtune.data.formats import sharegpt_tagged
+
+        return sharegpt_tagged(self.turns) if self.turns is not None else self.format
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,11 +139,9 @@ def _entry(name: str, value: Any, source: Path) -> DatasetEntry:
             get_format(fmt)
         except ZhtuneError as err:
             raise ZhtuneError(f"{where}: field 'format': {err}") from None
-    expanded = os.path.expanduser(os.path.expandvars(path))
-    resolved = expanded if os.path.isabs(expanded) else str(source.resolve().parent / expanded)
     return DatasetEntry(
         name=name,
-        path=os.path.normpath(resolved),
+        path=_resolve(path, source),
         format=fmt,
         mapping=_string_map(value.get("map"), f"{where}: field 'map'"),
         tags=_string_map(value.get("tags"), f"{where}: field 'tags'"),
@@ -138,11 +150,118 @@ def _entry(name: str, value: Any, source: Path) -> DatasetEntry:
     )
 
 
+def _resolve(path: str, source: Path) -> str:
+    expanded = os.path.expanduser(os.path.expandvars(path))
+    return os.path.normpath(expanded if os.path.isabs(expanded) else str(source.resolve().parent / expanded))
+
+
+# LLaMA-Factory's dataset_info.json: `columns` name -> the field zhtune's format reads it as
+LF_COLUMNS = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": "history", "system": "system"},
+    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
+}  # fmt: skip
+#: dataset_info.json fields and columns zhtune cannot honour, with the reason.
+LF_UNREADABLE = {
+    "ranking": "ranking (preference) data is for DPO/reward training, which zhtune does not do",
+    "columns.chosen": "preference data (chosen/rejected) is for DPO, which zhtune does not do",
+    "columns.rejected": "preference data (chosen/rejected) is for DPO, which zhtune does not do",
+    "columns.kto_tag": "KTO labels are for KTO training, which zhtune does not do",
+    "columns.images": "zhtune trains text-only models",
+    "columns.videos": "zhtune trains text-only models",
+    "columns.audios": "zhtune trains text-only models",
+}
+LF_ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "hf_hub_url", "ms_hub_url", "om_hub_url",
+                 "script_url", "cloud_file_name", "subset", "split", "folder", "num_samples"}  # fmt: skip
+LF_TAGS = (
+    "role_tag",
+    "content_tag",
+    "user_tag",
+    "assistant_tag",
+    "observation_tag",
+    "function_tag",
+    "system_tag",
+)
+
+
+def _lf_problem(value: dict[str, Any]) -> str:
+    """The first field of a dataset_info.json entry zhtune cannot read, with why ("" if none)."""
+    columns = value.get("columns") or {}
+    for key, why in LF_UNREADABLE.items():
+        field_, _, column = key.partition(".")
+        if (column and column in columns) or (not column and value.get(field_)):
+            return f"field '{key}': {why}"
+    if not value.get("file_name"):
+        hub = next(
+            (
+                k
+                for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+                if k in value
+            ),
+            "",
+        )
+        if hub:
+            return f"field '{hub}': zhtune reads local files only; download the data and set file_name"
+        return "field 'file_name' is missing"
+    formatting = value.get("formatting", "alpaca")
+    if formatting not in LF_COLUMNS:
+        return f"field 'formatting': {formatting!r} is not one of {', '.join(LF_COLUMNS)}"
+    unknown = sorted(set(columns) - set(LF_COLUMNS[formatting]))
+    if unknown:
+        return (
+            f"field 'columns.{unknown[0]}': not a {formatting} column ({', '.join(LF_COLUMNS[formatting])})"
+        )
+    bad_tags = sorted(set(value.get("tags") or {}) - set(LF_TAGS))
+    if bad_tags:
+        return f"field 'tags.{bad_tags[0]}': not a sharegpt tag ({', '.join(LF_TAGS)})"
+    return ""
+
+
+def _lf_entry(name: str, value: Any, source: Path) -> DatasetEntry:
+    """One entry of LLaMA-Factory's dataset_info.json (see the README's migration section)."""
+    where = f"{source}: dataset '{name}'"
+    if not isinstance(value, dict):
+        raise ZhtuneError(f"{where}: expected a mapping with 'file_name', got {type(value).__name__}")
+    unknown = sorted(set(value) - LF_ENTRY_KEYS)
+    if unknown:
+        raise ZhtuneError(
+            f"{where}: unknown field '{unknown[0]}' (dataset_info.json fields: {', '.join(sorted(LF_ENTRY_KEYS))})"
+        )
+    for key in ("columns", "tags"):
+        _string_map(value.get(key), f"{where}: field '{key}'")
+    problem = _lf_problem(value)
+    path = _resolve(str(value.get("file_name") or name), source)
+    if problem:
+        return DatasetEntry(name, path, registry=str(source), unusable=f"{where}: {problem}")
+    formatting = value.get("formatting", "alpaca")
+    columns = {**value.get("columns", {})}
+    fmt, turns = formatting, None
+    if formatting == "sharegpt":
+        columns.setdefault("messages", "conversations")
+        turns = {**value.get("tags", {})}
+    elif "prompt" in columns and "response" not in columns:  # only a text column: pre-training text
+        fmt, mapping = "text", {columns["prompt"]: "text"}
+    if fmt != "text":
+        mapping = {column: LF_COLUMNS[formatting][role] for role, column in columns.items()}
+    return DatasetEntry(name, path, fmt, mapping, registry=str(source), turns=turns,
+                        description=f"LLaMA-Factory {formatting}")  # fmt: skip
+
+
 def read_registry(path: str | Path) -> dict[str, DatasetEntry]:
-    """Read and validate one registry file; errors name the file, the dataset and the field."""
+    """Read and validate one registry file (zhtune's YAML, or LLaMA-Factory's dataset_info.json:
+    any ``.json``); errors name the file, the dataset and the field."""
+    import json
+
     from zhtune.config import read_yaml
 
     source = Path(path)
+    if source.suffix == ".json":
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ZhtuneError(f"{source}: cannot read the dataset registry: {err}") from None
+        if not isinstance(data, dict):
+            raise ZhtuneError(f"{source}: a dataset_info.json must be a mapping of name: entry")
+        return {str(name): _lf_entry(str(name), value, source) for name, value in data.items()}
     return {str(name): _entry(str(name), value, source) for name, value in read_yaml(source).items()}
 
 
@@ -204,6 +323,8 @@ def resolve_sources(
                 f"data entry '{entry}': no such file, and no dataset of that name in the registries "
                 f"({searched}).{hint} See `zhtune data list`."
             )
+        if found.unusable:
+            raise ZhtuneError(f"data entry '{entry}': {found.unusable}")
         if not found.exists():
             raise ZhtuneError(
                 f"data entry '{entry}': registered in {found.registry} as {found.path}, which does not exist"
@@ -214,6 +335,7 @@ def resolve_sources(
                 [found.path],
                 fmt if fmt != "auto" else found.format,
                 {**found.mapping, **(mapping or {})},
+                found.turns if fmt == "auto" else None,
             )
         )
     return sources
@@ -224,7 +346,7 @@ def iter_sources(sources: list[DataSource], chat: bool = True) -> Iterator[Any]:
     from zhtune.data.convert import iter_conversations
 
     for s in sources:
-        yield from iter_conversations(s.paths, s.format, s.mapping, chat=chat)
+        yield from iter_conversations(s.paths, s.reader_format(), s.mapping, chat=chat)
 
 
 def load_data(
@@ -232,18 +354,25 @@ def load_data(
     fmt: str = "auto",
     registry: str | None = None,
     rejects_path: str | Path | None = None,
+    max_samples: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
     """:func:`~zhtune.data.convert.load_conversations` for ``data:`` entries that may be registered
-    names: all valid records in memory, and the number rejected (written to ``rejects_path``)."""
+    names: all valid records in memory (at most ``max_samples`` of each entry when > 0, the first
+    ones, as LLaMA-Factory's ``max_samples``), and the number rejected (written to ``rejects_path``)."""
     from zhtune.data.convert import RejectWriter
 
     records: list[dict[str, Any]] = []
     with RejectWriter(str(rejects_path) if rejects_path is not None else None) as rejects:
-        for o in iter_sources(resolve_sources(entries, registry, fmt)):
-            if o.record is not None:
-                records.append(o.record)
-            else:
-                rejects.write(o)
+        for source in resolve_sources(entries, registry, fmt):
+            taken = 0
+            for o in iter_sources([source]):
+                if o.record is not None:
+                    records.append(o.record)
+                    taken += 1
+                    if taken == max_samples:
+                        break
+                else:
+                    rejects.write(o)
     return records, rejects.count
 
 
@@ -267,11 +396,11 @@ def format_registry(entries: list[DatasetEntry]) -> str:
     rows = [
         [
             e.name,
-            "yes" if e.exists() else "NO",
+            "unusable" if e.unusable else "yes" if e.exists() else "NO",
             e.format,
             *(e.tags.get(t, "") for t in SHOWN_TAGS),
             e.path,
-            e.description,
+            e.unusable.partition("': ")[2] or e.description,
         ]
         for e in entries
     ]
@@ -296,6 +425,7 @@ def list_command(registry: str | None = None, tags: list[str] | None = None, as_
             {
                 "name": e.name, "path": e.path, "exists": e.exists(), "format": e.format, "map": e.mapping,
                 "tags": e.tags, "description": e.description, "registry": e.registry,
+                "unusable": e.unusable,
             }
             for e in entries
         ]  # fmt: skip

@@ -21,7 +21,7 @@ from typing import Any
 
 from zhtune.errors import ZhtuneError
 from zhtune.models.gguf import gguf_model_dir, is_gguf
-from zhtune.rundir import RunDir
+from zhtune.rundir import RunDir, checkpoint_run
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ def resolve_source(path: str | Path, trust_remote_code: bool = False) -> ModelSo
             base.weights, str(p), str(run.adapter_dir), template, trust_remote_code, bits,
             asks_remote_code=asks or base.asks_remote_code,
         )  # fmt: skip
+    if checkpoint_run(p) is not None:
+        return checkpoint_source(p, trust_remote_code)
     if not (p / "config.json").is_file():
         if run.config_path.is_file():
             raise ZhtuneError(f"{p} is a run directory without model/ or adapter/ (training did not finish?)")
@@ -88,6 +90,26 @@ def resolve_source(path: str | Path, trust_remote_code: bool = False) -> ModelSo
             f"{p} is not a Hugging Face model directory (no config.json) nor a zhtune run directory"
         )
     return ModelSource(str(p), str(p), trust_remote_code=trust_remote_code)
+
+
+def checkpoint_source(path: Path, trust_remote_code: bool = False) -> ModelSource:
+    """A run's ``checkpoints/step-N`` of an adapter: the run's base model, with the checkpoint's
+    adapter and tokenizer and the run's template."""
+    run = RunDir(checkpoint_run(path) or path)
+    cfg = run.config() if run.config_path.is_file() else {}
+    if not (path / "adapter_config.json").is_file() or "model" not in cfg:
+        what = f"a {cfg['method']} run" if "method" in cfg else "a run"
+        raise ZhtuneError(
+            f"{path} is a checkpoint of {what} without an adapter (no adapter_config.json): it holds "
+            "accelerate's training state only; resume the run (resume=true) to finish it"
+        )
+    base = resolve_source(cfg["model"], trust_remote_code)
+    bits = int(cfg.get("quantization_bits", 4)) if cfg.get("method") == "qlora" else None
+    asks = str(run.config_path) if cfg.get("trust_remote_code") else None
+    return ModelSource(
+        base.weights, str(path), str(path), str(cfg.get("template", "auto")), trust_remote_code, bits,
+        asks_remote_code=asks or base.asks_remote_code,
+    )  # fmt: skip
 
 
 def export_source(path: str | Path, trust_remote_code: bool = False) -> ModelSource:

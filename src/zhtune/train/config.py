@@ -5,8 +5,8 @@ Each field's docstring is its ``--help`` text (see :mod:`zhtune.config`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from zhtune.errors import ZhtuneError
 
@@ -41,6 +41,8 @@ class TrainConfig:
     """SFT: pack several samples into each cutoff_len sequence, with no attention across samples (per-sample position ids)."""
     group_by_length: bool = False
     """Batch samples of similar length together (less padding; order stays random across batches)."""
+    max_samples: int = 0
+    """Use at most this many records of each data entry, the first ones (0: all)."""
     val_size: float = 0.0
     """Held-out validation split: a fraction (< 1) or a number of records (>= 1); 0 for none."""
     epochs: float = 3.0
@@ -57,6 +59,8 @@ class TrainConfig:
     """AdamW weight decay (not applied to biases and norm weights)."""
     warmup_ratio: float = 0.0
     """Fraction of steps for linear warm-up."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up; when > 0 it replaces warmup_ratio."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate schedule after warm-up."""
     max_grad_norm: float = 1.0
@@ -105,14 +109,27 @@ class TrainConfig:
     """Attention kernel: auto (transformers' default, SDPA), eager, sdpa, or flash_attention_2 (GPU, flash-attn installed; packed samples then run as variable-length sequences)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    ddp_timeout: int = 1800
+    """Seconds a process waits for the others (collective operations) before a multi-process run fails."""
     num_workers: int = 0
     """DataLoader worker processes."""
     fused_loss: bool = True
     """Compute the loss from the last hidden states of the labelled positions, a chunk at a time, never the full logits (same loss, less time and memory); used (also under DDP) for families with a plain output layer and methods without virtual tokens, not with FSDP or DeepSpeed (sharded weights); false: the model's own loss."""
     bf16_frozen: bool = True
     """precision bf16 with a method that freezes the base (LoRA, adapters...): keep the frozen weights in bf16 (no cast at every forward) and the trained ones in fp32."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers to log the trainer_log.jsonl scalars and this config to, through accelerate: tensorboard, wandb, mlflow, swanlab (each needs its package; see README), [] or none for none."""
+    translated: list[str] = field(default_factory=list)
+    """Written by zhtune: how LLaMA-Factory keys of the input were translated (shown at start); not a setting."""
     compile: bool = False
     """Compile each decoder block with torch.compile: 15-33% faster steps (LoRA, bf16, CPU) after 4-5 s (cached) to 15-30 s (first time) of compiling at start; worth it for runs of a few hundred steps or more. A CPU needs a C++ compiler."""
+
+    @staticmethod
+    def translate_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+        """LLaMA-Factory's keys -> these (see :mod:`zhtune.train.lf_keys`)."""
+        from zhtune.train.lf_keys import translate
+
+        return translate(values, {f.name for f in fields(TrainConfig)}, source)
 
     def __post_init__(self) -> None:
         from zhtune.train.methods import check_method
@@ -127,6 +144,7 @@ class TrainConfig:
             "logging_steps",
             "num_virtual_tokens",
             "adapter_size",
+            "ddp_timeout",
         ):
             if getattr(self, name) < 1:
                 raise ZhtuneError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")
@@ -134,5 +152,12 @@ class TrainConfig:
             raise ZhtuneError("config keys 'epochs'/'max_steps': one of them must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ZhtuneError(f"config key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}")
+        from zhtune.train.tracking import check_trackers
+
+        self.report_to = [t for t in self.report_to if t != "none"]
+        check_trackers(self.report_to)
+        for name in ("max_samples", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ZhtuneError(f"config key '{name}': must be >= 0, got {getattr(self, name)}")
         if self.val_size < 0:
             raise ZhtuneError(f"config key 'val_size': must be >= 0, got {self.val_size}")

@@ -21,6 +21,7 @@ from zhtune import rundir
 from zhtune.data.batching import micro_batches
 from zhtune.rundir import RunDir, write_text_atomic
 from zhtune.train.setup import Setup
+from zhtune.train.tracking import scalars
 
 
 @dataclass
@@ -44,6 +45,12 @@ def resume(s: Setup) -> Position:
     run = RunDir(s.out)
     candidates = [c for c in reversed(run.checkpoints()) if (c / rundir.STATE).is_file()] if s.cfg.resume else []
     for ckpt in candidates:
+        problem = rundir.checkpoint_problem(ckpt)
+        if problem:
+            s.accelerator.print(
+                f"warning: checkpoint {ckpt} cannot be loaded ({problem}); trying an older one"
+            )
+            continue
         try:
             position = Position(**json.loads((ckpt / rundir.STATE).read_text()))
             s.accelerator.load_state(str(ckpt))
@@ -60,6 +67,43 @@ def resume(s: Setup) -> Position:
         rows = [r for r in run.log() if r["step"] <= position.step]
         run.log_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return position
+
+
+def adapter_checkpoint_hooks(s: Setup) -> None:
+    """For a peft method (:attr:`~zhtune.train.methods.Method.adapter_checkpoints`), under one
+    process or DDP: a checkpoint holds the adapter in peft's layout plus the tokenizer (plain
+    ``PeftModel.from_pretrained(base, CHECKPOINT)`` loads it; chat, eval and export take it), and
+    accelerate saves only the optimizer, scheduler and RNG state beside it. Sharded engines (FSDP,
+    DeepSpeed) keep accelerate's own save of everything."""
+    acc = s.accelerator
+    if not s.method.adapter_checkpoints or acc.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        return
+
+    def save(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if acc.is_main_process:
+            acc.unwrap_model(models[0]).save_pretrained(output_dir, safe_serialization=True)
+            s.tokenizer.save_pretrained(output_dir)
+            shutil.copy(RunDir(s.out).config_path, Path(output_dir) / rundir.CONFIG)  # for export
+        weights.clear()  # no copy of the frozen base
+
+    def load(models: list[Any], input_dir: str) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = Path(input_dir) / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing")
+        result = set_peft_model_state_dict(acc.unwrap_model(models[0]), load_file(str(weights)))
+        if result.unexpected_keys:
+            raise ValueError(f"{weights} holds weights this model has not: {result.unexpected_keys[:3]}")
+        models.clear()
+
+    acc.register_save_state_pre_hook(save)
+    acc.register_load_state_pre_hook(load)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""peft's adapter weights file."""
 
 
 def save_checkpoint(accelerator: Any, out: Path, position: Position, keep: int) -> None:
@@ -181,6 +225,8 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
             row = {"step": pos.step, "epoch": epoch, **row, "tokens": pos.tokens, "elapsed_s": round(time.time() - started, 2)}
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
+        if row and cfg.report_to:
+            acc.log(scalars(row), step=pos.step)
         if cfg.save_steps > 0 and pos.step % cfg.save_steps == 0 and pos.step < s.total_steps:
             at = Position(pos.step, pos.epoch, pos.batch, pos.tokens + window.seen)
             save_checkpoint(acc, s.out, at, cfg.save_total_limit)

@@ -66,6 +66,19 @@ class Method:
     quantized: bool = False
     """The frozen base is loaded quantized (bitsandbytes)."""
 
+    peft_state_resumes: bool = True
+    """A run resumed from peft's saved adapter continues the same curve (False for the
+    virtual-token methods: P-tuning's save is the prompt encoder's output, not the encoder; prefix
+    and prompt tuning resumed from it drift, measured; they keep accelerate's full save)."""
+
+    @property
+    def adapter_checkpoints(self) -> bool:
+        """Checkpoints hold the adapter alone, in peft's layout (``PeftModel.from_pretrained(base,
+        CHECKPOINT)`` loads one), not the frozen base: every peft method saved as peft saves it
+        and resumable from that (PiSSA converts its adapter only at the end, the bottleneck adapters
+        are zhtune's own)."""
+        return self.save_dir == "adapter" and self.save is _save_pretrained and self.peft_state_resumes
+
 
 # --------------------------------------------------------------------------------------------
 # Builders
@@ -267,9 +280,15 @@ METHODS: dict[str, Method] = {
         Method("pissa", _pissa, "adapter", save=_save_pissa),
         Method("adalora", _adalora, "adapter", after_step=_adalora_step),
         Method("ia3", _ia3, "adapter"),
-        Method("prefix", _prompt_learning("prefix"), "adapter", virtual_tokens=True),
-        Method("prompt", _prompt_learning("prompt"), "adapter", virtual_tokens=True),
-        Method("ptuning", _prompt_learning("ptuning"), "adapter", virtual_tokens=True),
+        Method(
+            "prefix", _prompt_learning("prefix"), "adapter", virtual_tokens=True, peft_state_resumes=False
+        ),
+        Method(
+            "prompt", _prompt_learning("prompt"), "adapter", virtual_tokens=True, peft_state_resumes=False
+        ),
+        Method(
+            "ptuning", _prompt_learning("ptuning"), "adapter", virtual_tokens=True, peft_state_resumes=False
+        ),
         Method("houlsby", _bottleneck("houlsby"), "adapter", **_BOTTLENECK),
         Method("pfeiffer", _bottleneck("pfeiffer"), "adapter", **_BOTTLENECK),
         Method("parallel", _bottleneck("parallel"), "adapter", **_BOTTLENECK),

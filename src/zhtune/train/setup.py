@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ def setup(cfg: TrainConfig) -> Setup:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * total_steps)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
     configure_deepspeed(accelerator, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -129,7 +130,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ZhtuneError("config key 'precision': fp16 needs a GPU; use bf16 or fp32 on a CPU")
@@ -150,6 +151,9 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         # zhtune shards the data itself and counts optimizer steps globally: one scheduler step
         # per optimizer step (by default Accelerate steps it num_processes times)
         dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with=cfg.report_to or None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
+        project_dir=str(Path(cfg.output_dir) / rundir.TRACKING),
     )
     accelerator.gradient_accumulation_steps = cfg.grad_accum  # a launcher's setting must not win
     if accelerator.num_processes != world_size:
@@ -232,7 +236,11 @@ def load_train_data(
 
     rejects_path = out / rundir.REJECTS
     records, n_rejected = load_data(
-        cfg.data, fmt=cfg.format, registry=cfg.registry or None, rejects_path=rejects_path if is_main else None
+        cfg.data,
+        fmt=cfg.format,
+        registry=cfg.registry or None,
+        rejects_path=rejects_path if is_main else None,
+        max_samples=cfg.max_samples,
     )
     n_docs = 0
     if cfg.stage == "pt":
@@ -367,6 +375,11 @@ def banner(s: Setup) -> str:
         f"{s.warmup}, {cfg.precision}, device {acc.device}",
         f"  run directory: {s.out}",
     ]
+    if cfg.translated:
+        lines.append(f"  LLaMA-Factory keys translated ({len(cfg.translated)}):")
+        lines += [f"    {note}" for note in cfg.translated]
+    if cfg.report_to:
+        lines.append(f"  reporting to: {', '.join(cfg.report_to)} (files under {s.out / rundir.TRACKING})")
     if s.n_compiled:
         lines.append(f"  compiling {s.n_compiled} decoder blocks (torch.compile; the first steps wait for it)")
     return "\n".join(lines)

@@ -17,24 +17,29 @@ import time
 from pathlib import Path
 
 from zhtune import rundir
-from zhtune.config import save_config
+from zhtune.config import save_config, to_dict
 from zhtune.plots import plot_loss
 from zhtune.rundir import RunDir
 from zhtune.train.config import TrainConfig
-from zhtune.train.loop import Position, fit, resume
+from zhtune.train.loop import Position, adapter_checkpoint_hooks, fit, resume
 from zhtune.train.setup import Setup, banner, setup
+from zhtune.train.tracking import hyperparameters
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Train as configured (stage sft or pt, any registered method); return the run directory."""
     started = time.time()
     s = setup(cfg)
+    adapter_checkpoint_hooks(s)
     position = resume(s)
     if s.is_main:
         save_config(s.cfg, RunDir(s.out).config_path)
     s.accelerator.print(banner(s))
+    if cfg.report_to:
+        s.accelerator.init_trackers(s.out.name, config=hyperparameters(to_dict(s.cfg)))
     position = fit(s, position, progress, started)
     save_run(s, position, started)
+    s.accelerator.end_training()
     return s.out
 
 

@@ -108,6 +108,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ZhtuneError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 
+def coerce_value(cls: type, key: str, value: Any) -> Any:
+    """``value`` as field ``key`` of dataclass ``cls`` takes it (a numeric string for a float
+    field becomes the float, ...); the same rule :func:`build_config` applies, for callers that
+    need the value before building (an experiment's axis labels)."""
+    return _coerce(value, typing.get_type_hints(cls)[key], key)
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Parse ``["lr=1e-4", "data=[a.jsonl,b.jsonl]"]``: each value is read as YAML."""
     import yaml

@@ -335,3 +335,19 @@ def test_judge_metric_scores_each_run_with_eval_judge(experiment, grid):
     assert row["overall"] == report["overall"] == pytest.approx(0.7)
     assert row["scores"] == report["scores"] and set(row["scores"].values()) == {0.7}
     assert "LLM judge (belle)" in (grid.parent / "exp" / "results.md").read_text() and "judge 0.700" in log
+
+
+def test_a_grid_in_llamafactory_keys_plans_the_same_runs(grid, tmp_path):
+    """A grid whose base and overrides are written in LLaMA-Factory's keys (and an axis over one of
+    them) plans the runs zhtune's own keys would: translated layer by layer, later layers winning."""
+    good = yaml.safe_load(grid.read_text())
+    base = yaml.safe_load((grid.parent / "base.yaml").read_text())
+    lf_base = {("learning_rate" if k == "lr" else k): v for k, v in base.items()}
+    good["base"] = lf_base
+    good["overrides"] = {**good.get("overrides", {}), "lora_target": "q_proj,v_proj"}
+    good["axes"] = {"learning_rate": ["1e-3", "2e-3"]}
+    path = write_grid(tmp_path / "g.yaml", good)
+    runs = plan_runs(load_experiment(path), str(path))
+    assert [r.train.lr for r in runs] == [1e-3, 2e-3]
+    assert all(r.train.lora_target == ["q_proj", "v_proj"] for r in runs)
+    assert any("learning_rate" in note for note in runs[0].train.translated)

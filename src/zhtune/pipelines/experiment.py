@@ -27,14 +27,13 @@ import json
 import re
 import shutil
 import sys
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zhtune import rundir
-from zhtune.config import build_config, parse_overrides, read_yaml, to_dict
+from zhtune.config import build_config, coerce_value, merge_layers, parse_overrides, read_yaml, to_dict
 from zhtune.data.convert import load_conversations
 from zhtune.errors import ZhtuneError
 from zhtune.eval.exact_match import exact_match
@@ -48,12 +47,11 @@ from zhtune.models.loading import load_for_inference
 from zhtune.plots import plot_loss_curves
 from zhtune.rundir import RunDir, write_text_atomic
 from zhtune.train.config import TrainConfig
+from zhtune.train.lf_keys import COMBINED_KEYS, LF_KEYS
 from zhtune.train.sft import train
 
 MANAGED_KEYS = ("output_dir", "resume", "overwrite")
 """Train keys the experiment sets for each run itself."""
-NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-"""A number in exponent notation (``1e-4``), which YAML 1.1 leaves a string."""
 REQUEST_FILE = "experiment_run.json"
 """Written into each run directory: the train settings the grid asked for (to spot stale runs)."""
 
@@ -134,8 +132,9 @@ class ExperimentConfig:
 
 
 def check_train_keys(values: dict[str, Any], where: str) -> None:
-    """Every key of ``values`` must be a train config key the experiment does not manage itself."""
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    """Every key of ``values`` must be a train config key (zhtune's or LLaMA-Factory's, see
+    :mod:`zhtune.train.lf_keys`) the experiment does not manage itself."""
+    known = [f.name for f in dataclasses.fields(TrainConfig)] + [*LF_KEYS, *COMBINED_KEYS]
     for key in values:
         if key in MANAGED_KEYS:
             raise ZhtuneError(f"{where}: '{key}' is set by the experiment for each run; remove it")
@@ -360,20 +359,15 @@ def run_name(axes: dict[str, str]) -> str:
     return name
 
 
-def _numbers(values: dict[str, Any]) -> dict[str, Any]:
-    """YAML 1.1 reads ``1e-4`` as a string; for float keys, read such strings as the numbers meant."""
-    hints = typing.get_type_hints(TrainConfig)
-
-    def fix(key: str, value: Any) -> Any:
-        if isinstance(value, list):
-            return [fix(key, v) for v in value]
-        if isinstance(value, dict):  # an axis of labelled values
-            return {label: fix(key, v) for label, v in value.items()}
-        if hints.get(key) is float and isinstance(value, str) and NUMBER.fullmatch(value.strip()):
-            return float(value)
+def _axis_value(key: str, value: Any) -> Any:
+    """An axis value as the train config reads it (``"1e-3"`` is 0.001, so it labels as one),
+    or as given where it is not a valid one (building the run then names the run and the key)."""
+    if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return value  # a LLaMA-Factory key: translated per run
+    try:
+        return coerce_value(TrainConfig, key, value)
+    except ZhtuneError:
         return value
-
-    return {key: fix(key, value) for key, value in values.items()}
 
 
 def plan_runs(cfg: ExperimentConfig, source: str = "experiment") -> list[Run]:
@@ -388,13 +382,16 @@ def plan_runs(cfg: ExperimentConfig, source: str = "experiment") -> list[Run]:
         base_source = f"{source}: base {cfg.base}"
     else:
         base, base_source = dict(cfg.base), f"{source}: base"
-    base = {k: v for k, v in base.items() if k not in MANAGED_KEYS}  # a usable train YAML names these
-    check_train_keys(base, base_source)
-    shared = _numbers({**base, **cfg.overrides})
+    # a usable train YAML names the managed keys (LLaMA-Factory's output_dir too): dropped below
+    check_train_keys({k: v for k, v in base.items() if k not in MANAGED_KEYS}, base_source)
+    shared = [(base, base_source), (cfg.overrides, f"{source}: overrides")]
 
     axes: list[list[tuple[str, Any]]] = []
-    for key, values in _numbers(cfg.axes).items():
-        choices = list(values.items()) if isinstance(values, dict) else [(show_value(v), v) for v in values]
+    for key, values in cfg.axes.items():
+        if isinstance(values, dict):
+            choices = [(label, _axis_value(key, v)) for label, v in values.items()]
+        else:
+            choices = [(show_value(v), v) for v in (_axis_value(key, v) for v in values)]
         shown = [str(label) for label, _ in choices]
         twice = sorted({s for s in shown if shown.count(s) > 1})
         if twice:
@@ -409,13 +406,13 @@ def plan_runs(cfg: ExperimentConfig, source: str = "experiment") -> list[Run]:
         shown = {key: label for key, (label, _) in zip(cfg.axes, combo)}
         label = ", ".join(f"{k}={v}" for k, v in shown.items())
         name = run_name(shown)
-        values = {
-            **shared,
-            **{key: value for key, (_, value) in zip(cfg.axes, combo)},
-            "output_dir": str(Path(cfg.output_dir) / "runs" / name),
-        }
         where = f"{source}: run {label}"
-        try:
+        try:  # each layer in zhtune's or LLaMA-Factory's keys, translated, later layers winning
+            merged = merge_layers(
+                TrainConfig, [*shared, ({key: value for key, (_, value) in zip(cfg.axes, combo)}, where)]
+            )
+            values = {k: v for k, v in merged.items() if k not in MANAGED_KEYS}
+            values["output_dir"] = str(Path(cfg.output_dir) / "runs" / name)
             train_cfg = build_config(TrainConfig, values, source=where)
         except ZhtuneError as err:  # type errors come without the source; name the run in every case
             raise ZhtuneError(str(err) if str(err).startswith(where) else f"{where}: {err}") from None

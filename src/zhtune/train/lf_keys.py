@@ -346,7 +346,10 @@ class Translation:
         elif not alias.to:
             self.notes.append(f"{key}: {_show(value)} (no-op: {alias.note})")
         else:
-            new = alias.value(value) if alias.value is not None else value
+            try:
+                new = alias.value(value) if alias.value is not None else value
+            except (TypeError, ValueError):
+                raise ZhtuneError(f"{self.source}: config key '{key}': {value!r} is not a valid value") from None
             self.put(alias.to, new, key)
             if _show(new) != _show(value):
                 self.notes.append(f"{key}: {_show(value)} -> {alias.to}: {_show(new)}")

@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zhtune.config import read_yaml
+from zhtune.data.convert import RejectWriter, iter_conversations
+from zhtune.data.formats import get_format, sharegpt_tagged
 from zhtune.errors import ZhtuneError
 
 #: The registry shipped inside the package.
@@ -94,7 +97,6 @@ class DataSource:
     def reader_format(self) -> Any:
         """What :func:`~zhtune.data.convert.iter_conversations` reads it with: the format name, or
         the sharegpt format with this source's turn tags."""
-        from zhtune.data.formats import sharegpt_tagged
 
         return sharegpt_tagged(self.turns) if self.turns is not None else self.format
 
@@ -133,7 +135,6 @@ def _entry(name: str, value: Any, source: Path) -> DatasetEntry:
     if not isinstance(fmt, str):
         raise ZhtuneError(f"{where}: field 'format' must be a string, got {fmt!r}")
     if fmt != "auto":
-        from zhtune.data.formats import get_format
 
         try:
             get_format(fmt)
@@ -251,7 +252,6 @@ def read_registry(path: str | Path) -> dict[str, DatasetEntry]:
     any ``.json``); errors name the file, the dataset and the field."""
     import json
 
-    from zhtune.config import read_yaml
 
     source = Path(path)
     if source.suffix == ".json":
@@ -343,7 +343,6 @@ def resolve_sources(
 
 def iter_sources(sources: list[DataSource], chat: bool = True) -> Iterator[Any]:
     """Every :class:`~zhtune.data.convert.Outcome` of every source, each read with its own format."""
-    from zhtune.data.convert import iter_conversations
 
     for s in sources:
         yield from iter_conversations(s.paths, s.reader_format(), s.mapping, chat=chat)
@@ -359,7 +358,6 @@ def load_data(
     """:func:`~zhtune.data.convert.load_conversations` for ``data:`` entries that may be registered
     names: all valid records in memory (at most ``max_samples`` of each entry when > 0, the first
     ones, as LLaMA-Factory's ``max_samples``), and the number rejected (written to ``rejects_path``)."""
-    from zhtune.data.convert import RejectWriter
 
     records: list[dict[str, Any]] = []
     with RejectWriter(str(rejects_path) if rejects_path is not None else None) as rejects:

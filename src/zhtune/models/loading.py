@@ -19,9 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zhtune.allocator import keep_freed_memory
 from zhtune.errors import ZhtuneError
+from zhtune.models.bottleneck import is_bottleneck_dir, load_bottleneck
+from zhtune.models.device import resolve_device, resolve_dtype
+from zhtune.models.families import resolve_template
 from zhtune.models.gguf import gguf_model_dir, is_gguf
-from zhtune.rundir import RunDir, checkpoint_run
+from zhtune.models.quantization import quantization_config
+from zhtune.rundir import EXPORT_MANIFEST, RunDir, checkpoint_run
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,6 @@ def export_source(path: str | Path, trust_remote_code: bool = False) -> ModelSou
     """The :class:`ModelSource` of a ``zhtune export`` directory: its own weights and tokenizer,
     the template the run was trained with, and its ``adapter/`` when exported without merging.
     The manifest's ``trust_remote_code`` only asks (:attr:`ModelSource.asks_remote_code`)."""
-    from zhtune.rundir import EXPORT_MANIFEST
 
     p = Path(path)
     manifest = RunDir(p).export_manifest()
@@ -269,19 +273,16 @@ def load_for_inference(
     freed memory is then kept for reuse (:mod:`zhtune.allocator`: every decoding step allocates
     and frees the same tensors; about 5% faster batched generation).
     """
-    from zhtune.models.device import resolve_device, resolve_dtype
 
     src = resolve_source(path, trust_remote_code)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     quant = None
     if src.quantization_bits:
-        from zhtune.models.quantization import quantization_config
 
         quant = quantization_config(src.quantization_bits, dtype)
     loaded = load_source(src, dtype, quant, adapter="merge" if quant is None else "attach", device=device)
     if next(loaded[0].parameters()).device.type == "cpu":
-        from zhtune.allocator import keep_freed_memory
 
         keep_freed_memory()
     return loaded
@@ -303,7 +304,6 @@ def load_source(
     if src.adapter and adapter != "skip":
         model = attach_adapter(model, src.adapter, merge=adapter == "merge")
     model.eval()
-    from zhtune.models.families import resolve_template
 
     template, _ = resolve_template(
         src.template, model.config.model_type, tokenizer.get_vocab(), tokenizer.chat_template
@@ -321,7 +321,6 @@ def attach_adapter(model: Any, adapter_dir: str, trainable: bool = False, merge:
     ``merge`` folds LoRA-like adapters into the base weights; other kinds (prefix, prompt,
     ptuning, bottleneck) stay attached, which gives the same outputs.
     """
-    from zhtune.models.bottleneck import is_bottleneck_dir, load_bottleneck
 
     if is_bottleneck_dir(adapter_dir):
         return load_bottleneck(model, adapter_dir, trainable=trainable)

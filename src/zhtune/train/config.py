@@ -9,6 +9,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from zhtune.errors import ZhtuneError
+from zhtune.train.lf_keys import translate
+from zhtune.train.methods import check_method
+from zhtune.train.tracking import check_trackers
 
 
 @dataclass
@@ -127,12 +130,10 @@ class TrainConfig:
     @staticmethod
     def translate_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
         """LLaMA-Factory's keys -> these (see :mod:`zhtune.train.lf_keys`)."""
-        from zhtune.train.lf_keys import translate
 
         return translate(values, {f.name for f in fields(TrainConfig)}, source)
 
     def __post_init__(self) -> None:
-        from zhtune.train.methods import check_method
 
         check_method(self)
         if not self.data:
@@ -152,7 +153,6 @@ class TrainConfig:
             raise ZhtuneError("config keys 'epochs'/'max_steps': one of them must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ZhtuneError(f"config key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}")
-        from zhtune.train.tracking import check_trackers
 
         self.report_to = [t for t in self.report_to if t != "none"]
         check_trackers(self.report_to)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zhtune.config import NOTES
+from zhtune.data.templates import TEMPLATES
 from zhtune.errors import ZhtuneError
 
 
@@ -83,7 +84,6 @@ def template_name(value: Any) -> str:
     """A template name zhtune has (alpaca, belle, chatml, qwen, llama3, llama2, gemma, default:
     LLaMA-Factory's of the same name) is kept; any other -> auto (the tokenizer's own chat
     template, else the family's), which is what LLaMA-Factory's family templates reproduce."""
-    from zhtune.data.templates import TEMPLATES
 
     name = str(value)
     if name in NO_TEMPLATE:

@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from zhtune import rundir
+from zhtune.allocator import keep_freed_memory
 from zhtune.data.batching import micro_batches
+from zhtune.data.dataset import model_inputs
+from zhtune.models.token_loss import mean_token_loss
+from zhtune.progress import progress_bar
 from zhtune.rundir import RunDir, write_text_atomic
 from zhtune.train.setup import Setup
 from zhtune.train.tracking import scalars
@@ -133,7 +137,6 @@ def optimizer_step(s: Setup, group: list[dict[str, Any]], step: int) -> tuple[fl
     of the step, input tokens seen, grad norm or None)``, all processes together."""
     import torch
 
-    from zhtune.data.dataset import model_inputs
     from zhtune.train.loss import fused_causal_lm_loss
 
     acc, model, cfg = s.accelerator, s.model, s.cfg
@@ -169,7 +172,6 @@ def validation_loss(s: Setup) -> float:
     graphs and padded shapes would be compiled too, and turn the training graph's shapes dynamic)."""
     import torch
 
-    from zhtune.models.token_loss import mean_token_loss
 
     acc = s.accelerator
     with torch.compiler.set_stance("force_eager") if s.cfg.compile else nullcontext():
@@ -181,8 +183,6 @@ def validation_loss(s: Setup) -> float:
 def fit(s: Setup, position: Position, progress: bool, started: float) -> Position:
     """Train from ``position`` to ``s.total_steps``; logs to ``trainer_log.jsonl`` (main process),
     validates every ``eval_steps`` (or epoch) and checkpoints every ``save_steps``."""
-    from zhtune.allocator import keep_freed_memory
-    from zhtune.progress import progress_bar
 
     cfg, acc, pos = s.cfg, s.accelerator, position
     if acc.device.type == "cpu":

@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zhtune.errors import ZhtuneError
+from zhtune.models.bottleneck import BottleneckConfig, add_bottleneck_adapters, save_bottleneck
 from zhtune.models.families import lora_targets
+from zhtune.models.loading import attach_adapter
 
 if TYPE_CHECKING:
     from zhtune.train.config import TrainConfig
@@ -244,8 +246,6 @@ def _prompt_learning(kind: str) -> Callable[[Any, TrainConfig, int], Any]:
 
 def _bottleneck(kind: str) -> Callable[[Any, TrainConfig, int], Any]:
     def prepare(model: Any, cfg: TrainConfig, total_steps: int) -> Any:
-        from zhtune.models.bottleneck import BottleneckConfig, add_bottleneck_adapters
-
         try:
             return add_bottleneck_adapters(model, BottleneckConfig(kind, cfg.adapter_size, cfg.adapter_scale))
         except ValueError as err:
@@ -255,7 +255,6 @@ def _bottleneck(kind: str) -> Callable[[Any, TrainConfig, int], Any]:
 
 
 def _save_bottleneck(model: Any, directory: Path, cfg: TrainConfig, state_dict: Any = None) -> None:
-    from zhtune.models.bottleneck import save_bottleneck
 
     save_bottleneck(model, directory, state_dict)
 
@@ -338,7 +337,6 @@ def check_method(cfg: TrainConfig) -> None:
 def continue_adapter(model: Any, path: str, cfg: TrainConfig) -> Any:
     """Load the adapter at ``path`` (a run directory or its ``adapter/``) onto ``model``, trainable,
     instead of creating a fresh one: InstructGLM's recipe of tuning on Alpaca, then on BELLE."""
-    from zhtune.models.loading import attach_adapter
 
     folder = Path(path)
     if (folder / "adapter").is_dir():

@@ -17,13 +17,26 @@ from typing import Any
 
 from zhtune import rundir
 from zhtune.data.batching import batches_per_epoch, split_validation
-from zhtune.data.dataset import Tokenized
-from zhtune.data.templates import Template
+from zhtune.data.dataset import Tokenized, pack_examples, tokenize_records, tokenize_texts
+from zhtune.data.registry import load_data
+from zhtune.data.templates import Template, get_template, prepare_tokenizer
 from zhtune.errors import ZhtuneError
-from zhtune.models.loading import ModelSource
+from zhtune.models.families import check_packing, has_plain_head, resolve_template
+from zhtune.models.gguf import is_gguf
+from zhtune.models.loading import (
+    TRAIN_TRUST_HINT,
+    ModelSource,
+    check_remote_code,
+    load_error,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+)
+from zhtune.models.quantization import quantization_config
 from zhtune.rundir import RunDir
+from zhtune.train.compile import check_compile, compile_blocks
 from zhtune.train.config import TrainConfig
-from zhtune.train.methods import Method
+from zhtune.train.methods import METHODS, Method, continue_adapter
 
 
 @dataclass
@@ -82,10 +95,7 @@ def setup(cfg: TrainConfig) -> Setup:
     import torch
     from accelerate.utils import set_seed
 
-    from zhtune.models.families import has_plain_head
-    from zhtune.train.compile import check_compile
     from zhtune.train.loss import output_layer
-    from zhtune.train.methods import METHODS
 
     accelerator = make_accelerator(cfg)
     if cfg.compile:
@@ -193,16 +203,6 @@ def resolve_model(
     added)``: the base model's files, its tokenizer made ready for the template."""
     import transformers
 
-    from zhtune.data.templates import get_template, prepare_tokenizer
-    from zhtune.models.families import resolve_template
-    from zhtune.models.gguf import is_gguf
-    from zhtune.models.loading import (
-        TRAIN_TRUST_HINT,
-        check_remote_code,
-        load_error,
-        load_tokenizer,
-        resolve_source,
-    )
 
     # only this run's own config key lets model code run; a run used as `model:` passes on nothing
     src = resolve_source(cfg.model, cfg.trust_remote_code)
@@ -230,9 +230,6 @@ def load_train_data(
     cfg: TrainConfig, tokenizer: Any, template: Template | None, model_type: str, out: Path, is_main: bool
 ) -> TrainData:
     """Read, render, split (and pack) the data; rejects and truncations go to the run directory."""
-    from zhtune.data.dataset import pack_examples, tokenize_records, tokenize_texts
-    from zhtune.data.registry import load_data
-    from zhtune.models.families import check_packing
 
     rejects_path = out / rundir.REJECTS
     records, n_rejected = load_data(
@@ -268,11 +265,7 @@ def build_model(
     decoder blocks)``."""
     import torch
 
-    from zhtune.models.loading import load_model
-    from zhtune.models.quantization import quantization_config
-    from zhtune.train.compile import compile_blocks
     from zhtune.train.loss import frozen_to
-    from zhtune.train.methods import continue_adapter
 
     quant = quantization_config(cfg.quantization_bits, cfg.precision) if method.quantized else None
     model = load_model(src.weights, "fp32", src.trust_remote_code, quant)  # = cfg.trust_remote_code
@@ -345,7 +338,6 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]], append: bool = False) ->
 
 def banner(s: Setup) -> str:
     """The start-up lines: what is trained on what, template and why, data, schedule, device."""
-    from zhtune.models.gguf import is_gguf
 
     cfg, data, tok = s.cfg, s.data, s.data.tokenized
     n_trainable, n_total = s.n_trainable, s.n_total

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from zhtune import rundir
 from zhtune.config import save_config, to_dict
+from zhtune.data.templates import stop_token_ids
 from zhtune.plots import plot_loss
 from zhtune.rundir import RunDir
 from zhtune.train.config import TrainConfig
@@ -48,7 +49,6 @@ def save_run(s: Setup, position: Position, started: float) -> None:
     ``train_results.json``; written by the main process, every process taking part."""
     from accelerate.utils import DistributedType
 
-    from zhtune.data.templates import stop_token_ids
 
     acc, cfg, out, data = s.accelerator, s.cfg, s.out, s.data
     acc.wait_for_everyone()

@@ -23,8 +23,10 @@ queue for the next one (no joining a running batch).
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 malformed body, invalid or unsupported parameters, or a prompt plus ``max_tokens`` over the
-context; 401 for a missing or wrong key; 404 for an unknown model or path; 429 when more than
-``max_concurrent`` requests are in flight; 500 if generation itself fails (the server goes on).
+context; 401 for a missing or wrong key; 404 for an unknown model or path; 429 (with
+``Retry-After``) when ``max_concurrent`` requests are in flight or ``max_queue`` replies wait for
+a batch; 500 if generation itself fails (for the request that fails alone: a failed batch is
+decoded again row by row, so the others go on).
 """
 
 from __future__ import annotations
@@ -160,6 +162,24 @@ class Api:
                 code="model_not_found",
             )
 
+    def check_length(self, texts: list[str], param: str) -> None:
+        """Refuse (400 ``context_length_exceeded``) texts that cannot fit the context whatever
+        they tokenize to: more characters than ``context_length`` tokens of the longest token
+        can hold. Counts characters only, so a megabyte prompt is refused without tokenizing it
+        (leading and trailing whitespace, which templates may trim, is not counted)."""
+        engine = self.engine
+        most = engine.context_length * engine.max_token_chars
+        chars = sum(len(t.strip()) for t in texts)
+        if chars > most:
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {engine.context_length} tokens; the prompt has "
+                f"{chars} characters, more than {engine.context_length} tokens of at most "
+                f"{engine.max_token_chars} characters each",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     def start(self, req: SamplingParams, prompts: list[list[int]]) -> tuple[Job, asyncio.Queue[Event], int]:
         """Queue ``n`` choices per prompt; returns the job, its event queue and the choice count."""
         stop = stop_strings(req)
@@ -184,12 +204,13 @@ class Api:
         choices = [Choice(job, i, p, s, stop, bool(req.stream)) for i, (p, s) in enumerate(rows)]
         try:
             self.engine.submit(choices)
-        except Busy:
+        except Busy as busy:
             raise ApiError(
                 429,
-                f"server busy: {self.engine.max_concurrent} requests in flight (--max-concurrent); retry later",
+                f"server busy: {busy}; retry later",
                 type="requests",
                 code="rate_limit_exceeded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None
         return job, events, len(rows)
 
@@ -277,8 +298,10 @@ class Api:
                 f"{len(req.messages)} messages; the limit is {self.limits.max_messages} (--max-messages)",
                 param="messages",
             )
+        messages = chat_messages(req)
+        self.check_length([m["content"] for m in messages], "messages")
         try:
-            prompt = await self.off_loop(self.engine.prompter.prompt_ids, chat_messages(req))
+            prompt = await self.off_loop(self.engine.prompter.prompt_ids, messages)
         except (ValueError, ZhtuneError) as err:
             raise ApiError(400, f"cannot build a prompt from these messages: {err}", param="messages") from None
         return await self.respond(request, req, [prompt], "chat")
@@ -294,6 +317,8 @@ class Api:
         if len(items) > self.limits.max_choices:
             raise ApiError(400, f"{len(items)} prompts; the limit is {self.limits.max_choices}", param="prompt")
         texts = [p for p in items if isinstance(p, str)]
+        for text in texts:
+            self.check_length([text], "prompt")
         encoded = iter(await self.off_loop(lambda: tokenizer(texts)["input_ids"]) if texts else [])
         prompts = [next(encoded) if isinstance(p, str) else list(p) for p in items]
         if any(not 0 <= t < vocab_size for p in prompts for t in p):
@@ -324,6 +349,9 @@ class Api:
             }
         )
 
+
+RETRY_AFTER_S = 1
+"""What a 429 busy answer's ``Retry-After`` says, in seconds."""
 
 DISCONNECT_POLL_S = 0.5
 """How often a non-streaming request checks whether its client is still there."""
@@ -402,7 +430,13 @@ def serve(
     )
     name = Path(run).resolve().name
     engine = Engine(
-        model, tokenizer, opts.template or run_template, opts.max_batch_size, opts.batch_wait_ms, opts.max_concurrent
+        model,
+        tokenizer,
+        opts.template or run_template,
+        opts.max_batch_size,
+        opts.batch_wait_ms,
+        opts.max_concurrent,
+        opts.max_queue,
     )
     app = create_app(engine.start(), name, api_key, opts.limits(), opts.hosts())
     print(

@@ -42,6 +42,8 @@ class ServeOptions:
     """Serve on a non-loopback address without an API key (anyone who can reach it may use it)."""
     max_concurrent: int = 128
     """Requests in flight before 429 busy."""
+    max_queue: int = 1024
+    """Replies (prompts x n) waiting for a batch before 429 busy with Retry-After."""
     max_batch_size: int = 32
     """Replies decoded together."""
     batch_wait_ms: float = 10.0
@@ -71,7 +73,7 @@ class ServeOptions:
 
     def check(self) -> str | None:
         """Validate the options (before any model is loaded); returns the API key."""
-        for name in ("max_concurrent", "max_batch_size", "max_messages", "max_request_choices"):
+        for name in ("max_concurrent", "max_queue", "max_batch_size", "max_messages", "max_request_choices"):
             if getattr(self, name) < 1:
                 raise ZhtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:

@@ -113,3 +113,74 @@ def test_a_full_queue_answers_429_with_retry_after(run_dir):  # noqa: F811
         assert [e.finish_reason for e in events] == ["length", "length"]
         body = {"model": NAME, "prompt": "hi", "n": 2, "max_tokens": 2}
         assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_connection_limits_reach_uvicorn(run_dir):  # noqa: F811
+    """--max-connections, --keep-alive-timeout, --header-timeout and --shutdown-timeout are
+    uvicorn's limit_concurrency, timeout_keep_alive, a request-head timeout on its h11 protocol,
+    and the grace period of the shutdown (plus the time to send the ended requests' last chunk)."""
+    from zhtune.infer.serve import SHUTDOWN_FLUSH_S, GracefulServer, build_server
+    from zhtune.infer.serve_config import ServeOptions
+
+    client, _ = make_client(run_dir, start=False)
+    opts = ServeOptions(max_connections=7, keep_alive_timeout=3, header_timeout=2.5, shutdown_timeout=4)
+    server = build_server(client.app, opts)
+    assert isinstance(server, GracefulServer) and server.grace == 4
+    config = server.config
+    assert (config.limit_concurrency, config.timeout_keep_alive) == (7, 3)
+    assert config.timeout_graceful_shutdown == 4 + SHUTDOWN_FLUSH_S
+    assert config.http.__name__ == "HeadTimeout"
+    assert ServeOptions().max_connections == 1024 and ServeOptions().shutdown_timeout == 30
+
+
+def test_connection_cap_head_timeout_and_graceful_shutdown(tiny_model_dir, tmp_path):
+    """A real ``zhtune serve``: a connection over --max-connections gets 503; one that never
+    finishes its request head is closed after --header-timeout; on SIGTERM, once --shutdown-timeout
+    has passed, a running stream ends with an error chunk and ``data: [DONE]`` and a running
+    whole answer gets an OpenAI-shaped 503; then it exits."""
+    import json
+    import signal
+    import socket
+    import threading
+
+    import httpx
+
+    from tests.serving import zhtune_process
+
+    args = ["serve", str(tiny_model_dir), "--max-connections", "3", "--header-timeout", "1",
+            "--shutdown-timeout", "0.3", "--batch-wait-ms", "1"]  # fmt: skip
+    with zhtune_process(args, tmp_path / "server.log", "/health", timeout=60) as (url, proc):
+        host, port = url.removeprefix("http://").split(":")
+        # a half-sent request head is dropped
+        with socket.create_connection((host, int(port))) as half:
+            half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            half.settimeout(10)
+            started = time.monotonic()
+            assert half.recv(100) == b"" and time.monotonic() - started < 5
+
+        long = {"model": "default", "prompt": "hi", "max_tokens": 480, "n": 64, "temperature": 0}
+        out: dict = {}
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json=long | {"stream": True}, timeout=60) as r:
+                out["stream"] = [line for line in r.iter_lines() if line]
+
+        def whole() -> None:
+            out["whole"] = httpx.post(f"{url}/v1/completions", json=long, timeout=60)
+
+        threads = [threading.Thread(target=stream), threading.Thread(target=whole)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        over = httpx.get(f"{url}/health", timeout=10)  # the third connection: over the cap
+        assert over.status_code == 503
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        proc.wait(20)
+    assert out["whole"].status_code == 503
+    assert out["whole"].json()["error"]["code"] == "server_shutting_down"
+    lines = out["stream"]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "server_shutting_down"
+    assert "shutting down" in (tmp_path / "server.log").read_text()

@@ -40,6 +40,8 @@ class Event:
     tokens: int = 0
     """Tokens generated for this choice so far (a final stop token included)."""
     error: str | None = None
+    status: int = 500
+    """The HTTP status an ``error`` is answered with (503: ended by a shutdown)."""
 
 
 @dataclass(eq=False)

@@ -184,3 +184,21 @@ def test_connection_cap_head_timeout_and_graceful_shutdown(tiny_model_dir, tmp_p
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "server_shutting_down"
     assert "shutting down" in (tmp_path / "server.log").read_text()
+
+
+def test_memory_is_handed_back_after_a_large_prompt(run_dir, monkeypatch):  # noqa: F811
+    """A batch with TRIM_AFTER_PROMPT_TOKENS prompt tokens or more calls malloc_trim once done; a small one does not."""
+    from zhtune.allocator import hand_back_memory
+
+    calls = []
+    monkeypatch.setattr(engine_module, "TRIM_AFTER_PROMPT_TOKENS", 60)
+    monkeypatch.setattr(engine_module, "hand_back_memory", lambda: calls.append(1) or hand_back_memory())
+    client, _ = make_client(run_dir)
+    with client:
+        assert client.post("/v1/completions", json={"model": NAME, "prompt": [5] * 10, "max_tokens": 1}).status_code == 200
+        assert calls == []
+        assert client.post("/v1/completions", json={"model": NAME, "prompt": [5] * 80, "max_tokens": 1}).status_code == 200
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls == [1]

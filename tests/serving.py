@@ -47,6 +47,20 @@ def zhtune_server(
 ) -> Iterator[str]:
     """Run ``zhtune ARGS... --port P`` with its output in ``log``; yield ``http://127.0.0.1:P``
     once ``ready_path`` answers 200 (fail the test with the log if it exits or never does)."""
+    with zhtune_process(args, log, ready_path, timeout, cwd, env) as (url, _):
+        yield url
+
+
+@contextmanager
+def zhtune_process(
+    args: list[str],
+    log: Path,
+    ready_path: str,
+    timeout: float = 90.0,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """:func:`zhtune_server`, yielding the process too (for a test that signals it)."""
     port = free_port()
     cmd = [sys.executable, "-m", "zhtune", *args, "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
@@ -57,7 +71,7 @@ def zhtune_server(
         try:
             if not wait_ready(f"{url}{ready_path}", proc, timeout):
                 pytest.fail(f"zhtune {args[0]} did not start:\n{log.read_text()}")
-            yield url
+            yield url, proc
         finally:
             proc.terminate()
             try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from typing import Any
 
 #: glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -35,18 +36,24 @@ TRIM_THRESHOLD = (1 << 31) - 1
 _done = False
 
 
+def _libc() -> Any:
+    """glibc, or None (not Linux, or a C library without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc to keep freed blocks (up to 64 MiB) for reuse instead of returning them to the
     kernel. Process-wide and idempotent; returns whether it took effect (False off glibc)."""
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # not glibc (musl and others have no mallopt)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -54,3 +61,17 @@ def keep_freed_memory() -> bool:
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
     return _done
+
+
+def hand_back_memory() -> bool:
+    """Return the free memory at the top of the heap and in free pages to the kernel
+    (``malloc_trim(0)``). :func:`keep_freed_memory` keeps up to 2 GiB of freed memory for reuse;
+    after one large request (a server's long prompt) that would stay resident for good, so the
+    server calls this once such a request is done. Returns whether glibc released anything
+    (False off glibc)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return bool(trim(0))

@@ -17,9 +17,10 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from zhtune.allocator import hand_back_memory
 from zhtune.infer.generate import BatchDecoder, Prompter, Sampling, prompt_learning
 
 # ---------------------------------------------------------------------------------------------
@@ -39,6 +40,8 @@ class Event:
     tokens: int = 0
     """Tokens generated for this choice so far (a final stop token included)."""
     error: str | None = None
+    status: int = 500
+    """The HTTP status an ``error`` is answered with (503: ended by a shutdown)."""
 
 
 @dataclass(eq=False)
@@ -68,7 +71,8 @@ class Choice:
 
 
 class Busy(Exception):
-    """More requests are in flight than ``max_concurrent`` allows."""
+    """The server is full: ``max_concurrent`` requests in flight, or ``max_queue`` choices waiting
+    for a batch (the message says which, and its flag)."""
 
 
 class Engine:
@@ -82,6 +86,7 @@ class Engine:
         max_batch_size: int = 32,
         batch_wait_ms: float = 10.0,
         max_concurrent: int = 128,
+        max_queue: int = 1024,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -96,9 +101,11 @@ class Engine:
         # (and an adapter type the decoder cannot batch fails here, at start-up, not per request)
         self.context_length = context_length(model, tokenizer) - prompt_learning(model)[2]
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.max_token_chars = max_token_chars(tokenizer)
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait_ms / 1000
         self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
         self.stats = {"requests": 0, "choices": 0, "batches": 0, "max_batch_size_seen": 0, "tokens": 0}
         self.in_flight = 0
         self._last_arrival = 0.0
@@ -116,10 +123,14 @@ class Engine:
         return len(self._pending)
 
     def submit(self, choices: list[Choice]) -> None:
-        """Queue a request's choices (all of the same :class:`Job`); raises :class:`Busy`."""
+        """Queue a request's choices (all of the same :class:`Job`); raises :class:`Busy` if
+        ``max_concurrent`` requests are in flight or the queue would pass ``max_queue`` choices
+        (a request asking for more than ``max_queue`` replies is taken when the queue is empty)."""
         with self._lock:
             if self.in_flight >= self.max_concurrent:
-                raise Busy
+                raise Busy(f"{self.max_concurrent} requests in flight (--max-concurrent)")
+            if self._pending and len(self._pending) + len(choices) > self.max_queue:
+                raise Busy(f"{len(self._pending)} replies waiting for a batch (--max-queue {self.max_queue})")
             self.in_flight += 1
             self.stats["requests"] += 1
             self._last_arrival = time.monotonic()
@@ -130,15 +141,37 @@ class Engine:
     def _loop(self) -> None:
         while True:
             batch = self._next_batch()
-            if not batch:
+            if batch:
+                self._run_isolated(batch)
+                if sum(len(c.prompt) for c in batch) >= TRIM_AFTER_PROMPT_TOKENS:
+                    hand_back_memory()
+
+    def _run_isolated(self, batch: list[Choice]) -> None:
+        """Decode ``batch``; if a step raises, decode each of its unfinished choices again alone,
+        from where it got to, so that only a choice that fails alone too fails (a 500 with an
+        error id), and the requests batched with it still get their replies."""
+        try:
+            self._run(batch)
+            return
+        except Exception:
+            if len(batch) > 1:
+                log_error(f"a batch of {len(batch)} failed; decoding its choices one by one")
+            else:
+                self._fail(batch[0])
+                return
+        for choice in batch:
+            if choice.done:
                 continue
             try:
-                self._run(batch)
-            except Exception:  # a failed batch fails its requests, not the server
-                error = log_error("generation failed")
-                for choice in batch:
-                    if not choice.done:
-                        self._finish(choice, Event(choice.index, "", error=error))
+                self._run([choice])
+            except Exception:
+                self._fail(choice)
+
+    def _fail(self, choice: Choice) -> None:
+        """End ``choice`` with an error (the exception being handled goes to the log)."""
+        error = log_error("generation failed")
+        if not choice.done:
+            self._finish(choice, Event(choice.index, "", error=error))
 
     def _next_batch(self) -> list[Choice]:
         """Up to ``max_batch_size`` choices, once that many are queued or no request has arrived
@@ -164,8 +197,13 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["choices"] += len(batch)
         self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], len(batch))
+        # a choice decoded again after its batch failed continues from the tokens it already has
         decoder = BatchDecoder(
-            self.model, [c.prompt for c in batch], [c.sampling for c in batch], self.stop_ids, self.pad_id
+            self.model,
+            [c.prompt + c.tokens for c in batch],
+            [replace(c.sampling, max_new_tokens=c.sampling.max_new_tokens - c.generated) for c in batch],
+            self.stop_ids,
+            self.pad_id,
         )
         while decoder.running:
             gone = [row for row in decoder.running if batch[row].job.cancelled]
@@ -214,6 +252,11 @@ class Engine:
                 self.in_flight -= 1
 
 
+TRIM_AFTER_PROMPT_TOKENS = 16384
+"""After a batch with this many prompt tokens in all, the freed memory is handed back to the
+system (:func:`~zhtune.allocator.hand_back_memory`): a large request leaves no gigabytes behind."""
+
+
 def log_error(what: str) -> str:
     """Print the exception being handled to the server log under a new error id, and return
     what a client is told: ``what`` and the id, never the exception's text (which may show paths
@@ -242,6 +285,16 @@ def unsure_tail(text: str, stops: list[str]) -> int:
             n, next((k for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])), 0)
         )
     return n
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters of text one token of ``tokenizer`` stands for: the longest token
+    string in its vocabulary (added tokens included). A byte-level token's string has one
+    character per byte, more than the characters it decodes to, so a text of ``c`` characters
+    is at least ``c / max_token_chars`` tokens: a prompt can be refused for the context from its
+    length alone, before it is tokenized."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max(1, max(len(p) for p in pieces if isinstance(p, str)))
 
 
 def context_length(model: Any, tokenizer: Any) -> int:

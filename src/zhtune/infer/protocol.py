@@ -3,8 +3,10 @@ errors, and the pure functions that turn a request into prompts, samplings and u
 
 Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body,
 invalid or unsupported parameters, or a prompt plus ``max_tokens`` over the context; 401 for a
-missing or wrong key; 404 for an unknown model or path; 429 when more than ``max_concurrent``
-requests are in flight; 500 if generation itself fails.
+missing or wrong key; 404 for an unknown model or path; 429 (with ``Retry-After``) when
+``max_concurrent`` requests are in flight or ``max_queue`` replies wait for a batch; 500 if
+generation itself fails (that request alone); 503 for requests still running when a shutdown's
+grace period ends.
 """
 
 from __future__ import annotations
@@ -29,15 +31,17 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class StreamOptions(BaseModel):

@@ -23,8 +23,10 @@ queue for the next one (no joining a running batch).
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 malformed body, invalid or unsupported parameters, or a prompt plus ``max_tokens`` over the
-context; 401 for a missing or wrong key; 404 for an unknown model or path; 429 when more than
-``max_concurrent`` requests are in flight; 500 if generation itself fails (the server goes on).
+context; 401 for a missing or wrong key; 404 for an unknown model or path; 429 (with
+``Retry-After``) when ``max_concurrent`` requests are in flight or ``max_queue`` replies wait for
+a batch; 500 if generation itself fails (for the request that fails alone: a failed batch is
+decoded again row by row, so the others go on).
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import Busy, Choice, Engine, Event, Job, log_error
@@ -85,10 +89,12 @@ class RequireApiKey:
 
 class BodyLimit:
     """ASGI middleware: a body over ``max_bytes`` is answered 413 (OpenAI-shaped) as soon as its
-    Content-Length says so, or as soon as that many bytes have arrived, never read whole."""
+    Content-Length says so, or as soon as that many bytes have arrived, never read whole; a body
+    whose next piece takes over ``timeout`` seconds to arrive is answered 408 (a client that
+    stops sending holds no request open)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, timeout: float = DEFAULT_LIMITS.body_timeout) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     def error(self) -> ApiError:
         mib = self.max_bytes / 2**20
@@ -102,13 +108,20 @@ class BodyLimit:
         if length.isdigit() and int(length) > self.max_bytes:
             await self.error().response()(scope, receive, send)
             return
-        seen = 0
+        seen, complete = 0, False
 
         async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body, receive waits for a disconnect: no timeout
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"the request body stalled for {self.timeout:g} s (--header-timeout)",
+                               code="request_timeout") from None  # fmt: skip
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise self.error()
             return message
@@ -145,6 +158,8 @@ class Api:
         # prompts are rendered and tokenized off the event loop, one at a time (the tokenizer is
         # not to be used by two threads at once; the scheduler decodes with its own copy)
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhtune-prompts")
+        self.live: set[Job] = set()
+        """Jobs whose response is still being produced (what a shutdown waits for, then ends)."""
 
     async def off_loop(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the prompt thread, so a long prompt never stalls other requests."""
@@ -158,6 +173,24 @@ class Api:
                 f"the model '{name}' does not exist; this server has '{self.model_name}' (or say 'default')",
                 param="model",
                 code="model_not_found",
+            )
+
+    def check_length(self, texts: list[str], param: str) -> None:
+        """Refuse (400 ``context_length_exceeded``) texts that cannot fit the context whatever
+        they tokenize to: more characters than ``context_length`` tokens of the longest token
+        can hold. Counts characters only, so a megabyte prompt is refused without tokenizing it
+        (leading and trailing whitespace, which templates may trim, is not counted)."""
+        engine = self.engine
+        most = engine.context_length * engine.max_token_chars
+        chars = sum(len(t.strip()) for t in texts)
+        if chars > most:
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {engine.context_length} tokens; the prompt has "
+                f"{chars} characters, more than {engine.context_length} tokens of at most "
+                f"{engine.max_token_chars} characters each",
+                param=param,
+                code="context_length_exceeded",
             )
 
     def start(self, req: SamplingParams, prompts: list[list[int]]) -> tuple[Job, asyncio.Queue[Event], int]:
@@ -184,27 +217,37 @@ class Api:
         choices = [Choice(job, i, p, s, stop, bool(req.stream)) for i, (p, s) in enumerate(rows)]
         try:
             self.engine.submit(choices)
-        except Busy:
+            self.live.add(job)
+        except Busy as busy:
             raise ApiError(
                 429,
-                f"server busy: {self.engine.max_concurrent} requests in flight (--max-concurrent); retry later",
+                f"server busy: {busy}; retry later",
                 type="requests",
                 code="rate_limit_exceeded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None
         return job, events, len(rows)
 
-    @staticmethod
-    async def events_of(job: Job, events: asyncio.Queue[Event], count: int) -> AsyncIterator[Event]:
+    async def events_of(self, job: Job, events: asyncio.Queue[Event], count: int) -> AsyncIterator[Event]:
         """The job's events until each of its ``count`` choices has finished."""
         try:
             while count:
                 event = await events.get()
                 if event.error:
-                    raise ApiError(500, event.error, type="server_error")
+                    code = "server_shutting_down" if event.status == 503 else None
+                    raise ApiError(event.status, event.error, type="server_error", code=code)
                 count -= event.finish_reason is not None
                 yield event
         finally:
             job.cancelled = True  # a no-op once done; stops the rest if the client went away
+            self.live.discard(job)
+
+    def end_all(self, why: str) -> None:
+        """End every request still running (a shutdown's grace period is over): its generation
+        stops, a stream gets an error chunk and ``data: [DONE]``, a whole answer a 503."""
+        for job in list(self.live):
+            job.cancelled = True
+            job.deliver(Event(0, "", error=why, status=503))
 
     async def respond(
         self, request: Request, req: SamplingParams, prompts: list[list[int]], kind: str
@@ -277,8 +320,10 @@ class Api:
                 f"{len(req.messages)} messages; the limit is {self.limits.max_messages} (--max-messages)",
                 param="messages",
             )
+        messages = chat_messages(req)
+        self.check_length([m["content"] for m in messages], "messages")
         try:
-            prompt = await self.off_loop(self.engine.prompter.prompt_ids, chat_messages(req))
+            prompt = await self.off_loop(self.engine.prompter.prompt_ids, messages)
         except (ValueError, ZhtuneError) as err:
             raise ApiError(400, f"cannot build a prompt from these messages: {err}", param="messages") from None
         return await self.respond(request, req, [prompt], "chat")
@@ -294,6 +339,8 @@ class Api:
         if len(items) > self.limits.max_choices:
             raise ApiError(400, f"{len(items)} prompts; the limit is {self.limits.max_choices}", param="prompt")
         texts = [p for p in items if isinstance(p, str)]
+        for text in texts:
+            self.check_length([text], "prompt")
         encoded = iter(await self.off_loop(lambda: tokenizer(texts)["input_ids"]) if texts else [])
         prompts = [next(encoded) if isinstance(p, str) else list(p) for p in items]
         if any(not 0 <= t < vocab_size for p in prompts for t in p):
@@ -324,6 +371,9 @@ class Api:
             }
         )
 
+
+RETRY_AFTER_S = 1
+"""What a 429 busy answer's ``Retry-After`` says, in seconds."""
 
 DISCONNECT_POLL_S = 0.5
 """How often a non-streaming request checks whether its client is still there."""
@@ -367,7 +417,7 @@ def create_app(
     """The Starlette app serving ``engine`` as ``model_name`` (and ``default``) within ``limits``,
     answering only the Host names in ``hosts`` (None: any)."""
     api = Api(engine, model_name, limits)
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/health", api.health),
             Route("/v1/models", api.list_models),
@@ -376,10 +426,12 @@ def create_app(
             Route("/v1/completions", api.completions, methods=["POST"]),
         ],
         middleware=([Middleware(HostCheck, hosts=hosts)] if hosts is not None else [])
-        + [Middleware(BodyLimit, max_bytes=limits.max_body_bytes)]
+        + [Middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)]
         + ([Middleware(RequireApiKey, api_key=api_key)] if api_key else []),
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
     )
+    app.state.api = api
+    return app
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +444,6 @@ def serve(
 ) -> None:
     """Load ``run`` on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`; its own Python
     code only with ``trust_remote_code``, ``--trust-remote-code``) and serve it until interrupted."""
-    import uvicorn
-
     from zhtune.models.loading import load_for_inference
 
     api_key = opts.check()
@@ -402,7 +452,13 @@ def serve(
     )
     name = Path(run).resolve().name
     engine = Engine(
-        model, tokenizer, opts.template or run_template, opts.max_batch_size, opts.batch_wait_ms, opts.max_concurrent
+        model,
+        tokenizer,
+        opts.template or run_template,
+        opts.max_batch_size,
+        opts.batch_wait_ms,
+        opts.max_concurrent,
+        opts.max_queue,
     )
     app = create_app(engine.start(), name, api_key, opts.limits(), opts.hosts())
     print(
@@ -415,4 +471,85 @@ def serve(
     )
     if not api_key and opts.host not in LOOPBACK:
         print(f"warning: serving on {opts.host} without an API key (--insecure-no-auth)", file=sys.stderr)
-    uvicorn.run(app, host=opts.host, port=opts.port, log_level="info", timeout_graceful_shutdown=5)
+    build_server(app, opts).run()
+
+
+SHUTDOWN_FLUSH_S = 2
+"""Seconds after a shutdown's grace period for the ended requests' last words to be sent."""
+
+
+def build_server(app: Starlette, opts: ServeOptions) -> GracefulServer:
+    """The uvicorn server of ``app`` with the connection limits of ``opts``: a connection cap
+    (503 beyond), idle keep-alive and request-head timeouts, and a graceful shutdown (see
+    :class:`GracefulServer`)."""
+    config = uvicorn.Config(
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level="info",
+        http=head_timeout_protocol(opts.header_timeout),
+        limit_concurrency=opts.max_connections,
+        timeout_keep_alive=opts.keep_alive_timeout,
+        timeout_graceful_shutdown=int(opts.shutdown_timeout) + SHUTDOWN_FLUSH_S,
+    )
+    return GracefulServer(config, app.state.api, opts.shutdown_timeout)
+
+
+def head_timeout_protocol(timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection that has not sent a complete request head
+    ``timeout`` seconds after it opened or its last response ended (uvicorn has no such timeout:
+    half-sent requests were held open for good)."""
+
+    class HeadTimeout(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(timeout, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            no_request = self.cycle is None or self.cycle.response_complete
+            if no_request and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadTimeout
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with a shutdown that ends requests cleanly: on the first SIGTERM or
+    SIGINT it stops accepting connections and lets in-flight requests finish for ``grace``
+    seconds, then ends the rest (:meth:`Api.end_all`: an error chunk and ``[DONE]`` for a stream,
+    a 503 for a whole answer) and exits; a second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, api: Api, grace: float) -> None:
+        super().__init__(config)
+        self.api, self.grace = api, grace
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit:  # uvicorn forces only on a second SIGINT; SIGTERM too here
+            self.force_exit = True
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        print(f"zhtune serve: shutting down; in-flight requests have {self.grace:g} s (--shutdown-timeout)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        why = f"the server is shutting down and this request ran past its {self.grace:g} s grace period"
+        ending = asyncio.get_running_loop().call_later(self.grace, self.api.end_all, why)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            ending.cancel()

@@ -18,6 +18,8 @@ class Limits:
     """Messages in one chat request."""
     max_choices: int = 256
     """Replies one request asks for: prompts x n."""
+    body_timeout: float = 10.0
+    """Seconds to wait for each piece of a request body (408 beyond)."""
 
 
 
@@ -42,6 +44,8 @@ class ServeOptions:
     """Serve on a non-loopback address without an API key (anyone who can reach it may use it)."""
     max_concurrent: int = 128
     """Requests in flight before 429 busy."""
+    max_queue: int = 1024
+    """Replies (prompts x n) waiting for a batch before 429 busy with Retry-After."""
     max_batch_size: int = 32
     """Replies decoded together."""
     batch_wait_ms: float = 10.0
@@ -52,6 +56,14 @@ class ServeOptions:
     """Most messages in one chat request (400 beyond)."""
     max_request_choices: int = 256
     """Most replies one request may ask for, prompts x n (400 beyond)."""
+    max_connections: int = 1024
+    """Open connections and requests before new ones get 503 (uvicorn's limit_concurrency)."""
+    keep_alive_timeout: int = 5
+    """Seconds an idle keep-alive connection is kept open."""
+    header_timeout: float = 10.0
+    """Seconds a connection has to send a complete request head (and each piece of its body) before it is closed."""
+    shutdown_timeout: float = 30.0
+    """On SIGTERM, seconds in-flight requests may take to finish before they are ended with an error (a second signal exits at once)."""
     template: str = ""
     """Override the run's chat template (empty: the run's own)."""
     allowed_hosts: str = ""
@@ -71,13 +83,15 @@ class ServeOptions:
 
     def check(self) -> str | None:
         """Validate the options (before any model is loaded); returns the API key."""
-        for name in ("max_concurrent", "max_batch_size", "max_messages", "max_request_choices"):
+        for name in ("max_concurrent", "max_queue", "max_batch_size", "max_messages", "max_request_choices",
+                     "max_connections", "keep_alive_timeout"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ZhtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
             raise ZhtuneError(f"--batch-wait-ms must be 0 or more, got {self.batch_wait_ms}")
-        if self.max_body_mb <= 0:
-            raise ZhtuneError(f"--max-body-mb must be above 0, got {self.max_body_mb}")
+        for name in ("max_body_mb", "header_timeout", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                raise ZhtuneError(f"--{name.replace('_', '-')} must be above 0, got {getattr(self, name)}")
         key = self.resolved_key()
         if key is None and self.host not in LOOPBACK and not self.insecure_no_auth:
             raise ZhtuneError(
@@ -94,4 +108,6 @@ class ServeOptions:
         return LOOPBACK_NAMES if self.host in LOOPBACK else None
 
     def limits(self) -> Limits:
-        return Limits(int(self.max_body_mb * 2**20), self.max_messages, self.max_request_choices)
+        return Limits(
+            int(self.max_body_mb * 2**20), self.max_messages, self.max_request_choices, self.header_timeout
+        )

@@ -13,7 +13,7 @@ from zhtune.data.clean import STEPS, CleanOptions
 from zhtune.data.cot import CotOptions, describe_templates
 from zhtune.data.evolve import EvolveOptions
 from zhtune.data.generate import GenerateOptions
-from zhtune.data.inputs import InputOptions
+from zhtune.data.inputs import InputOptions, add_inputs_and_output
 from zhtune.data.mix import MixOptions
 from zhtune.flags import add_options, options_from
 
@@ -84,11 +84,6 @@ def cmd_evolve(args: argparse.Namespace) -> int:
     return evolve(args.inputs, args.output, options_from(EvolveOptions, args))
 
 
-def _inputs_and_output(p: argparse.ArgumentParser, output: str = "output .jsonl") -> None:
-    p.add_argument("inputs", nargs="+", help="input files, directories or globs")
-    p.add_argument("-o", "--output", required=True, help=output)
-
-
 def register(sub: Any, full_help_for: str | None = None) -> None:
     """Add ``zhtune data`` and its subcommands to the top-level subparsers ``sub``."""
     data = sub.add_parser("data", help="convert, inspect and prepare instruction data")
@@ -100,7 +95,7 @@ def register(sub: Any, full_help_for: str | None = None) -> None:
         description="Convert Alpaca, BELLE, ShareGPT/Vicuna, OpenAI messages, seed-task or column-mapped files "
         "(json, jsonl, csv, parquet, datasets directories) into canonical conversation records.",
     )
-    _inputs_and_output(c)
+    add_inputs_and_output(c)
     add_options(c, InputOptions)
     c.add_argument(
         "--strict", action="store_true",
@@ -130,7 +125,7 @@ def _register_clean(dsub: Any) -> None:
         "step the records in, removed and what changed. An interrupted run, started again with the same inputs and "
         "settings, goes on from its last checkpoint (OUT.partial). Exit status 0 unless an input cannot be read.",
     )
-    _inputs_and_output(c, "output .jsonl (written when the run finishes)")
+    add_inputs_and_output(c, "output .jsonl (written when the run finishes)")
     steps = c.add_argument_group("steps (in the order they run)")
     for step in STEPS:
         steps.add_argument(
@@ -154,7 +149,7 @@ def _register_prep(dsub: Any) -> None:
         "Alpaca-CoT's CoT* variant. Templates (prompt -> response):\n" + describe_templates(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _inputs_and_output(c)
+    add_inputs_and_output(c)
     add_options(c, InputOptions, skip=("format", "allow_rejects", "progress"))
     add_options(c, CotOptions)
     c.set_defaults(func=cmd_cot)
@@ -215,6 +210,6 @@ def _register_synth(dsub: Any) -> None:
         "1, keeping what it has) after --patience requests in a row that kept nothing, or at --max-requests. "
         "Re-running resumes.",
     )
-    _inputs_and_output(e, "output .jsonl (appended to)")
+    add_inputs_and_output(e, "output .jsonl (appended to)")
     add_options(e, EvolveOptions)
     e.set_defaults(func=cmd_evolve)

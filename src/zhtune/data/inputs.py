@@ -4,6 +4,7 @@ mix, predict, eval gen, vocab extend). A command takes the flags it uses (``skip
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from zhtune.data.convert import parse_mapping
@@ -33,3 +34,10 @@ class InputOptions:
     def rejects_path(self) -> str | None:
         """``--rejects``, or None for the default beside the output."""
         return self.rejects or None
+
+
+def add_inputs_and_output(parser: argparse.ArgumentParser, output: str = "output .jsonl") -> None:
+    """The positional INPUTS (files, directories or globs) and ``-o/--output`` of a command that
+    reads records and writes a file (convert, clean, cot, evolve, predict)."""
+    parser.add_argument("inputs", nargs="+", help="input files, directories or globs")
+    parser.add_argument("-o", "--output", required=True, help=output)

@@ -9,7 +9,7 @@ import argparse
 import os
 from typing import Any
 
-from zhtune.data.inputs import InputOptions
+from zhtune.data.inputs import InputOptions, add_inputs_and_output
 from zhtune.errors import ZhtuneError
 from zhtune.flags import add_options, options_from
 from zhtune.infer.export import ExportOptions
@@ -111,8 +111,7 @@ def register(sub: Any, full_help_for: str | None = None) -> None:
         "interruption generates only what is missing. Rejected records go to OUT.rejects.jsonl. Greedy by "
         "default (temperature 0), so a resumed run gives the same rows.",
     )  # fmt: skip
-    pr.add_argument("inputs", nargs="+", help="input files, directories or globs")
-    pr.add_argument("-o", "--output", required=True, help="output .jsonl (appended to)")
+    add_inputs_and_output(pr, "output .jsonl (appended to)")
     pr.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
     add_options(pr, GenerationOptions, defaults=GenerationOptions(temperature=0.0))
     pr.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import gc
 import hashlib
 import itertools
 import json
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,9 +175,13 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         judge_keys = section.get("judge")
         if judge_keys is not None:
             if not isinstance(judge_keys, dict):
-                raise ZhtuneError(f"{source}: eval: judge: expected a mapping of endpoint keys, got {judge_keys!r}")
+                raise ZhtuneError(
+                    f"{source}: eval: judge: expected a mapping of endpoint keys, got {judge_keys!r}"
+                )
             given = build_config(EndpointOptions, judge_keys, source=f"{source}: eval: judge")
-            section["judge"] = dataclasses.replace(default_judge(), **{k: getattr(given, k) for k in judge_keys})
+            section["judge"] = dataclasses.replace(
+                default_judge(), **{k: getattr(given, k) for k in judge_keys}
+            )
         values["eval"] = build_config(EvalConfig, section, source=f"{source}: eval")
     if isinstance(values.get("base"), str):
         values["base"] = str(Path(path).parent / values["base"])  # an absolute base stays as it is
@@ -187,12 +193,14 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Metric:
-    """One way to score a tuned run: ``score(run_dir, eval config) -> scores``, where scores is
+    """One way to score a tuned run: ``score(run_dir, eval config, test records) -> scores``, where
+    the test records are those :func:`load_eval_records` read once per experiment (empty unless
+    ``reads_records``) and scores is
     ``{"overall": float, "scores": {column: float}, "counts": {column: n}, ...}`` (more keys are kept
     in the run's eval cache; ``"cached": True`` when it was read back, not scored)."""
 
     name: str
-    score: Callable[[Path, EvalConfig], dict[str, Any]]
+    score: Callable[[Path, EvalConfig, list[dict[str, Any]]], dict[str, Any]]
     fmt: str = "{:.1%}"
     """How a score is written in the table and on the chart."""
     max_value: float | None = 1.0
@@ -208,15 +216,12 @@ RecordScorer = Callable[[Any, Any, str, list[dict[str, Any]], EvalConfig], dict[
 """(model, tokenizer, template name, records, eval config) -> scores: a metric over test records."""
 
 
-def on_records(scorer: RecordScorer) -> Callable[[Path, EvalConfig], dict[str, Any]]:
-    """A record metric as a :class:`Metric` score: read the test records, load the run's model
-    and score them, caching the result in ``RUN/eval/<metric>.json`` with the settings it was made
+def on_records(scorer: RecordScorer) -> Callable[[Path, EvalConfig, list[dict[str, Any]]], dict[str, Any]]:
+    """A record metric as a :class:`Metric` score: load the run's model and score the test
+    records, caching the result in ``RUN/eval/<metric>.json`` with the settings it was made
     with (metric, max_new_tokens, a hash of the records), reused while they stay the same."""
 
-    def score(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
-        import gc
-
-        records = load_eval_records(ev)
+    def score(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
         digest = hashlib.sha1(json.dumps(records, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
         settings = {"metric": ev.metric, "max_new_tokens": ev.max_new_tokens, "records": len(records),
                     "sha1": digest}  # fmt: skip
@@ -263,7 +268,7 @@ def _one_file(ev: EvalConfig) -> str:
     return ev.data[0]
 
 
-def _exam(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
+def _exam(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
     """``zhtune eval exam`` on the run (resumable: a finished exam is read back, not redone), with
     the exam's categories as the table's columns and its subjects kept beside them."""
 
@@ -275,7 +280,7 @@ def _exam(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
     return {**report, "scores": report["categories"], "counts": {}, "subjects": report["scores"]}
 
 
-def _judge(run_dir: Path, ev: EvalConfig) -> dict[str, Any]:
+def _judge(run_dir: Path, ev: EvalConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
     """``zhtune eval judge`` on the run (resumable and cached: a judged question is not asked
     again); the judge's API key comes from $OPENAI_API_KEY, never from the grid file."""
 
@@ -497,12 +502,12 @@ def load_eval_records(ev: EvalConfig) -> list[dict[str, Any]]:
     return usable
 
 
-def evaluate_run(run: Run, ev: EvalConfig) -> dict[str, Any]:
-    """Score a run with ``ev.metric``. Its model's own code runs only with ``trust_remote_code``:
+def evaluate_run(run: Run, ev: EvalConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score a run with ``ev.metric`` (``records``: the test records, read once for all runs). Its model's own code runs only with ``trust_remote_code``:
     the grid's own key (in ``eval`` or in the run's train config), never what the run directory
     recorded."""
     trusted = ev.trust_remote_code or run.train.trust_remote_code
-    return METRICS[ev.metric].score(run.dir, dataclasses.replace(ev, trust_remote_code=trusted))
+    return METRICS[ev.metric].score(run.dir, dataclasses.replace(ev, trust_remote_code=trusted), records)
 
 
 # --------------------------------------------------------------------------------------------
@@ -613,7 +618,6 @@ def run_experiment(
 ) -> list[dict[str, Any]]:
     """Train and score every run of the grid, write the report and print the table; returns
     the rows of the table (as in ``results.json``)."""
-    import time
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -640,7 +644,7 @@ def run_experiment(
             say(f"[{i}/{len(runs)}] finished earlier: training skipped")
         scores = None
         if cfg.eval:
-            scores = evaluate_run(run, cfg.eval)
+            scores = evaluate_run(run, cfg.eval, records)
             how = "cached" if scores.get("cached") else "scored"
             shown = fmt_value(scores["overall"], METRICS[cfg.eval.metric].fmt)
             say(f"[{i}/{len(runs)}] {cfg.eval.metric} {shown} ({how})")

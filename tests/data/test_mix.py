@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from zhtune.cli import main
+from zhtune.data.inputs import InputOptions
 from zhtune.data.mix import largest_total, parse_source, pick_counts, split_total
 from zhtune.errors import ZhtuneError
 
@@ -77,7 +78,7 @@ def test_too_small_source_fails_or_repeats(tmp_path):
     ):
         from zhtune.data.mix import MixOptions, mix
 
-        mix([f"{EN}:1", f"{ZH}:1"], str(out), MixOptions(total=40, progress=False))
+        mix([f"{EN}:1", f"{ZH}:1"], str(out), MixOptions(total=40, reading=InputOptions(progress=False)))
     assert (
         main(["data", "mix", f"{EN}:1", f"{ZH}:1", "--total", "40", "-o", str(out)]) == 1
     )  # CLI: message, exit 1

@@ -53,17 +53,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def cmd_cot(args: argparse.Namespace) -> int:
     from zhtune.data.cot import cot_convert
 
-    inputs = options_from(InputOptions, args)
-    return cot_convert(
-        args.inputs, args.output, options_from(CotOptions, args), inputs.mapping(), rejects=inputs.rejects_path()
-    )
+    return cot_convert(args.inputs, args.output, options_from(CotOptions, args))
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
     from zhtune.data.mix import mix
 
-    inputs = options_from(InputOptions, args)
-    return mix(args.sources, args.output, options_from(MixOptions, args), rejects=inputs.rejects_path())
+    return mix(args.sources, args.output, options_from(MixOptions, args))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -150,7 +146,6 @@ def _register_prep(dsub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_inputs_and_output(c)
-    add_options(c, InputOptions, skip=("format", "allow_rejects", "progress"))
     add_options(c, CotOptions)
     c.set_defaults(func=cmd_cot)
 
@@ -164,7 +159,6 @@ def _register_prep(dsub: Any) -> None:
     )
     m.add_argument("sources", nargs="+", metavar="SOURCE[:WEIGHT]", help="e.g. alpaca.json:0.7 belle_zh:0.3")
     m.add_argument("-o", "--output", required=True, help="output .jsonl")
-    add_options(m, InputOptions, skip=("format", "map", "allow_rejects", "progress"))
     add_options(m, MixOptions)
     m.set_defaults(func=cmd_mix)
 

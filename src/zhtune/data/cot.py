@@ -40,10 +40,12 @@ from zhtune.data.convert import (
     rejects_exit_status,
 )
 from zhtune.data.formats import CARRIED, apply_mapping
+from zhtune.data.inputs import InputOptions
 from zhtune.data.lang import guess_lang
 from zhtune.data.readers import RawError, expand_inputs, iter_raw
 from zhtune.data.schema import RecordError
 from zhtune.errors import ZhtuneError
+from zhtune.flags import flag
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,8 @@ class CotOptions:
     """Template language: auto (from the question's script), zh or en."""
     seed: int = 0
     """Seed of the per-record template draw."""
-    allow_rejects: bool = False
-    """Exit 0 even if some records were rejected."""
-    progress: bool = True
-    """Show a progress bar."""
+    reading: InputOptions = flag(default_factory=InputOptions, skip=("format",))
+    """--map, --rejects, --allow-rejects and --progress (the format is always CoT records)."""
 
 
 def _choice(seed: int, record_id: str, n: int) -> int:
@@ -207,12 +207,10 @@ def cot_convert(
     inputs: list[str],
     output: str,
     opts: CotOptions,
-    mapping: dict[str, str] | None = None,
-    rejects: str | None = None,
 ) -> int:
     """``zhtune data cot``: write CoT conversations for every record of ``inputs`` to ``output``.
 
-    Returns the exit status: 1 if records were rejected and not ``opts.allow_rejects``, else 0.
+    Returns the exit status: 1 if records were rejected and not ``opts.reading.allow_rejects``, else 0.
     """
     import os
 
@@ -221,6 +219,7 @@ def cot_convert(
 
     choice = check_options(opts)
     lang = opts.lang
+    mapping, rejects = opts.reading.mapping(), opts.reading.rejects_path()
     paths = expand_inputs(inputs)
     if any(os.path.abspath(p) == os.path.abspath(output) for p in paths):
         raise ZhtuneError(f"output {output} is also an input; choose another output path")
@@ -231,7 +230,7 @@ def cot_convert(
     with (
         atomic_open(output) as out,
         RejectWriter(rejects_path) as rejected,
-        tqdm(desc="cot", unit=" rec", file=sys.stderr, disable=not opts.progress, mininterval=0.5) as bar,
+        tqdm(desc="cot", unit=" rec", file=sys.stderr, disable=not opts.reading.progress, mininterval=0.5) as bar,
     ):
         for path in paths:
             for index, (line, original) in enumerate(iter_raw(path), 1):
@@ -240,7 +239,7 @@ def cot_convert(
                 if isinstance(original, RawError):
                     o = Outcome(record=None, reason=original.reason, **common)
                 else:
-                    raw = apply_mapping(original, mapping or {})
+                    raw = apply_mapping(original, mapping)
                     rid = make_record_id(raw, path, index)
                     try:
                         messages, template = cot_messages(raw, choice, lang, opts.seed, rid)
@@ -267,7 +266,7 @@ def cot_convert(
     if rejected.count:
         print(f"rejected {rejected.count:,} record(s) -> {rejects_path}; the first ones:", file=sys.stderr)
         print("\n".join(f"  {s}" for s in shown), file=sys.stderr)
-    return rejects_exit_status(rejected.count, opts.allow_rejects)
+    return rejects_exit_status(rejected.count, opts.reading.allow_rejects)
 
 
 def describe_templates() -> str:

@@ -38,9 +38,11 @@ from zhtune.data.convert import (
     dump_line,
     rejects_exit_status,
 )
+from zhtune.data.inputs import InputOptions
 from zhtune.data.readers import expand_inputs
 from zhtune.data.registry import iter_sources, resolve_sources
 from zhtune.errors import ZhtuneError
+from zhtune.flags import flag
 
 
 @dataclass
@@ -55,12 +57,9 @@ class MixOptions:
     """Let a source smaller than its share repeat records (sampling with replacement) instead of failing."""
     registry: str = ""
     """Dataset registry YAML to look source names up in first (then ./datasets.yaml, the shipped one)."""
-    format: str = "auto"
-    """Format of every source file (registered names bring their own): auto, alpaca, belle, sharegpt, openai, ..."""
-    allow_rejects: bool = False
-    """Exit 0 even if some input records were rejected (they are never mixed in)."""
-    progress: bool = True
-    """Show progress bars."""
+    reading: InputOptions = flag(default_factory=InputOptions, skip=("map",))
+    """--format (of every source file; registered names bring their own), --rejects,
+    --allow-rejects (rejected records are never mixed in) and --progress."""
 
 
 @dataclass
@@ -145,7 +144,7 @@ def pick_counts(ranks: Any, quota: int) -> Any:
 
 def _sources(specs: list[SourceSpec], opts: MixOptions) -> list[Any]:
 
-    return resolve_sources([s.name for s in specs], opts.registry or None, opts.format)
+    return resolve_sources([s.name for s in specs], opts.registry or None, opts.reading.format)
 
 
 def format_table(stats: list[SourceStats], total: int) -> str:
@@ -162,9 +161,9 @@ def format_table(stats: list[SourceStats], total: int) -> str:
     return "\n".join(lines)
 
 
-def mix(specs: list[str], output: str, opts: MixOptions, rejects: str | None = None) -> int:
+def mix(specs: list[str], output: str, opts: MixOptions) -> int:
     """``zhtune data mix``: write the mixture of ``specs`` to ``output``; returns the exit status
-    (1 if records were rejected and not ``opts.allow_rejects``)."""
+    (1 if records were rejected and not ``opts.reading.allow_rejects``)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -189,11 +188,12 @@ def mix(specs: list[str], output: str, opts: MixOptions, rejects: str | None = N
     bar_args: dict[str, Any] = {
         "unit": " rec",
         "file": sys.stderr,
-        "disable": not opts.progress,
+        "disable": not opts.reading.progress,
         "mininterval": 0.5,
     }
 
     # -- pass 1: ranks ---------------------------------------------------------------------------
+    rejects = opts.reading.rejects_path()
     rejects_path = rejects or default_rejects_path(output)
     all_ranks = []
     with RejectWriter(rejects_path) as rejected, tqdm(desc="mix: read", **bar_args) as bar:
@@ -253,7 +253,7 @@ def mix(specs: list[str], output: str, opts: MixOptions, rejects: str | None = N
     print(format_table(stats, total), file=sys.stderr)
     if rejected.count:
         print(f"rejected {rejected.count:,} input record(s) -> {rejects_path}", file=sys.stderr)
-    return rejects_exit_status(rejected.count, opts.allow_rejects)
+    return rejects_exit_status(rejected.count, opts.reading.allow_rejects)
 
 
 def _outcomes(src: Any) -> Any:

@@ -22,7 +22,9 @@ from zhtune.errors import ZhtuneError
 from zhtune.infer.generate import GenerationOptions
 from zhtune.infer.webui import (
     ChatModel,
+    WebUIOptions,
     clear_chat,
+    fit_context,
     import_gradio,
     list_runs,
     loss_curve,
@@ -213,6 +215,28 @@ def test_the_chat_tab_says_where_the_model_runs(chat):
     assert chat.placement == "cpu, fp32" and "cpu, fp32" in chat.describe()  # auto on a CPU-only machine
 
 
+def test_the_chat_keeps_to_the_models_context(chat):
+    """A conversation the context cannot hold is refused: a huge paste from its length alone (no
+    tokenizing, no generation slot held), one just over by its tokens; a reply is cut to the room
+    left, so prompt plus reply never pass the context."""
+    context = chat.context
+    assert context == 512  # the tiny model's max_position_embeddings
+    started = time.perf_counter()
+    with pytest.raises(ZhtuneError, match=r"2,000,000 characters, more than this model's 512-token context"):
+        list(respond(chat, "x" * 2_000_000, [], "", GREEDY))
+    assert time.perf_counter() - started < 1.0
+    with pytest.raises(ZhtuneError, match=r"this model's context is 512: shorten the message or clear the chat"):
+        list(respond(chat, "一 " * 600, [], "", GREEDY))
+
+    prompter = chat._prompter
+    long = "一二三 " * 100
+    prompt, options = fit_context(prompter, [{"role": "user", "content": long}], GREEDY, context, 100)
+    assert options is GREEDY  # room enough: unchanged
+    wide = GenerationOptions(max_new_tokens=10_000, temperature=0.0)
+    prompt, options = fit_context(prompter, [{"role": "user", "content": long}], wide, context, 100)
+    assert len(prompt) + options.max_new_tokens == context and options.max_new_tokens < 10_000
+
+
 def test_no_model_loaded_says_what_to_do():
     with pytest.raises(ZhtuneError, match="Runs tab"):
         list(respond(ChatModel(), "hi", [], "", GREEDY))
@@ -226,7 +250,7 @@ def test_missing_gradio_names_the_extra(monkeypatch):
 
 def test_cli_defaults_bind_to_localhost():
     args = build_parser().parse_args(["webui"])
-    assert (args.run, args.runs_dir, args.host, args.port) == (None, None, "127.0.0.1", 7860)
+    assert (args.run, args.runs_dir, args.host, args.port) == (None, "", "127.0.0.1", 7860)
     args = build_parser().parse_args(["webui", "runs/x", "--port", "9000", "--temperature", "0"])
     assert (args.run, args.port, args.temperature) == ("runs/x", 9000, 0.0)
 
@@ -347,3 +371,10 @@ def test_a_non_loopback_page_needs_a_login(capsys, monkeypatch):
     assert "pass --auth USER:PASSWORD, or --insecure-no-auth" in capsys.readouterr().err
     assert main(["webui", "--auth", "nopassword"]) == 1
     assert "--auth takes USER:PASSWORD" in capsys.readouterr().err
+    monkeypatch.setenv("ZHTUNE_WEBUI_AUTH", "")  # set but empty is an error, never "no login"
+    assert main(["webui", "--host", "0.0.0.0"]) == 1
+    assert "ZHTUNE_WEBUI_AUTH is set but empty" in capsys.readouterr().err
+    monkeypatch.setenv("ZHTUNE_WEBUI_AUTH", "ann:s3cret")
+    assert WebUIOptions(host="0.0.0.0").login() == ("ann", "s3cret")
+    assert WebUIOptions(auth="bob:pw").login() == ("bob", "pw")  # the flag wins over the variable
+    assert build_parser().parse_args(["webui"]).auth == ""  # read at launch: --help never shows it

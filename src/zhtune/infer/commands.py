@@ -6,7 +6,6 @@ registered by the stage itself. Flags come from the options dataclasses (decodin
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from zhtune.data.inputs import InputOptions, add_inputs_and_output
@@ -15,6 +14,7 @@ from zhtune.flags import add_options, options_from
 from zhtune.infer.export import ExportOptions
 from zhtune.infer.generate import GenerationOptions
 from zhtune.infer.serve_config import ServeOptions
+from zhtune.infer.webui import WebUIOptions
 from zhtune.models.device import RuntimeOptions
 
 
@@ -73,12 +73,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_webui(args: argparse.Namespace) -> int:
     from zhtune.infer.webui import launch
 
-    rt = options_from(RuntimeOptions, args)
     launch(
-        args.run, runs_dir=args.runs_dir, host=args.host, port=args.port, dtype=rt.dtype, device=rt.device,
-        template=args.template, system=args.system, defaults=options_from(GenerationOptions, args),
-        seed=args.seed, auth=args.auth, insecure_no_auth=args.insecure_no_auth,
-        trust_remote_code=rt.trust_remote_code,
+        args.run, options_from(WebUIOptions, args), options_from(RuntimeOptions, args),
+        template=args.template, defaults=options_from(GenerationOptions, args),
     )  # fmt: skip
     return 0
 
@@ -150,21 +147,6 @@ def register(sub: Any, full_help_for: str | None = None) -> None:
         "curve, train_results.json and eval reports; any run listed there can be loaded into the chat. "
         "The decoding flags below set the sliders' starting values.",
     )  # fmt: skip
-    wu.add_argument("--runs-dir", help="folder of runs to browse (default: RUN's parent folder, or ./runs)")
-    wu.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1: local only)")
-    wu.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    wu.add_argument(
-        "--auth", default=os.environ.get("ZHTUNE_WEBUI_AUTH", ""), metavar="USER:PASSWORD",
-        help="a login in front of the page (default: $ZHTUNE_WEBUI_AUTH; needed for a non-loopback --host)",
-    )  # fmt: skip
-    wu.add_argument(
-        "--insecure-no-auth", action="store_true", help="serve on a non-loopback --host without --auth"
-    )
-    wu.add_argument("--system", default="", help="starting system message")
-    wu.add_argument(
-        "--seed", type=int,
-        help="seed the sampler once at start: the same messages sent to a fresh server get the same "
-        "sampled replies (default: random)",
-    )  # fmt: skip
+    add_options(wu, WebUIOptions)
     add_options(wu, GenerationOptions)
     wu.set_defaults(func=cmd_webui)

@@ -23,17 +23,60 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from zhtune import rundir
 from zhtune.errors import ZhtuneError
+from zhtune.flags import flag
+from zhtune.infer.engine import context_length, max_token_chars
 from zhtune.infer.generate import GenerationOptions, Prompter, placement, stream_generate
+from zhtune.infer.serve_config import LOOPBACK
+from zhtune.models.device import RuntimeOptions, resolve_device
 from zhtune.rundir import RunDir
 
 MAX_REPORT_CHARS = 20_000
 """Longer eval reports are cut to this many characters on the page."""
+
+
+@dataclass
+class WebUIOptions:
+    """Options of ``zhtune webui`` (decoding, device, dtype and remote code apart)."""
+
+    runs_dir: str = ""
+    """Folder of runs to browse (empty: RUN's parent folder, or ./runs)."""
+    host: str = "127.0.0.1"
+    """Address to bind (127.0.0.1: this machine only; any other needs --auth or --insecure-no-auth)."""
+    port: int = 7860
+    """Port to listen on."""
+    auth: str = flag(default="", metavar="USER:PASSWORD")
+    """A login in front of the page (empty: $ZHTUNE_WEBUI_AUTH if set, else none; needed for a non-loopback --host)."""
+    insecure_no_auth: bool = False
+    """Serve on a non-loopback --host without --auth (anyone who can reach it reads your runs)."""
+    system: str = ""
+    """Starting system message."""
+    seed: int | None = None
+    """Seed the sampler once at start: the same messages sent to a fresh server get the same sampled replies (empty: random)."""
+
+    def login(self) -> tuple[str, str] | None:
+        """``(user, password)`` from ``--auth`` or ``$ZHTUNE_WEBUI_AUTH``, None for no login; refuses
+        a malformed pair, an empty variable, and a non-loopback bind without a login."""
+        auth = self.auth or os.environ.get("ZHTUNE_WEBUI_AUTH")
+        if auth == "":
+            raise ZhtuneError("ZHTUNE_WEBUI_AUTH is set but empty: set it to USER:PASSWORD, or unset it")
+        login = None
+        if auth is not None:
+            user, sep, password = auth.partition(":")
+            if not (sep and user and password):
+                raise ZhtuneError("--auth takes USER:PASSWORD (both non-empty)")
+            login = (user, password)
+        if login is None and self.host not in LOOPBACK and not self.insecure_no_auth:
+            raise ZhtuneError(
+                f"--host {self.host} without --auth would let anyone who can reach it read your runs and use "
+                "the model: pass --auth USER:PASSWORD, or --insecure-no-auth to serve it openly"
+            )
+        return login
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +227,9 @@ class ChatModel:
         self.template_override = template
         self.run: Path | None = None
         self.template = ""
+        self.context = 0
+        """The loaded model's context in tokens (prompt plus reply)."""
+        self._max_chars = 0
         self._model: Any = None
         self._prompter: Prompter | None = None
         self._lock = threading.Lock()
@@ -197,10 +243,11 @@ class ChatModel:
         model, tokenizer, template = load_for_inference(
             run, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code
         )
+        context, max_chars = context_length(model, tokenizer), max_token_chars(tokenizer)
         with self._lock:
             self.template, self.placement = self.template_override or template, placement(model)
             self._model, self._prompter = model, Prompter(tokenizer, self.template)
-            self.run = Path(run)
+            self.context, self._max_chars, self.run = context, max_chars, Path(run)
 
     def describe(self) -> str:
         if self.run is None:
@@ -210,12 +257,41 @@ class ChatModel:
     def stream(self, messages: list[dict[str, str]], options: GenerationOptions) -> Iterator[str]:
         """The reply to ``messages`` (canonical turns), piece by piece."""
         with self._lock:
-            model, prompter = self._model, self._prompter
+            model, prompter, context, max_chars = self._model, self._prompter, self.context, self._max_chars
         if model is None or prompter is None:
             raise ZhtuneError("no model loaded: pick a run in the Runs tab and press 'Chat with this run'")
-        yield from stream_generate(
-            model, prompter.tokenizer, prompter.prompt_ids(messages), options, prompter.stop_ids
+        prompt, options = fit_context(prompter, messages, options, context, max_chars)
+        yield from stream_generate(model, prompter.tokenizer, prompt, options, prompter.stop_ids)
+
+
+def fit_context(
+    prompter: Prompter,
+    messages: list[dict[str, str]],
+    options: GenerationOptions,
+    context: int,
+    max_chars: int,
+) -> tuple[list[int], GenerationOptions]:
+    """The prompt ids of ``messages`` and ``options`` with the reply cut to the room left in a
+    ``context``-token window. A conversation that cannot fit is refused with what to do: from its
+    length in characters alone when no tokenization could make it fit (over ``context`` tokens of
+    ``max_chars`` characters each; a 2 MB paste is refused at once instead of holding the page's
+    one generation slot), else from its token count."""
+    chars = sum(len(m["content"].strip()) for m in messages)
+    if chars > context * max_chars:
+        raise ZhtuneError(
+            f"the conversation has {chars:,} characters, more than this model's {context:,}-token context "
+            "can hold: shorten the message or clear the chat"
         )
+    prompt = prompter.prompt_ids(messages)
+    room = context - len(prompt)
+    if room < 1:
+        raise ZhtuneError(
+            f"the conversation is {len(prompt):,} tokens and this model's context is {context:,}: "
+            "shorten the message or clear the chat"
+        )
+    if options.max_new_tokens > room:
+        options = replace(options, max_new_tokens=room)
+    return prompt, options
 
 
 def message_text(content: Any) -> str:
@@ -440,51 +516,29 @@ def build_app(chat: ChatModel, runs_dir: str | Path, defaults: GenerationOptions
 
 def launch(
     run: str | None,
-    runs_dir: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 7860,
-    dtype: str = "auto",
-    device: str = "auto",
+    opts: WebUIOptions,
+    runtime: RuntimeOptions,
     template: str | None = None,
-    system: str = "",
     defaults: GenerationOptions | None = None,
-    seed: int | None = None,
-    trust_remote_code: bool = False,
-    auth: str = "",
-    insecure_no_auth: bool = False,
 ) -> None:
     """``zhtune webui``: load ``run`` (if given), build the page and serve it until Ctrl-C.
-    ``seed`` seeds torch's sampler once, after loading: a fresh server then samples the same
-    replies to the same messages. ``trust_remote_code`` (``--trust-remote-code``) holds for every
-    run loaded while it serves; without it, a run asking for remote code shows an error instead.
-    ``auth`` (``USER:PASSWORD``) puts a login in front of the page; a non-loopback ``host`` needs
-    it unless ``insecure_no_auth``."""
-    from zhtune.infer.serve_config import LOOPBACK
-    from zhtune.models.device import resolve_device
-
-    login = None
-    if auth:
-        user, sep, password = auth.partition(":")
-        if not (sep and user and password):
-            raise ZhtuneError("--auth takes USER:PASSWORD (both non-empty)")
-        login = (user, password)
-    if login is None and host not in LOOPBACK and not insecure_no_auth:
-        raise ZhtuneError(
-            f"--host {host} without --auth would let anyone who can reach it read your runs and use the "
-            "model: pass --auth USER:PASSWORD, or --insecure-no-auth to serve it openly"
-        )
-
+    ``opts.seed`` seeds torch's sampler once, after loading: a fresh server then samples the same
+    replies to the same messages. ``runtime.trust_remote_code`` (``--trust-remote-code``) holds for
+    every run loaded while it serves; without it, a run asking for remote code shows an error
+    instead. A non-loopback ``opts.host`` needs a login (:meth:`WebUIOptions.login`)."""
+    login = opts.login()
+    host, port, runs_dir = opts.host, opts.port, opts.runs_dir
     gr = import_gradio()  # fail before loading a model if gradio is missing
-    device = resolve_device(device)  # and before serving a page that could never load one
+    device = resolve_device(runtime.device)  # and before serving a page that could never load one
     folder = Path(runs_dir) if runs_dir else (Path(run).resolve().parent if run else Path("runs"))
-    chat = ChatModel(dtype, template, device, trust_remote_code)
+    chat = ChatModel(runtime.dtype, template, device, runtime.trust_remote_code)
     if run:
         chat.load(run)
-    app = build_app(chat, folder, defaults or GenerationOptions(), system)
-    if seed is not None:
+    app = build_app(chat, folder, defaults or GenerationOptions(), opts.system)
+    if opts.seed is not None:
         import torch
 
-        torch.manual_seed(seed)
+        torch.manual_seed(opts.seed)
     print(
         f"zhtune webui (gradio {gr.__version__}): {chat.describe()}\n"
         f"  runs from {folder}\n"

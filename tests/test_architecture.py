@@ -78,3 +78,81 @@ def test_help_imports_no_heavy_library():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the zhtune modules it imports when it runs, anywhere in the file (``from zhtune.x
+    import y`` counts ``zhtune.x.y`` when that is a module); ``if TYPE_CHECKING:`` imports, for
+    annotations only, never run and are left out."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree, targets = ast.parse(path.read_text(encoding="utf-8")), set()
+        typing_only = {
+            id(inner) for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+            for inner in ast.walk(block)
+        }  # fmt: skip
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            targets |= {n for n in names if n in modules and n != name and n != "zhtune"}
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycle():
+    """No two modules import each other, directly or through others (Tarjan's strongly connected
+    components over every import, function-level ones included)."""
+    graph, index, low, stack, on_stack, cycles = module_graph(), {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles
+
+
+def test_files_and_functions_stay_readable():
+    """No source file over 800 lines and no function over 150: a stage reads in one sitting."""
+    long_files, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        rel = str(path.relative_to(PACKAGE))
+        if text.count("\n") > 800:
+            long_files.append(rel)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 150:
+                long_functions.append(f"{rel}:{node.name}")
+    assert not long_files and not long_functions

@@ -117,7 +117,7 @@ def test_both_spellings_in_one_file_is_an_error(tmp_path):
             "resumes from the newest",
         ),
         ("bf16: false", "bf16: true\nfp16: true", "choose one precision"),
-        ("do_train: true", "do_train: true\neval_dataset: x", "val_size"),
+        ("do_train: true", "do_train: true\neval_dataset: x\nval_size: 0.1", "choose one source of validation"),
     ],
 )
 def test_keys_zhtune_cannot_honour_are_refused_with_the_reason(tmp_path, old, new, message):
@@ -190,6 +190,24 @@ def assert_events_hold_the_loss(out: Path) -> None:
     assert logged["train/loss"] == [1, 2, 3, 4]
     rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == logged["train/loss"]
+
+
+def test_eval_dataset_is_the_validation_set(tmp_path, tiny_model_dir):
+    """LLaMA-Factory's eval_dataset (zhtune's val_data): names from dataset_info.json validated on
+    every eval_steps; its unreadable records join the one rejects file, and all of dataset trains."""
+    from zhtune.train.sft import train
+
+    out = tmp_path / "run"
+    keys = {"dataset: alpaca_zh_demo,support_chat": "dataset: alpaca_zh_demo\neval_dataset: support_chat\neval_steps: 2"}
+    cfg = load_config(TrainConfig, lf_yaml(tmp_path, model=tiny_model_dir, out=out, **keys))
+    assert cfg.data == ["alpaca_zh_demo"] and cfg.val_data == ["support_chat"] and cfg.val_size == 0
+    train(cfg, progress=False)
+    results = json.loads((out / "train_results.json").read_text())
+    assert (results["train_examples"], results["val_examples"]) == (6, 4)
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1 and rejects[0]["file"].endswith("support_chat.json")
 
 
 def test_lf_full_example_trains_without_its_deepspeed_key(tmp_path, tiny_model_dir):

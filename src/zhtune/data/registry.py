@@ -358,20 +358,28 @@ def load_data(
     """:func:`~zhtune.data.convert.load_conversations` for ``data:`` entries that may be registered
     names: all valid records in memory (at most ``max_samples`` of each entry when > 0, the first
     ones, as LLaMA-Factory's ``max_samples``), and the number rejected (written to ``rejects_path``)."""
-
-    records: list[dict[str, Any]] = []
     with RejectWriter(str(rejects_path) if rejects_path is not None else None) as rejects:
-        for source in resolve_sources(entries, registry, fmt):
-            taken = 0
-            for o in iter_sources([source]):
-                if o.record is not None:
-                    records.append(o.record)
-                    taken += 1
-                    if taken == max_samples:
-                        break
-                else:
-                    rejects.write(o)
+        records = load_records(entries, rejects, fmt, registry, max_samples)
     return records, rejects.count
+
+
+def load_records(
+    entries: list[str], rejects: RejectWriter, fmt: str = "auto", registry: str | None = None, max_samples: int = 0
+) -> list[dict[str, Any]]:
+    """:func:`load_data` into an open ``rejects`` writer, so that several sets (training and
+    validation data) share one rejects file."""
+    records: list[dict[str, Any]] = []
+    for source in resolve_sources(entries, registry, fmt):
+        taken = 0
+        for o in iter_sources([source]):
+            if o.record is not None:
+                records.append(o.record)
+                taken += 1
+                if taken == max_samples:
+                    break
+            else:
+                rejects.write(o)
+    return records
 
 
 # --------------------------------------------------------------------------------------------

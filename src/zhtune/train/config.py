@@ -48,6 +48,8 @@ class TrainConfig:
     """Use at most this many records of each data entry, the first ones (0: all)."""
     val_size: float = 0.0
     """Held-out validation split: a fraction (< 1) or a number of records (>= 1); 0 for none."""
+    val_data: list[str] = field(default_factory=list)
+    """Separate validation files or registered dataset names (read like data; LLaMA-Factory's eval_dataset); instead of val_size."""
     epochs: float = 3.0
     """Passes over the training data (fractions allowed); ignored when max_steps > 0."""
     max_steps: int = 0
@@ -161,3 +163,7 @@ class TrainConfig:
                 raise ZhtuneError(f"config key '{name}': must be >= 0, got {getattr(self, name)}")
         if self.val_size < 0:
             raise ZhtuneError(f"config key 'val_size': must be >= 0, got {self.val_size}")
+        if self.val_data and self.val_size:
+            raise ZhtuneError(
+                "config keys 'val_size' and 'val_data' (eval_dataset): choose one source of validation data"
+            )

@@ -150,6 +150,7 @@ LF_KEYS: dict[str, Alias] = {
     "double_quantization": Alias(refuse="zhtune's qlora always uses double quantization", accept=(True,)),
     # data
     "dataset": Alias("data", comma_list),
+    "eval_dataset": Alias("val_data", comma_list),
     "dataset_dir": Alias(note="where dataset_info.json is read from (registry)"),
     "template": Alias("template", template_name),
     "cutoff_len": Alias("cutoff_len"),
@@ -203,9 +204,6 @@ LF_KEYS: dict[str, Alias] = {
     "deepspeed": Alias(
         refuse="zhtune runs DeepSpeed through accelerate: `accelerate launch --use_deepspeed "
         "--deepspeed_config_file FILE -m zhtune train ...` (remove the key)"
-    ),
-    "eval_dataset": Alias(
-        refuse="zhtune validates on val_size held out of the training data; for a separate set use `zhtune eval`"
     ),
     "tokenized_path": Alias(refuse="zhtune does not save or load pre-tokenized data"),
     "new_special_tokens": Alias(refuse="adding tokens is `zhtune vocab` (then train on the resized model)"),

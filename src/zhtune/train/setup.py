@@ -17,8 +17,9 @@ from typing import Any
 
 from zhtune import rundir
 from zhtune.data.batching import batches_per_epoch, split_validation
+from zhtune.data.convert import RejectWriter
 from zhtune.data.dataset import Tokenized, pack_examples, tokenize_records, tokenize_texts
-from zhtune.data.registry import load_data
+from zhtune.data.registry import load_records
 from zhtune.data.templates import Template, get_template, prepare_tokenizer
 from zhtune.errors import ZhtuneError
 from zhtune.models.families import check_packing, has_plain_head, resolve_template
@@ -226,36 +227,44 @@ def resolve_model(
     return cfg, src, tokenizer, template, why, model_type, n_added
 
 
+def read_examples(
+    cfg: TrainConfig, sources: list[str], tokenizer: Any, template: Template | None, rejects: RejectWriter
+) -> tuple[Tokenized, int]:
+    """``sources`` (files or registered names) read and tokenized for ``cfg.stage``:
+    ``(examples, documents)``. Records that cannot be read go to ``rejects``; those that cannot be
+    rendered are in the result's ``rejects``."""
+    records = load_records(sources, rejects, cfg.format, cfg.registry or None, cfg.max_samples)
+    if cfg.stage == "pt":
+        blocks, n_docs = tokenize_texts(records, tokenizer, cfg.cutoff_len)
+        return Tokenized(examples=blocks), n_docs
+    return tokenize_records(records, tokenizer, template, cfg.cutoff_len, cfg.train_on_prompt), 0
+
+
 def load_train_data(
     cfg: TrainConfig, tokenizer: Any, template: Template | None, model_type: str, out: Path, is_main: bool
 ) -> TrainData:
-    """Read, render, split (and pack) the data; rejects and truncations go to the run directory."""
-
+    """Read, render, split (and pack) the data, and the validation data when ``val_data`` names
+    its own; rejects (of both) and truncations (of training data) go to the run directory."""
     rejects_path = out / rundir.REJECTS
-    records, n_rejected = load_data(
-        cfg.data,
-        fmt=cfg.format,
-        registry=cfg.registry or None,
-        rejects_path=rejects_path if is_main else None,
-        max_samples=cfg.max_samples,
-    )
-    n_docs = 0
-    if cfg.stage == "pt":
-        blocks, n_docs = tokenize_texts(records, tokenizer, cfg.cutoff_len)
-        tok = Tokenized(examples=blocks)
-    else:
-        tok = tokenize_records(records, tokenizer, template, cfg.cutoff_len, cfg.train_on_prompt)
+    with RejectWriter(str(rejects_path) if is_main else None) as unreadable:
+        tok, n_docs = read_examples(cfg, cfg.data, tokenizer, template, unreadable)
+        val = read_examples(cfg, cfg.val_data, tokenizer, template, unreadable)[0] if cfg.val_data else Tokenized()
+    unrendered = tok.rejects + val.rejects
     if is_main:
-        write_jsonl(rejects_path, tok.rejects, append=True)
+        write_jsonl(rejects_path, unrendered, append=True)
         write_jsonl(out / rundir.TRUNCATED, tok.truncated)
-    if not tok.examples:
-        raise ZhtuneError(f"no usable training records in {', '.join(cfg.data)} (see {rejects_path})")
-    train_set, val_set = split_validation(tok.examples, cfg.val_size, cfg.seed)
+    for name, sources, got in (("training", cfg.data, tok), ("validation", cfg.val_data, val)):
+        if sources and not got.examples:
+            raise ZhtuneError(f"no usable {name} records in {', '.join(sources)} (see {rejects_path})")
+    if cfg.val_data:
+        train_set, val_set = tok.examples, val.examples
+    else:
+        train_set, val_set = split_validation(tok.examples, cfg.val_size, cfg.seed)
     n_samples = len(train_set)
     if cfg.packing and cfg.stage == "sft":
         check_packing(model_type)
         train_set = pack_examples(train_set, cfg.cutoff_len)
-    return TrainData(train_set, val_set, n_samples, n_docs, n_rejected + len(tok.rejects), tok)
+    return TrainData(train_set, val_set, n_samples, n_docs, unreadable.count + len(unrendered), tok)
 
 
 def build_model(

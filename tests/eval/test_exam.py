@@ -16,15 +16,19 @@ from zhtune.errors import ZhtuneError
 from zhtune.eval.exam import (
     CMMLU,
     LETTERS,
+    PROMPTS,
     ExamOptions,
     PromptBuilder,
     Question,
     chat_messages,
     extract_letters,
+    format_question,
     header,
     load_exam,
     normalize_answer,
+    pick_benchmark,
     raw_prompt,
+    resolve_prompt,
     run_exam,
     summarize,
 )
@@ -128,15 +132,60 @@ def test_few_shot_prompt_text_exactly():
     head = header("agronomy", CMMLU, multi=False)
     assert raw_prompt(head, [SHOT], ASK) == (
         "以下是关于农学的单项选择题，请直接给出正确答案的选项。\n\n"
-        "题目：一加一？\nA. 1\nB. 2\nC. 3\nD. 4\n答案：B\n\n"
-        "题目：二加二？\nA. 3\nB. 4\nC. 5\nD. 6\n答案："
+        "题目：一加一？\nA. 1\nB. 2\nC. 3\nD. 4\n答案是：B\n\n"
+        "题目：二加二？\nA. 3\nB. 4\nC. 5\nD. 6\n答案是："
     )
     assert header("心理", {}, multi=True).startswith("以下是关于心理的选择题，可能有多个正确答案")
     assert chat_messages(head, [SHOT], ASK) == [
-        {"role": "user", "content": head + "题目：一加一？\nA. 1\nB. 2\nC. 3\nD. 4\n答案："},
+        {"role": "user", "content": head + "题目：一加一？\nA. 1\nB. 2\nC. 3\nD. 4\n答案是："},
         {"role": "assistant", "content": "B"},
-        {"role": "user", "content": "题目：二加二？\nA. 3\nB. 4\nC. 5\nD. 6\n答案："},
+        {"role": "user", "content": "题目：二加二？\nA. 3\nB. 4\nC. 5\nD. 6\n答案是："},
     ]
+
+
+# The 1-shot prompts of the fixtures' first agronomy question, written out by hand from each
+# evaluator's own code: CMMLU src/mp_utils.py (format_example, gen_prompt), C-Eval
+# evaluators/llama.py (format_example, generate_few_shot_prompt), MMCU TestBloomz.py
+# (format_example, gen_prompt), lm-evaluation-harness tasks/cmmlu and ceval-valid (description,
+# doc_to_text, target_delimiter " ", fewshot_delimiter "\n\n").
+SHOT_Q = "肉牛屠宰后，胴体的哪个部位肉质较好"
+TEST_Q = "在农业生产中被当作极其重要的劳动对象发挥作用，最主要的不可替代的基本生产资料是"
+GOLDEN = {
+    ("cmmlu", "cmmlu"): f"以下是关于农学的单项选择题，请直接给出正确答案的选项。\n\n题目：{SHOT_Q}\nA. 胸\nB. 腹\nC. 大腿\nD. 小腿"
+    f"\n答案是：C\n\n题目：{TEST_Q}\nA. 农业生产工具\nB. 土地\nC. 劳动力\nD. 资金\n答案是：",
+    ("ceval", "ceval"): f"以下是中国关于农学考试的单项选择题，请选出其中的正确答案。\n\n{SHOT_Q}\nA. 胸\nB. 腹\nC. 大腿\nD. 小腿"
+    f"\n答案：C\n\n{TEST_Q}\nA. 农业生产工具\nB. 土地\nC. 劳动力\nD. 资金\n答案：",
+    ("cmmlu", "lm-eval"): f"以下是关于农学的单项选择题，请直接给出正确答案的选项。\n\n{SHOT_Q}\nA. 胸\nB. 腹\nC. 大腿\nD. 小腿"
+    f"\n答案： C\n\n{TEST_Q}\nA. 农业生产工具\nB. 土地\nC. 劳动力\nD. 资金\n答案：",
+    ("ceval", "lm-eval"): f"以下是中国关于农学的单项选择题，请选出其中的正确答案。\n\n{SHOT_Q}\nA. 胸\nB. 腹\nC. 大腿\nD. 小腿"
+    f"\n答案： C\n\n{TEST_Q}\nA. 农业生产工具\nB. 土地\nC. 劳动力\nD. 资金\n答案：",
+    ("cmmlu", "mmcu"): f"请阅读以下选择题并给出正确选项，不要解释原因。请只给出答案的序号。\n{SHOT_Q}\nA. 胸\nB. 腹\nC. 大腿\nD. 小腿"
+    f"\n正确答案的序号是： C\n\n{TEST_Q}\nA. 农业生产工具\nB. 土地\nC. 劳动力\nD. 资金\n正确答案的序号是：",
+}
+
+
+@pytest.mark.parametrize("benchmark, layout", list(GOLDEN))
+def test_each_exam_prompt_is_its_official_layout(benchmark, layout):
+    split = "test" if benchmark == "cmmlu" else "val"
+    exam = load_exam(str(FIXTURES / benchmark), split=split)
+    subject = next(iter(exam.test))
+    assert resolve_prompt("auto", pick_benchmark([subject], exam.test_files), xlsx=False) == benchmark
+    table = CMMLU  # the C-Eval fixture's agronomy is not a C-Eval subject: CMMLU's name, 农学
+    chosen = PROMPTS[layout]
+    head = header(subject, table, False, chosen, benchmark)
+    assert raw_prompt(head, exam.dev[subject][:1], exam.test[subject][0], chosen) == GOLDEN[benchmark, layout]
+
+
+def test_cells_keep_their_spaces_and_mmcu_cleans_its_option_labels():
+    """The official evaluators write cells as the file has them (CMMLU's pandas keeps a cell's
+    spaces); lm-eval strips the question; MMCU's code removes option labels (and any Latin A-D)."""
+    q = _q(" 题目 ", "A、甲 ,B. 乙,Ｃ、丙, DNA丁 ", "A")
+    assert format_question(q, False, PROMPTS["cmmlu"]) == "题目： 题目 \nA. A、甲 \nB. B. 乙\nC. Ｃ、丙\nD.  DNA丁 \n答案是："
+    assert format_question(q, True, PROMPTS["lm-eval"]).startswith("题目\nA. A、甲 \n")
+    assert format_question(q, True, PROMPTS["mmcu"]) == " 题目 \nA. 甲\nB. 乙\nC. 丙\nD. N丁\n正确答案的序号是： A\n\n"
+    assert resolve_prompt("auto", "other", xlsx=True) == "mmcu" and resolve_prompt("auto", "other", False) == "cmmlu"
+    with pytest.raises(ZhtuneError, match="--prompt must be auto or one of cmmlu, ceval, mmcu, lm-eval"):
+        resolve_prompt("helm", "cmmlu", False)
 
 
 @pytest.mark.parametrize("template", [None, "chatml", "belle"])
@@ -210,10 +259,10 @@ def _hand_prompt(subject_zh: str, shots: list[tuple[str, list[str], str]], q: tu
     text = f"以下是关于{subject_zh}的单项选择题，请直接给出正确答案的选项。\n\n"
     for question, opts, answer in shots:
         text += (
-            f"题目：{question}\nA. {opts[0]}\nB. {opts[1]}\nC. {opts[2]}\nD. {opts[3]}\n答案：{answer}\n\n"
+            f"题目：{question}\nA. {opts[0]}\nB. {opts[1]}\nC. {opts[2]}\nD. {opts[3]}\n答案是：{answer}\n\n"
         )
     question, opts = q
-    return text + f"题目：{question}\nA. {opts[0]}\nB. {opts[1]}\nC. {opts[2]}\nD. {opts[3]}\n答案："
+    return text + f"题目：{question}\nA. {opts[0]}\nB. {opts[1]}\nC. {opts[2]}\nD. {opts[3]}\n答案是："
 
 
 def test_batched_exam_equals_one_question_at_a_time(tiny_model_dir, tmp_path):
@@ -252,7 +301,7 @@ def test_batched_exam_equals_one_question_at_a_time(tiny_model_dir, tmp_path):
     assert report["scores"] == {s: sum(v) / len(v) for s, v in expected.items()}
     assert report["overall"] == pytest.approx(sum(report["scores"].values()) / 2)
     assert report["counts"] == {"agronomy": 4, "chinese_history": 3}
-    assert report["metric"] == "exam" and report["prompt"] == "raw" and report["benchmark"] == "cmmlu"
+    assert report["metric"] == "exam" and report["prompt"] == "cmmlu, raw" and report["benchmark"] == "cmmlu"
     assert report["letter_tokens"] == dict(zip("ABCD", letter_ids))
     # categories: agronomy -> Other; chinese_history -> Humanities and China specific
     assert report["categories"] == {
@@ -283,7 +332,7 @@ def test_resume_skips_finished_subjects_and_redoes_a_cut_one(tiny_model_dir, tmp
     assert again["scores"] == first["scores"]
     # nothing left to do: the model is not even loaded
     third = run_exam("/nonexistent/model", opts)
-    assert third["scores"] == first["scores"] and third["prompt"] == "raw"
+    assert third["scores"] == first["scores"] and third["prompt"] == "cmmlu, raw"
     # other settings are refused rather than mixed in
     with pytest.raises(ZhtuneError, match="other settings.*shots: 1 -> 0.*--overwrite"):
         run_exam(
@@ -322,7 +371,7 @@ def test_chat_template_prompt(tiny_model_dir, tmp_path):
             progress=False,
         ),
     )
-    assert report["prompt"] == "chat:chatml" and report["questions"] == 7
+    assert report["prompt"] == "cmmlu, chat:chatml" and report["questions"] == 7
 
 
 def test_cli_eval_exam(tiny_model_dir, tmp_path, capsys):
@@ -333,7 +382,8 @@ def test_cli_eval_exam(tiny_model_dir, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     report = json.loads((out / "exam.json").read_text())
-    assert report["benchmark"] == "cmmlu" and report["counts"] == {"agronomy": 4}
+    assert report["benchmark"] == "ceval" and report["counts"] == {"agronomy": 4}  # named {subject}_val.csv
+    assert report["prompt"] == "ceval, raw"  # C-Eval's own layout
     assert "overall (mean of 1 subjects)" in capsys.readouterr().out
     # C-Eval's test split without answers: a clear error, exit 1
     (tmp_path / "ceval" / "test").mkdir(parents=True)

@@ -88,8 +88,12 @@ def subject_info(name: str, table: dict[str, Subject]) -> Subject:
     return table.get(name) or Subject(name.replace("_", " "), (OTHER,))
 
 
-def pick_benchmark(subjects: list[str]) -> str:
-    """The benchmark whose table holds most of ``subjects`` ("other" if none holds any)."""
+def pick_benchmark(subjects: list[str], test_files: list[str] | tuple[str, ...] = ()) -> str:
+    """The benchmark of an exam: C-Eval if its files are named as C-Eval's
+    (``{subject}_{split}.csv``, which CMMLU's never are), else the one whose table holds most of
+    ``subjects`` ("other" if none holds any)."""
+    if any(Path(f).stem.endswith(SUFFIXES) for f in test_files):
+        return "ceval"
     best = max(BENCHMARKS, key=lambda b: sum(s in BENCHMARKS[b] for s in subjects))
     return best if any(s in BENCHMARKS[best] for s in subjects) else "other"
 
@@ -141,11 +145,13 @@ def normalize_answer(value: str) -> str:
 
 
 def _cell(value: Any) -> str:
+    """A cell's text as the file has it (the official evaluators keep its spaces); layouts that
+    strip, strip."""
     if value is None:
         return ""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip()
+    return str(value)
 
 
 def _fields(raw: dict[str, Any]) -> dict[str, Any]:
@@ -170,20 +176,20 @@ def parse_question(raw: dict[str, Any], path: str, line: int, subject: str, inde
             header = ", ".join(str(k) for k in raw) or "nothing"
             raise ZhtuneError(f"{where(path, line, name)}: missing (the record has {header})")
     answer = normalize_answer(_cell(f["answer"]))
-    if not _cell(f["answer"]):
+    if not _cell(f["answer"]).strip():
         raise ZhtuneError(
             f"{where(path, line, 'answer')}: empty; scoring needs the right answers "
             "(C-Eval's test split has none public: use --split val)"
         )
     if not answer:
         raise ZhtuneError(
-            f"{where(path, line, 'answer')}: {_cell(f['answer'])!r} is not an option letter "
+            f"{where(path, line, 'answer')}: {_cell(f['answer']).strip()!r} is not an option letter "
             f"({', '.join(LETTERS)}, or several of them)"
         )
     question = _cell(f["question"])
-    if not question:
+    if not question.strip():
         raise ZhtuneError(f"{where(path, line, 'question')}: empty")
-    qid = _cell(f.get("id")) or str(index)
+    qid = _cell(f.get("id")).strip() or str(index)
     return Question(qid, subject, question, {c: _cell(f[c]) for c in LETTERS}, answer, f"{path}:{line}")
 
 
@@ -201,9 +207,9 @@ def _iter_xlsx(path: str) -> Iterator[tuple[str | None, int, dict[str, Any]]]:
         sheets = book.worksheets
         for sheet in sheets:
             rows = sheet.iter_rows(values_only=True)
-            header = [_cell(h) for h in next(rows, ())]
+            header = [_cell(h).strip() for h in next(rows, ())]
             for number, row in enumerate(rows, 2):
-                if all(v is None or _cell(v) == "" for v in row):
+                if all(v is None or not _cell(v).strip() for v in row):
                     continue
                 yield (sheet.title if len(sheets) > 1 else None), number, dict(zip(header, row))
     finally:
@@ -303,33 +309,112 @@ def load_exam(data: str, split: str = "test", subjects: list[str] | None = None)
 # --------------------------------------------------------------------------------------------
 # 3. Prompts
 # --------------------------------------------------------------------------------------------
-HEADER = "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n"
 MULTI_HEADER = "以下是关于{subject}的选择题，可能有多个正确答案，请直接给出所有正确答案的选项。\n\n"
-ANSWER_PREFIX = "答案："
+"""The header of a subject with multi-letter answers (the benchmarks' own are single-answer)."""
 
 
-def format_question(q: Question, with_answer: bool) -> str:
-    """``题目：...\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\n答案：`` (plus ``X\\n\\n`` with the answer)."""
-    text = "题目：" + q.question + "".join(f"\n{c}. {q.options[c]}" for c in LETTERS) + "\n" + ANSWER_PREFIX
-    return text + q.answer + "\n\n" if with_answer else text
+def _as_is(text: str) -> str:
+    return text
 
 
-def header(subject: str, table: dict[str, Subject], multi: bool) -> str:
-    """The instruction line that opens every prompt of ``subject``."""
-    return (MULTI_HEADER if multi else HEADER).format(subject=subject_info(subject, table).zh)
+_MMCU_REMOVED = (" ．", "A、", "B、", "C、", "D、", "A.", "B.", "C.", "D.", "A", "B", "C", "D", "Ａ、", "Ｂ、", "Ｃ、", "Ｄ、")
 
 
-def raw_prompt(head: str, shots: list[Question], q: Question) -> str:
-    """The plain-text prompt (CMMLU's layout): header, solved examples, the question."""
-    return head + "".join(format_question(s, True) for s in shots) + format_question(q, False)
+def _mmcu_option(text: str) -> str:
+    """An option cell as MMCU's evaluation code writes it: its letter labels removed (and, as
+    that code does, every Latin A-D in the text), then stripped."""
+    for piece in _MMCU_REMOVED:
+        text = text.replace(piece, "")
+    return text.strip()
 
 
-def chat_messages(head: str, shots: list[Question], q: Question) -> list[dict[str, str]]:
+@dataclass(frozen=True)
+class PromptLayout:
+    """How an exam's prompt is written: one question is ``question_prefix + question``, then
+    ``\nA. option`` ... ``\nD. option``, then ``\n + answer_prefix``; a solved example adds
+    ``answer_sep + letters + "\n\n"``. The header opens the prompt."""
+
+    headers: dict[str, str]
+    """The instruction line by detected benchmark (``""``: any other), ``{subject}`` being the
+    subject's Chinese name (lm-eval words C-Eval's without 考试)."""
+    question_prefix: str
+    answer_prefix: str
+    answer_sep: str
+    """Between the answer prefix and the letter (``" "``: scored on the token of ``" A"``)."""
+    strip_question: bool
+    option: Callable[[str], str]
+    """An option cell -> the text written after ``A. `` (the cell as it is, or cleaned)."""
+    source: str
+    """Whose layout this is (the file it reproduces)."""
+
+
+CMMLU_HEADER = "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n"
+PROMPTS: dict[str, PromptLayout] = {
+    "cmmlu": PromptLayout(
+        {"": CMMLU_HEADER}, "题目：", "答案是：", "", False, _as_is, "CMMLU's own code (haonan-li/CMMLU src/mp_utils.py)"
+    ),
+    "ceval": PromptLayout(
+        {"": "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"}, "", "答案：", "", False, _as_is,
+        "C-Eval's own code (hkust-nlp/ceval code/evaluator_series/evaluators/llama.py)",
+    ),
+    "mmcu": PromptLayout(
+        {"": "请阅读以下选择题并给出正确选项，不要解释原因。请只给出答案的序号。\n"}, "", "正确答案的序号是：", " ", False,
+        _mmcu_option, "MMCU's own code (Felixgithub2017/MMCU TestBloomz.py)",
+    ),
+    "lm-eval": PromptLayout(
+        {"ceval": "以下是中国关于{subject}的单项选择题，请选出其中的正确答案。\n\n", "": CMMLU_HEADER}, "", "答案：", " ",
+        True, _as_is, "lm-evaluation-harness (tasks cmmlu and ceval-valid)",
+    ),
+}  # fmt: skip
+"""Prompt layouts by name (``--prompt``); ``auto`` is the official one of the detected benchmark."""
+
+
+def resolve_prompt(option: str, benchmark: str, xlsx: bool) -> str:
+    """``--prompt``'s layout name: ``auto`` is the detected benchmark's own (CMMLU's for data no
+    table knows, MMCU's for such data read from xlsx files, as MMCU ships)."""
+    if option != "auto":
+        if option not in PROMPTS:
+            raise ZhtuneError(f"--prompt must be auto or one of {', '.join(PROMPTS)}, got {option!r}")
+        return option
+    if benchmark in PROMPTS:
+        return benchmark
+    return "mmcu" if xlsx else "cmmlu"
+
+
+def format_question(q: Question, with_answer: bool, layout: PromptLayout = PROMPTS["cmmlu"]) -> str:
+    """One question in ``layout`` (CMMLU's: ``题目：...\nA. ...\nD. ...\n答案是：``), plus its
+    answer and a blank line when ``with_answer``."""
+    question = q.question.strip() if layout.strip_question else q.question
+    text = (
+        layout.question_prefix + question + "".join(f"\n{c}. {layout.option(q.options[c])}" for c in LETTERS)
+        + "\n" + layout.answer_prefix
+    )  # fmt: skip
+    return text + layout.answer_sep + q.answer + "\n\n" if with_answer else text
+
+
+def header(
+    subject: str, table: dict[str, Subject], multi: bool, layout: PromptLayout = PROMPTS["cmmlu"], benchmark: str = ""
+) -> str:
+    """The instruction line that opens every prompt of ``subject`` in ``layout``."""
+    text = layout.headers.get(benchmark, layout.headers[""])
+    if multi and layout is not PROMPTS["mmcu"]:  # MMCU's own header already allows several
+        text = MULTI_HEADER
+    return text.format(subject=subject_info(subject, table).zh)
+
+
+def raw_prompt(head: str, shots: list[Question], q: Question, layout: PromptLayout = PROMPTS["cmmlu"]) -> str:
+    """The plain-text prompt: header, solved examples, the question."""
+    return head + "".join(format_question(s, True, layout) for s in shots) + format_question(q, False, layout)
+
+
+def chat_messages(
+    head: str, shots: list[Question], q: Question, layout: PromptLayout = PROMPTS["cmmlu"]
+) -> list[dict[str, str]]:
     """The prompt as a conversation (LLaMA-Factory's layout): each solved example is a user turn
     answered by the assistant with its letter(s); the header opens the first user turn."""
     messages: list[dict[str, str]] = []
     for s in [*shots, q]:
-        messages.append({"role": "user", "content": format_question(s, False)})
+        messages.append({"role": "user", "content": format_question(s, False, layout)})
         if s is not q:
             messages.append({"role": "assistant", "content": s.answer})
     messages[0]["content"] = head + messages[0]["content"]
@@ -343,10 +428,13 @@ class PromptBuilder:
     special tokens); a template name lays out :func:`chat_messages` exactly as training did.
     """
 
-    def __init__(self, tokenizer: Any, template: str | None, max_length: int) -> None:
+    def __init__(
+        self, tokenizer: Any, template: str | None, max_length: int, layout: PromptLayout = PROMPTS["cmmlu"]
+    ) -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length
+        self.layout = layout
         self.stop_ids: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         if template is not None:
 
@@ -356,8 +444,8 @@ class PromptBuilder:
     def encode(self, head: str, shots: list[Question], q: Question) -> list[int]:
         """The prompt ids for ``q`` after ``shots`` (no truncation)."""
         if self.template is None:
-            return self.tokenizer(raw_prompt(head, shots, q))["input_ids"]
-        return self.prompter.prompt_ids(chat_messages(head, shots, q))
+            return self.tokenizer(raw_prompt(head, shots, q, self.layout))["input_ids"]
+        return self.prompter.prompt_ids(chat_messages(head, shots, q, self.layout))
 
     def build(self, head: str, shots: list[Question], q: Question) -> tuple[list[int], int]:
         """``(ids, shots used)``: shots are dropped from the front until the prompt fits in
@@ -380,9 +468,9 @@ class PromptBuilder:
         for letter in LETTERS:
             solved = Question("probe", "probe", "?", {c: c for c in LETTERS}, letter)
             if self.template is None:
-                full = self.tokenizer(format_question(solved, True).rstrip("\n"))["input_ids"]
+                full = self.tokenizer(format_question(solved, True, self.layout).rstrip("\n"))["input_ids"]
             else:
-                msgs = chat_messages("", [], solved) + [{"role": "assistant", "content": letter}]
+                msgs = chat_messages("", [], solved, self.layout) + [{"role": "assistant", "content": letter}]
 
                 full = render(self.prompter.template, msgs, self.tokenizer)[0]
             if full[: len(prompt)] == prompt and len(full) > len(prompt):
@@ -459,6 +547,8 @@ class ExamOptions:
     """Folder of DATA holding the questions (C-Eval's test answers are not public: use val)."""
     scoring: str = "auto"
     """auto (letter logits; generation for subjects with multi-letter answers), logits, generate."""
+    prompt: str = flag(default="auto", choices=("auto", *PROMPTS))
+    """Question layout: auto (the benchmark's official one: CMMLU's, C-Eval's or MMCU's), cmmlu, ceval, mmcu, or lm-eval (lm-evaluation-harness's: 答案： A)."""
     template: str = "auto"
     """Prompt layout: auto (the run's chat template for a zhtune run or export, plain text for a
     plain model directory), none (plain text), or a template name."""
@@ -620,8 +710,11 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
         raise ZhtuneError(f"--batch-size must be >= 1, got {options.batch_size}")
     wanted = [s.strip() for s in options.subjects.split(",") if s.strip()]
     exam = load_exam(options.data, options.split, wanted or None)
-    benchmark = pick_benchmark(list(exam.test))
+    benchmark = pick_benchmark(list(exam.test), exam.test_files)
     table = BENCHMARKS.get(benchmark, {})
+    xlsx = any(q.source.rsplit(":", 1)[0].endswith(".xlsx") for qs in exam.test.values() for q in qs[:1])
+    prompt = resolve_prompt(options.prompt, benchmark, xlsx)
+    layout = PROMPTS[prompt]
 
     def dev_for(subject: str) -> list[Question]:
         dev = exam.dev.get(subject) or exam.dev.get(exam.file_subject.get(subject, ""), [])
@@ -646,6 +739,7 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
         "split": options.split,
         "shots": options.shots,
         "scoring": options.scoring,
+        "prompt": prompt,
         "template": options.template,
         "max_length": options.max_length,
         "dtype": dtype,  # resolved: auto on a CPU resumes an fp32 run
@@ -681,10 +775,10 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
         )
         template = _resolve_template(run, options.template, run_template)
         max_length = options.max_length or _context_length(model, tokenizer)
-        builder = PromptBuilder(tokenizer, template, max_length)
+        builder = PromptBuilder(tokenizer, template, max_length, layout)
         letter_ids = builder.letter_ids()
         letter_tokens = dict(zip(LETTERS, letter_ids))
-        prompt_desc = f"chat:{template}" if template else "raw"
+        prompt_desc = f"{prompt}, " + (f"chat:{template}" if template else "raw")
         t0 = time.perf_counter()
         with (
             open(pred_path, "a", encoding="utf-8") as f,
@@ -692,7 +786,7 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
         ):
             for s in todo:
                 bar.set_postfix_str(s, refresh=False)
-                head = header(s, table, multi[s])
+                head = header(s, table, multi[s], layout, benchmark)
                 rows, lost = _score_subject(
                     model, tokenizer, builder, exam.test[s], shots[s], head, generate[s],
                     letter_ids, options, bar.update,

@@ -66,6 +66,7 @@ from zhtune.infer.protocol import (
     usage,
 )
 from zhtune.infer.serve_config import DEFAULT_LIMITS, LOOPBACK, Limits, ServeOptions
+from zhtune.models.loading import load_for_inference
 
 __all__ = ["Api", "BodyLimit", "HostCheck", "Limits", "RequireApiKey", "ServeOptions", "create_app", "serve"]
 
@@ -444,8 +445,6 @@ def serve(
 ) -> None:
     """Load ``run`` on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`; its own Python
     code only with ``trust_remote_code``, ``--trust-remote-code``) and serve it until interrupted."""
-    from zhtune.models.loading import load_for_inference
-
     api_key = opts.check()
     model, tokenizer, run_template = load_for_inference(
         run, dtype=dtype, device=device, trust_remote_code=trust_remote_code

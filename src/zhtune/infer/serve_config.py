@@ -3,6 +3,7 @@ of one request. Kept apart from the app so that building the CLI parser imports 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from zhtune.errors import ZhtuneError
@@ -72,8 +73,6 @@ class ServeOptions:
     def resolved_key(self) -> str | None:
         """The API key: the option, else $ZHTUNE_API_KEY; None for none. A key variable that is set
         but empty is an error (it would silently turn authentication off)."""
-        import os
-
         if self.api_key:
             return self.api_key
         env = os.environ.get("ZHTUNE_API_KEY")

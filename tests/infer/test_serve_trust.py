@@ -202,3 +202,67 @@ def test_memory_is_handed_back_after_a_large_prompt(run_dir, monkeypatch):  # no
         while not calls and time.monotonic() < deadline:
             time.sleep(0.01)
         assert calls == [1]
+
+
+def test_health_says_loading_until_the_model_serves(run_dir, monkeypatch):  # noqa: F811
+    """``serve`` listens before the model has loaded: meanwhile /health is a 503 ``loading``,
+    generation a 503 ``model_loading`` with Retry-After; once the
+    model is loaded /health is 200 ``ok`` with the load time, and requests are served."""
+    import threading
+
+    import httpx
+
+    import zhtune.infer.serve as serve_module
+    from tests.serving import free_port
+    from zhtune.infer.serve_config import ServeOptions
+
+    release, servers = threading.Event(), []
+    real_load, real_build = serve_module.load_for_inference, serve_module.build_server
+    monkeypatch.setattr(serve_module, "load_for_inference", lambda *a, **kw: release.wait(30) and real_load(*a, **kw))
+    monkeypatch.setattr(serve_module, "build_server", lambda *a: servers.append(real_build(*a)) or servers[-1])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    thread = threading.Thread(target=serve_module.serve, args=(str(run_dir), ServeOptions(port=port)))
+    thread.start()
+    try:
+        deadline, health = time.monotonic() + 30, None
+        while health is None and time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"{url}/health", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert health.status_code == 503 and health.headers["retry-after"] == "1"
+        assert health.json() | {"loading_seconds": 0} == {"status": "loading", "ready": False, "model": NAME, "loading_seconds": 0}
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(QUESTIONS[0]), timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and "retry-after" in r.headers
+        release.set()
+        while (health := httpx.get(f"{url}/health", timeout=10)).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = health.json()
+        assert body["status"] == "ok" and body["ready"] is True and body["load_seconds"] >= 0
+        assert {"in_flight", "queued", "batching", "context_length", "template"} <= set(body)
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat_body(QUESTIONS[0]), timeout=30).status_code == 200
+    finally:
+        release.set()
+        if servers:
+            servers[0].should_exit = True
+        thread.join(30)
+
+
+def test_a_model_that_fails_to_load_stops_the_server(run_dir, monkeypatch, capsys):  # noqa: F811
+    """The load runs while the server listens; when it fails the server stops and the command
+    ends with the load's error (exit status 1), as when it loaded before listening."""
+    import zhtune.infer.serve as serve_module
+    from tests.serving import free_port
+    from zhtune.cli import main
+    from zhtune.errors import ZhtuneError
+
+    def broken(*args, **kwargs):
+        raise ZhtuneError("not a model directory: nowhere")
+
+    monkeypatch.setattr(serve_module, "load_for_inference", broken)
+    started = time.monotonic()
+    assert main(["serve", str(run_dir), "--port", str(free_port())]) == 1
+    assert "error: not a model directory: nowhere" in capsys.readouterr().err
+    assert time.monotonic() - started < 30
+

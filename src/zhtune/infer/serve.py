@@ -1,9 +1,10 @@
 """``zhtune serve RUN``: an OpenAI-compatible HTTP API over a run, with dynamic batching.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both
-with ``stream: true`` as server-sent events ending in ``data: [DONE]``), and ``GET /health``
-(status and batching counters; no API key needed). The model is called by the run directory's
-name, or ``default``.
+with ``stream: true`` as server-sent events ending in ``data: [DONE]``) and ``GET /health`` (503
+``loading`` while the model loads, then 200 ``ok`` with the batching counters; no API key needed). The
+model is called by the run directory's name, or ``default``. The server listens before the model
+has loaded (it loads on a thread), so a supervisor sees "loading", not "connection refused".
 
 Three layers: :mod:`zhtune.infer.engine` (the scheduler thread that owns the model),
 :mod:`zhtune.infer.protocol` (request bodies, errors, samplings) and this module, the app that
@@ -36,6 +37,7 @@ import hmac
 import json
 import secrets
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -151,16 +153,35 @@ class HostCheck:
 
 class Api:
     """The routes of the OpenAI-compatible API over one engine, served as ``model_name`` (and
-    ``default``)."""
+    ``default``). Made before the engine exists when the model loads while the server already
+    listens (``engine`` None): generation answers 503 ``model_loading`` until :meth:`ready`."""
 
-    def __init__(self, engine: Engine, model_name: str, limits: Limits = DEFAULT_LIMITS) -> None:
-        self.engine, self.model_name, self.created = engine, model_name, int(time.time())
-        self.limits = limits
+    def __init__(self, engine: Engine | None, model_name: str, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.model_name, self.created, self.limits = model_name, int(time.time()), limits
+        self._engine, self.load_seconds = engine, 0.0
+        self.loading_since = time.monotonic()
         # prompts are rendered and tokenized off the event loop, one at a time (the tokenizer is
         # not to be used by two threads at once; the scheduler decodes with its own copy)
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhtune-prompts")
         self.live: set[Job] = set()
         """Jobs whose response is still being produced (what a shutdown waits for, then ends)."""
+
+    @property
+    def engine(self) -> Engine:
+        """The engine; while the model loads, an OpenAI-shaped 503 (``model_loading``, Retry-After)."""
+        if self._engine is None:
+            raise ApiError(
+                503,
+                f"the model '{self.model_name}' is still loading; retry shortly (GET /health says when it is ready)",
+                type="server_error",
+                code="model_loading",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        return self._engine
+
+    def ready(self, engine: Engine, load_seconds: float) -> None:
+        """Serve with ``engine`` (started) from now on; the model took ``load_seconds`` to load."""
+        self.load_seconds, self._engine = load_seconds, engine
 
     async def off_loop(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the prompt thread, so a long prompt never stalls other requests."""
@@ -359,10 +380,17 @@ class Api:
         return JSONResponse(self.model_card())
 
     async def health(self, request: Request) -> Response:
-        engine = self.engine
+        """200 ``ok`` with the batching counters once the model serves; 503 ``loading`` before."""
+        engine = self._engine
+        if engine is None:
+            loading = round(time.monotonic() - self.loading_since, 1)
+            body = {"status": "loading", "ready": False, "model": self.model_name, "loading_seconds": loading}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         return JSONResponse(
             {
                 "status": "ok",
+                "ready": True,
+                "load_seconds": round(self.load_seconds, 2),
                 "model": self.model_name,
                 "template": engine.template,
                 "context_length": engine.context_length,
@@ -409,14 +437,15 @@ async def _server_error(request: Request, err: Exception) -> Response:
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | None,
     model_name: str,
     api_key: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
     hosts: tuple[str, ...] | None = None,
 ) -> Starlette:
     """The Starlette app serving ``engine`` as ``model_name`` (and ``default``) within ``limits``,
-    answering only the Host names in ``hosts`` (None: any)."""
+    answering only the Host names in ``hosts`` (None: any).
+    ``engine`` None: the model is still loading (``app.state.api.ready(engine, seconds)`` later)."""
     api = Api(engine, model_name, limits)
     app = Starlette(
         routes=[
@@ -443,34 +472,48 @@ def create_app(
 def serve(
     run: str, opts: ServeOptions, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
 ) -> None:
-    """Load ``run`` on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`; its own Python
-    code only with ``trust_remote_code``, ``--trust-remote-code``) and serve it until interrupted."""
+    """Serve ``run`` on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`; its own
+    Python code only with ``trust_remote_code``, ``--trust-remote-code``) until interrupted.
+
+    The server listens at once and the model loads on a thread meanwhile: ``/health`` answers 503
+    ``loading`` until it serves, then 200 ``ok`` (a supervisor or load balancer can tell a server
+    that is loading from one that is down). A load that fails stops the server and is raised here."""
     api_key = opts.check()
-    model, tokenizer, run_template = load_for_inference(
-        run, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-    )
     name = Path(run).resolve().name
-    engine = Engine(
-        model,
-        tokenizer,
-        opts.template or run_template,
-        opts.max_batch_size,
-        opts.batch_wait_ms,
-        opts.max_concurrent,
-        opts.max_queue,
-    )
-    app = create_app(engine.start(), name, api_key, opts.limits(), opts.hosts())
-    print(
-        f"zhtune serve: '{name}' ({placement(model)}, template {engine.template}, "
-        f"context {engine.context_length} tokens), "
-        f"batches of up to {opts.max_batch_size} after at most {opts.batch_wait_ms:g} ms, "
-        f"OpenAI API at http://{opts.host}:{opts.port}/v1" + ("" if api_key else " (no API key)"),
-        file=sys.stderr,
-        flush=True,
-    )
+    app = create_app(None, name, api_key, opts.limits(), opts.hosts())
+    server = build_server(app, opts)
+    failed: list[Exception] = []
+
+    def load() -> None:
+        started = time.monotonic()
+        try:
+            model, tokenizer, run_template = load_for_inference(
+                run, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            )
+            engine = Engine(model, tokenizer, opts.template or run_template, opts.max_batch_size,
+                            opts.batch_wait_ms, opts.max_concurrent, opts.max_queue).start()  # fmt: skip
+        except Exception as err:
+            failed.append(err)
+            server.should_exit = True
+            return
+        app.state.api.ready(engine, time.monotonic() - started)
+        print(
+            f"zhtune serve: '{name}' ready after {time.monotonic() - started:.1f} s ({placement(model)}, "
+            f"template {engine.template}, context {engine.context_length} tokens), "
+            f"batches of up to {opts.max_batch_size} after at most {opts.batch_wait_ms:g} ms, "
+            f"OpenAI API at http://{opts.host}:{opts.port}/v1" + ("" if api_key else " (no API key)"),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    print(f"zhtune serve: loading '{name}'; http://{opts.host}:{opts.port}/health says 'loading' (503) until "
+          "it serves", file=sys.stderr, flush=True)  # fmt: skip
     if not api_key and opts.host not in LOOPBACK:
         print(f"warning: serving on {opts.host} without an API key (--insecure-no-auth)", file=sys.stderr)
-    build_server(app, opts).run()
+    threading.Thread(target=load, name="zhtune-loader", daemon=True).start()
+    server.run()
+    if failed:
+        raise failed[0]
 
 
 SHUTDOWN_FLUSH_S = 2

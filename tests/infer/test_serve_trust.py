@@ -206,7 +206,7 @@ def test_memory_is_handed_back_after_a_large_prompt(run_dir, monkeypatch):  # no
 
 def test_health_says_loading_until_the_model_serves(run_dir, monkeypatch):  # noqa: F811
     """``serve`` listens before the model has loaded: meanwhile /health is a 503 ``loading``,
-    generation a 503 ``model_loading`` with Retry-After; once the
+    generation a 503 ``model_loading`` with Retry-After and /metrics says not ready; once the
     model is loaded /health is 200 ``ok`` with the load time, and requests are served."""
     import threading
 
@@ -235,6 +235,7 @@ def test_health_says_loading_until_the_model_serves(run_dir, monkeypatch):  # no
         assert health.json() | {"loading_seconds": 0} == {"status": "loading", "ready": False, "model": NAME, "loading_seconds": 0}
         r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(QUESTIONS[0]), timeout=10)
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and "retry-after" in r.headers
+        assert "zhtune_model_ready 0\n" in httpx.get(f"{url}/metrics", timeout=10).text
         release.set()
         while (health := httpx.get(f"{url}/health", timeout=10)).status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -242,6 +243,7 @@ def test_health_says_loading_until_the_model_serves(run_dir, monkeypatch):  # no
         assert body["status"] == "ok" and body["ready"] is True and body["load_seconds"] >= 0
         assert {"in_flight", "queued", "batching", "context_length", "template"} <= set(body)
         assert httpx.post(f"{url}/v1/chat/completions", json=chat_body(QUESTIONS[0]), timeout=30).status_code == 200
+        assert "zhtune_model_ready 1\n" in httpx.get(f"{url}/metrics", timeout=10).text
     finally:
         release.set()
         if servers:
@@ -265,4 +267,52 @@ def test_a_model_that_fails_to_load_stops_the_server(run_dir, monkeypatch, capsy
     assert main(["serve", str(run_dir), "--port", str(free_port())]) == 1
     assert "error: not a model directory: nowhere" in capsys.readouterr().err
     assert time.monotonic() - started < 30
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value}, checking each line's shape on the way."""
+    import re
+
+    sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+]+$')
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) [a-z_]+ ", line), line
+            continue
+        assert sample.match(line), line
+        key, value = line.rsplit(" ", 1)
+        values[key] = float(value)
+    return values
+
+
+def test_metrics_count_requests_tokens_and_latency(run_dir):  # noqa: F811
+    """/metrics (no key, like /health) in Prometheus text: answers by route and status (a 401
+    from the key check, an unknown path as ``other``), tokens, queue and batches, and latency and
+    time-to-first-token histograms whose buckets add up."""
+    engine = make_engine(run_dir, batch_wait_ms=1)
+    with TestClient(create_app(engine.start(), NAME, api_key="k")) as client:
+        auth = {"Authorization": "Bearer k"}
+        assert client.post("/v1/chat/completions", json=chat_body(QUESTIONS[0]), headers=auth).status_code == 200
+        with client.stream("POST", "/v1/chat/completions", json=chat_body(QUESTIONS[1]) | {"stream": True}, headers=auth) as r:
+            assert list(r.iter_lines())[-2] == "data: [DONE]"
+        assert client.post("/v1/chat/completions", json=chat_body(QUESTIONS[0])).status_code == 401
+        assert client.post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"}, headers=auth).status_code == 404
+        assert client.get("/no/such/path/42").status_code == 404
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        m = parse_metrics(r.text)
+    chat = 'route="/v1/chat/completions"'
+    assert m[f'zhtune_requests_total{{{chat},code="200"}}'] == 2
+    assert m[f'zhtune_requests_total{{{chat},code="401"}}'] == 1
+    assert m['zhtune_requests_total{route="/v1/completions",code="404"}'] == 1
+    assert m['zhtune_requests_total{route="other",code="404"}'] == 1
+    assert m[f"zhtune_request_duration_seconds_count{{{chat}}}"] == 3
+    buckets = [v for k, v in m.items() if k.startswith(f"zhtune_request_duration_seconds_bucket{{{chat},")]
+    assert buckets == sorted(buckets) and buckets[-1] == 3 and m[f"zhtune_request_duration_seconds_sum{{{chat}}}"] > 0
+    assert m["zhtune_time_to_first_token_seconds_count"] == 1  # the streamed request
+    assert m["zhtune_completion_tokens_total"] == engine.stats["tokens"] > 0
+    assert m["zhtune_prompt_tokens_total"] > 0 and m["zhtune_batches_total"] == engine.stats["batches"] >= 1
+    assert m["zhtune_queue_depth"] == 0 and m["zhtune_generation_requests_in_flight"] == 0
+    assert m["zhtune_http_requests_in_flight"] == 1  # the /metrics request itself
+    assert m["zhtune_model_ready"] == 1
 

@@ -1,8 +1,9 @@
 """``zhtune serve RUN``: an OpenAI-compatible HTTP API over a run, with dynamic batching.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both
-with ``stream: true`` as server-sent events ending in ``data: [DONE]``) and ``GET /health`` (503
-``loading`` while the model loads, then 200 ``ok`` with the batching counters; no API key needed). The
+with ``stream: true`` as server-sent events ending in ``data: [DONE]``), ``GET /health`` (503
+``loading`` while the model loads, then 200 ``ok`` with the batching counters) and ``GET
+/metrics`` (Prometheus text, :mod:`zhtune.infer.metrics`); the last two need no API key. The
 model is called by the run directory's name, or ``default``. The server listens before the model
 has loaded (it loads on a thread), so a supervisor sees "loading", not "connection refused".
 
@@ -56,6 +57,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import Busy, Choice, Engine, Event, Job, log_error
 from zhtune.infer.generate import placement
+from zhtune.infer.metrics import CONTENT_TYPE, ENGINE_FIGURES, Measure, Metrics
 from zhtune.infer.protocol import (
     ApiError,
     ChatRequest,
@@ -160,6 +162,7 @@ class Api:
         self.model_name, self.created, self.limits = model_name, int(time.time()), limits
         self._engine, self.load_seconds = engine, 0.0
         self.loading_since = time.monotonic()
+        self.metrics = Metrics()
         # prompts are rendered and tokenized off the event loop, one at a time (the tokenizer is
         # not to be used by two threads at once; the scheduler decodes with its own copy)
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhtune-prompts")
@@ -240,6 +243,7 @@ class Api:
         try:
             self.engine.submit(choices)
             self.live.add(job)
+            self.metrics.prompt_tokens += sum(len(p) for p in prompts)
         except Busy as busy:
             raise ApiError(
                 429,
@@ -316,10 +320,13 @@ class Api:
                     yield chunk(
                         [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
                     )
-            tokens = [0] * count
+            tokens, arrived = [0] * count, request.scope.get("zhtune.arrived")
             try:
                 async for ev in self.events_of(job, events, count):
                     tokens[ev.index] = ev.tokens
+                    if ev.text and arrived is not None:
+                        self.metrics.first_token.observe(time.monotonic() - arrived)
+                        arrived = None
                     if ev.text:
                         yield chunk([choice(ev.index, ev.text, None)])
                     if ev.finish_reason:
@@ -400,6 +407,26 @@ class Api:
             }
         )
 
+    def engine_figures(self) -> dict[str, float]:
+        """The scheduler's figures for ``/metrics`` (:data:`~zhtune.infer.metrics.ENGINE_FIGURES`; 0 while loading)."""
+        engine = self._engine
+        if engine is None:
+            return {name: 0 for name, _, _ in ENGINE_FIGURES}
+        stats = engine.stats
+        return {
+            "zhtune_model_ready": 1,
+            "zhtune_model_load_seconds": round(self.load_seconds, 3),
+            "zhtune_completion_tokens_total": stats["tokens"],
+            "zhtune_generation_requests_in_flight": engine.in_flight,
+            "zhtune_queue_depth": engine.queued,
+            "zhtune_batches_total": stats["batches"],
+            "zhtune_batch_rows_total": stats["choices"],
+        }
+
+    async def metrics_text(self, request: Request) -> Response:
+        """``GET /metrics``: Prometheus' text exposition format (no API key, like ``/health``)."""
+        return Response(self.metrics.render(self.engine_figures()), media_type=CONTENT_TYPE)
+
 
 RETRY_AFTER_S = 1
 """What a 429 busy answer's ``Retry-After`` says, in seconds."""
@@ -445,17 +472,22 @@ def create_app(
 ) -> Starlette:
     """The Starlette app serving ``engine`` as ``model_name`` (and ``default``) within ``limits``,
     answering only the Host names in ``hosts`` (None: any).
-    ``engine`` None: the model is still loading (``app.state.api.ready(engine, seconds)`` later)."""
+    ``engine`` None: the model is still loading (``app.state.api.ready(engine, seconds)`` later).
+
+    Middleware, outermost first: :class:`~zhtune.infer.metrics.Measure` (so every answer is
+    counted), :class:`HostCheck`, :class:`BodyLimit`, :class:`RequireApiKey`."""
     api = Api(engine, model_name, limits)
     app = Starlette(
         routes=[
             Route("/health", api.health),
+            Route("/metrics", api.metrics_text),
             Route("/v1/models", api.list_models),
             Route("/v1/models/{name:path}", api.get_model),
             Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
             Route("/v1/completions", api.completions, methods=["POST"]),
         ],
-        middleware=([Middleware(HostCheck, hosts=hosts)] if hosts is not None else [])
+        middleware=[Middleware(Measure, metrics=api.metrics)]
+        + ([Middleware(HostCheck, hosts=hosts)] if hosts is not None else [])
         + [Middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)]
         + ([Middleware(RequireApiKey, api_key=api_key)] if api_key else []),
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},

@@ -316,3 +316,38 @@ def test_metrics_count_requests_tokens_and_latency(run_dir):  # noqa: F811
     assert m["zhtune_http_requests_in_flight"] == 1  # the /metrics request itself
     assert m["zhtune_model_ready"] == 1
 
+
+def test_cors_is_off_by_default_and_on_for_the_listed_origins(run_dir):  # noqa: F811
+    """No ``Access-Control-*`` header by default (a browser page on another site may not read any
+    answer, nor get a preflight allowance); --allowed-origins lets exactly those origins in, a
+    401 included (the key check comes after CORS), and an unlisted origin still gets nothing."""
+    import pytest
+
+    from zhtune.errors import ZhtuneError
+    from zhtune.infer.serve_config import ServeOptions
+
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    engine = make_engine(run_dir, batch_wait_ms=1).start()
+    with TestClient(create_app(engine, NAME)) as plain:
+        r = plain.options("/v1/chat/completions", headers={"Origin": "https://app.example"} | preflight)
+        assert r.status_code == 405 and not [h for h in r.headers if h.startswith("access-control-")]
+        r = plain.get("/health", headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+    opts = ServeOptions(allowed_origins="https://app.example/, http://localhost:3000")
+    assert opts.origins() == ("https://app.example", "http://localhost:3000") and opts.check() is None
+    with pytest.raises(ZhtuneError, match="--allowed-origins"):
+        ServeOptions(allowed_origins="app.example").check()
+    with TestClient(create_app(engine, NAME, api_key="k", origins=opts.origins())) as cors:
+        r = cors.options("/v1/chat/completions", headers={"Origin": "https://app.example"} | preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = cors.options("/v1/chat/completions", headers={"Origin": "https://evil.example"} | preflight)
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = cors.post("/v1/chat/completions", json=chat_body(QUESTIONS[0], 2), headers={"Origin": "https://app.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = cors.post("/v1/chat/completions", json=chat_body(QUESTIONS[0], 2),
+                      headers={"Origin": "https://evil.example", "Authorization": "Bearer k"})  # fmt: skip
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(engine, NAME, origins=("*",))) as anyone:
+        r = anyone.options("/v1/completions", headers={"Origin": "https://elsewhere.example"} | preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"

@@ -49,6 +49,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -469,14 +470,20 @@ def create_app(
     api_key: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
     hosts: tuple[str, ...] | None = None,
+    origins: tuple[str, ...] = (),
 ) -> Starlette:
     """The Starlette app serving ``engine`` as ``model_name`` (and ``default``) within ``limits``,
-    answering only the Host names in ``hosts`` (None: any).
+    answering only the Host names in ``hosts`` (None: any), and letting scripts of web pages from
+    ``origins`` call it (CORS; none by default: no ``Access-Control-*`` header is ever sent).
     ``engine`` None: the model is still loading (``app.state.api.ready(engine, seconds)`` later).
 
     Middleware, outermost first: :class:`~zhtune.infer.metrics.Measure` (so every answer is
-    counted), :class:`HostCheck`, :class:`BodyLimit`, :class:`RequireApiKey`."""
+    counted), :class:`HostCheck`, CORS (outside the key check: a browser's preflight carries no
+    key, and a 401 must still carry the allow header for the page to read it), :class:`BodyLimit`,
+    :class:`RequireApiKey`."""
     api = Api(engine, model_name, limits)
+    cors = Middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                      allow_headers=["*"], max_age=600)  # fmt: skip
     app = Starlette(
         routes=[
             Route("/health", api.health),
@@ -488,6 +495,7 @@ def create_app(
         ],
         middleware=[Middleware(Measure, metrics=api.metrics)]
         + ([Middleware(HostCheck, hosts=hosts)] if hosts is not None else [])
+        + ([cors] if origins else [])
         + [Middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)]
         + ([Middleware(RequireApiKey, api_key=api_key)] if api_key else []),
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
@@ -512,7 +520,7 @@ def serve(
     that is loading from one that is down). A load that fails stops the server and is raised here."""
     api_key = opts.check()
     name = Path(run).resolve().name
-    app = create_app(None, name, api_key, opts.limits(), opts.hosts())
+    app = create_app(None, name, api_key, opts.limits(), opts.hosts(), opts.origins())
     server = build_server(app, opts)
     failed: list[Exception] = []
 

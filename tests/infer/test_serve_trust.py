@@ -351,3 +351,30 @@ def test_cors_is_off_by_default_and_on_for_the_listed_origins(run_dir):  # noqa:
     with TestClient(create_app(engine, NAME, origins=("*",))) as anyone:
         r = anyone.options("/v1/completions", headers={"Origin": "https://elsewhere.example"} | preflight)
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+def test_a_client_that_leaves_mid_body_is_no_internal_error(run_dir, capfd):  # noqa: F811
+    """A client that disconnects while sending its body (found by bench/soak.py's slow client)
+    was logged as an internal error; now it is counted as a 499 and logged as nothing."""
+    import asyncio
+
+    from zhtune.infer.serve import CLIENT_CLOSED
+
+    app = create_app(make_engine(run_dir).start(), NAME)
+    arriving = [{"type": "http.request", "body": b'{"model": "defa', "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive() -> dict:
+        return arriving.pop(0) if arriving else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
+             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json")]}  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == CLIENT_CLOSED
+    assert app.state.api.metrics.responses["/v1/chat/completions", "499"] == 1
+    assert "internal error" not in capfd.readouterr().err

@@ -50,7 +50,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -456,6 +456,15 @@ async def _http_error(request: Request, err: Exception) -> Response:
     return ApiError(err.status_code, f"{err.detail}: {request.method} {request.url.path}").response()
 
 
+CLIENT_CLOSED = 499
+"""The status (nginx's) a request whose client left while sending it is counted under; nobody reads it."""
+
+
+async def _client_gone(request: Request, err: Exception) -> Response:
+    """A client that went away while sending its body: nothing to answer, nothing to log."""
+    return Response(status_code=CLIENT_CLOSED)
+
+
 async def _server_error(request: Request, err: Exception) -> Response:
     try:
         raise err
@@ -498,7 +507,12 @@ def create_app(
         + ([cors] if origins else [])
         + [Middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)]
         + ([Middleware(RequireApiKey, api_key=api_key)] if api_key else []),
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
+            Exception: _server_error,
+        },
     )
     app.state.api = api
     return app

@@ -353,19 +353,18 @@ def test_cors_is_off_by_default_and_on_for_the_listed_origins(run_dir):  # noqa:
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
 
 
-def test_a_client_that_leaves_mid_body_is_no_internal_error(run_dir, capfd):  # noqa: F811
-    """A client that disconnects while sending its body (found by bench/soak.py's slow client)
-    was logged as an internal error; now it is counted as a 499 and logged as nothing."""
+
+def asgi_post(app, arriving: list[dict]) -> list[dict]:
+    """POST /v1/chat/completions to ``app`` straight through ASGI, the client's messages being
+    ``arriving`` and then nothing (it stalls); returns what the app sent."""
     import asyncio
 
-    from zhtune.infer.serve import CLIENT_CLOSED
-
-    app = create_app(make_engine(run_dir).start(), NAME)
-    arriving = [{"type": "http.request", "body": b'{"model": "defa', "more_body": True}, {"type": "http.disconnect"}]
     sent = []
 
     async def receive() -> dict:
-        return arriving.pop(0) if arriving else {"type": "http.disconnect"}
+        if arriving:
+            return arriving.pop(0)
+        await asyncio.sleep(3600)
 
     async def send(message: dict) -> None:
         sent.append(message)
@@ -374,7 +373,30 @@ def test_a_client_that_leaves_mid_body_is_no_internal_error(run_dir, capfd):  # 
              "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
              "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
              "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json")]}  # fmt: skip
-    asyncio.run(app(scope, receive, send))
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return sent
+
+
+def test_a_client_that_leaves_mid_body_is_no_internal_error(run_dir, capfd):  # noqa: F811
+    """A client that disconnects while sending its body (found by bench/soak.py's slow client)
+    was logged as an internal error; now it is counted as a 499 and logged as nothing."""
+    from zhtune.infer.serve import CLIENT_CLOSED
+
+    app = create_app(make_engine(run_dir).start(), NAME)
+    sent = asgi_post(app, [{"type": "http.request", "body": b'{"model": "defa', "more_body": True},
+                           {"type": "http.disconnect"}])  # fmt: skip
     assert sent[0]["status"] == CLIENT_CLOSED
     assert app.state.api.metrics.responses["/v1/chat/completions", "499"] == 1
     assert "internal error" not in capfd.readouterr().err
+
+
+def test_a_stalled_body_gets_a_408_that_closes_the_connection(run_dir):  # noqa: F811
+    """A body whose next piece does not come within --header-timeout is answered 408 with
+    ``Connection: close``: the connection ends with the answer, not after keep-alive."""
+    from zhtune.infer.serve_config import Limits
+
+    app = create_app(make_engine(run_dir).start(), NAME, limits=Limits(body_timeout=0.2))
+    sent = asgi_post(app, [{"type": "http.request", "body": b'{"model": "defa', "more_body": True}])
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 408 and headers[b"connection"] == b"close"
+    assert b"request_timeout" in sent[1]["body"]

@@ -97,7 +97,7 @@ class BodyLimit:
     """ASGI middleware: a body over ``max_bytes`` is answered 413 (OpenAI-shaped) as soon as its
     Content-Length says so, or as soon as that many bytes have arrived, never read whole; a body
     whose next piece takes over ``timeout`` seconds to arrive is answered 408 (a client that
-    stops sending holds no request open)."""
+    stops sending holds no request open, nor its connection: the 408 says ``Connection: close``)."""
 
     def __init__(self, app: Any, max_bytes: int, timeout: float = DEFAULT_LIMITS.body_timeout) -> None:
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
@@ -124,7 +124,7 @@ class BodyLimit:
                 message = await asyncio.wait_for(receive(), self.timeout)
             except asyncio.TimeoutError:
                 raise ApiError(408, f"the request body stalled for {self.timeout:g} s (--header-timeout)",
-                               code="request_timeout") from None  # fmt: skip
+                               code="request_timeout", headers={"Connection": "close"}) from None  # fmt: skip
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 complete = not message.get("more_body", False)

@@ -1,12 +1,13 @@
 """The OpenAI protocol of ``zhtune serve``: request bodies (validated with pydantic), OpenAI-shaped
 errors, and the pure functions that turn a request into prompts, samplings and usage counts.
 
-Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body,
-invalid or unsupported parameters, or a prompt plus ``max_tokens`` over the context; 401 for a
+Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body (not
+JSON, not UTF-8/16/32 text, a lone surrogate escape, nested past the recursion limit, an integer
+of over 4,300 digits), invalid or unsupported parameters (NaN and infinities included), or a prompt plus ``max_tokens`` over the context; 401 for a
 missing or wrong key; 404 for an unknown model or path; 429 (with ``Retry-After``) when
 ``max_concurrent`` requests are in flight or ``max_queue`` replies wait for a batch; 500 if
-generation itself fails (that request alone); 503 for requests still running when a shutdown's
-grace period ends.
+generation itself fails (that request alone); 503 while the model loads (``model_loading``) and
+for requests still running when a shutdown's grace period ends.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ malformed body, invalid or unsupported parameters, or a prompt plus ``max_tokens
 context; 401 for a missing or wrong key; 404 for an unknown model or path; 429 (with
 ``Retry-After``) when ``max_concurrent`` requests are in flight or ``max_queue`` replies wait for
 a batch; 500 if generation itself fails (for the request that fails alone: a failed batch is
-decoded again row by row, so the others go on).
+decoded again row by row, so the others go on); 503 while the model loads, and for requests
+still running when a shutdown's grace period ends. CORS is off unless ``--allowed-origins``.
 """
 
 from __future__ import annotations

@@ -202,3 +202,201 @@ def test_memory_is_handed_back_after_a_large_prompt(run_dir, monkeypatch):  # no
         while not calls and time.monotonic() < deadline:
             time.sleep(0.01)
         assert calls == [1]
+
+
+def test_health_says_loading_until_the_model_serves(run_dir, monkeypatch):  # noqa: F811
+    """``serve`` listens before the model has loaded: meanwhile /health is a 503 ``loading``,
+    generation a 503 ``model_loading`` with Retry-After and /metrics says not ready; once the
+    model is loaded /health is 200 ``ok`` with the load time, and requests are served."""
+    import threading
+
+    import httpx
+
+    import zhtune.infer.serve as serve_module
+    from tests.serving import free_port
+    from zhtune.infer.serve_config import ServeOptions
+
+    release, servers = threading.Event(), []
+    real_load, real_build = serve_module.load_for_inference, serve_module.build_server
+    monkeypatch.setattr(serve_module, "load_for_inference", lambda *a, **kw: release.wait(30) and real_load(*a, **kw))
+    monkeypatch.setattr(serve_module, "build_server", lambda *a: servers.append(real_build(*a)) or servers[-1])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    thread = threading.Thread(target=serve_module.serve, args=(str(run_dir), ServeOptions(port=port)))
+    thread.start()
+    try:
+        deadline, health = time.monotonic() + 30, None
+        while health is None and time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"{url}/health", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert health.status_code == 503 and health.headers["retry-after"] == "1"
+        assert health.json() | {"loading_seconds": 0} == {"status": "loading", "ready": False, "model": NAME, "loading_seconds": 0}
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(QUESTIONS[0]), timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and "retry-after" in r.headers
+        assert "zhtune_model_ready 0\n" in httpx.get(f"{url}/metrics", timeout=10).text
+        release.set()
+        while (health := httpx.get(f"{url}/health", timeout=10)).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = health.json()
+        assert body["status"] == "ok" and body["ready"] is True and body["load_seconds"] >= 0
+        assert {"in_flight", "queued", "batching", "context_length", "template"} <= set(body)
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat_body(QUESTIONS[0]), timeout=30).status_code == 200
+        assert "zhtune_model_ready 1\n" in httpx.get(f"{url}/metrics", timeout=10).text
+    finally:
+        release.set()
+        if servers:
+            servers[0].should_exit = True
+        thread.join(30)
+
+
+def test_a_model_that_fails_to_load_stops_the_server(run_dir, monkeypatch, capsys):  # noqa: F811
+    """The load runs while the server listens; when it fails the server stops and the command
+    ends with the load's error (exit status 1), as when it loaded before listening."""
+    import zhtune.infer.serve as serve_module
+    from tests.serving import free_port
+    from zhtune.cli import main
+    from zhtune.errors import ZhtuneError
+
+    def broken(*args, **kwargs):
+        raise ZhtuneError("not a model directory: nowhere")
+
+    monkeypatch.setattr(serve_module, "load_for_inference", broken)
+    started = time.monotonic()
+    assert main(["serve", str(run_dir), "--port", str(free_port())]) == 1
+    assert "error: not a model directory: nowhere" in capsys.readouterr().err
+    assert time.monotonic() - started < 30
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value}, checking each line's shape on the way."""
+    import re
+
+    sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+]+$')
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) [a-z_]+ ", line), line
+            continue
+        assert sample.match(line), line
+        key, value = line.rsplit(" ", 1)
+        values[key] = float(value)
+    return values
+
+
+def test_metrics_count_requests_tokens_and_latency(run_dir):  # noqa: F811
+    """/metrics (no key, like /health) in Prometheus text: answers by route and status (a 401
+    from the key check, an unknown path as ``other``), tokens, queue and batches, and latency and
+    time-to-first-token histograms whose buckets add up."""
+    engine = make_engine(run_dir, batch_wait_ms=1)
+    with TestClient(create_app(engine.start(), NAME, api_key="k")) as client:
+        auth = {"Authorization": "Bearer k"}
+        assert client.post("/v1/chat/completions", json=chat_body(QUESTIONS[0]), headers=auth).status_code == 200
+        with client.stream("POST", "/v1/chat/completions", json=chat_body(QUESTIONS[1]) | {"stream": True}, headers=auth) as r:
+            assert list(r.iter_lines())[-2] == "data: [DONE]"
+        assert client.post("/v1/chat/completions", json=chat_body(QUESTIONS[0])).status_code == 401
+        assert client.post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"}, headers=auth).status_code == 404
+        assert client.get("/no/such/path/42").status_code == 404
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        m = parse_metrics(r.text)
+    chat = 'route="/v1/chat/completions"'
+    assert m[f'zhtune_requests_total{{{chat},code="200"}}'] == 2
+    assert m[f'zhtune_requests_total{{{chat},code="401"}}'] == 1
+    assert m['zhtune_requests_total{route="/v1/completions",code="404"}'] == 1
+    assert m['zhtune_requests_total{route="other",code="404"}'] == 1
+    assert m[f"zhtune_request_duration_seconds_count{{{chat}}}"] == 3
+    buckets = [v for k, v in m.items() if k.startswith(f"zhtune_request_duration_seconds_bucket{{{chat},")]
+    assert buckets == sorted(buckets) and buckets[-1] == 3 and m[f"zhtune_request_duration_seconds_sum{{{chat}}}"] > 0
+    assert m["zhtune_time_to_first_token_seconds_count"] == 1  # the streamed request
+    assert m["zhtune_completion_tokens_total"] == engine.stats["tokens"] > 0
+    assert m["zhtune_prompt_tokens_total"] > 0 and m["zhtune_batches_total"] == engine.stats["batches"] >= 1
+    assert m["zhtune_queue_depth"] == 0 and m["zhtune_generation_requests_in_flight"] == 0
+    assert m["zhtune_http_requests_in_flight"] == 1  # the /metrics request itself
+    assert m["zhtune_model_ready"] == 1
+
+
+def test_cors_is_off_by_default_and_on_for_the_listed_origins(run_dir):  # noqa: F811
+    """No ``Access-Control-*`` header by default (a browser page on another site may not read any
+    answer, nor get a preflight allowance); --allowed-origins lets exactly those origins in, a
+    401 included (the key check comes after CORS), and an unlisted origin still gets nothing."""
+    import pytest
+
+    from zhtune.errors import ZhtuneError
+    from zhtune.infer.serve_config import ServeOptions
+
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    engine = make_engine(run_dir, batch_wait_ms=1).start()
+    with TestClient(create_app(engine, NAME)) as plain:
+        r = plain.options("/v1/chat/completions", headers={"Origin": "https://app.example"} | preflight)
+        assert r.status_code == 405 and not [h for h in r.headers if h.startswith("access-control-")]
+        r = plain.get("/health", headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+    opts = ServeOptions(allowed_origins="https://app.example/, http://localhost:3000")
+    assert opts.origins() == ("https://app.example", "http://localhost:3000") and opts.check() is None
+    with pytest.raises(ZhtuneError, match="--allowed-origins"):
+        ServeOptions(allowed_origins="app.example").check()
+    with TestClient(create_app(engine, NAME, api_key="k", origins=opts.origins())) as cors:
+        r = cors.options("/v1/chat/completions", headers={"Origin": "https://app.example"} | preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = cors.options("/v1/chat/completions", headers={"Origin": "https://evil.example"} | preflight)
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = cors.post("/v1/chat/completions", json=chat_body(QUESTIONS[0], 2), headers={"Origin": "https://app.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = cors.post("/v1/chat/completions", json=chat_body(QUESTIONS[0], 2),
+                      headers={"Origin": "https://evil.example", "Authorization": "Bearer k"})  # fmt: skip
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(engine, NAME, origins=("*",))) as anyone:
+        r = anyone.options("/v1/completions", headers={"Origin": "https://elsewhere.example"} | preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+
+def asgi_post(app, arriving: list[dict]) -> list[dict]:
+    """POST /v1/chat/completions to ``app`` straight through ASGI, the client's messages being
+    ``arriving`` and then nothing (it stalls); returns what the app sent."""
+    import asyncio
+
+    sent = []
+
+    async def receive() -> dict:
+        if arriving:
+            return arriving.pop(0)
+        await asyncio.sleep(3600)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
+             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json")]}  # fmt: skip
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return sent
+
+
+def test_a_client_that_leaves_mid_body_is_no_internal_error(run_dir, capfd):  # noqa: F811
+    """A client that disconnects while sending its body (found by bench/soak.py's slow client)
+    was logged as an internal error; now it is counted as a 499 and logged as nothing."""
+    from zhtune.infer.serve import CLIENT_CLOSED
+
+    app = create_app(make_engine(run_dir).start(), NAME)
+    sent = asgi_post(app, [{"type": "http.request", "body": b'{"model": "defa', "more_body": True},
+                           {"type": "http.disconnect"}])  # fmt: skip
+    assert sent[0]["status"] == CLIENT_CLOSED
+    assert app.state.api.metrics.responses["/v1/chat/completions", "499"] == 1
+    assert "internal error" not in capfd.readouterr().err
+
+
+def test_a_stalled_body_gets_a_408_that_closes_the_connection(run_dir):  # noqa: F811
+    """A body whose next piece does not come within --header-timeout is answered 408 with
+    ``Connection: close``: the connection ends with the answer, not after keep-alive."""
+    from zhtune.infer.serve_config import Limits
+
+    app = create_app(make_engine(run_dir).start(), NAME, limits=Limits(body_timeout=0.2))
+    sent = asgi_post(app, [{"type": "http.request", "body": b'{"model": "defa', "more_body": True}])
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 408 and headers[b"connection"] == b"close"
+    assert b"request_timeout" in sent[1]["body"]

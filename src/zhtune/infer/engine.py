@@ -12,6 +12,8 @@ streamed choice gets the text it gained after every step. Nothing here knows HTT
 from __future__ import annotations
 
 import copy
+import secrets
+import sys
 import threading
 import time
 import traceback
@@ -261,9 +263,6 @@ def log_error(what: str) -> str:
     """Print the exception being handled to the server log under a new error id, and return
     what a client is told: ``what`` and the id, never the exception's text (which may show paths
     and internals)."""
-    import secrets
-    import sys
-
     error_id = "err-" + secrets.token_hex(6)
     print(f"[{error_id}] {what}:", file=sys.stderr)
     traceback.print_exc()

@@ -1,12 +1,13 @@
 """The OpenAI protocol of ``zhtune serve``: request bodies (validated with pydantic), OpenAI-shaped
 errors, and the pure functions that turn a request into prompts, samplings and usage counts.
 
-Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body,
-invalid or unsupported parameters, or a prompt plus ``max_tokens`` over the context; 401 for a
+Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body (not
+JSON, not UTF-8/16/32 text, a lone surrogate escape, nested past the recursion limit, an integer
+of over 4,300 digits), invalid or unsupported parameters (NaN and infinities included), or a prompt plus ``max_tokens`` over the context; 401 for a
 missing or wrong key; 404 for an unknown model or path; 429 (with ``Retry-After``) when
 ``max_concurrent`` requests are in flight or ``max_queue`` replies wait for a batch; 500 if
-generation itself fails (that request alone); 503 for requests still running when a shutdown's
-grace period ends.
+generation itself fails (that request alone); 503 while the model loads (``model_loading``) and
+for requests still running when a shutdown's grace period ends.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class SamplingParams(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     n: int | None = Field(None, ge=1, le=128)
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -120,8 +121,11 @@ async def parse_body(request: Request, schema: type[SamplingParams]) -> Any:
         )  # fmt: skip
     try:
         body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        check_text(body)
+    except ValueError as err:  # not JSON, not UTF-8/16/32, or an integer of over 4,300 digits
         raise ApiError(400, f"could not parse the JSON body of the request: {err}") from None
+    except RecursionError:
+        raise ApiError(400, "could not parse the JSON body of the request: it is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
@@ -136,6 +140,17 @@ async def parse_body(request: Request, schema: type[SamplingParams]) -> Any:
         if getattr(req, name, None) not in accepted:
             raise ApiError(400, f"'{name}' is not supported by zhtune serve", param=name)
     return req
+
+
+def check_text(body: Any) -> None:
+    """Refuse (400) a parsed body with a string UTF-8 cannot encode: JSON's ``\\ud800`` escape
+    without its pair parses to a lone surrogate, which no tokenizer or reply can carry. One
+    C-speed pass over a body already bounded by --max-body-mb."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the JSON body holds a lone UTF-16 surrogate escape (\\udXXX without its pair), "
+                       "which is not text") from None  # fmt: skip
 
 
 def chat_messages(req: ChatRequest) -> list[dict[str, str]]:

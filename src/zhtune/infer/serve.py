@@ -1,9 +1,11 @@
 """``zhtune serve RUN``: an OpenAI-compatible HTTP API over a run, with dynamic batching.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both
-with ``stream: true`` as server-sent events ending in ``data: [DONE]``), and ``GET /health``
-(status and batching counters; no API key needed). The model is called by the run directory's
-name, or ``default``.
+with ``stream: true`` as server-sent events ending in ``data: [DONE]``), ``GET /health`` (503
+``loading`` while the model loads, then 200 ``ok`` with the batching counters) and ``GET
+/metrics`` (Prometheus text, :mod:`zhtune.infer.metrics`); the last two need no API key. The
+model is called by the run directory's name, or ``default``. The server listens before the model
+has loaded (it loads on a thread), so a supervisor sees "loading", not "connection refused".
 
 Three layers: :mod:`zhtune.infer.engine` (the scheduler thread that owns the model),
 :mod:`zhtune.infer.protocol` (request bodies, errors, samplings) and this module, the app that
@@ -26,7 +28,8 @@ malformed body, invalid or unsupported parameters, or a prompt plus ``max_tokens
 context; 401 for a missing or wrong key; 404 for an unknown model or path; 429 (with
 ``Retry-After``) when ``max_concurrent`` requests are in flight or ``max_queue`` replies wait for
 a batch; 500 if generation itself fails (for the request that fails alone: a failed batch is
-decoded again row by row, so the others go on).
+decoded again row by row, so the others go on); 503 while the model loads, and for requests
+still running when a shutdown's grace period ends. CORS is off unless ``--allowed-origins``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import hmac
 import json
 import secrets
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +50,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -54,6 +59,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import Busy, Choice, Engine, Event, Job, log_error
 from zhtune.infer.generate import placement
+from zhtune.infer.metrics import CONTENT_TYPE, ENGINE_FIGURES, Measure, Metrics
 from zhtune.infer.protocol import (
     ApiError,
     ChatRequest,
@@ -66,6 +72,7 @@ from zhtune.infer.protocol import (
     usage,
 )
 from zhtune.infer.serve_config import DEFAULT_LIMITS, LOOPBACK, Limits, ServeOptions
+from zhtune.models.loading import load_for_inference
 
 __all__ = ["Api", "BodyLimit", "HostCheck", "Limits", "RequireApiKey", "ServeOptions", "create_app", "serve"]
 
@@ -91,7 +98,7 @@ class BodyLimit:
     """ASGI middleware: a body over ``max_bytes`` is answered 413 (OpenAI-shaped) as soon as its
     Content-Length says so, or as soon as that many bytes have arrived, never read whole; a body
     whose next piece takes over ``timeout`` seconds to arrive is answered 408 (a client that
-    stops sending holds no request open)."""
+    stops sending holds no request open, nor its connection: the 408 says ``Connection: close``)."""
 
     def __init__(self, app: Any, max_bytes: int, timeout: float = DEFAULT_LIMITS.body_timeout) -> None:
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
@@ -118,7 +125,7 @@ class BodyLimit:
                 message = await asyncio.wait_for(receive(), self.timeout)
             except asyncio.TimeoutError:
                 raise ApiError(408, f"the request body stalled for {self.timeout:g} s (--header-timeout)",
-                               code="request_timeout") from None  # fmt: skip
+                               code="request_timeout", headers={"Connection": "close"}) from None  # fmt: skip
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
@@ -150,16 +157,36 @@ class HostCheck:
 
 class Api:
     """The routes of the OpenAI-compatible API over one engine, served as ``model_name`` (and
-    ``default``)."""
+    ``default``). Made before the engine exists when the model loads while the server already
+    listens (``engine`` None): generation answers 503 ``model_loading`` until :meth:`ready`."""
 
-    def __init__(self, engine: Engine, model_name: str, limits: Limits = DEFAULT_LIMITS) -> None:
-        self.engine, self.model_name, self.created = engine, model_name, int(time.time())
-        self.limits = limits
+    def __init__(self, engine: Engine | None, model_name: str, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.model_name, self.created, self.limits = model_name, int(time.time()), limits
+        self._engine, self.load_seconds = engine, 0.0
+        self.loading_since = time.monotonic()
+        self.metrics = Metrics()
         # prompts are rendered and tokenized off the event loop, one at a time (the tokenizer is
         # not to be used by two threads at once; the scheduler decodes with its own copy)
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhtune-prompts")
         self.live: set[Job] = set()
         """Jobs whose response is still being produced (what a shutdown waits for, then ends)."""
+
+    @property
+    def engine(self) -> Engine:
+        """The engine; while the model loads, an OpenAI-shaped 503 (``model_loading``, Retry-After)."""
+        if self._engine is None:
+            raise ApiError(
+                503,
+                f"the model '{self.model_name}' is still loading; retry shortly (GET /health says when it is ready)",
+                type="server_error",
+                code="model_loading",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        return self._engine
+
+    def ready(self, engine: Engine, load_seconds: float) -> None:
+        """Serve with ``engine`` (started) from now on; the model took ``load_seconds`` to load."""
+        self.load_seconds, self._engine = load_seconds, engine
 
     async def off_loop(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the prompt thread, so a long prompt never stalls other requests."""
@@ -218,6 +245,7 @@ class Api:
         try:
             self.engine.submit(choices)
             self.live.add(job)
+            self.metrics.prompt_tokens += sum(len(p) for p in prompts)
         except Busy as busy:
             raise ApiError(
                 429,
@@ -294,10 +322,13 @@ class Api:
                     yield chunk(
                         [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
                     )
-            tokens = [0] * count
+            tokens, arrived = [0] * count, request.scope.get("zhtune.arrived")
             try:
                 async for ev in self.events_of(job, events, count):
                     tokens[ev.index] = ev.tokens
+                    if ev.text and arrived is not None:
+                        self.metrics.first_token.observe(time.monotonic() - arrived)
+                        arrived = None
                     if ev.text:
                         yield chunk([choice(ev.index, ev.text, None)])
                     if ev.finish_reason:
@@ -358,10 +389,17 @@ class Api:
         return JSONResponse(self.model_card())
 
     async def health(self, request: Request) -> Response:
-        engine = self.engine
+        """200 ``ok`` with the batching counters once the model serves; 503 ``loading`` before."""
+        engine = self._engine
+        if engine is None:
+            loading = round(time.monotonic() - self.loading_since, 1)
+            body = {"status": "loading", "ready": False, "model": self.model_name, "loading_seconds": loading}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         return JSONResponse(
             {
                 "status": "ok",
+                "ready": True,
+                "load_seconds": round(self.load_seconds, 2),
                 "model": self.model_name,
                 "template": engine.template,
                 "context_length": engine.context_length,
@@ -370,6 +408,26 @@ class Api:
                 "batching": engine.stats | {"max_batch_size": engine.max_batch_size},
             }
         )
+
+    def engine_figures(self) -> dict[str, float]:
+        """The scheduler's figures for ``/metrics`` (:data:`~zhtune.infer.metrics.ENGINE_FIGURES`; 0 while loading)."""
+        engine = self._engine
+        if engine is None:
+            return {name: 0 for name, _, _ in ENGINE_FIGURES}
+        stats = engine.stats
+        return {
+            "zhtune_model_ready": 1,
+            "zhtune_model_load_seconds": round(self.load_seconds, 3),
+            "zhtune_completion_tokens_total": stats["tokens"],
+            "zhtune_generation_requests_in_flight": engine.in_flight,
+            "zhtune_queue_depth": engine.queued,
+            "zhtune_batches_total": stats["batches"],
+            "zhtune_batch_rows_total": stats["choices"],
+        }
+
+    async def metrics_text(self, request: Request) -> Response:
+        """``GET /metrics``: Prometheus' text exposition format (no API key, like ``/health``)."""
+        return Response(self.metrics.render(self.engine_figures()), media_type=CONTENT_TYPE)
 
 
 RETRY_AFTER_S = 1
@@ -399,6 +457,15 @@ async def _http_error(request: Request, err: Exception) -> Response:
     return ApiError(err.status_code, f"{err.detail}: {request.method} {request.url.path}").response()
 
 
+CLIENT_CLOSED = 499
+"""The status (nginx's) a request whose client left while sending it is counted under; nobody reads it."""
+
+
+async def _client_gone(request: Request, err: Exception) -> Response:
+    """A client that went away while sending its body: nothing to answer, nothing to log."""
+    return Response(status_code=CLIENT_CLOSED)
+
+
 async def _server_error(request: Request, err: Exception) -> Response:
     try:
         raise err
@@ -408,27 +475,45 @@ async def _server_error(request: Request, err: Exception) -> Response:
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | None,
     model_name: str,
     api_key: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
     hosts: tuple[str, ...] | None = None,
+    origins: tuple[str, ...] = (),
 ) -> Starlette:
     """The Starlette app serving ``engine`` as ``model_name`` (and ``default``) within ``limits``,
-    answering only the Host names in ``hosts`` (None: any)."""
+    answering only the Host names in ``hosts`` (None: any), and letting scripts of web pages from
+    ``origins`` call it (CORS; none by default: no ``Access-Control-*`` header is ever sent).
+    ``engine`` None: the model is still loading (``app.state.api.ready(engine, seconds)`` later).
+
+    Middleware, outermost first: :class:`~zhtune.infer.metrics.Measure` (so every answer is
+    counted), :class:`HostCheck`, CORS (outside the key check: a browser's preflight carries no
+    key, and a 401 must still carry the allow header for the page to read it), :class:`BodyLimit`,
+    :class:`RequireApiKey`."""
     api = Api(engine, model_name, limits)
+    cors = Middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                      allow_headers=["*"], max_age=600)  # fmt: skip
     app = Starlette(
         routes=[
             Route("/health", api.health),
+            Route("/metrics", api.metrics_text),
             Route("/v1/models", api.list_models),
             Route("/v1/models/{name:path}", api.get_model),
             Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
             Route("/v1/completions", api.completions, methods=["POST"]),
         ],
-        middleware=([Middleware(HostCheck, hosts=hosts)] if hosts is not None else [])
+        middleware=[Middleware(Measure, metrics=api.metrics)]
+        + ([Middleware(HostCheck, hosts=hosts)] if hosts is not None else [])
+        + ([cors] if origins else [])
         + [Middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)]
         + ([Middleware(RequireApiKey, api_key=api_key)] if api_key else []),
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
+            Exception: _server_error,
+        },
     )
     app.state.api = api
     return app
@@ -442,36 +527,48 @@ def create_app(
 def serve(
     run: str, opts: ServeOptions, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
 ) -> None:
-    """Load ``run`` on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`; its own Python
-    code only with ``trust_remote_code``, ``--trust-remote-code``) and serve it until interrupted."""
-    from zhtune.models.loading import load_for_inference
+    """Serve ``run`` on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`; its own
+    Python code only with ``trust_remote_code``, ``--trust-remote-code``) until interrupted.
 
+    The server listens at once and the model loads on a thread meanwhile: ``/health`` answers 503
+    ``loading`` until it serves, then 200 ``ok`` (a supervisor or load balancer can tell a server
+    that is loading from one that is down). A load that fails stops the server and is raised here."""
     api_key = opts.check()
-    model, tokenizer, run_template = load_for_inference(
-        run, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-    )
     name = Path(run).resolve().name
-    engine = Engine(
-        model,
-        tokenizer,
-        opts.template or run_template,
-        opts.max_batch_size,
-        opts.batch_wait_ms,
-        opts.max_concurrent,
-        opts.max_queue,
-    )
-    app = create_app(engine.start(), name, api_key, opts.limits(), opts.hosts())
-    print(
-        f"zhtune serve: '{name}' ({placement(model)}, template {engine.template}, "
-        f"context {engine.context_length} tokens), "
-        f"batches of up to {opts.max_batch_size} after at most {opts.batch_wait_ms:g} ms, "
-        f"OpenAI API at http://{opts.host}:{opts.port}/v1" + ("" if api_key else " (no API key)"),
-        file=sys.stderr,
-        flush=True,
-    )
+    app = create_app(None, name, api_key, opts.limits(), opts.hosts(), opts.origins())
+    server = build_server(app, opts)
+    failed: list[Exception] = []
+
+    def load() -> None:
+        started = time.monotonic()
+        try:
+            model, tokenizer, run_template = load_for_inference(
+                run, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            )
+            engine = Engine(model, tokenizer, opts.template or run_template, opts.max_batch_size,
+                            opts.batch_wait_ms, opts.max_concurrent, opts.max_queue).start()  # fmt: skip
+        except Exception as err:
+            failed.append(err)
+            server.should_exit = True
+            return
+        app.state.api.ready(engine, time.monotonic() - started)
+        print(
+            f"zhtune serve: '{name}' ready after {time.monotonic() - started:.1f} s ({placement(model)}, "
+            f"template {engine.template}, context {engine.context_length} tokens), "
+            f"batches of up to {opts.max_batch_size} after at most {opts.batch_wait_ms:g} ms, "
+            f"OpenAI API at http://{opts.host}:{opts.port}/v1" + ("" if api_key else " (no API key)"),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    print(f"zhtune serve: loading '{name}'; http://{opts.host}:{opts.port}/health says 'loading' (503) until "
+          "it serves", file=sys.stderr, flush=True)  # fmt: skip
     if not api_key and opts.host not in LOOPBACK:
         print(f"warning: serving on {opts.host} without an API key (--insecure-no-auth)", file=sys.stderr)
-    build_server(app, opts).run()
+    threading.Thread(target=load, name="zhtune-loader", daemon=True).start()
+    server.run()
+    if failed:
+        raise failed[0]
 
 
 SHUTDOWN_FLUSH_S = 2

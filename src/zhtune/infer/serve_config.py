@@ -3,6 +3,7 @@ of one request. Kept apart from the app so that building the CLI parser imports 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from zhtune.errors import ZhtuneError
@@ -68,12 +69,12 @@ class ServeOptions:
     """Override the run's chat template (empty: the run's own)."""
     allowed_hosts: str = ""
     """Host headers answered, comma-separated (empty: localhost names for a loopback --host, any for others)."""
+    allowed_origins: str = ""
+    """Web page origins whose scripts may call the API from a browser (CORS), comma-separated, e.g. https://app.example.com, or * for any (empty: none; no Access-Control-* header is sent)."""
 
     def resolved_key(self) -> str | None:
         """The API key: the option, else $ZHTUNE_API_KEY; None for none. A key variable that is set
         but empty is an error (it would silently turn authentication off)."""
-        import os
-
         if self.api_key:
             return self.api_key
         env = os.environ.get("ZHTUNE_API_KEY")
@@ -92,6 +93,9 @@ class ServeOptions:
         for name in ("max_body_mb", "header_timeout", "shutdown_timeout"):
             if getattr(self, name) <= 0:
                 raise ZhtuneError(f"--{name.replace('_', '-')} must be above 0, got {getattr(self, name)}")
+        for origin in self.origins():
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ZhtuneError(f"--allowed-origins takes origins (scheme://host[:port]) or *, not {origin!r}")
         key = self.resolved_key()
         if key is None and self.host not in LOOPBACK and not self.insecure_no_auth:
             raise ZhtuneError(
@@ -106,6 +110,10 @@ class ServeOptions:
         if self.allowed_hosts:
             return tuple(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
         return LOOPBACK_NAMES if self.host in LOOPBACK else None
+
+    def origins(self) -> tuple[str, ...]:
+        """The origins of --allowed-origins (a browser sends an origin without a trailing slash)."""
+        return tuple(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
 
     def limits(self) -> Limits:
         return Limits(

@@ -296,6 +296,15 @@ def max_token_chars(tokenizer: Any) -> int:
     return max(1, max(len(p) for p in pieces if isinstance(p, str)))
 
 
+def chars_beyond_context(texts: list[str], context: int, max_chars: int) -> int:
+    """The characters of ``texts`` (whitespace at their ends, which templates may trim, not
+    counted) when no tokenization can fit them in ``context`` tokens of at most ``max_chars``
+    characters each (:func:`max_token_chars`), else 0: a huge prompt is refused without
+    tokenizing it."""
+    chars = sum(len(t.strip()) for t in texts)
+    return chars if chars > context * max_chars else 0
+
+
 def context_length(model: Any, tokenizer: Any) -> int:
     """The most tokens (prompt plus reply) the model takes."""
     for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):

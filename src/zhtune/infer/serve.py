@@ -57,7 +57,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import Busy, Choice, Engine, Event, Job, log_error
+from zhtune.infer.engine import Busy, Choice, Engine, Event, Job, chars_beyond_context, log_error
 from zhtune.infer.generate import placement
 from zhtune.infer.metrics import CONTENT_TYPE, ENGINE_FIGURES, Measure, Metrics
 from zhtune.infer.protocol import (
@@ -208,9 +208,8 @@ class Api:
         can hold. Counts characters only, so a megabyte prompt is refused without tokenizing it
         (leading and trailing whitespace, which templates may trim, is not counted)."""
         engine = self.engine
-        most = engine.context_length * engine.max_token_chars
-        chars = sum(len(t.strip()) for t in texts)
-        if chars > most:
+        chars = chars_beyond_context(texts, engine.context_length, engine.max_token_chars)
+        if chars:
             raise ApiError(
                 400,
                 f"this model's maximum context length is {engine.context_length} tokens; the prompt has "

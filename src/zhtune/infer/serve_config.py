@@ -31,6 +31,27 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 """Host header names (without the port) of a loopback server."""
 
 
+def credential(value: str, variable: str, fix: str) -> str | None:
+    """A secret from its flag's ``value``, else from ``$variable``; None for none. A variable that is
+    set but blank is an error saying ``fix`` (it would silently turn the protection off)."""
+    if value:
+        return value
+    env = os.environ.get(variable)
+    if env is not None and not env.strip():
+        raise ZhtuneError(f"{variable} is set but empty: {fix}")
+    return env or None
+
+
+def refuse_open_bind(host: str, guarded: bool, insecure: bool, guard: str, exposed: str, remedy: str) -> None:
+    """A non-loopback ``host`` without its ``guard`` (a key, a login) is refused unless
+    ``insecure`` (``--insecure-no-auth``): anyone who can reach it could ``exposed``."""
+    if not guarded and host not in LOOPBACK and not insecure:
+        raise ZhtuneError(
+            f"--host {host} without {guard} would let anyone who can reach it {exposed}: pass {remedy}, "
+            "or --insecure-no-auth to serve it openly"
+        )
+
+
 @dataclass
 class ServeOptions:
     """Options of ``zhtune serve`` (``--device``, ``--dtype`` and ``--trust-remote-code`` apart)."""
@@ -75,12 +96,7 @@ class ServeOptions:
     def resolved_key(self) -> str | None:
         """The API key: the option, else $ZHTUNE_API_KEY; None for none. A key variable that is set
         but empty is an error (it would silently turn authentication off)."""
-        if self.api_key:
-            return self.api_key
-        env = os.environ.get("ZHTUNE_API_KEY")
-        if env is not None and not env.strip():
-            raise ZhtuneError("ZHTUNE_API_KEY is set but empty: set a key, or unset it to serve without one")
-        return env or None
+        return credential(self.api_key, "ZHTUNE_API_KEY", "set a key, or unset it to serve without one")
 
     def check(self) -> str | None:
         """Validate the options (before any model is loaded); returns the API key."""
@@ -97,11 +113,10 @@ class ServeOptions:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ZhtuneError(f"--allowed-origins takes origins (scheme://host[:port]) or *, not {origin!r}")
         key = self.resolved_key()
-        if key is None and self.host not in LOOPBACK and not self.insecure_no_auth:
-            raise ZhtuneError(
-                f"--host {self.host} without an API key would let anyone who can reach it use the model: "
-                "pass --api-key KEY (or set ZHTUNE_API_KEY), or --insecure-no-auth to serve it openly"
-            )
+        refuse_open_bind(
+            self.host, key is not None, self.insecure_no_auth, "an API key", "use the model",
+            "--api-key KEY (or set ZHTUNE_API_KEY)",
+        )  # fmt: skip
         return key
 
     def hosts(self) -> tuple[str, ...] | None:

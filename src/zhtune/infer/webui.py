@@ -30,9 +30,9 @@ from typing import Any
 from zhtune import rundir
 from zhtune.errors import ZhtuneError
 from zhtune.flags import flag
-from zhtune.infer.engine import context_length, max_token_chars
+from zhtune.infer.engine import chars_beyond_context, context_length, max_token_chars
 from zhtune.infer.generate import GenerationOptions, Prompter, placement, stream_generate
-from zhtune.infer.serve_config import LOOPBACK
+from zhtune.infer.serve_config import credential, refuse_open_bind
 from zhtune.models.device import RuntimeOptions, resolve_device
 from zhtune.rundir import RunDir
 
@@ -62,20 +62,17 @@ class WebUIOptions:
     def login(self) -> tuple[str, str] | None:
         """``(user, password)`` from ``--auth`` or ``$ZHTUNE_WEBUI_AUTH``, None for no login; refuses
         a malformed pair, an empty variable, and a non-loopback bind without a login."""
-        auth = self.auth or os.environ.get("ZHTUNE_WEBUI_AUTH")
-        if auth == "":
-            raise ZhtuneError("ZHTUNE_WEBUI_AUTH is set but empty: set it to USER:PASSWORD, or unset it")
+        auth = credential(self.auth, "ZHTUNE_WEBUI_AUTH", "set it to USER:PASSWORD, or unset it")
         login = None
         if auth is not None:
             user, sep, password = auth.partition(":")
             if not (sep and user and password):
                 raise ZhtuneError("--auth takes USER:PASSWORD (both non-empty)")
             login = (user, password)
-        if login is None and self.host not in LOOPBACK and not self.insecure_no_auth:
-            raise ZhtuneError(
-                f"--host {self.host} without --auth would let anyone who can reach it read your runs and use "
-                "the model: pass --auth USER:PASSWORD, or --insecure-no-auth to serve it openly"
-            )
+        refuse_open_bind(
+            self.host, login is not None, self.insecure_no_auth, "--auth", "read your runs and use the model",
+            "--auth USER:PASSWORD",
+        )  # fmt: skip
         return login
 
 
@@ -276,8 +273,8 @@ def fit_context(
     length in characters alone when no tokenization could make it fit (over ``context`` tokens of
     ``max_chars`` characters each; a 2 MB paste is refused at once instead of holding the page's
     one generation slot), else from its token count."""
-    chars = sum(len(m["content"].strip()) for m in messages)
-    if chars > context * max_chars:
+    chars = chars_beyond_context([m["content"] for m in messages], context, max_chars)
+    if chars:
         raise ZhtuneError(
             f"the conversation has {chars:,} characters, more than this model's {context:,}-token context "
             "can hold: shorten the message or clear the chat"

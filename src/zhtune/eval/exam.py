@@ -42,7 +42,7 @@ from typing import Any
 from zhtune.data.readers import RawError, iter_raw
 from zhtune.data.templates import render
 from zhtune.errors import ZhtuneError, where
-from zhtune.eval.exam_prompts import MULTI_HEADER, PROMPTS, PromptLayout, resolve_prompt
+from zhtune.eval.exam_prompts import PROMPTS, PromptLayout, resolve_prompt
 from zhtune.flags import flag
 from zhtune.infer.generate import GenerationOptions, Prompter, generate_replies, left_pad
 from zhtune.models.device import RuntimeOptions, resolve_device, resolve_dtype
@@ -325,9 +325,7 @@ def header(
     subject: str, table: dict[str, Subject], multi: bool, layout: PromptLayout = PROMPTS["cmmlu"], benchmark: str = ""
 ) -> str:
     """The instruction line that opens every prompt of ``subject`` in ``layout``."""
-    text = layout.headers.get(benchmark, layout.headers[""])
-    if multi and layout is not PROMPTS["mmcu"]:  # MMCU's own header already allows several
-        text = MULTI_HEADER
+    text = layout.multi_header if multi else layout.headers.get(benchmark, layout.headers[""])
     return text.format(subject=subject_info(subject, table).zh)
 
 
@@ -641,8 +639,7 @@ def run_exam(run: str, options: ExamOptions) -> dict[str, Any]:
     exam = load_exam(options.data, options.split, wanted or None)
     benchmark = pick_benchmark(list(exam.test), exam.test_files)
     table = BENCHMARKS.get(benchmark, {})
-    xlsx = any(q.source.rsplit(":", 1)[0].endswith(".xlsx") for qs in exam.test.values() for q in qs[:1])
-    prompt = resolve_prompt(options.prompt, benchmark, xlsx)
+    prompt = resolve_prompt(options.prompt, benchmark, any(f.endswith(".xlsx") for f in exam.test_files))
     layout = PROMPTS[prompt]
 
     def dev_for(subject: str) -> list[Question]:

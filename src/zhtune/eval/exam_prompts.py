@@ -46,9 +46,12 @@ class PromptLayout:
     """An option cell -> the text written after ``A. `` (the cell as it is, or cleaned)."""
     source: str
     """Whose layout this is (the file it reproduces)."""
+    multi_header: str = MULTI_HEADER
+    """The header of a subject with multi-letter answers (MMCU's own already allows several)."""
 
 
 CMMLU_HEADER = "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n"
+MMCU_HEADER = "请阅读以下选择题并给出正确选项，不要解释原因。请只给出答案的序号。\n"
 PROMPTS: dict[str, PromptLayout] = {
     "cmmlu": PromptLayout(
         {"": CMMLU_HEADER}, "题目：", "答案是：", "", False, _as_is, "CMMLU's own code (haonan-li/CMMLU src/mp_utils.py)"
@@ -58,8 +61,8 @@ PROMPTS: dict[str, PromptLayout] = {
         "C-Eval's own code (hkust-nlp/ceval code/evaluator_series/evaluators/llama.py)",
     ),
     "mmcu": PromptLayout(
-        {"": "请阅读以下选择题并给出正确选项，不要解释原因。请只给出答案的序号。\n"}, "", "正确答案的序号是：", " ", False,
-        _mmcu_option, "MMCU's own code (Felixgithub2017/MMCU TestBloomz.py)",
+        {"": MMCU_HEADER}, "", "正确答案的序号是：", " ", False,
+        _mmcu_option, "MMCU's own code (Felixgithub2017/MMCU TestBloomz.py)", MMCU_HEADER,
     ),
     "lm-eval": PromptLayout(
         {"ceval": "以下是中国关于{subject}的单项选择题，请选出其中的正确答案。\n\n", "": CMMLU_HEADER}, "", "答案：", " ",

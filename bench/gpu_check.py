@@ -203,7 +203,7 @@ def main() -> None:
 def serve_once(check: Check, run: Path, dev: list[str], out: Path) -> str:
     """Start ``zhtune serve``, send one chat completion, stop it; the reply and its latency."""
     sys.path.insert(0, str(ROOT))
-    from tests.serving import free_port, wait_ready
+    from tests.serving import free_port, stop, wait_ready
 
     port = free_port()
     log = (out / "serve.log").open("wb")
@@ -221,8 +221,7 @@ def serve_once(check: Check, run: Path, dev: list[str], out: Path) -> str:
         text = r.json()["choices"][0]["message"]["content"]
         return f"200 in {time.perf_counter() - t0:.2f} s: {text!r}"
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc, 30)
 
 
 if __name__ == "__main__":

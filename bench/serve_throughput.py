@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,31 +34,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
 from train_throughput import prepare  # noqa: E402
 
+from tests.serving import free_port, stop, wait_ready  # noqa: E402
+
 
 def start_server(model_dir: Path, batch_size: int, wait_ms: float) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "zhtune", "serve", str(model_dir), "--port", str(port)]
     cmd += ["--max-batch-size", str(batch_size), "--batch-wait-ms", str(wait_ms)]
     log = model_dir.parent / f"serve-{model_dir.name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
+    if wait_ready(f"{url}/health", proc, 120):
+        return proc, url
     proc.kill()
     raise RuntimeError(f"zhtune serve did not start:\n{log.read_text()[-3000:]}")
 
@@ -146,8 +137,7 @@ def main() -> None:
             seq = asyncio.run(send(url, questions, a.max_tokens, False, a.repeats))
             after = httpx.get(f"{url}/health").json()["batching"]
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc, 30)
         batches = (mid["batches"] - before["batches"] - 1) / a.repeats  # per run, less the warm-up
         seq_batches = (after["batches"] - mid["batches"] - 1) / a.repeats
         pred_n = predict_style(dirs[name], questions, a.max_tokens, n, a.repeats)

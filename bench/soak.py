@@ -48,7 +48,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tests.serving import free_port, wait_ready  # noqa: E402
+from tests.serving import free_port, stop, wait_ready  # noqa: E402
 
 QUESTIONS = [
     "Write 305 in Chinese numerals.",
@@ -312,11 +312,7 @@ def main() -> None:
         health = httpx.get(f"{url}/health", timeout=30)
         last = greedy(url, a.max_tokens)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 60)
     logged = len(re.findall(r"^\[err-[0-9a-f]+\]", log.read_text(errors="replace"), flags=re.MULTILINE))
     alive = health.status_code == 200 and health.json()["status"] == "ok"
     garbage_ok = all(k.startswith("4") for k in tally.garbage)

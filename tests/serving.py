@@ -73,12 +73,17 @@ def zhtune_process(
                 pytest.fail(f"zhtune {args[0]} did not start:\n{log.read_text()}")
             yield url, proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, 20)
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """End ``proc``: SIGTERM (a server drains), then SIGKILL if it is still there after ``timeout`` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def zhtune_serve(model_dir: str | Path, log: Path, *args: str, timeout: float = 90.0) -> Iterator[str]:

@@ -30,17 +30,22 @@ def layer(path: Path) -> str:
     return "base" if name in BASE else name
 
 
+def imported_names(node: ast.AST) -> list[str]:
+    """What an import statement names: ``import a.b`` -> ``a.b``; ``from a import b`` -> ``a`` and
+    ``a.b`` (``b`` may be a module); anything else (or a relative import) -> nothing."""
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    return []
+
+
 def zhtune_imports(path: Path) -> list[tuple[int, str]]:
     """``(line, top-level part)`` of every ``zhtune.X`` import in ``path``, anywhere in the file."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] if node.module != "zhtune" else [f"zhtune.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
-            continue
-        found += [(node.lineno, n.split(".")[1]) for n in names if n.startswith("zhtune.")]
+        parts = {n.split(".")[1] for n in imported_names(node) if n.startswith("zhtune.")}
+        found += [(node.lineno, part) for part in sorted(parts)]
     return found
 
 
@@ -99,15 +104,8 @@ def module_graph() -> dict[str, set[str]]:
             for inner in ast.walk(block)
         }  # fmt: skip
         for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            targets |= {n for n in names if n in modules and n != name and n != "zhtune"}
+            if id(node) not in typing_only:
+                targets |= {n for n in imported_names(node) if n in modules and n not in (name, "zhtune")}
         graph[name] = targets
     return graph
 

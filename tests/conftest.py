@@ -95,3 +95,28 @@ def smollm2(smollm2_gguf) -> Path:
     from zhtune.models.gguf import gguf_model_dir
 
     return gguf_model_dir(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def real_data_file(tmp_path_factory, skill_records) -> Path:
+    """48 training conversations for the real-model runs."""
+    return write_jsonl(tmp_path_factory.mktemp("real-data") / "train.jsonl", skill_records[0][:48])
+
+
+@pytest.fixture(scope="session")
+def real_lora_run(tmp_path_factory, smollm2, smollm2_gguf, real_data_file) -> Path:
+    """4 LoRA steps on SmolLM2, started from the GGUF file, template left at its default (shared
+    by the real-model modules: trained once per session)."""
+    from zhtune.cli import main
+
+    out = tmp_path_factory.mktemp("real") / "lora"
+    args = [f"model={smollm2_gguf}", f"data=[{real_data_file}]", f"output_dir={out}", "method=lora",
+            "max_steps=4", "batch_size=4", "lr=1e-3", "cutoff_len=96", "logging_steps=1", "precision=bf16"]  # fmt: skip
+    assert main(["train", *args, "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python's bindings (the ``llamacpp`` extra; skips when it is not installed)."""
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python (extra 'llamacpp') is not installed")

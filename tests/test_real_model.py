@@ -36,23 +36,17 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory, skill_records) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("real-data") / "train.jsonl", skill_records[0][:48])
+def data_file(real_data_file) -> Path:
+    return real_data_file
+
+
+@pytest.fixture(scope="module")
+def lora_run(real_lora_run) -> Path:
+    return real_lora_run
 
 
 def _train(args: list[str]) -> None:
     assert main(["train", *args, "--no-progress"]) == 0
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, smollm2, smollm2_gguf, data_file) -> Path:
-    """4 LoRA steps on SmolLM2, started from the GGUF file, template left at its default."""
-    out = tmp_path_factory.mktemp("real") / "lora"
-    _train(
-        [f"model={smollm2_gguf}", f"data=[{data_file}]", f"output_dir={out}", "method=lora", "max_steps=4",
-         "batch_size=4", "lr=1e-3", "cutoff_len=96", "logging_steps=1", "precision=bf16"]
-    )  # fmt: skip
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ experiments) reads one; they all go through :class:`RunDir`, so the layout lives
       train_results.json   the summary, written when training finished
       loss.png, rejects.jsonl, truncated.jsonl, checkpoints/step-N/, eval/
       tracking/            TensorBoard events (report_to)
+      gguf/                GGUF files made for ``--engine llamacpp`` (``RUN-TYPE.gguf``), a cache
     EXPORT/zhtune_export.json   the manifest of a ``zhtune export`` directory
 """
 
@@ -34,6 +35,8 @@ ADAPTER = "adapter"
 EVAL = "eval"
 TRACKING = "tracking"
 """Where ``report_to`` trackers that write files (TensorBoard) put them: ``RUN/tracking/RUN_NAME/``."""
+GGUF = "gguf"
+"""Where ``serve`` / ``predict --engine llamacpp`` keep the GGUF files they exported from a run."""
 EXPORT_MANIFEST = "zhtune_export.json"
 """What ``zhtune export`` writes beside the weights: source run, method, template, dtype,
 quantization, and an adapter kept apart (``adapter/``) if it was not merged."""
@@ -91,6 +94,16 @@ class RunDir:
     @property
     def eval_dir(self) -> Path:
         return self.path / EVAL
+
+    def gguf_file(self, gguf_type: str) -> Path:
+        """``gguf/RUN-TYPE.gguf``: the run exported for llama.cpp (a cache; made on first use)."""
+        return self.path / GGUF / f"{self.path.resolve().name}-{gguf_type}.gguf"
+
+    def weights_mtime(self) -> float:
+        """When the run's weights (``model/`` or ``adapter/``) last changed: a cached GGUF older
+        than this is stale."""
+        files = [f for d in (self.model_dir, self.adapter_dir) if d.is_dir() for f in d.iterdir()]
+        return max((f.stat().st_mtime for f in files), default=0.0)
 
     def checkpoint(self, step: int) -> Path:
         """``checkpoints/step-N``."""

@@ -11,6 +11,7 @@ from typing import Any
 from zhtune.data.inputs import InputOptions, add_inputs_and_output
 from zhtune.errors import ZhtuneError
 from zhtune.flags import add_options, options_from
+from zhtune.infer.backends import EngineOptions
 from zhtune.infer.export import ExportOptions
 from zhtune.infer.generate import GenerationOptions
 from zhtune.infer.serve_config import ServeOptions
@@ -41,7 +42,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, template=args.template, dtype=rt.dtype, device=rt.device,
         fmt=inputs.format, mapping=inputs.mapping(), rejects=inputs.rejects_path(),
         allow_rejects=inputs.allow_rejects, progress=inputs.progress, seed=args.seed,
-        trust_remote_code=rt.trust_remote_code,
+        trust_remote_code=rt.trust_remote_code, engine=options_from(EngineOptions, args),
     )  # fmt: skip
 
 
@@ -65,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     rt = options_from(RuntimeOptions, args)
     serve(
         args.run, options_from(ServeOptions, args), dtype=rt.dtype, device=rt.device,
-        trust_remote_code=rt.trust_remote_code,
+        trust_remote_code=rt.trust_remote_code, engine_opts=options_from(EngineOptions, args),
     )  # fmt: skip
     return 0
 
@@ -113,6 +114,7 @@ def register(sub: Any, full_help_for: str | None = None) -> None:
     add_options(pr, GenerationOptions, defaults=GenerationOptions(temperature=0.0))
     pr.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     add_options(pr, InputOptions)
+    add_options(pr, EngineOptions)
     pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser(
@@ -137,6 +139,7 @@ def register(sub: Any, full_help_for: str | None = None) -> None:
     sv.add_argument("run", help="run directory (or local model directory)")
     add_options(sv, ServeOptions)
     add_options(sv, RuntimeOptions)
+    add_options(sv, EngineOptions)
     sv.set_defaults(func=cmd_serve)
 
     wu = _model_parser(

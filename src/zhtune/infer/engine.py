@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from zhtune.allocator import hand_back_memory
-from zhtune.infer.generate import BatchDecoder, Prompter, Sampling, prompt_learning
+from zhtune.infer.generate import BatchDecoder, Prompter, Sampling, placement, prompt_learning
 
 # ---------------------------------------------------------------------------------------------
 # The engine: a scheduler thread that batches choices on the model
@@ -77,6 +77,29 @@ class Busy(Exception):
     for a batch (the message says which, and its flag)."""
 
 
+class TorchBackend:
+    """A transformers model (peft adapters included) as the engine's backend: decodes with
+    :class:`~zhtune.infer.generate.BatchDecoder`. The other backend is
+    :class:`~zhtune.infer.llamacpp.LlamaCppModel` (a GGUF file in llama.cpp); both offer
+    ``context_length``, ``vocab_size``, ``describe()`` and ``decoder(prompts, samplings,
+    stop_ids, pad_id)``."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        # virtual tokens of a prefix / prompt / P-tuning adapter take their place in the context
+        # (and an adapter type the decoder cannot batch fails here, at start-up, not per request)
+        self.context_length = context_length(model, tokenizer) - prompt_learning(model)[2]
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+
+    def describe(self) -> str:
+        return placement(self.model)
+
+    def decoder(
+        self, prompts: list[list[int]], samplings: list[Sampling], stop_ids: list[int], pad_id: int
+    ) -> BatchDecoder:
+        return BatchDecoder(self.model, prompts, samplings, stop_ids, pad_id)
+
+
 class Engine:
     """The model, its tokenizer, and the thread that runs every generation in batches."""
 
@@ -90,7 +113,8 @@ class Engine:
         max_concurrent: int = 128,
         max_queue: int = 1024,
     ) -> None:
-        self.model = model
+        # a transformers model, or a backend such as a LlamaCppModel (see TorchBackend)
+        self.backend = model if hasattr(model, "decoder") else TorchBackend(model, tokenizer)
         self.tokenizer = tokenizer
         # the scheduler thread decodes with its own copy: a Rust tokenizer used by two threads at
         # once may raise "Already borrowed"
@@ -99,10 +123,8 @@ class Engine:
         self.prompter = Prompter(tokenizer, template)
         self.stop_ids = self.prompter.stop_ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        # virtual tokens of a prefix / prompt / P-tuning adapter take their place in the context
-        # (and an adapter type the decoder cannot batch fails here, at start-up, not per request)
-        self.context_length = context_length(model, tokenizer) - prompt_learning(model)[2]
-        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.context_length = self.backend.context_length
+        self.vocab_size = self.backend.vocab_size
         self.max_token_chars = max_token_chars(tokenizer)
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait_ms / 1000
@@ -200,13 +222,19 @@ class Engine:
         self.stats["choices"] += len(batch)
         self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], len(batch))
         # a choice decoded again after its batch failed continues from the tokens it already has
-        decoder = BatchDecoder(
-            self.model,
+        decoder = self.backend.decoder(
             [c.prompt + c.tokens for c in batch],
             [replace(c.sampling, max_new_tokens=c.sampling.max_new_tokens - c.generated) for c in batch],
             self.stop_ids,
             self.pad_id,
         )
+        try:
+            self._decode(batch, decoder)
+        finally:
+            decoder.close()
+
+    def _decode(self, batch: list[Choice], decoder: Any) -> None:
+        """Step ``decoder`` until every row ends, dropping rows whose client went away."""
         while decoder.running:
             gone = [row for row in decoder.running if batch[row].job.cancelled]
             for row in gone:

@@ -47,6 +47,10 @@ from zhtune.data.dataset import tokenize_records
 from zhtune.data.registry import iter_sources, resolve_sources
 from zhtune.data.templates import get_template, render_text, stop_token_ids, to_jinja
 from zhtune.errors import ZhtuneError
+from zhtune.infer.gguf_export import GgufType, find_converter, parse_types, write_gguf
+from zhtune.infer.llamacpp import require_llama_cpp
+from zhtune.infer.ollama import modelfile
+from zhtune.infer.vllm_check import check_adapter, vllm_commands
 from zhtune.models.bottleneck import is_bottleneck_dir
 from zhtune.models.device import resolve_device
 from zhtune.models.loading import (
@@ -92,6 +96,10 @@ class ExportOptions:
     """GPTQ: number of calibration records (the first N)."""
     max_shard_size: str = "5GB"
     """Largest safetensors shard."""
+    gguf: str = ""
+    """Also write GGUF files for llama.cpp and Ollama, with a Modelfile: a comma list of types (f16, bf16, f32, q8_0 from llama.cpp's converter; q4_k_m, q5_k_m, q6_k, q4_0, ... from its quantizer, which needs the llamacpp extra). Adapter runs are merged first."""
+    llama_cpp: str = ""
+    """A llama.cpp checkout whose converter to use (default: $ZHTUNE_LLAMA_CPP, else the one in llama-cpp-python's sdist, fetched once and cached)."""
     overwrite: bool = False
     """Replace DIR if it already holds files."""
     trust_remote_code: bool = False
@@ -115,6 +123,8 @@ class Plan:
     dtype: str
     device: str
     """Where the weights are loaded, merged, quantized and measured (resolved: ``cpu``, ``cuda:0``, ...)."""
+    gguf: list[GgufType]
+    """GGUF types to write (``--gguf``), in order."""
 
 
 def adapter_kind(adapter_dir: str) -> str:
@@ -167,6 +177,17 @@ def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
             "lora, dora, rslora, pissa, adalora, ia3, qlora). Export without --merge: DIR then holds the "
             "base model and the adapter in DIR/adapter, which zhtune and peft load together"
         )
+    gguf = parse_types(opts.gguf) if opts.gguf else []
+    if gguf and opts.quantize:
+        raise ZhtuneError("--gguf makes its own quantized files (q8_0, q4_k_m, ...): drop --quantize")
+    if gguf and kind is not None and kind not in MERGEABLE:
+        raise ZhtuneError(
+            f"--gguf needs the full weights, but a {method} adapter cannot be folded into them; llama.cpp "
+            "runs LoRA-like adapters merged"
+        )
+    if any(t.ftype for t in gguf):
+        require_llama_cpp("--gguf " + ",".join(t.name for t in gguf if t.ftype))
+    merge = bool((opts.merge or gguf) and kind)
     if opts.quantize and kind is not None and not opts.merge:
         raise ZhtuneError(
             f"--quantize needs the full weights, but {run} is a {method} adapter run: add --merge "
@@ -180,7 +201,7 @@ def make_plan(run: str, output: str, opts: ExportOptions) -> Plan:
             "(CUDA GPUs, and x86 CPUs with bitsandbytes >= 0.46)"
         )
     dtype = base_dtype(src.weights) if opts.dtype == "auto" else opts.dtype
-    return Plan(run_dir, out, src, run_config, kind, bool(opts.merge and kind), dtype, device)
+    return Plan(run_dir, out, src, run_config, kind, merge, dtype, device, gguf)
 
 
 def check_gptq(device: str) -> None:
@@ -393,6 +414,7 @@ def export(run: str, output: str, opts: ExportOptions) -> Path:
             "" if opts.eval_data else " (the last ones of the training data: a before/after comparison)"
         )
 
+    converter = find_converter(opts.llama_cpp) if plan.gguf else None  # fetched before the weights load
     work = plan.out.parent / f".{plan.out.name}.tmp-export"
     shutil.rmtree(work, ignore_errors=True)
     final = work / "out"
@@ -410,6 +432,8 @@ def export(run: str, output: str, opts: ExportOptions) -> Path:
             )
         if src.adapter and not plan.merge:
             copy_adapter(src.adapter, final, plan.out)
+        gguf = write_engine_files(plan, converter, final, tokenizer, template) if converter else None
+        vllm = vllm_entry(plan)
         manifest = {
             "zhtune_version": __version__,
             "source": str(plan.run),
@@ -421,6 +445,8 @@ def export(run: str, output: str, opts: ExportOptions) -> Path:
             "adapter_base_bits": src.quantization_bits if src.adapter and not plan.merge else None,
             "dtype": plan.dtype,
             "quantization": quantization,
+            "gguf": gguf,
+            "vllm": vllm,
             # asks (never allows): loading DIR runs its own code, so loaders need --trust-remote-code
             "trust_remote_code": bool(remote_code_files(final)),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -436,5 +462,64 @@ def export(run: str, output: str, opts: ExportOptions) -> Path:
     if eval_note:
         say(report_table(rows))
         say(f"perplexity of the assistant turns of {eval_note}")
+    for line in engine_lines(plan.out, gguf, vllm):
+        say(line)
     say(f"wrote {plan.out} ({_mb(rows[-1]['bytes'])} of weights) in {time.time() - started:.1f} s")
     return plan.out
+
+
+# --------------------------------------------------------------------------------------------
+# For the engines: GGUF files and a Modelfile (llama.cpp, Ollama), vLLM's verdict
+# --------------------------------------------------------------------------------------------
+MODELFILE = "Modelfile"
+
+
+def write_engine_files(plan: Plan, converter: Any, directory: Path, tokenizer: Any, template: str) -> dict:
+    """The GGUF files of ``plan.gguf`` from the model saved in ``directory``, and a Modelfile
+    for the most compressed of them; returns the manifest's ``gguf`` entry."""
+    files = write_gguf(directory, directory, plan.out.name, plan.gguf, converter)
+    smallest = min(zip(plan.gguf, files), key=lambda pair: pair[0].bits)[1]
+    text = modelfile(smallest.name, get_template(template), tokenizer, template)
+    (directory / MODELFILE).write_text(text, encoding="utf-8")
+    return {
+        "files": [
+            {"type": t.name, "file": f.name, "bytes": f.stat().st_size} for t, f in zip(plan.gguf, files)
+        ],
+        "converter": converter.origin,
+        "modelfile": MODELFILE,
+        "modelfile_from": smallest.name,
+    }
+
+
+def vllm_entry(plan: Plan) -> dict[str, Any]:
+    """vLLM's verdict on the run's adapter (when there is one) and the commands to serve the export."""
+    verdict = None
+    if plan.src.adapter and plan.adapter_kind != "BOTTLENECK":
+        config = json.loads((Path(plan.src.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+        verdict = check_adapter(config)
+    served = (
+        str(plan.out)
+        if not plan.src.adapter or plan.merge
+        else "MERGED_DIR (zhtune export RUN -o DIR --merge)"
+    )
+    commands = vllm_commands(served, str(Path(plan.src.weights).resolve()), str(Path(plan.src.adapter or "").resolve()),
+                             plan.run.name, verdict)  # fmt: skip
+    return {**(verdict.as_dict() if verdict else {}), "commands": commands, "run": False}
+
+
+def engine_lines(out: Path, gguf: dict | None, vllm: dict[str, Any]) -> list[str]:
+    """What the export tells the user about the engines."""
+    lines = []
+    if gguf:
+        for f in gguf["files"]:
+            lines.append(f"  GGUF {f['type']}: {out / f['file']} ({_mb(f['bytes'])})")
+        lines.append(
+            f"  Ollama: ollama create {out.name} -f {out / MODELFILE} (FROM the {gguf['modelfile_from']})"
+        )
+    if "lora_ready" in vllm:
+        verdict = "can" if vllm["lora_ready"] else "cannot"
+        lines.append(
+            f"  vLLM {verdict} serve the adapter unmerged" + "".join(f"; {p}" for p in vllm["problems"])
+        )
+    lines += [f"  vLLM (not run here): {c}" for c in vllm["commands"]]
+    return lines

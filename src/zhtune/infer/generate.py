@@ -174,6 +174,8 @@ class Sampling:
     """0 picks the most likely token (greedy); above 0 samples from the softened distribution."""
     top_p: float = 1.0
     """Sample only from the smallest set of tokens with this much probability."""
+    top_k: int = 0
+    """Sample only from the k most likely tokens (0: no limit)."""
     seed: int | None = None
     """Seed of the row's own random generator (None: a random seed)."""
 
@@ -198,6 +200,92 @@ def prompt_learning(model: Any) -> tuple[Any, str | None, int]:
             f"cannot decode {config.peft_type.value} adapters in batches (known: {', '.join(VIRTUAL_TOKENS)})"
         )
     return model.get_base_model(), kind, config.num_virtual_tokens
+
+
+class RowSampler:
+    """How each row of a batch picks its next token from its logits: greedy rows the argmax,
+    sampling rows a draw from their temperature / top-k / top-p distribution with their own
+    seeded generator (so a row's tokens do not depend on what it is batched with). Shared by
+    every decoder (:class:`BatchDecoder`, :class:`~zhtune.infer.llamacpp.LlamaCppDecoder`)."""
+
+    def __init__(self, samplings: list[Sampling], device: Any) -> None:
+        import torch
+
+        self._temperature = torch.tensor([s.temperature for s in samplings], device=device)
+        self._top_p = torch.tensor([s.top_p for s in samplings], device=device)
+        self._top_k = torch.tensor([s.top_k for s in samplings], device=device)
+        self._generators = [_generator(s.seed, device) if s.temperature > 0 else None for s in samplings]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (positions in the current batch), in that order."""
+        import torch
+
+        index = torch.tensor(rows, dtype=torch.long, device=self._temperature.device)
+        self._temperature, self._top_p, self._top_k = (
+            self._temperature[index], self._top_p[index], self._top_k[index]
+        )  # fmt: skip
+        self._generators = [self._generators[i] for i in rows]
+
+    def pick(self, logits: Any) -> Any:
+        """The next token of every row: ``logits`` ``(rows, vocab)`` -> ``(rows,)`` long.
+
+        No row's settings can make the draw fail (which would fail every row batched with it):
+        the most likely token is always kept, whatever ``top_p`` (1e-300 is 0 in float32), and a
+        row whose probabilities are not finite (overflowing logits) takes its argmax."""
+        import torch
+
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, g in enumerate(self._generators) if g is not None]
+        if not sampled:
+            return tokens
+        probs = torch.softmax(logits.float() / self._temperature.clamp(min=1e-6)[:, None], dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the most likely tokens until their total reaches top_p, and at most top_k of
+        # them (0: no limit); the first one always
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self._top_p[:, None]
+        rank = torch.arange(drop.shape[-1], device=drop.device)[None, :]
+        drop |= (self._top_k[:, None] > 0) & (rank >= self._top_k[:, None])
+        drop[:, 0] = False
+        sorted_probs[drop] = 0
+        usable = torch.isfinite(sorted_probs).all(dim=-1) & (sorted_probs.sum(dim=-1) > 0)
+        for i in sampled:
+            if not usable[i]:
+                continue  # keeps the argmax
+            pick = torch.multinomial(sorted_probs[i], 1, generator=self._generators[i])
+            tokens[i] = order[i, pick[0]]
+        return tokens
+
+
+def decoder_samplings(options: GenerationOptions, n: int, seed: int) -> list[Sampling]:
+    """``n`` rows' :class:`Sampling` for ``options`` (row ``i`` seeded ``seed + i``), for a
+    decoder; the settings only ``model.generate`` has are refused."""
+    if options.repetition_penalty != 1.0 or options.no_repeat_ngram_size:
+        raise ZhtuneError(
+            "--repetition-penalty and --no-repeat-ngram-size need --engine native (model.generate)"
+        )
+    return [
+        Sampling(
+            options.max_new_tokens, max(options.temperature, 0.0), options.top_p, options.top_k, seed + i
+        )
+        for i in range(n)
+    ]
+
+
+def decode_replies(decoder: Any, tokenizer: Any, n: int) -> list[Reply]:
+    """Run ``decoder`` (:class:`BatchDecoder`'s contract) over its ``n`` rows to the end; each
+    reply is cut at its stop token, as :func:`generate_replies` cuts them."""
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    stopped = [False] * n
+    try:
+        while decoder.running:
+            for row, token, reason in decoder.step():
+                if reason == "stop":
+                    stopped[row] = True
+                else:
+                    tokens[row].append(token)
+    finally:
+        decoder.close()
+    return [Reply(tokenizer.decode(t, skip_special_tokens=True), t, s) for t, s in zip(tokens, stopped)]
 
 
 class BatchDecoder:
@@ -253,9 +341,7 @@ class BatchDecoder:
             elif kind == "embeds":
                 words = self.model.get_input_embeddings()(ids)
                 self._embeds = torch.cat([model.get_prompt(len(prompts)).to(words.dtype), words], dim=1)
-        self._temperature = torch.tensor([s.temperature for s in samplings], device=device)
-        self._top_p = torch.tensor([s.top_p for s in samplings], device=device)
-        self._generators = [_generator(s.seed, device) if s.temperature > 0 else None for s in samplings]
+        self._sampler = RowSampler(samplings, device)
 
     def step(self) -> list[tuple[int, int, str | None]]:
         """One forward pass: ``(row, token, finish_reason)`` for every running row."""
@@ -273,7 +359,7 @@ class BatchDecoder:
                 logits_to_keep=1,
             )
         self._cache = out.past_key_values
-        tokens = self._pick(out.logits[:, -1, :].float())
+        tokens = self._sampler.pick(out.logits[:, -1, :].float())
         self._inputs = tokens[:, None]
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1)
         self._positions = self._positions[:, -1:] + 1
@@ -303,37 +389,12 @@ class BatchDecoder:
         if self._embeds is not None:
             self._embeds = self._embeds[index]
         self._positions = self._positions[index]
-        self._temperature, self._top_p = self._temperature[index], self._top_p[index]
-        self._generators = [self._generators[i] for i in keep]
+        self._sampler.keep(keep)
         if self._cache is not None and keep:
             self._cache.batch_select_indices(index)
 
-    def _pick(self, logits: Any) -> Any:
-        """Greedy rows take the argmax; sampling rows draw from their temperature/top-p
-        distribution with their own generator.
-
-        No row's settings can make the draw fail (which would fail every row batched with it):
-        the most likely token is always kept, whatever ``top_p`` (1e-300 is 0 in float32), and a
-        row whose probabilities are not finite (overflowing logits) takes its argmax."""
-        import torch
-
-        tokens = logits.argmax(dim=-1)
-        sampled = [i for i, g in enumerate(self._generators) if g is not None]
-        if not sampled:
-            return tokens
-        probs = torch.softmax(logits.float() / self._temperature.clamp(min=1e-6)[:, None], dim=-1)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the most likely tokens until their total reaches top_p (the first one always)
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self._top_p[:, None]
-        drop[:, 0] = False
-        sorted_probs[drop] = 0
-        usable = torch.isfinite(sorted_probs).all(dim=-1) & (sorted_probs.sum(dim=-1) > 0)
-        for i in sampled:
-            if not usable[i]:
-                continue  # keeps the argmax
-            pick = torch.multinomial(sorted_probs[i], 1, generator=self._generators[i])
-            tokens[i] = order[i, pick[0]]
-        return tokens
+    def close(self) -> None:
+        """Nothing to free (the KV cache goes with the object); a backend's decoder may hold more."""
 
 
 def _generator(seed: int | None, device: Any) -> Any:

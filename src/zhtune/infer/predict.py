@@ -48,7 +48,14 @@ from zhtune.data.formats import FORMATS, Format, apply_mapping, detect_format, g
 from zhtune.data.readers import RawError, expand_inputs, iter_raw
 from zhtune.data.schema import RecordError, validate_record
 from zhtune.errors import ZhtuneError, where
-from zhtune.infer.generate import GenerationOptions, Prompter, generate_replies
+from zhtune.infer.backends import EngineOptions, open_llamacpp
+from zhtune.infer.generate import (
+    GenerationOptions,
+    Prompter,
+    decode_replies,
+    decoder_samplings,
+    generate_replies,
+)
 from zhtune.models.device import resolve_device, resolve_dtype
 from zhtune.models.loading import load_for_inference
 from zhtune.progress import progress_bar
@@ -181,6 +188,33 @@ def prediction_row(record: dict[str, Any], prediction: str) -> dict[str, Any]:
     return row
 
 
+def generator(
+    run: str, engine: EngineOptions, batch_size: int, dtype: str, device: str, trust_remote_code: bool
+) -> tuple[Any, Any, str]:
+    """``(generate, tokenizer, template)``: ``generate(prompts, options, stop_ids, seed)`` returns
+    a :class:`~zhtune.infer.generate.Reply` per prompt, from ``model.generate`` (native) or
+    llama.cpp (rows seeded ``seed``, ``seed + 1``, ...)."""
+    if engine.engine == "llamacpp":
+        model, tokenizer, template = open_llamacpp(run, engine, batch_size, trust_remote_code)
+        print(f"  generating with {model.describe()}", file=sys.stderr)
+
+        def on_llamacpp(
+            prompts: list[list[int]], options: GenerationOptions, stop_ids: list[int], seed: int
+        ) -> list:
+            samplings = decoder_samplings(options, len(prompts), seed)
+            return decode_replies(model.decoder(prompts, samplings, stop_ids, 0), tokenizer, len(prompts))
+
+        return on_llamacpp, tokenizer, template
+    model, tokenizer, template = load_for_inference(
+        run, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
+
+    def native(prompts: list[list[int]], options: GenerationOptions, stop_ids: list[int], seed: int) -> list:
+        return generate_replies(model, tokenizer, prompts, options, stop_ids)
+
+    return native, tokenizer, template
+
+
 def predict(
     run: str,
     inputs: list[str],
@@ -197,6 +231,7 @@ def predict(
     progress: bool = True,
     seed: int = 0,
     trust_remote_code: bool = False,
+    engine: EngineOptions | None = None,
 ) -> int:
     """``zhtune predict``: generate a reply for every prompt of ``inputs`` not yet in ``output``.
 
@@ -207,6 +242,8 @@ def predict(
 
     if batch_size < 1:
         raise ZhtuneError(f"--batch-size must be >= 1, got {batch_size}")
+    engine = engine or EngineOptions()
+    engine.check()
     device = resolve_device(device)  # a device this machine lacks fails before any input is read
     dtype = resolve_dtype(dtype, device)
     out = Path(output)
@@ -239,7 +276,8 @@ def predict(
     todo = [r for r in records if r["id"] not in done]
     print(
         f"zhtune predict: {len(records):,} prompts in {', '.join(paths)}; {len(records) - len(todo):,} "
-        f"already in {out}; generating {len(todo):,}" + (f" on {device} ({dtype})" if todo else ""),
+        f"already in {out}; generating {len(todo):,}"
+        + ((" with llama.cpp" if engine.engine == "llamacpp" else f" on {device} ({dtype})") if todo else ""),
         file=sys.stderr,
     )
 
@@ -247,8 +285,8 @@ def predict(
     if todo:
         import torch
 
-        model, tokenizer, run_template = load_for_inference(
-            run, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        generate, tokenizer, run_template = generator(
+            run, engine, batch_size, dtype, device, trust_remote_code
         )
         prompter = Prompter(tokenizer, template or run_template)
         prompts = [prompter.prompt_ids(r["messages"]) for r in todo]
@@ -261,9 +299,7 @@ def predict(
         ):
             for batch in batches_by_length([len(p) for p in prompts], batch_size):
                 start = time.perf_counter()
-                replies = generate_replies(
-                    model, tokenizer, [prompts[i] for i in batch], options, prompter.stop_ids
-                )
+                replies = generate([prompts[i] for i in batch], options, prompter.stop_ids, seed + batch[0])
                 seconds += time.perf_counter() - start
                 for i, reply in zip(batch, replies):
                     f.write(

@@ -57,8 +57,8 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from zhtune.errors import ZhtuneError
+from zhtune.infer.backends import EngineOptions, open_llamacpp
 from zhtune.infer.engine import Busy, Choice, Engine, Event, Job, chars_beyond_context, log_error
-from zhtune.infer.generate import placement
 from zhtune.infer.metrics import CONTENT_TYPE, ENGINE_FIGURES, Measure, Metrics
 from zhtune.infer.protocol import (
     ApiError,
@@ -524,7 +524,12 @@ def create_app(
 
 
 def serve(
-    run: str, opts: ServeOptions, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
+    run: str,
+    opts: ServeOptions,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    engine_opts: EngineOptions | None = None,
 ) -> None:
     """Serve ``run`` on ``device`` in ``dtype`` (``auto``: :mod:`zhtune.models.device`; its own
     Python code only with ``trust_remote_code``, ``--trust-remote-code``) until interrupted.
@@ -533,6 +538,8 @@ def serve(
     ``loading`` until it serves, then 200 ``ok`` (a supervisor or load balancer can tell a server
     that is loading from one that is down). A load that fails stops the server and is raised here."""
     api_key = opts.check()
+    engine_opts = engine_opts or EngineOptions()
+    engine_opts.check()
     name = Path(run).resolve().name
     app = create_app(None, name, api_key, opts.limits(), opts.hosts(), opts.origins())
     server = build_server(app, opts)
@@ -541,9 +548,12 @@ def serve(
     def load() -> None:
         started = time.monotonic()
         try:
-            model, tokenizer, run_template = load_for_inference(
-                run, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-            )
+            if engine_opts.engine == "llamacpp":
+                model, tokenizer, run_template = open_llamacpp(run, engine_opts, opts.max_batch_size, trust_remote_code)
+            else:
+                model, tokenizer, run_template = load_for_inference(
+                    run, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+                )
             engine = Engine(model, tokenizer, opts.template or run_template, opts.max_batch_size,
                             opts.batch_wait_ms, opts.max_concurrent, opts.max_queue).start()  # fmt: skip
         except Exception as err:
@@ -552,7 +562,7 @@ def serve(
             return
         app.state.api.ready(engine, time.monotonic() - started)
         print(
-            f"zhtune serve: '{name}' ready after {time.monotonic() - started:.1f} s ({placement(model)}, "
+            f"zhtune serve: '{name}' ready after {time.monotonic() - started:.1f} s ({engine.backend.describe()}, "
             f"template {engine.template}, context {engine.context_length} tokens), "
             f"batches of up to {opts.max_batch_size} after at most {opts.batch_wait_ms:g} ms, "
             f"OpenAI API at http://{opts.host}:{opts.port}/v1" + ("" if api_key else " (no API key)"),

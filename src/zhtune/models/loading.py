@@ -15,6 +15,7 @@ model without the flag, naming the file that asked.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,6 +310,18 @@ def load_source(
         src.template, model.config.model_type, tokenizer.get_vocab(), tokenizer.chat_template
     )
     return model, tokenizer, template
+
+
+def load_tokenizer_and_template(path: str | Path, trust_remote_code: bool = False) -> tuple[Any, str]:
+    """``(tokenizer, template name)`` of a run, export or model directory, without its weights
+    (for a backend that holds the weights itself, such as llama.cpp)."""
+    src = resolve_source(path, trust_remote_code)
+    check_remote_code(src)
+    tokenizer = load_tokenizer(src.tokenizer, src.trust_remote_code)
+    config = Path(src.weights) / "config.json"
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type", "") if config.is_file() else ""
+    template, _ = resolve_template(src.template, model_type, tokenizer.get_vocab(), tokenizer.chat_template)
+    return tokenizer, template
 
 
 MERGEABLE = ("LORA", "ADALORA", "IA3")

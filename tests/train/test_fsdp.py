@@ -1,7 +1,7 @@
 """Sharded training (FSDP2) without a GPU: 2 CPU processes (gloo), launched as users launch them,
 ``accelerate launch --config_file <shipped fsdp2.yaml> --num_processes 2 -m zhtune train
 key=value ...``, with any GPU hidden. Accelerate sets FSDP up on GPUs only; zhtune switches a CPU
-process group to it (``zhtune.train.setup.fsdp_on_cpus``), so this runs torch's ``fully_shard``
+process group to it (``zhtune.train.setup.switch_to_fsdp2``), so this runs torch's ``fully_shard``
 through Accelerate's FSDP2 preparation, gathering and sharded checkpoints, driven by zhtune's loop
 and save.
 

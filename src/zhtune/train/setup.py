@@ -176,7 +176,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     )
     accelerator.gradient_accumulation_steps = cfg.grad_accum  # a launcher's setting must not win
     if fsdp_on_cpu:
-        fsdp_on_cpus(accelerator)
+        switch_to_fsdp2(accelerator)
     if accelerator.num_processes != world_size:
         raise ZhtuneError(
             f"launched {world_size} processes but Accelerate sees {accelerator.num_processes}; "
@@ -185,7 +185,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     return accelerator
 
 
-def fsdp_on_cpus(accelerator: Any) -> None:
+def switch_to_fsdp2(accelerator: Any) -> None:
     """Turn ``accelerator``'s CPU (gloo) process group into FSDP2 with the launcher's ``FSDP_*``
     settings: what Accelerate itself does with a GPU process group (its ``AcceleratorState``, and
     the shared ``PartialState`` every later state copies the type from)."""

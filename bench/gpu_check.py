@@ -1,5 +1,6 @@
 """GPU check: train LoRA and full fine-tuning on a GPU, then chat, predict, serve, eval exam and
-export there, each as a user runs the command, and print a table.
+export there, then LoRA again with ``compile: true`` and full fine-tuning under each shipped FSDP
+launcher config, each as a user runs the command, and print a table.
 
 Written for the lent GPU machine: torch, transformers, peft and accelerate are installed, but no
 datasets, gguf or bitsandbytes, no package index, and at most 64 MiB of files can be brought. So
@@ -12,7 +13,12 @@ tokenizer trained on the bundled quickstart data, carrying SmolLM2's real chat t
     python3 bench/gpu_check.py --device cuda            # there (carry bench/gpu_wheels)
     python bench/gpu_check.py --device cpu --steps 4    # the same check on a CPU
 
-At most ~10 minutes on one GPU; about 3 minutes on 2 CPU cores with ``--steps 4``.
+On a CPU the compiled run needs a C++ compiler (skipped without one), fsdp.yaml (FSDP1, GPUs
+only) is skipped and fsdp2.yaml runs 2 processes (gloo); on a GPU each FSDP config runs 1 process
+(NCCL takes one process per GPU). A failed compile or FSDP step is reported in its row and the
+check goes on (exit status 1 at the end); a failure before them stops it.
+
+At most ~10 minutes on one GPU; about 4 minutes on 2 CPU cores with ``--steps 4``.
 """
 
 from __future__ import annotations
@@ -65,17 +71,36 @@ class Check:
         self.out, self.device, self.rows = out, device, []
         self.env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
 
-    def zhtune(self, name: str, args: list[str], stdin: str | None = None) -> str:
+    def zhtune(
+        self,
+        name: str,
+        args: list[str],
+        stdin: str | None = None,
+        launcher: tuple[str, ...] = ("-m", "zhtune"),
+        env: dict[str, str] | None = None,
+        fatal: bool = True,
+    ) -> str | None:
+        """Run ``python LAUNCHER ARGS``; its stdout. On failure a FAILED row, then the check stops
+        (``fatal``) or this returns None."""
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "zhtune", *args], input=stdin, capture_output=True, text=True, env=self.env
-        )
+            [sys.executable, *launcher, *args], input=stdin, capture_output=True, text=True,
+            env={**self.env, **(env or {})},
+        )  # fmt: skip
         seconds = time.perf_counter() - started
         (self.out / f"{name}.log").write_text(done.stdout + done.stderr, encoding="utf-8")
         if done.returncode != 0:
-            self.rows.append((name, seconds, f"FAILED (exit {done.returncode}): {done.stderr.strip()[-300:]}"))
-            raise SystemExit(self.table())
+            self.rows.append(
+                (name, seconds, f"FAILED (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+            )
+            if fatal:
+                raise SystemExit(self.table())
+            return None
         return done.stdout
+
+    @property
+    def failed(self) -> bool:
+        return any("FAILED" in result for _, _, result in self.rows)
 
     def row(self, name: str, seconds: float, result: str) -> None:
         self.rows.append((name, seconds, result))
@@ -134,19 +159,15 @@ def main() -> None:
               f"cuda {torch.cuda.is_available()} {torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''}")  # fmt: skip
 
     data = out / "train.jsonl"
-    check.zhtune("convert", ["data", "convert", str(ROOT / "src/zhtune/assets/quickstart/train.json"), "-o", str(data)])
+    check.zhtune(
+        "convert", ["data", "convert", str(ROOT / "src/zhtune/assets/quickstart/train.json"), "-o", str(data)]
+    )
     runs = {}
     for method in ("lora", "full"):
         run = out / f"run-{method}"
         t0 = time.perf_counter()
-        log = check.zhtune(
-            f"train {method}",
-            ["train", f"model={base}", f"data=[{data}]", f"output_dir={run}", f"method={method}",
-             f"max_steps={args.steps}", "batch_size=16", "lr=1e-3" if method == "lora" else "lr=3e-4",
-             "cutoff_len=128", "precision=bf16", f"logging_steps={max(1, args.steps // 10)}", "overwrite=true",
-             "--no-progress"],
-        )  # fmt: skip
-        rows = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+        log = check.zhtune(f"train {method}", train_args(base, data, run, method, args.steps))
+        rows = log_rows(run)
         losses = [r["loss"] for r in rows if "loss" in r]
         placed = next((ln.split("device ")[-1] for ln in log.splitlines() if "device " in ln), "?")
         tps = rows[-1].get("tokens_per_s", 0)
@@ -197,7 +218,112 @@ def main() -> None:
 
     exported = AutoModelForCausalLM.from_pretrained(out / "export")
     check.row("export", time.perf_counter() - t0, f"merged model loads: {type(exported).__name__}")
+
+    train_compiled(check, base, data, out, args.steps, runs["lora"])
+    train_fsdp(check, base, data, out, args.steps, runs["full"])
     print("\n" + check.table())
+    if check.failed:
+        raise SystemExit(1)
+
+
+def train_args(base: Path, data: Path, run: Path, method: str, steps: int, batch_size: int = 16) -> list[str]:
+    """``zhtune train`` arguments of every training step here (bf16, one global batch of 16)."""
+    return ["train", f"model={base}", f"data=[{data}]", f"output_dir={run}", f"method={method}",
+            f"max_steps={steps}", f"batch_size={batch_size}", "lr=1e-3" if method == "lora" else "lr=3e-4",
+            "cutoff_len=128", "precision=bf16", f"logging_steps={max(1, steps // 10)}", "overwrite=true",
+            "--no-progress"]  # fmt: skip
+
+
+def log_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def step_seconds(rows: list[dict]) -> float:
+    """Seconds per optimizer step over the second half of the logged rows (start-up, compiling and
+    the first steps left out)."""
+    first, last = rows[max(0, len(rows) // 2 - 1)], rows[-1]
+    if last["step"] == first["step"]:
+        return last["elapsed_s"] / last["step"]
+    return (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
+
+
+def against(rows: list[dict], reference: list[dict], name: str) -> str:
+    """First -> last loss of ``rows`` beside the reference run's, and their largest difference."""
+    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(rows, reference))
+    return (
+        f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} ({name} {reference[0]['loss']:.3f} -> "
+        f"{reference[-1]['loss']:.3f}, max diff {diff:.4f} over {len(rows)} rows)"
+    )
+
+
+def train_compiled(check: Check, base: Path, data: Path, out: Path, steps: int, eager: Path) -> None:
+    """LoRA again with ``compile: true``: its losses against the eager run's, and the step time."""
+    import shutil
+
+    import torch
+
+    name = "train lora compile"
+    if not torch.cuda.is_available() and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        check.row(name, 0.0, "skipped: Inductor on a CPU needs a C++ compiler")
+        return
+    run = out / "run-lora-compile"
+    t0 = time.perf_counter()
+    log = check.zhtune(name, [*train_args(base, data, run, "lora", steps), "compile=true"], fatal=False)
+    if log is None:
+        return
+    blocks = next(
+        (ln.split("compiling ")[1].split(" ")[0] for ln in log.splitlines() if "compiling " in ln), "no"
+    )
+    rows, reference = log_rows(run), log_rows(eager)
+    check.row(name, time.perf_counter() - t0,
+              f"{blocks} blocks compiled; {against(rows, reference, 'eager')}; step {1000 * step_seconds(rows):.1f} ms "
+              f"vs eager {1000 * step_seconds(reference):.1f} ms; first row at {rows[0]['elapsed_s']:.0f} s "
+              f"vs eager {reference[0]['elapsed_s']:.0f} s")  # fmt: skip
+
+
+def train_fsdp(check: Check, base: Path, data: Path, out: Path, steps: int, full: Path) -> None:
+    """Full fine-tuning under each shipped FSDP config, launched as users launch it (``accelerate
+    launch --config_file``), the global batch of ``train full``: its losses against that run's,
+    and model/ loads with the same tensors."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    gpu = torch.cuda.is_available()
+    nproc = 1 if gpu else 2
+    env = {} if gpu else {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    for config in ("fsdp", "fsdp2"):
+        name = f"train {config}"
+        if config == "fsdp" and not gpu:
+            check.row(name, 0.0, "skipped: FSDP1 runs on GPUs only")
+            continue
+        run = out / f"run-{config}"
+        launcher = ("-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "src/zhtune/configs/accelerate" / f"{config}.yaml"), "--num_processes", str(nproc), "-m", "zhtune")  # fmt: skip
+        t0 = time.perf_counter()
+        args = train_args(base, data, run, "full", steps, batch_size=16 // nproc)
+        log = check.zhtune(name, args, launcher=launcher, env=env, fatal=False)
+        if log is None:
+            continue
+        engine = next((ln.rsplit(", ", 1)[-1] for ln in log.splitlines() if " proc), " in ln), "?")
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(run / "model", output_loading_info=True)
+            names = [set(load_file(r / "model" / "model.safetensors")) for r in (run, full)]
+            loads = (
+                f"model/ loads ({type(model).__name__}, missing {info['missing_keys'] or 'none'}, unexpected "
+                f"{info['unexpected_keys'] or 'none'}), tensors "
+                + (
+                    "as train full's"
+                    if names[0] == names[1]
+                    else f"differ from train full's: {names[0] ^ names[1]}"
+                )
+            )
+        except Exception as err:  # reported in the table, the check goes on
+            loads = f"FAILED to load model/: {type(err).__name__}: {err}"[:300]
+        expected = "FSDP2" if config == "fsdp2" else "FSDP1"
+        ran = engine if engine == expected else f"FAILED: ran as {engine}, not {expected}"
+        check.row(name, time.perf_counter() - t0,
+                  f"{ran} x {nproc} proc; {against(log_rows(run), log_rows(full), 'train full')}; {loads}")  # fmt: skip
 
 
 def serve_once(check: Check, run: Path, dev: list[str], out: Path) -> str:

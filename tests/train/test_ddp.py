@@ -208,6 +208,7 @@ LAUNCHER_CONFIGS = Path(__file__).parents[2] / "src" / "zhtune" / "configs" / "a
     [
         ("ddp", "MULTI_GPU"),
         ("fsdp", "FSDP"),
+        ("fsdp2", "FSDP"),
         ("deepspeed_zero2", "DEEPSPEED"),
         ("deepspeed_zero3", "DEEPSPEED"),
     ],
@@ -236,7 +237,7 @@ def test_shipped_launcher_configs_are_what_accelerate_launch_reads(name, kind, m
     for key, value in env.items():
         if key.startswith(("ACCELERATE_", "FSDP_")):
             monkeypatch.setenv(key, value)
-    if kind == "FSDP":
+    if name == "fsdp":
         from torch.distributed.fsdp import ShardingStrategy, StateDictType
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
@@ -246,6 +247,16 @@ def test_shipped_launcher_configs_are_what_accelerate_launch_reads(name, kind, m
         assert plugin.auto_wrap_policy is transformer_auto_wrap_policy
         assert plugin.transformer_cls_names_to_wrap is None  # from the model's _no_split_modules
         assert plugin.use_orig_params and plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT
+    elif name == "fsdp2":
+        from torch.distributed.fsdp import StateDictType
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        plugin = FullyShardedDataParallelPlugin()  # constructs on a CPU (tests/train/test_fsdp.py runs it)
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+        assert plugin.auto_wrap_policy is transformer_auto_wrap_policy
+        assert plugin.transformer_cls_names_to_wrap is None
+        assert plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT
+        assert not plugin.cpu_ram_efficient_loading  # the launcher's default is true
     elif kind == "DEEPSPEED":
         ds = DeepSpeedPlugin().deepspeed_config
         assert ds["zero_optimization"]["stage"] == int(name[-1])

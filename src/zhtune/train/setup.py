@@ -141,7 +141,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, parse_flag_from_env
 
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ZhtuneError("config key 'precision': fp16 needs a GPU; use bf16 or fp32 on a CPU")
@@ -155,6 +155,14 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     has_accelerator = (
         torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     )
+    # Accelerate sets FSDP up on GPUs only: on CPUs it would drop the launcher's FSDP settings (and
+    # train as DDP) or fail. Torch's FSDP2 runs on CPUs too (gloo): switch to it below.
+    fsdp_on_cpu = world_size > 1 and not has_accelerator and parse_flag_from_env("ACCELERATE_USE_FSDP")
+    if fsdp_on_cpu and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ZhtuneError(
+            "FSDP on CPUs needs FSDP2: launch with configs/accelerate/fsdp2.yaml (fsdp_version: 2); "
+            "fsdp.yaml (FSDP1) runs on GPUs only"
+        )
     accelerator = Accelerator(
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision],
         cpu=world_size > 1 and not has_accelerator,
@@ -167,12 +175,29 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         project_dir=str(Path(cfg.output_dir) / rundir.TRACKING),
     )
     accelerator.gradient_accumulation_steps = cfg.grad_accum  # a launcher's setting must not win
+    if fsdp_on_cpu:
+        switch_to_fsdp2(accelerator)
     if accelerator.num_processes != world_size:
         raise ZhtuneError(
             f"launched {world_size} processes but Accelerate sees {accelerator.num_processes}; "
             "check the launcher (accelerate launch / torchrun) and its config"
         )
     return accelerator
+
+
+def switch_to_fsdp2(accelerator: Any) -> None:
+    """Turn ``accelerator``'s CPU (gloo) process group into FSDP2 with the launcher's ``FSDP_*``
+    settings: what Accelerate itself does with a GPU process group (its ``AcceleratorState``, and
+    the shared ``PartialState`` every later state copies the type from)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, ...
+    state = accelerator.state
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
@@ -345,6 +370,16 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]], append: bool = False) ->
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def parallelism(accelerator: Any) -> str:
+    """How the processes share the model: DDP, FSDP1 / FSDP2 or DeepSpeed ZeRO-N ("" for one)."""
+    kind = accelerator.distributed_type.value
+    if kind == "FSDP":
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    if kind == "DEEPSPEED":
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "DDP" if accelerator.num_processes > 1 else ""
+
+
 def banner(s: Setup) -> str:
     """The start-up lines: what is trained on what, template and why, data, schedule, device."""
 
@@ -366,6 +401,7 @@ def banner(s: Setup) -> str:
     gguf = f", dequantized copy {s.src.weights}" if is_gguf(cfg.model) else ""
     epochs = cfg.epochs if cfg.max_steps <= 0 else "-"
     acc = s.accelerator
+    engine = parallelism(acc)
     lines = [
         f"zhtune train: {cfg.stage} {cfg.method} on {cfg.model} ({s.model_type}{gguf}), "
         f"{n_trainable:,} trainable / {n_total:,} params ({100 * n_trainable / n_total:.2f}%)",
@@ -373,7 +409,7 @@ def banner(s: Setup) -> str:
         f"  data: {data_line}",
         f"  {s.total_steps} steps = {epochs} epochs x {s.steps_per_epoch} steps (batch {cfg.batch_size} x "
         f"accum {cfg.grad_accum} x {acc.num_processes} proc), lr {cfg.lr} {cfg.lr_scheduler}, warmup "
-        f"{s.warmup}, {cfg.precision}, device {acc.device}",
+        f"{s.warmup}, {cfg.precision}, device {acc.device}" + (f", {engine}" if engine else ""),
         f"  run directory: {s.out}",
     ]
     if cfg.translated:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from zhtune import rundir
 from zhtune.config import save_config, to_dict
@@ -60,6 +61,8 @@ def save_run(s: Setup, position: Position, started: float) -> None:
     if s.is_main:
         run = RunDir(out)
         unwrapped = acc.unwrap_model(s.model)
+        if full_state:
+            share_tied(full_state["state_dict"], unwrapped)
         weights_dir = out / s.method.save_dir
         s.method.save(unwrapped, weights_dir, cfg, **full_state)
         s.tokenizer.save_pretrained(str(out))
@@ -87,3 +90,14 @@ def save_run(s: Setup, position: Position, started: float) -> None:
         run.results_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         acc.print(f"done in {results['train_seconds']} s: final loss {results['final_loss']}; run directory {out}")
     acc.wait_for_everyone()
+
+
+def share_tied(state: dict[str, Any], model: Any) -> None:
+    """Point the names of one parameter (tied input and output embeddings) at one tensor in
+    ``state``, as in the model: a gathered state (FSDP2) holds a copy per name, which
+    ``save_pretrained`` cannot tell from two weights and writes twice (``lm_head.weight`` beside
+    ``embed_tokens.weight``)."""
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in state:
+            state[name] = state[first.setdefault(id(param), name)]

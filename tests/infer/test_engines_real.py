@@ -2,8 +2,8 @@
 q4_k_m, with a Modelfile) by llama.cpp's own converter and quantizer, the f16 file reloaded by
 transformers, and llama.cpp behind ``serve`` and ``predict``, exactly as a user runs them.
 
-Markers: ``real`` (skipped where the model cannot be fetched) and the ``llama_cpp`` fixture
-(skipped where llama-cpp-python is not installed). The converter comes from llama-cpp-python's
+Markers: ``real`` (skipped where the model cannot be fetched) and ``llamacpp`` (the ``llama_cpp`` fixture
+skips where llama-cpp-python is not installed). The converter comes from llama-cpp-python's
 sdist, fetched once with pip.
 """
 
@@ -19,7 +19,7 @@ from tests.conftest import write_jsonl
 from tests.serving import zhtune_server
 from zhtune.cli import main
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.llamacpp]
 
 QUESTIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -32,7 +32,9 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def exported(real_lora_run, llama_cpp, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gguf") / "smol"
-    assert main(["export", str(real_lora_run), "-o", str(out), "--gguf", "f16,q4_k_m", "--device", "cpu"]) == 0
+    assert (
+        main(["export", str(real_lora_run), "-o", str(out), "--gguf", "f16,q4_k_m", "--device", "cpu"]) == 0
+    )
     return out
 
 
@@ -112,7 +114,9 @@ def test_serve_engine_llamacpp_answers_the_openai_client(exported, real_lora_run
     args = ["serve", str(real_lora_run), "--engine", "llamacpp", "--gguf", str(f16), "--max-batch-size", "4"]
     with zhtune_server(args, tmp_path / "serve.log", "/health") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-        reply = client.chat.completions.create(model="default", messages=QUESTIONS[1], max_tokens=12, temperature=0)
+        reply = client.chat.completions.create(
+            model="default", messages=QUESTIONS[1], max_tokens=12, temperature=0
+        )
         stream = client.chat.completions.create(
             model="default", messages=QUESTIONS[0], max_tokens=12, temperature=0, stream=True
         )
@@ -125,7 +129,7 @@ def test_serve_engine_llamacpp_answers_the_openai_client(exported, real_lora_run
     assert "llama.cpp" in (tmp_path / "serve.log").read_text()
 
 
-def test_predict_engine_llamacpp_equals_native_and_caches_its_gguf(real_lora_run, tmp_path):
+def test_predict_engine_llamacpp_equals_native_and_caches_its_gguf(real_lora_run, llama_cpp, tmp_path):
     rows = [{"id": f"q{i}", "messages": c} for i, c in enumerate(QUESTIONS)]
     data = write_jsonl(tmp_path / "in.jsonl", rows)
     outs = {}
@@ -134,7 +138,9 @@ def test_predict_engine_llamacpp_equals_native_and_caches_its_gguf(real_lora_run
         args = ["predict", str(real_lora_run), str(data), "-o", str(outs[engine]), "--max-new-tokens", "10",
                 "--no-progress", "--engine", engine, "--batch-size", "4"]  # fmt: skip
         assert main(args) == 0
-    native, llama = ([json.loads(x) for x in outs[e].read_text().splitlines()] for e in ("native", "llamacpp"))
+    native, llama = (
+        [json.loads(x) for x in outs[e].read_text().splitlines()] for e in ("native", "llamacpp")
+    )
     assert [r["prediction"] for r in llama] == [r["prediction"] for r in native]
     cached = real_lora_run / "gguf" / f"{real_lora_run.name}-f16.gguf"
     assert cached.is_file()  # exported on the fly, kept for the next start

@@ -41,6 +41,8 @@ class EngineOptions:
     """With --engine llamacpp: a .gguf file, or a GGUF type to export the run to on the fly and cache in RUN/gguf/ (f16 when empty; q8_0, q4_k_m, ...)."""
     threads: int = 0
     """With --engine llamacpp: CPU threads (0: one per core this process may use)."""
+    context: int = 0
+    """With --engine llamacpp: KV cache tokens per sequence, allocated up front (0: serve 2048 or the model's context if shorter; predict the longest prompt plus --max-new-tokens)."""
     llama_cpp: str = ""
     """With --engine llamacpp: a llama.cpp checkout whose converter makes the GGUF file (default: llama-cpp-python's)."""
 
@@ -48,10 +50,11 @@ class EngineOptions:
         """Refuse an unknown engine, llama.cpp flags without it, or a missing llama-cpp-python."""
         if self.engine not in ENGINES:
             raise ZhtuneError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.engine == "native" and (self.gguf or self.threads or self.llama_cpp):
-            raise ZhtuneError("--gguf, --threads and --llama-cpp are for --engine llamacpp")
-        if self.threads < 0:
-            raise ZhtuneError(f"--threads must be 0 or more, got {self.threads}")
+        if self.engine == "native" and (self.gguf or self.threads or self.context or self.llama_cpp):
+            raise ZhtuneError("--gguf, --threads, --context and --llama-cpp are for --engine llamacpp")
+        for name in ("threads", "context"):
+            if getattr(self, name) < 0:
+                raise ZhtuneError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.engine == "llamacpp":
             require_llama_cpp("--engine llamacpp")
             if self.gguf and not self.gguf.lower().endswith(".gguf"):
@@ -107,14 +110,32 @@ def open_llamacpp(
     """``(llama.cpp model, tokenizer, template name)`` for ``run``: the tokenizer and template are
     the run's (prompts are laid out and tokenized by zhtune), the weights the GGUF file's."""
     tokenizer, template = load_tokenizer_and_template(run, trust_remote_code)
+    return llamacpp_model(run, opts, max_sequences, tokenizer), tokenizer, template
+
+
+def llamacpp_model(
+    run: str, opts: EngineOptions, max_sequences: int, tokenizer: Any, context: int = 0
+) -> LlamaCppModel:
+    """The run's GGUF file (:func:`resolve_gguf`) in llama.cpp, ``max_sequences`` KV streams of
+    ``opts.context`` tokens (else ``context``, else the default), checked against the tokenizer."""
     path = resolve_gguf(run, opts.gguf, opts.llama_cpp)
-    model = LlamaCppModel(path, max_sequences=max_sequences, threads=opts.threads)
+    model = LlamaCppModel(
+        path, max_sequences=max_sequences, context=opts.context or context, threads=opts.threads
+    )
     if model.vocab_size < len(tokenizer):
         model.close()
         raise ZhtuneError(
             f"{path} has {model.vocab_size} tokens but {run}'s tokenizer {len(tokenizer)}: not this run's GGUF"
         )
-    return model, tokenizer, template
+    return model
 
 
-__all__ = ["DEFAULT_GGUF", "ENGINES", "GGUF_TYPES", "EngineOptions", "open_llamacpp", "resolve_gguf"]
+__all__ = [
+    "DEFAULT_GGUF",
+    "ENGINES",
+    "GGUF_TYPES",
+    "EngineOptions",
+    "llamacpp_model",
+    "open_llamacpp",
+    "resolve_gguf",
+]

@@ -39,8 +39,10 @@ INSTALL_HINT = (
     "pip install -c constraints.txt -e '.[llamacpp]' (llama-cpp-python builds llama.cpp from source, "
     "about 5 minutes; see the README for the build flags)"
 )
-DEFAULT_CONTEXT = 4096
-"""Tokens per sequence when the model's own context is longer (the KV cache is allocated up front)."""
+DEFAULT_CONTEXT = 2048
+"""Tokens per sequence when none is asked for and the model's own context is longer: the KV
+cache of every sequence is allocated (and cleared) up front, so 32 sequences of a model's full
+8k context would hold gigabytes that short chats never use."""
 
 GGML_LOG_LEVEL_ERROR = 4
 """ggml's ``GGML_LOG_LEVEL_ERROR`` (ggml.h): the one log level always shown."""
@@ -95,7 +97,7 @@ def default_threads() -> int:
 
 class LlamaCppModel:
     """A GGUF file loaded in llama.cpp, with a context holding ``max_sequences`` KV streams of
-    ``context`` tokens each (0: the model's training context, at most :data:`DEFAULT_CONTEXT`).
+    ``context`` tokens each (0: :data:`DEFAULT_CONTEXT`; never more than the model's training context).
 
     One thread at a time: the serving engine's scheduler, or ``predict``'s loop."""
 
@@ -112,7 +114,7 @@ class LlamaCppModel:
                 f"llama.cpp could not load {self.path} (run with ZHTUNE_LLAMACPP_VERBOSE=1 to see why)"
             )
         trained = lib.llama_model_n_ctx_train(self.model)
-        self.context_length = context or min(trained, DEFAULT_CONTEXT)
+        self.context_length = min(context or DEFAULT_CONTEXT, trained)
         self.vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         self.max_sequences = max_sequences
         self.threads = threads or default_threads()

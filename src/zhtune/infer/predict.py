@@ -48,7 +48,7 @@ from zhtune.data.formats import FORMATS, Format, apply_mapping, detect_format, g
 from zhtune.data.readers import RawError, expand_inputs, iter_raw
 from zhtune.data.schema import RecordError, validate_record
 from zhtune.errors import ZhtuneError, where
-from zhtune.infer.backends import EngineOptions, open_llamacpp
+from zhtune.infer.backends import EngineOptions, llamacpp_model
 from zhtune.infer.generate import (
     GenerationOptions,
     Prompter,
@@ -57,7 +57,7 @@ from zhtune.infer.generate import (
     generate_replies,
 )
 from zhtune.models.device import resolve_device, resolve_dtype
-from zhtune.models.loading import load_for_inference
+from zhtune.models.loading import load_for_inference, load_tokenizer_and_template
 from zhtune.progress import progress_bar
 
 ANSWER_SLOTS = {"output": "", "target": ""}
@@ -193,16 +193,21 @@ def generator(
 ) -> tuple[Any, Any, str]:
     """``(generate, tokenizer, template)``: ``generate(prompts, options, stop_ids, seed)`` returns
     a :class:`~zhtune.infer.generate.Reply` per prompt, from ``model.generate`` (native) or
-    llama.cpp (rows seeded ``seed``, ``seed + 1``, ...)."""
+    llama.cpp (rows seeded ``seed``, ``seed + 1``, ...; the GGUF file is loaded at the first
+    batch, the longest, with a KV cache just long enough for it and its replies)."""
     if engine.engine == "llamacpp":
-        model, tokenizer, template = open_llamacpp(run, engine, batch_size, trust_remote_code)
-        print(f"  generating with {model.describe()}", file=sys.stderr)
+        tokenizer, template = load_tokenizer_and_template(run, trust_remote_code)
+        loaded: list[Any] = []
 
         def on_llamacpp(
             prompts: list[list[int]], options: GenerationOptions, stop_ids: list[int], seed: int
         ) -> list:
+            if not loaded:
+                context = max(len(p) for p in prompts) + options.max_new_tokens + 1
+                loaded.append(llamacpp_model(run, engine, batch_size, tokenizer, context))
+                print(f"  generating with {loaded[0].describe()}", file=sys.stderr)
             samplings = decoder_samplings(options, len(prompts), seed)
-            return decode_replies(model.decoder(prompts, samplings, stop_ids, 0), tokenizer, len(prompts))
+            return decode_replies(loaded[0].decoder(prompts, samplings, stop_ids, 0), tokenizer, len(prompts))
 
         return on_llamacpp, tokenizer, template
     model, tokenizer, template = load_for_inference(

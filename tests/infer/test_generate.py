@@ -86,3 +86,20 @@ def test_tokenizer_template_prompt_equals_the_named_template(model_and_tok):
         {"role": "user", "content": "三"},
     ]
     assert Prompter(tok, "tokenizer").prompt_ids(conv) == Prompter(tok, "chatml").prompt_ids(conv)
+
+
+def test_row_sampler_top_k_keeps_the_k_most_likely_tokens():
+    import torch
+
+    from zhtune.infer.generate import RowSampler, Sampling
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, 2.8, -1.0]] * 3)
+    rows = [Sampling(8, temperature=5.0, top_k=1, seed=0), Sampling(8, temperature=5.0, top_k=2, seed=1),
+            Sampling(8)]  # fmt: skip
+    sampler = RowSampler(rows, "cpu")
+    picks = torch.stack([sampler.pick(logits) for _ in range(200)])
+    assert set(picks[:, 0].tolist()) == {1}  # top_k 1: always the most likely, however hot
+    assert set(picks[:, 1].tolist()) == {1, 2}  # top_k 2: the two most likely, both drawn
+    assert set(picks[:, 2].tolist()) == {1}  # greedy
+    sampler.keep([1])
+    assert set(sampler.pick(logits[:1]).tolist()) <= {1, 2}

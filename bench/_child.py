@@ -1,7 +1,10 @@
-"""Run one training job in this process and print its peak RSS as the last line (JSON).
+"""Run one job in this process and print its peak RSS as the last line (JSON).
 
 ``python bench/_child.py zhtune ARGS...`` runs ``zhtune ARGS...``;
-``python bench/_child.py trl MODEL DATA STEPS BATCH MAX_LEN PACKING OUT`` runs TRL's SFTTrainer.
+``python bench/_child.py trl MODEL DATA STEPS BATCH MAX_LEN PACKING OUT`` runs TRL's SFTTrainer;
+``python bench/_child.py cmd PROGRAM ARGS...`` runs another program (another venv's, e.g. lm-eval's
+``lm_eval``) as a child and reports the peak RSS of the largest process under it (``ru_maxrss`` of
+the waited-for children, grandchildren included).
 """
 
 from __future__ import annotations
@@ -16,6 +19,15 @@ def run_zhtune(argv: list[str]) -> dict:
     from zhtune.cli import main
 
     code = main(argv)
+    if code:
+        raise SystemExit(code)
+    return {}
+
+
+def run_cmd(argv: list[str]) -> dict:
+    import subprocess
+
+    code = subprocess.run(argv).returncode
     if code:
         raise SystemExit(code)
     return {}
@@ -61,9 +73,12 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     if kind == "zhtune":
         info = run_zhtune(rest)
+    elif kind == "cmd":
+        info = run_cmd(rest)
     else:
         model_dir, data, steps, batch, max_len, packing, out = rest
         info = run_trl(model_dir, data, int(steps), int(batch), int(max_len), packing == "1", out)
     info["child_seconds"] = time.perf_counter() - t0
-    info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    info["peak_rss_mb"] = max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     print(json.dumps(info))

@@ -24,6 +24,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +52,12 @@ def matmul_peak_gflops(dtype: str = "fp32", seconds: float = 2.0, n: int = 1024)
     return 2 * n**3 * count / (time.perf_counter() - t0) / 1e9
 
 
+def peak_gflops(dtype: str, seconds: float = 1.5) -> float:
+    """This machine's matmul peak in ``dtype``: the best of two sizes, ``seconds`` each (AMX bf16
+    runs ~1.2 TFLOP/s at 1024^2 but ~2 at 2048^2; fp32: same)."""
+    return max(matmul_peak_gflops(dtype, seconds, n) for n in (1024, 2048))
+
+
 def prepare(data: str, workdir: Path, models: list[str]) -> tuple[Path, dict[str, Path], dict[str, int]]:
     """Canonical data, a 4k byte-level BPE tokenizer, and the models, under ``workdir``."""
     from zhtune.data.convert import convert_files
@@ -73,16 +80,61 @@ def prepare(data: str, workdir: Path, models: list[str]) -> tuple[Path, dict[str
     return canonical, dirs, params
 
 
-def run_child(args: list[str]) -> dict:
-    """Run ``bench/_child.py ARGS`` and return its JSON line plus the wall time seen from here."""
+def run_child(args: list[str], python: str = sys.executable, log: Path | None = None) -> dict:
+    """Run ``PYTHON bench/_child.py ARGS`` and return its JSON line plus, seen from here, the wall
+    time and ``tree_peak_rss_mb``: the peak of the summed RSS of its process tree (sampled every
+    0.2 s with psutil, where installed; never below what the child measured of itself). ``log``:
+    a file to keep the job's output in."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(HERE / "_child.py"), *args], capture_output=True, text=True)
+    proc = subprocess.Popen(
+        [python, str(HERE / "_child.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    peak = [0]
+    sampler = threading.Thread(target=sample_tree_rss, args=(proc, peak), daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
+    sampler.join()
+    if log is not None:
+        log.write_text(
+            f"$ {python} _child.py {' '.join(args)}\n{stdout}\n--- stderr ---\n{stderr}", encoding="utf-8"
+        )
     if proc.returncode != 0:
-        raise RuntimeError(f"job failed: {' '.join(args)}\n{proc.stderr[-3000:]}")
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"job failed: {' '.join(args)}\n{stderr[-3000:]}")
+    info = json.loads(stdout.strip().splitlines()[-1])
     info["wall_seconds"] = wall
+    info["tree_peak_rss_mb"] = max(peak[0] / 2**20, info["peak_rss_mb"], info.get("peak_children_rss_mb", 0))
     return info
+
+
+def sample_tree_rss(proc: subprocess.Popen, peak: list[int], every: float = 0.2) -> None:
+    """Keep ``peak[0]`` at the largest summed RSS (bytes) of ``proc`` and its descendants until it exits."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    try:
+        root = psutil.Process(proc.pid)
+    except psutil.Error:
+        return
+    while proc.poll() is None:
+        total = 0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        peak[0] = max(peak[0], total)
+        time.sleep(every)
+
+
+def zhtune_log_seconds(out: Path) -> tuple[float, list[float], list[int]]:
+    """From a zhtune run's ``trainer_log.jsonl``: the training loop's seconds (each logged window's
+    tokens over its tokens/s, summed), and each window's seconds and input tokens."""
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *rows], rows)]
+    seconds = [n / r["tokens_per_s"] for n, r in zip(tokens, rows)]
+    return sum(seconds), seconds, tokens
 
 
 def zhtune_job(
@@ -94,10 +146,7 @@ def zhtune_job(
         f"cutoff_len={max_len}", f"logging_steps={WINDOW}", "lr=2e-4", "overwrite=true", "--no-progress", *extra,
     ]  # fmt: skip
     info = run_child(args)
-    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-    tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *rows], rows)]
-    seconds = [n / r["tokens_per_s"] for n, r in zip(tokens, rows)]
-    info["train_seconds"] = sum(seconds)
+    info["train_seconds"], seconds, tokens = zhtune_log_seconds(out)
     info["tokens_per_s"] = sum(tokens) / sum(seconds)
     info["steady_tokens_per_s"] = sum(tokens[1:]) / sum(seconds[1:])  # without the first window
     return info
@@ -135,10 +184,7 @@ def main() -> None:
     models = a.models.split(",")
     workdir = Path(a.workdir)
     data, dirs, params = prepare(a.data, workdir, models)
-    # the best of two sizes: AMX bf16 runs ~1.2 TFLOP/s at 1024^2 but ~2 at 2048^2 (fp32: same)
-    peaks = {
-        dtype: max(matmul_peak_gflops(dtype, 1.5, n) for n in (1024, 2048)) for dtype in ("fp32", "bf16")
-    }
+    peaks = {dtype: peak_gflops(dtype) for dtype in ("fp32", "bf16")}
     job_args = (data, a.steps, a.batch, a.max_len)
     every = {  # key: (label, dtype, job)
         "zhtune": ("zhtune (padded)", "fp32", lambda m, out: zhtune_job(m, data, out, a.steps, a.batch, a.max_len)),

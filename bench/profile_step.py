@@ -1,0 +1,241 @@
+"""Where a zhtune training step's time goes, on the real model, grouped (torch.profiler, CPU).
+
+    python bench/profile_step.py [--method lora] [--warmup 2] [--steps 3] [--records 200]
+
+The zhtune job of ``bench/train_real.py`` (SmolLM2-135M-Instruct, the first ``--records`` records
+of alpaca_zh_demo.json, packing, bf16, batch 4, cutoff 512, LoRA r8 on every linear layer): set
+up as ``zhtune train`` does, ``--warmup`` steps run, then ``--steps`` steps under the profiler
+(no ``compile``: the eager ops are what is grouped). Each op's self time is put in one group:
+
+* forward: by the innermost module it runs in (forward hooks open a profiler range per module):
+  the frozen linear layers (LoRA's ``base_layer``), LoRA's A/B matmuls with their scaling and
+  addition, the attention modules (SDPA, RoPE, reshapes; their q/k/v/o projections are linear
+  layers), RMSNorm, the MLP's SwiGLU elementwise ops (its projections are linear layers), the LM
+  head with zhtune's fused loss over the 49k vocabulary (logits, log-softmax and their gradient,
+  computed in the forward pass), and what runs in no such module (embeddings, residual adds, masks);
+* backward: each autograd node's ops go to the group of the forward op that made the node
+  (matched by sequence number);
+* the optimizer (gradient clipping, AdamW, schedule, zero_grad) and the data (the next batch);
+* Python: time inside the ranges that no op accounts for (interpreter, hooks, autograd glue).
+
+Prints the groups (ms per step, forward / backward, share of the profiled step) and the top ops.
+The profiler's own overhead makes a profiled step slower than an unprofiled one (both printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from train_real import Bench, zhtune_settings  # noqa: E402
+
+BASE, LORA, ATTN, NORM, SWIGLU, HEAD, OTHER = (
+    "base linear matmuls (frozen)",
+    "LoRA A/B matmuls (+ scale, add)",
+    "attention (SDPA, RoPE, reshapes)",
+    "RMSNorm",
+    "SwiGLU elementwise",
+    "LM head + loss over the 49k vocab",
+    "other (embeddings, residual adds, casts)",
+)
+PYTHON, OPTIMIZER, DATA = (
+    "Python / untracked",
+    "optimizer (clip, AdamW, schedule, zero_grad)",
+    "data (next batch)",
+)
+PREFIX = "zh:"
+"""Profiler ranges opened here are named PREFIX + group (modules) or PREFIX + phase."""
+
+
+def module_group(name: str, module: Any) -> str | None:
+    """The group of the ops that run directly in ``module`` (None: it opens no range)."""
+    cls = type(module).__name__
+    if name.endswith("base_layer"):
+        return BASE
+    if hasattr(module, "base_layer") or ".lora_A." in f"{name}." or ".lora_B." in f"{name}.":
+        return LORA  # peft's LoRA layer (scale, add) or its A / B
+    if name.endswith("lm_head"):
+        return HEAD
+    if cls.endswith("RMSNorm"):
+        return NORM
+    if cls.endswith("MLP"):
+        return SWIGLU
+    if cls.endswith("Attention"):
+        return ATTN
+    return None
+
+
+def add_ranges(model: Any) -> None:
+    """A profiler range around each grouped module's forward."""
+    from torch.autograd.profiler import record_function
+
+    stack: list[Any] = []
+
+    def enter(label: str) -> Any:
+        def hook(*_: Any) -> None:
+            stack.append(record_function(label))
+            stack[-1].__enter__()
+
+        return hook
+
+    def leave(*_: Any) -> None:
+        stack.pop().__exit__(None, None, None)
+
+    for name, module in model.named_modules():
+        group = module_group(name, module)
+        if group is not None:
+            module.register_forward_pre_hook(enter(PREFIX + group))
+            module.register_forward_hook(leave)
+
+
+def scoped(label: str, fn: Any) -> Any:
+    """``fn`` inside a profiler range ``PREFIX + label``."""
+    from torch.autograd.profiler import record_function
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with record_function(PREFIX + label):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def instrument(s: Any) -> None:
+    """Ranges around the modules, the fused loss, the backward pass and the optimizer's calls."""
+    from zhtune.train import loss
+
+    add_ranges(s.accelerator.unwrap_model(s.model))
+    forward = loss.LinearCrossEntropy.forward
+    loss.LinearCrossEntropy.forward = staticmethod(scoped(HEAD, forward))
+    s.accelerator.backward = scoped("backward", s.accelerator.backward)
+    s.accelerator.clip_grad_norm_ = scoped("optimizer", s.accelerator.clip_grad_norm_)
+    s.optimizer.step = scoped("optimizer", s.optimizer.step)
+    s.optimizer.zero_grad = scoped("optimizer", s.optimizer.zero_grad)
+    s.scheduler.step = scoped("optimizer", s.scheduler.step)
+
+
+def ancestors(e: Any) -> list[Any]:
+    found = []
+    while e.cpu_parent is not None:
+        e = e.cpu_parent
+        found.append(e)
+    return found
+
+
+def group_times(events: list[Any]) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """Self time (µs) by (phase, group), and by (op name, group)."""
+    ranges = {f"{PREFIX}{p}" for p in ("step", "backward", "optimizer", "data")}
+    node_group: dict[int, str] = {}
+    placed = []
+    for e in sorted(events, key=lambda e: e.time_range.start):
+        up = ancestors(e)
+        names = [a.name for a in up]
+        phase = next(
+            (n.removeprefix(PREFIX) for n in names if n in ranges and n != f"{PREFIX}step"), "forward"
+        )
+        if e.name in ranges:  # time in the range itself, outside any op
+            phase = e.name.removeprefix(PREFIX) if e.name != f"{PREFIX}step" else "forward"
+            group = {"optimizer": OPTIMIZER, "data": DATA}.get(phase, PYTHON)
+        elif phase in ("optimizer", "data"):
+            group = OPTIMIZER if phase == "optimizer" else DATA
+        elif phase == "forward":
+            scopes = [n for n in [e.name, *names] if n.startswith(PREFIX) and n not in ranges]
+            group = scopes[0].removeprefix(PREFIX) if scopes else OTHER
+            if e.sequence_nr >= 0:  # ops before the one that makes the node may share its number
+                node_group[e.sequence_nr] = group
+        else:
+            group = None  # backward: known once every forward op is
+        placed.append((e, phase, group, up))
+    by_group: dict[tuple[str, str], float] = defaultdict(float)
+    by_op: dict[tuple[str, str], float] = defaultdict(float)
+    for e, phase, group, up in placed:
+        if group is None:
+            node = next(
+                (a for a in [e, *up] if a.name.startswith("autograd::engine::evaluate_function")), None
+            )
+            group = node_group.get(node.sequence_nr, OTHER) if node is not None else PYTHON
+        by_group[phase, group] += e.self_cpu_time_total
+        if not e.name.startswith(PREFIX):
+            by_op[e.name, group] += e.self_cpu_time_total
+    return by_group, by_op
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(HERE.parent.parent / "shared/data/llamafactory/alpaca_zh_demo.json"))
+    p.add_argument("--records", type=int, default=200)
+    p.add_argument("--method", default="lora", help="lora or full")
+    p.add_argument("--warmup", type=int, default=2, help="steps before profiling")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--top", type=int, default=12, help="top ops listed")
+    a = p.parse_args()
+
+    import torch
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    from tests.real_model import smollm2_dir
+    from zhtune.allocator import keep_freed_memory
+    from zhtune.config import load_config
+    from zhtune.data.batching import micro_batches
+    from zhtune.train.config import TrainConfig
+    from zhtune.train.loop import optimizer_step
+    from zhtune.train.setup import setup
+
+    out = Path(tempfile.mkdtemp(prefix="zhtune-profile-")) / "run"
+    b = Bench(smollm2_dir(), Path(a.data), Path(), a.records, 4, 512, out.parent, "")
+    s = setup(load_config(TrainConfig, None, zhtune_settings(b, a.method, out)))
+    cfg = s.cfg
+    if s.accelerator.device.type == "cpu":
+        keep_freed_memory()  # as the training loop does
+    stream = micro_batches(s.data.train_set, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id, 0, 0)
+    instrument(s)
+
+    def step(i: int) -> None:
+        with record_function(PREFIX + "step"):
+            with record_function(PREFIX + "data"):
+                group = [next(stream)[2] for _ in range(cfg.grad_accum)]
+            optimizer_step(s, group, i)
+
+    times = []
+    for i in range(a.warmup):
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for i in range(a.steps):
+            step(a.warmup + i)
+        profiled = (time.perf_counter() - t0) / a.steps
+    shutil.rmtree(out.parent, ignore_errors=True)  # the run directory setup() made
+    by_group, by_op = group_times(list(prof.events()))
+    total = sum(by_group.values()) / a.steps / 1e3
+    print(
+        f"\n{cfg.method} step on SmolLM2-135M-Instruct, batch {cfg.batch_size} x {cfg.cutoff_len} packed, "
+        f"{cfg.precision}, {torch.get_num_threads()} threads: unprofiled {1e3 * min(times or [0]):,.0f} ms "
+        f"(best of {a.warmup} warm-up steps), profiled {1e3 * profiled:,.0f} ms ({a.steps} steps; "
+        f"{total:,.0f} ms of it in the groups below)\n"
+    )
+    print("| group | forward ms | backward ms | total ms / step | % of step |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for group in (BASE, LORA, ATTN, NORM, SWIGLU, HEAD, OTHER, PYTHON, OPTIMIZER, DATA):
+        ms = {ph: v / a.steps / 1e3 for (ph, g), v in by_group.items() if g == group}
+        both = sum(ms.values())
+        fwd, bwd = ms.get("forward", 0.0), ms.get("backward", 0.0)
+        print(f"| {group} | {fwd:,.1f} | {bwd:,.1f} | {both:,.1f} | {both / total:.1%} |")
+    print("\n| top ops (self time) | group | ms / step |\n| --- | --- | ---: |")
+    for (name, group), v in sorted(by_op.items(), key=lambda kv: -kv[1])[: a.top]:
+        print(f"| {name} | {group} | {v / a.steps / 1e3:,.1f} |")
+
+
+if __name__ == "__main__":
+    main()

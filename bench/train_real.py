@@ -1,0 +1,349 @@
+"""Training a real model for one epoch: zhtune vs LLaMA-Factory vs TRL, same data, settings, tokens.
+
+    python bench/train_real.py [--methods lora,full] [--records 200] [--systems all]
+        [--lf-python /work/lf-venv/bin/python] [--workdir /tmp/zhtune-bench-real]
+
+SmolLM2-135M-Instruct (the Hugging Face directory from ``tests/real_model.py``, copied with its
+weights in bf16 as the published checkpoint has them: see :func:`bf16_copy`), the first
+``--records`` records of LLaMA-Factory's ``alpaca_zh_demo.json``, the model's own chat template,
+cutoff 512, batch 4, 1 epoch, bf16, cosine schedule without warm-up, seed 42, each tool's
+padding-free packing. LoRA: r 8, alpha 16, dropout 0, every linear layer, lr 2e-4; full fine-tuning
+(``--methods lora,full``): lr 1e-5. Each job runs in its own process:
+
+* zhtune through its CLI (``zhtune train key=value ...``): ``packing=true precision=bf16``, and
+  again with ``compile=true``;
+* LLaMA-Factory (``--lf-python``: the Python of its own environment; its rows are skipped when that
+  is missing) as ``llamafactory-cli train CONFIG.yaml`` with ``neat_packing: true``; no
+  ``template`` key, so it parses the tokenizer's own chat template (any named template would be
+  another format than the model's); ``disable_gradient_checkpointing: true`` (its default is on,
+  the others' off);
+* TRL's ``SFTTrainer`` (the Python running this script) with ``packing=True`` (``bfd``,
+  padding-free) and without (padded to the longest in each batch); gradient checkpointing off and
+  bf16 said explicitly. TRL computes the loss on every token of a ``messages`` record (prompt
+  included: ``assistant_only_loss`` needs generation marks that this chat template lacks), the
+  others on the replies only, so its final loss is not comparable with theirs.
+
+Columns: the training loop's seconds as the tool reports it (zhtune: ``trainer_log.jsonl``, each
+logged step's tokens over its tokens/s; HF Trainer: ``train_runtime``), the whole command's wall
+time (start-up, tokenization and saving included), tokens/s = trained tokens / loop seconds with
+the trained tokens counted once here for every system (the records rendered by the chat template,
+each cut at the cutoff), the ratio to LLaMA-Factory's row of the same method, the epoch's model
+FLOPs over the loop time and this machine's bf16 matmul peak measured at the start of the run
+(``train_throughput.peak_gflops``) with FLOPs = 4 x params x tokens for LoRA (forward, and the
+backward through the frozen weights; no weight gradients) and 6 x params x tokens for full
+fine-tuning, params = every parameter with the tied embedding counted once (it is the LM head's
+matmul), attention's own matmuls left out (a few % at these lengths); peak RSS of the job's
+process tree (summed, sampled every 0.2 s); the final loss = mean of the last 10 steps' logged
+losses (every tool logs every step). Each job's output is kept in ``WORKDIR/NAME.log``, the numbers
+in ``WORKDIR/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from train_throughput import peak_gflops, run_child, zhtune_log_seconds  # noqa: E402
+
+LR = {"lora": 2e-4, "full": 1e-5}
+#: final loss: mean of the last LAST_STEPS logged step losses
+LAST_STEPS = 10
+
+
+@dataclass
+class Bench:
+    """What every job shares."""
+
+    model: Path
+    """Hugging Face directory of SmolLM2-135M-Instruct."""
+    alpaca: Path
+    """LLaMA-Factory's alpaca_zh_demo.json (dataset_info.json beside it)."""
+    messages: Path
+    """The same first records as canonical ``{"messages": ...}`` JSON lines (for TRL)."""
+    records: int
+    batch: int
+    cutoff: int
+    workdir: Path
+    lf_python: str
+
+
+@dataclass
+class System:
+    key: str
+    label: str
+    run: Callable[[Bench, str, Path], dict]
+    """(bench, method, output dir) -> the job's numbers (see :func:`result`)."""
+
+
+def result(info: dict, loop_s: float, steps: int, losses: list[float], own_tokens: int | None) -> dict:
+    """A job's numbers, the same for every tool."""
+    return {
+        "loop_s": loop_s,
+        "wall_s": info["wall_seconds"],
+        "steps": steps,
+        "losses": losses,
+        "own_tokens": own_tokens,
+        "peak_rss_mb": info["tree_peak_rss_mb"],
+        **{k: info[k] for k in ("hidden", "trainable_dtype") if k in info},
+    }
+
+
+def zhtune_settings(b: Bench, method: str, out: Path) -> list[str]:
+    """The ``key=value`` settings of the zhtune jobs (``bench/profile_step.py`` profiles these too)."""
+    settings = [
+        f"model={b.model}", f"data={b.alpaca}", f"max_samples={b.records}", f"output_dir={out}", "template=auto",
+        f"method={method}", "epochs=1", f"batch_size={b.batch}", f"cutoff_len={b.cutoff}", f"lr={LR[method]}",
+        "lr_scheduler=cosine", "warmup_ratio=0", "seed=42", "logging_steps=1", "packing=true", "precision=bf16",
+        "overwrite=true",
+    ]  # fmt: skip
+    if method == "lora":  # zhtune's defaults, said here
+        settings += ["lora_rank=8", "lora_alpha=16", "lora_dropout=0", "lora_target=all"]
+    return settings
+
+
+def zhtune_run(*extra: str) -> Callable[[Bench, str, Path], dict]:
+    def run(b: Bench, method: str, out: Path) -> dict:
+        args = ["zhtune", "train", *zhtune_settings(b, method, out), *extra, "--no-progress"]
+        info = run_child(args, log=out.with_suffix(".log"))
+        loop_s, _, _ = zhtune_log_seconds(out)
+        rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+        steps = json.loads((out / "train_results.json").read_text())["steps"]
+        return result(info, loop_s, steps, [r["loss"] for r in rows if "loss" in r], rows[-1]["tokens"])
+
+    return run
+
+
+def lf_config(b: Bench, method: str, out: Path) -> dict:
+    """LLaMA-Factory's training YAML (no ``template``: it parses the tokenizer's chat template)."""
+    config = {
+        "model_name_or_path": str(b.model),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": method,
+        "dataset": "alpaca_zh_demo",
+        "dataset_dir": str(b.alpaca.parent),
+        "max_samples": b.records,
+        "cutoff_len": b.cutoff,
+        "neat_packing": True,
+        "overwrite_cache": True,
+        "output_dir": str(out),
+        "overwrite_output_dir": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "plot_loss": False,
+        "report_to": "none",
+        "per_device_train_batch_size": b.batch,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": LR[method],
+        "num_train_epochs": 1.0,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.0,
+        "bf16": True,
+        "use_cpu": True,
+        "disable_gradient_checkpointing": True,
+        "dataloader_num_workers": 0,
+        "seed": 42,
+    }
+    if method == "lora":
+        config |= {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target": "all"}
+    return config
+
+
+def lf_run(b: Bench, method: str, out: Path) -> dict:
+    config = out.with_suffix(".yaml")
+    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in lf_config(b, method, out).items()))
+    info = run_child(["llamafactory", "train", str(config)], python=b.lf_python, log=out.with_suffix(".log"))
+    metrics = json.loads((out / "all_results.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [r["loss"] for r in state["log_history"] if "loss" in r]
+    return result(info, metrics["train_runtime"], state["global_step"], losses, None)
+
+
+def trl_run(packing: bool) -> Callable[[Bench, str, Path], dict]:
+    def run(b: Bench, method: str, out: Path) -> dict:
+        options = {
+            "bf16": True,
+            "full": method == "full",
+            "lr": LR[method],
+            "logging_steps": 1,
+            "scheduler": "cosine",
+        }
+        args = [
+            "trl",
+            str(b.model),
+            str(b.messages),
+            "0",
+            str(b.batch),
+            str(b.cutoff),
+            "1" if packing else "0",
+        ]
+        info = run_child([*args, str(out), json.dumps(options)], log=out.with_suffix(".log"))
+        return result(info, info["train_seconds"], info["steps"], info["losses"], info["tokens"])
+
+    return run
+
+
+SYSTEMS = [
+    System("zhtune", "zhtune (packing, bf16)", zhtune_run()),
+    System("zhtune-compile", "zhtune (packing, bf16, compile)", zhtune_run("compile=true")),
+    System("llamafactory", "LLaMA-Factory (neat_packing, bf16)", lf_run),
+    System("trl-packed", "TRL SFTTrainer (bfd packing, bf16)", trl_run(packing=True)),
+    System("trl-padded", "TRL SFTTrainer (padded, bf16)", trl_run(packing=False)),
+]
+
+
+def prepare(data: Path, records: int, cutoff: int, workdir: Path) -> tuple[Path, Path, int, int, int]:
+    """The model directory, the first ``records`` records as canonical messages, and counted once:
+    the trained tokens (each record rendered by the model's chat template, cut at ``cutoff``), how
+    many records were cut, and the model's parameters (tied weights once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tests.real_model import smollm2_dir
+    from zhtune.data.convert import convert_files
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = bf16_copy(smollm2_dir(), workdir / "SmolLM2-135M-Instruct-bf16")
+    first = workdir / f"alpaca_first{records}.json"
+    first.write_text(json.dumps(json.loads(data.read_text(encoding="utf-8"))[:records], ensure_ascii=False))
+    messages = workdir / f"messages_first{records}.jsonl"
+    convert_files([str(first)], str(messages), progress=False, allow_rejects=True)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    lengths = []
+    for line in messages.read_text(encoding="utf-8").splitlines():
+        text = tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    with torch.device("meta"):
+        params = sum(
+            p.numel()
+            for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters()
+        )
+    return model, messages, sum(min(n, cutoff) for n in lengths), sum(n > cutoff for n in lengths), params
+
+
+def bf16_copy(source: Path, dest: Path) -> Path:
+    """``source`` with its weights in bf16 and ``dtype: bfloat16`` in its config, as the published
+    checkpoint has them (the dequantized GGUF directory says float32): LLaMA-Factory loads the
+    config's dtype, so every tool starts from the same bf16 weights (kept frozen in bf16 by LoRA,
+    upcast to fp32 for full fine-tuning)."""
+    from safetensors.torch import load_file, save_file
+
+    if (dest / "model.safetensors").is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            shutil.copy2(f, dest / f.name)
+    config = json.loads((source / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}, indent=2))
+    weights = {
+        k: v.bfloat16() if v.is_floating_point() else v
+        for k, v in load_file(source / "model.safetensors").items()
+    }
+    save_file(weights, str(dest / "model.safetensors.part"), metadata={"format": "pt"})
+    (dest / "model.safetensors.part").rename(dest / "model.safetensors")
+    return dest
+
+
+def table(rows: list[dict], tokens: int, params: int, peak: float) -> list[str]:
+    """The markdown table of the finished (or failed) jobs."""
+    lines = [
+        "| system | steps | train loop s | wall s | tokens/s | vs LLaMA-Factory | % of bf16 roofline "
+        "| peak RSS GiB | final loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lf = {r["method"]: tokens / r["loop_s"] for r in rows if r["key"] == "llamafactory" and "loop_s" in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | |")
+            continue
+        tps = tokens / r["loop_s"]
+        flops = (4 if r["method"] == "lora" else 6) * params * tokens
+        ratio = f"{tps / lf[r['method']]:.2f}x" if r["method"] in lf else "-"
+        loss = (
+            sum(r["losses"][-LAST_STEPS:]) / len(r["losses"][-LAST_STEPS:]) if r["losses"] else float("nan")
+        )
+        lines.append(
+            f"| {r['label']} | {r['steps']} | {r['loop_s']:.1f} | {r['wall_s']:.1f} | {tps:,.0f} | {ratio} "
+            f"| {flops / (r['loop_s'] * peak * 1e9):.1%} | {r['peak_rss_mb'] / 1024:.2f} | {loss:.4f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/llamafactory/alpaca_zh_demo.json"))
+    p.add_argument("--records", type=int, default=200, help="the first N records (200)")
+    p.add_argument("--methods", default="lora", help="lora, full or lora,full")
+    p.add_argument("--systems", default="all", help=f"all or some of {','.join(s.key for s in SYSTEMS)}")
+    p.add_argument(
+        "--lf-python", default="/work/lf-venv/bin/python", help="Python of LLaMA-Factory's environment"
+    )
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--cutoff", type=int, default=512)
+    p.add_argument("--peak-seconds", type=float, default=1.5, help="seconds of each matmul peak measurement")
+    p.add_argument("--workdir", default="/tmp/zhtune-bench-real")
+    a = p.parse_args()
+
+    keys = [s.key for s in SYSTEMS] if a.systems == "all" else a.systems.split(",")
+    systems = [s for s in SYSTEMS if s.key in keys]
+    if "llamafactory" in keys and not Path(a.lf_python).exists():
+        print(
+            f"LLaMA-Factory rows skipped: {a.lf_python} not found (python3 -m venv /work/lf-venv && "
+            "/work/lf-venv/bin/pip install -c bench/llamafactory-constraints.txt llamafactory==0.9.5)",
+            file=sys.stderr,
+        )
+        systems = [s for s in systems if s.key != "llamafactory"]
+    workdir = Path(a.workdir)
+    model, messages, tokens, cut, params = prepare(Path(a.data), a.records, a.cutoff, workdir)
+    b = Bench(model, Path(a.data), messages, a.records, a.batch, a.cutoff, workdir, a.lf_python)
+    peak = peak_gflops("bf16", a.peak_seconds)
+    rows = []
+    for method in a.methods.split(","):
+        for s in systems:
+            label = s.label if method == "lora" else s.label.replace(" (", " full (", 1)
+            out = workdir / f"{method}-{s.key}"
+            shutil.rmtree(out, ignore_errors=True)
+            row = {"key": s.key, "label": label, "method": method}
+            try:
+                row |= s.run(b, method, out)
+                print(f"  {label}: {row['loop_s']:.1f} s loop, {row['wall_s']:.1f} s wall", file=sys.stderr)
+            except Exception as e:  # a failed job is reported in its row; the others still run
+                row["error"] = [line for line in str(e).splitlines() if line.strip()][-1][:160]
+                print(f"  {label} failed (log: {out.with_suffix('.log')}):\n{e}", file=sys.stderr)
+            rows.append(row)
+    (workdir / "results.json").write_text(
+        json.dumps({"tokens": tokens, "params": params, "peak_gflops": peak, "rows": rows}, indent=1)
+    )
+
+    print(
+        f"\nSmolLM2-135M-Instruct ({params / 1e6:.1f}M params), first {a.records} records of {Path(a.data).name}: "
+        f"{tokens:,} trained tokens under its chat template ({cut} records cut at {a.cutoff}), 1 epoch, batch "
+        f"{a.batch}, bf16; LoRA r8/alpha 16/all linear lr {LR['lora']}, full lr {LR['full']}; "
+        f"bf16 matmul peak measured in this run {peak:,.0f} GFLOP/s\n"
+    )
+    print("\n".join(table(rows, tokens, params, peak)))
+    own = ", ".join(f"{r['label']} {int(r['own_tokens']):,}" for r in rows if r.get("own_tokens"))
+    if own:
+        print(f"\nTrained tokens as each tool counted them (non-pad inputs; LLaMA-Factory logs none): {own}")
+    hidden = sorted({name for r in rows for name in r.get("hidden", [])})
+    if hidden:
+        print(
+            f"LLaMA-Factory ran without {' and '.join(hidden)}"
+            + (" (an empty torchaudio module stands in)" if "torchaudio" in hidden else "")
+            + ": PyPI's CUDA builds do not load beside the CPU torch (see bench/_child.py run_llamafactory)."
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,9 @@ shared data), laid out by the model's own chat template. Per engine, as users ru
 * ``predict``: ``zhtune predict`` over ``--prompts`` records, batch 32, greedy,
   ``--predict-tokens``; tokens/s as ``predict`` reports it (generation time), the command's wall
   time, and how many predictions equal the native engine's.
+* ``plain generate`` (predict's baseline): what a user writes without zhtune, transformers'
+  ``model.generate`` one prompt at a time (greedy, fp32, the tokenizer's chat template) over the
+  first ``--plain-prompts`` prompts, in a child process; its replies are compared with native's.
 
 Every job runs alone (one server or one predict at a time) on this machine; the client shares it.
 """
@@ -127,6 +130,31 @@ def bench_predict(model: Path, args: list[str], data: Path, out: Path, max_token
     return {"tok_s": tokens / seconds, "wall": wall, "predictions": [r["prediction"] for r in rows]}
 
 
+PLAIN = """
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_dir, data, n, max_new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+rows = [json.loads(line) for line in open(data, encoding="utf-8")][:n]
+tokens, start, out = 0, time.perf_counter(), []
+for row in rows:
+    enc = tok.apply_chat_template(row["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=max_new, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
+    tokens += len(ids)
+    out.append(tok.decode(ids, skip_special_tokens=True).strip())
+print(json.dumps({"tok_s": tokens / (time.perf_counter() - start), "predictions": out}))
+"""
+
+
+def bench_plain(model: Path, data: Path, n: int, max_tokens: int) -> dict:
+    """transformers' ``generate`` one prompt at a time, in a child process."""
+    done = subprocess.run([sys.executable, "-c", PLAIN, str(model), str(data), str(n), str(max_tokens)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=32)
@@ -134,6 +162,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="serve: max_tokens per request")
     p.add_argument("--predict-tokens", type=int, default=32, help="predict: --max-new-tokens")
     p.add_argument("--engines", default="native," + ",".join(GGUF_TYPES))
+    p.add_argument(
+        "--plain-prompts", type=int, default=64, help="prompts for the plain generate baseline (0: skip)"
+    )
     p.add_argument("--data", default=str(HERE.parent.parent / "shared/data/llamafactory/alpaca_zh_demo.json"))
     p.add_argument("--workdir", default="/tmp/zhtune-bench-engines")
     a = p.parse_args()
@@ -161,6 +192,7 @@ def main() -> None:
         print(f"== {engine}: predict", file=sys.stderr, flush=True)
         predicted = bench_predict(model, flags, data, work / f"pred-{engine}.jsonl", a.predict_tokens)
         results[engine] = {"serve": served, "predict": predicted}
+    plain = bench_plain(model, data, a.plain_prompts, a.predict_tokens) if a.plain_prompts else None
     base = results.get("native")
     print(f"\nSmolLM2-135M-Instruct; serve: {a.requests} concurrent streamed chat requests, max_tokens "
           f"{a.max_tokens}; predict: {a.prompts} prompts, batch 32, {a.predict_tokens} new tokens; greedy\n")  # fmt: skip
@@ -179,6 +211,10 @@ def main() -> None:
             else f"| {name} | {s['tok_s']:.1f} | - | {s['ttft_p50']:.2f} | {s['ttft_p90']:.2f} | {q['tok_s']:.1f} | - | "
             f"{q['wall']:.1f} | - |"
         )
+    if plain and base:
+        same = sum(x == y for x, y in zip(plain["predictions"], base["predict"]["predictions"]))
+        print(f"| plain transformers generate, one prompt at a time (fp32) | - | - | - | - | {plain['tok_s']:.1f} | "
+              f"{plain['tok_s'] / base['predict']['tok_s']:.2f}x | - | {same}/{len(plain['predictions'])} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def bench_predict(model: Path, args: list[str], data: Path, out: Path, max_token
     assert found, done.stderr
     tokens, seconds = int(found.group(1).replace(",", "")), float(found.group(2))
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    return {"tok_s": tokens / seconds, "wall": wall, "predictions": [r["prediction"] for r in rows]}
+    return {"tok_s": tokens / seconds, "wall": wall, "predictions": {r["id"]: r["prediction"] for r in rows}}
 
 
 PLAIN = """
@@ -144,7 +144,7 @@ for row in rows:
         ids = model.generate(**enc, max_new_tokens=max_new, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
     tokens += len(ids)
     out.append(tok.decode(ids, skip_special_tokens=True).strip())
-print(json.dumps({"tok_s": tokens / (time.perf_counter() - start), "predictions": out}))
+print(json.dumps({"tok_s": tokens / (time.perf_counter() - start), "predictions": dict(zip((r["id"] for r in rows), out))}))
 """
 
 
@@ -201,7 +201,11 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for engine, r in results.items():
         s, q = r["serve"], r["predict"]
-        same = sum(x == y for x, y in zip(q["predictions"], base["predict"]["predictions"])) if base else 0
+        same = (
+            sum(q["predictions"][i] == base["predict"]["predictions"][i] for i in q["predictions"])
+            if base
+            else 0
+        )
         name = "zhtune native (PyTorch, fp32)" if engine == "native" else f"llama.cpp {engine}"
         print(
             f"| {name} | {s['tok_s']:.1f} | {s['tok_s'] / base['serve']['tok_s']:.2f}x | {s['ttft_p50']:.2f} | "
@@ -212,7 +216,7 @@ def main() -> None:
             f"{q['wall']:.1f} | - |"
         )
     if plain and base:
-        same = sum(x == y for x, y in zip(plain["predictions"], base["predict"]["predictions"]))
+        same = sum(p == base["predict"]["predictions"][i] for i, p in plain["predictions"].items())
         print(f"| plain transformers generate, one prompt at a time (fp32) | - | - | - | - | {plain['tok_s']:.1f} | "
               f"{plain['tok_s'] / base['predict']['tok_s']:.2f}x | - | {same}/{len(plain['predictions'])} |")  # fmt: skip
 

@@ -26,13 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.test_ddp import LAUNCHER_ENV, log_rows
-
-pytestmark = pytest.mark.skipif(
-    sys.platform == "win32"
-    or not torch.distributed.is_available()
-    or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo",
-)
+from tests.train.test_ddp import pytestmark as pytestmark  # needs torch.distributed with gloo
 
 STEPS = 5
 FSDP2 = Path(__file__).parents[2] / "src" / "zhtune" / "configs" / "accelerate" / "fsdp2.yaml"

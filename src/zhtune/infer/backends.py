@@ -116,7 +116,7 @@ def open_llamacpp(
 def llamacpp_model(
     run: str, opts: EngineOptions, max_sequences: int, tokenizer: Any, context: int = 0
 ) -> LlamaCppModel:
-    """The run's GGUF file (:func:`resolve_gguf`) in llama.cpp, ``max_sequences`` KV streams of
+    """The run's GGUF file (:func:`resolve_gguf`) in llama.cpp, room for ``max_sequences`` sequences of
     ``opts.context`` tokens (else ``context``, else the default), checked against the tokenizer."""
     path = resolve_gguf(run, opts.gguf, opts.llama_cpp)
     model = LlamaCppModel(

@@ -145,13 +145,13 @@ class LlamaCppModel:
         return f"llama.cpp, {self.path.name}, {self.threads} threads"
 
     def take_sequence(self) -> int:
-        """A free KV stream (empty)."""
+        """A free sequence id (nothing cached under it)."""
         if not self.free_sequences:
             raise RuntimeError(f"more than {self.max_sequences} sequences at once")
         return self.free_sequences.pop()
 
     def release(self, seq: int) -> None:
-        """Empty ``seq``'s KV stream and give it back."""
+        """Drop what the KV cache holds for ``seq`` and give the id back."""
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
         self.free_sequences.append(seq)
 
@@ -211,7 +211,7 @@ class LlamaCppModel:
 
 class LlamaCppDecoder:
     """:class:`~zhtune.infer.generate.BatchDecoder`'s contract on a :class:`LlamaCppModel`: every
-    row its own KV stream, sampling settings and budget; :meth:`step` picks one token per
+    row its own sequence in the KV cache, sampling settings and budget; :meth:`step` picks one token per
     running row; :meth:`finish` ends rows early (their streams are emptied at once)."""
 
     def __init__(
@@ -257,7 +257,7 @@ class LlamaCppDecoder:
         return results
 
     def finish(self, rows: list[int]) -> None:
-        """Drop ``rows`` from the batch and empty their KV streams (unknown rows are ignored)."""
+        """Drop ``rows`` from the batch and drop their cached tokens (unknown rows are ignored)."""
         gone = set(rows) & set(self.running)
         if not gone:
             return
@@ -268,7 +268,7 @@ class LlamaCppDecoder:
         self._sampler.keep(keep)
 
     def close(self) -> None:
-        """Give back the KV streams of rows still running (a batch that failed, or was abandoned)."""
+        """Give back the sequences of rows still running (a batch that failed, or was abandoned)."""
         self.finish(list(self.running))
 
 

@@ -212,7 +212,7 @@ class LlamaCppModel:
 class LlamaCppDecoder:
     """:class:`~zhtune.infer.generate.BatchDecoder`'s contract on a :class:`LlamaCppModel`: every
     row its own sequence in the KV cache, sampling settings and budget; :meth:`step` picks one token per
-    running row; :meth:`finish` ends rows early (their streams are emptied at once)."""
+    running row; :meth:`finish` ends rows early (their cached tokens are dropped at once)."""
 
     def __init__(
         self, model: LlamaCppModel, prompts: list[list[int]], samplings: list[Sampling], stop_ids: list[int]

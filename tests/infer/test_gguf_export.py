@@ -128,3 +128,20 @@ def test_vllm_verdicts_follow_its_lora_loader():
         "vllm serve OUT",
         "vllm serve BASE --enable-lora --lora-modules run=RUN/adapter --max-lora-rank 32",
     ]
+
+
+def test_a_missing_llama_cpp_python_names_the_extra(monkeypatch):
+    import builtins
+
+    from zhtune.infer.llamacpp import require_llama_cpp
+
+    real_import = builtins.__import__
+
+    def no_llama(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama)
+    with pytest.raises(ZhtuneError, match=r"--engine llamacpp needs llama.cpp: pip install .*'\.\[llamacpp\]'"):
+        require_llama_cpp("--engine llamacpp")

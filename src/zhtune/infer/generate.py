@@ -256,6 +256,17 @@ class RowSampler:
         return tokens
 
 
+def finish_reason(
+    token: int, stop_ids: set[int], generated: int, budget: int, full: bool = False
+) -> str | None:
+    """Why a decoder's row ends after picking ``token`` as its ``generated``-th: ``"stop"`` (a
+    stop token), ``"length"`` (its ``budget`` spent, or no room left in the context: ``full``),
+    else None (it goes on)."""
+    if token in stop_ids:
+        return "stop"
+    return "length" if generated >= budget or full else None
+
+
 def decoder_samplings(options: GenerationOptions, n: int, seed: int) -> list[Sampling]:
     """``n`` rows' :class:`Sampling` for ``options`` (row ``i`` seeded ``seed + i``), for a
     decoder; the settings only ``model.generate`` has are refused."""
@@ -366,11 +377,9 @@ class BatchDecoder:
         results = []
         for row, token in zip(self.running, tokens.tolist()):
             self.generated[row] += 1
-            reason = None
-            if token in self.stop_ids:
-                reason = "stop"
-            elif self.generated[row] >= self.samplings[row].max_new_tokens:
-                reason = "length"
+            reason = finish_reason(
+                token, self.stop_ids, self.generated[row], self.samplings[row].max_new_tokens
+            )
             results.append((row, token, reason))
         self.finish([row for row, _, reason in results if reason])
         return results

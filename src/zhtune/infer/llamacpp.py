@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.generate import RowSampler, Sampling
+from zhtune.infer.generate import RowSampler, Sampling, finish_reason
 
 INSTALL_HINT = (
     "pip install -c constraints.txt -e '.[llamacpp]' (llama-cpp-python builds llama.cpp from source, "
@@ -244,14 +244,10 @@ class LlamaCppDecoder:
             self._positions[row] += len(self._feeds[row])
             self._feeds[row] = [token]
             self.generated[row] += 1
-            reason = None
-            if token in self.stop_ids:
-                reason = "stop"
-            elif (
-                self.generated[row] >= self.samplings[row].max_new_tokens
-                or self._positions[row] + 1 >= self.model.context_length
-            ):
-                reason = "length"
+            full = self._positions[row] + 1 >= self.model.context_length
+            reason = finish_reason(
+                token, self.stop_ids, self.generated[row], self.samplings[row].max_new_tokens, full
+            )
             results.append((row, token, reason))
         self.finish([row for row, _, reason in results if reason])
         return results

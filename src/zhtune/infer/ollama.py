@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from zhtune.data.chat_template import render_text as chat_template_text
-from zhtune.data.templates import TEMPLATES, Template, _fill, render_text, special_texts
+from zhtune.data.templates import TEMPLATES, Template, _fill, _split, render_text, special_texts
 
 PROBES = [
     [
@@ -49,8 +49,8 @@ def go_template(template: Template, specials: dict[str, str]) -> str:
     (with the generation prompt) for any conversation of system, user and assistant turns."""
 
     def around(fmt: str) -> tuple[str, str]:
-        head, _, tail = fmt.partition("{content}")
-        return go_text(_fill(head, specials)), go_text(_fill(tail, specials))
+        head, tail = _split(fmt, specials)
+        return go_text(head), go_text(tail)
 
     sys_head, sys_tail = around(template.system)
     user_head, user_tail = around(template.user)
@@ -85,8 +85,8 @@ def matching_template(tokenizer: Any) -> Template | None:
         return None
     specials = special_texts(tokenizer)
     for template in TEMPLATES.values():
-        head = _fill(template.prefix, specials) + _fill(template.system.partition("{content}")[0], specials)
-        tail = _fill(template.system.partition("{content}")[2], specials)
+        sys_head, tail = _split(template.system, specials)
+        head = _fill(template.prefix, specials) + sys_head
         default = ""
         if want[0].startswith(head) and tail and tail in want[0][len(head) :]:
             default = want[0][len(head) :].split(tail, 1)[0]

@@ -180,7 +180,7 @@ class Api:
                 f"the model '{self.model_name}' is still loading; retry shortly (GET /health says when it is ready)",
                 type="server_error",
                 code="model_loading",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
+                headers=RETRY_LATER,
             )
         return self._engine
 
@@ -251,7 +251,7 @@ class Api:
                 f"server busy: {busy}; retry later",
                 type="requests",
                 code="rate_limit_exceeded",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
+                headers=RETRY_LATER,
             ) from None
         return job, events, len(rows)
 
@@ -393,7 +393,7 @@ class Api:
         if engine is None:
             loading = round(time.monotonic() - self.loading_since, 1)
             body = {"status": "loading", "ready": False, "model": self.model_name, "loading_seconds": loading}
-            return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+            return JSONResponse(body, status_code=503, headers=RETRY_LATER)
         return JSONResponse(
             {
                 "status": "ok",
@@ -431,6 +431,8 @@ class Api:
 
 RETRY_AFTER_S = 1
 """What a 429 busy answer's ``Retry-After`` says, in seconds."""
+RETRY_LATER = {"Retry-After": str(RETRY_AFTER_S)}
+"""The header of every answer that asks the client to come back (busy, model still loading)."""
 
 DISCONNECT_POLL_S = 0.5
 """How often a non-streaming request checks whether its client is still there."""

@@ -483,3 +483,37 @@ def test_trained_model_scores_far_above_chance(tmp_path):
     after = exam(tuned, "after")
     assert before < 0.5
     assert after >= 0.9, (before, after)
+
+
+def test_shared_prefix_length_leaves_each_prompt_a_token():
+    from zhtune.eval.exam import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4, 7]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter one keeps its last token
+    assert shared_prefix_length([[9, 2], [1, 2]]) == 0
+    assert shared_prefix_length([[5]]) == 0
+
+
+def test_letter_probs_from_a_shared_prefix_cache_equal_whole_prompts(tiny_model_dir):
+    """Running the shared head once and each question against its cache (left padding between
+    the two) gives the probabilities of running each whole prompt alone."""
+    from transformers import AutoModelForCausalLM
+
+    from zhtune.eval.exam import letter_probs, prefix_cache, shared_prefix_length
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    g = torch.Generator().manual_seed(0)
+    head = torch.randint(5, 200, (40,), generator=g).tolist()
+    prompts = [head + torch.randint(5, 200, (k,), generator=g).tolist() for k in (3, 11, 1, 7)]
+    letters = [10, 11, 12, 13]
+    n = shared_prefix_length(prompts)
+    assert n >= 40  # random tails may share a first token
+    cache = prefix_cache(model, prompts[0][:n])
+    assert cache is not None
+    cached = letter_probs(model, prompts, letters, pad_id=0, prefix=(n, cache))
+    again = letter_probs(model, prompts[1:3], letters, pad_id=0, prefix=(n, cache))  # the cache is reused
+    alone = [letter_probs(model, [p], letters, pad_id=0)[0] for p in prompts]
+    for got, want in zip(cached, alone):
+        assert got == pytest.approx(want, abs=1e-5)
+    for got, want in zip(again, cached[1:3]):
+        assert got == pytest.approx(want, abs=1e-6)

@@ -112,7 +112,9 @@ def setup(cfg: TrainConfig) -> Setup:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     method = METHODS[cfg.method]
-    model, n_compiled = build_model(cfg, src, tokenizer, n_added, method, total_steps)
+    engine = accelerator.distributed_type.value  # FSDP and DeepSpeed shard the weights
+    sharded = engine in ("FSDP", "DEEPSPEED")
+    model, n_compiled = build_model(cfg, src, tokenizer, n_added, method, total_steps, sharded)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -124,8 +126,7 @@ def setup(cfg: TrainConfig) -> Setup:
     # also cast the returned logits to fp32, ~10% of a CPU step with a 4k vocabulary, for nothing.
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     model.train()
-    engine = accelerator.distributed_type.value  # FSDP and DeepSpeed shard the output layer's weight
-    fuse = cfg.fused_loss and engine not in ("FSDP", "DEEPSPEED") and not method.virtual_tokens
+    fuse = cfg.fused_loss and not sharded and not method.virtual_tokens
     fused = output_layer(accelerator.unwrap_model(model)) if fuse and has_plain_head(model_type) else None
     return Setup(
         cfg, accelerator, out, src, tokenizer, template, why, model_type, data, method, model, optimizer,
@@ -293,12 +294,20 @@ def load_train_data(
 
 
 def build_model(
-    cfg: TrainConfig, src: ModelSource, tokenizer: Any, n_added: int, method: Method, total_steps: int
+    cfg: TrainConfig,
+    src: ModelSource,
+    tokenizer: Any,
+    n_added: int,
+    method: Method,
+    total_steps: int,
+    sharded: bool = False,
 ) -> tuple[Any, int]:
-    """The base model with the method applied (or an adapter continued); ``(model, compiled
+    """The base model with the method applied (or an adapter continued), its LoRA layers and
+    RMSNorms fused unless ``sharded`` (FSDP, DeepSpeed) or configured off; ``(model, compiled
     decoder blocks)``."""
     import torch
 
+    from zhtune.train.fused import fuse_for_training
     from zhtune.train.loss import frozen_to
 
     quant = quantization_config(cfg.quantization_bits, cfg.precision) if method.quantized else None
@@ -319,6 +328,8 @@ def build_model(
         model = method.prepare(model, cfg, total_steps)
     if cfg.precision == "bf16" and cfg.bf16_frozen and method.save_dir == "adapter" and not method.quantized:
         frozen_to(model, torch.bfloat16)
+    if cfg.fused_kernels and not sharded:
+        fuse_for_training(model)
     return model, compile_blocks(model) if cfg.compile else 0
 
 

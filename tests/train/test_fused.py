@@ -1,0 +1,163 @@
+"""The fused LoRA and RMSNorm kernels give the values and gradients of peft's and the model's own
+modules, fall back where they do not apply, and training with them follows the same curve."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.train.test_sft import make_cfg
+from zhtune.models.tiny import TINY_CONFIG_KEYS, build_tiny_model
+from zhtune.train import fused
+from zhtune.train.sft import train
+
+
+def _grads(module, x, *extra):
+    """Output and the gradients of x, and of the trained parameters, for a fixed upstream grad."""
+    for p in module.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    g = torch.Generator().manual_seed(3)
+    y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad.clone(), grads
+
+
+def _lora_layer(bias: bool, **config):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(24, 16, bias=bias))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], **config))
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # B starts at zero: make it count
+    return model, layer
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_equals_peft_in_fp32_and_under_bf16_autocast(bias):
+    model, layer = _lora_layer(bias)
+    x = torch.randn(2, 5, 24)
+    want = _grads(layer, x)
+    assert fused.fuse_for_training(model) == {"lora": 1, "rmsnorm": 0}
+    got = _grads(layer, x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    assert got[2].keys() == want[2].keys() == {"lora_A.default.weight", "lora_B.default.weight"}
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-5, atol=1e-6)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _grads(layer, x)
+        del layer.forward  # peft's own forward
+        want = _grads(layer, x)
+    assert got[0].dtype == want[0].dtype == torch.bfloat16
+    assert (got[0].float() - want[0].float()).abs().max() <= 0.02 * want[0].float().abs().max()
+    assert got[1].dtype == want[1].dtype == torch.float32  # x was fp32: so is its gradient
+    for name in want[2]:
+        assert got[2][name].dtype == torch.float32  # the adapter's (fp32) gradient
+        assert (got[2][name] - want[2][name]).abs().max() <= 0.02 * want[2][name].abs().max(), name
+
+
+def test_lora_falls_back_to_peft_where_the_fused_layer_does_not_apply():
+    """Dropout, DoRA, disabled or merged adapters: peft's forward runs (same result as without
+    fusing), so fusing is never wrong."""
+    x = torch.randn(3, 24)
+    for config in ({"lora_dropout": 0.1}, {"use_dora": True}):
+        model, layer = _lora_layer(False, **config)
+        assert fused._lora_plain(layer) is None
+    model, layer = _lora_layer(False)
+    fused.fuse_for_training(model)
+    assert fused._lora_plain(layer) == "default"
+    base = layer.base_layer(x)
+    with model.disable_adapter():
+        torch.testing.assert_close(layer(x), base)
+    fused_out = layer(x)
+    layer.merge()
+    assert fused._lora_plain(layer) is None
+    torch.testing.assert_close(layer(x), fused_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("trained", [True, False])
+def test_rmsnorm_equals_llamas(dtype, trained):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(32, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    if not trained:
+        norm.weight.requires_grad_(False)
+        norm.weight.data = norm.weight.data.to(dtype)  # frozen bf16, as zhtune's bf16 LoRA keeps it
+    x = (3 * torch.randn(4, 7, 32)).to(dtype)
+    want = _grads(norm, x)
+    assert fused.is_llama_rmsnorm(norm)
+    norm.forward = fused._rmsnorm_forward.__get__(norm)
+    got = _grads(norm, x)
+    assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    assert got[2].keys() == want[2].keys() == ({"weight"} if trained else set())
+    if trained:
+        torch.testing.assert_close(got[2]["weight"], want[2]["weight"], **tol)
+
+
+def test_only_llamas_rmsnorm_code_is_replaced(tiny_tokenizer):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    assert fused.is_llama_rmsnorm(Qwen2RMSNorm(8))  # a copy of LLaMA's
+    assert not fused.is_llama_rmsnorm(GemmaRMSNorm(8))  # (1 + weight)
+    assert not fused.is_llama_rmsnorm(torch.nn.LayerNorm(8))
+
+
+@pytest.mark.parametrize("family", [f for f in TINY_CONFIG_KEYS if f in ("llama", "qwen2", "gemma")])
+def test_a_fused_lora_model_gives_the_same_loss_and_gradients(family, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = build_tiny_model(family, tiny_tokenizer)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    torch.manual_seed(1)
+    ids = torch.randint(5, model.config.vocab_size, (2, 30))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.cat([torch.arange(18), torch.arange(12)]).repeat(2, 1)}
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    keys = set(model.state_dict())
+    want, want_grads = loss_and_grads()
+    counts = fused.fuse_for_training(model)
+    n_lora = sum(1 for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+    assert counts["lora"] == n_lora > 0
+    assert counts["rmsnorm"] == (0 if family == "gemma" else 2 * model.config.num_hidden_layers + 1)
+    got, got_grads = loss_and_grads()
+    assert set(model.state_dict()) == keys  # nothing renamed: saving is unaffected
+    assert got == pytest.approx(want, rel=1e-6)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def test_training_with_fused_kernels_follows_the_same_curve(tmp_path, tiny_model_dir, train_file):
+    common = dict(method="lora", max_steps=6, logging_steps=1, lr=1e-2, packing=True)
+    runs = {
+        f: train(
+            make_cfg(tiny_model_dir, train_file, tmp_path / str(f), fused_kernels=f, **common), progress=False
+        )
+        for f in (False, True)
+    }
+    own, mine = ([v for r in _log(runs[f]) for v in (r["loss"], r["grad_norm"])] for f in (False, True))
+    assert len(own) == 12 and mine == pytest.approx(own, rel=1e-4)

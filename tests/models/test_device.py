@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -73,3 +75,38 @@ def test_an_explicit_dtype_is_kept(dtype, device):
 def test_an_unknown_dtype_is_refused():
     with pytest.raises(ZhtuneError, match="--dtype 'float32': expected one of auto, fp32, bf16, fp16"):
         resolve_dtype("float32", "cpu")
+
+
+def test_grouped_query_attention_in_kernel_equals_repeated_heads(monkeypatch):
+    """On a CPU transformers passes grouped-query attention to SDPA as it is, with a packed mask
+    too; the model gives the logits and gradients of copying each key/value head per query head."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zhtune.models.device import grouped_query_attention_in_kernel
+
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    grouped_query_attention_in_kernel("cuda")
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(5, model.config.vocab_size, (2, 24))
+    positions = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, position_ids=positions)
+        out.loss.backward()
+        return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want = run()
+    grouped_query_attention_in_kernel("cpu")
+    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    got = run()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -68,3 +68,17 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if device == "mps" else "fp32"
+
+
+def grouped_query_attention_in_kernel(device_type: str) -> None:
+    """On a CPU, have transformers hand grouped-query attention to SDPA as it is (``enable_gqa``)
+    even with a mask (packed rows, padding): PyTorch's CPU kernels take it directly, where
+    transformers would first copy each key/value head once per query head (it does that
+    everywhere except on CUDA without a mask, where CUDA's kernels need it). For SmolLM2 (9
+    query, 3 key/value heads) that is 5 ms of a 39 ms attention forward and backward per layer
+    and 96 MB of saved activations per 2k-token step. Process-wide, through transformers' own
+    switch (``TRANSFORMERS_SDPA_FORCE_GQA``); a value already set is kept."""
+    if device_type == "cpu":
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")

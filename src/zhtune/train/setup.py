@@ -22,6 +22,7 @@ from zhtune.data.dataset import Tokenized, pack_examples, tokenize_records, toke
 from zhtune.data.registry import load_records
 from zhtune.data.templates import Template, get_template, prepare_tokenizer
 from zhtune.errors import ZhtuneError
+from zhtune.models.device import grouped_query_attention_in_kernel
 from zhtune.models.families import check_packing, has_plain_head, resolve_template
 from zhtune.models.gguf import is_gguf
 from zhtune.models.loading import (
@@ -99,6 +100,7 @@ def setup(cfg: TrainConfig) -> Setup:
     from zhtune.train.loss import output_layer
 
     accelerator = make_accelerator(cfg)
+    grouped_query_attention_in_kernel(accelerator.device.type)
     if cfg.compile:
         check_compile(accelerator.device.type)
     out = prepare_output_dir(cfg) if accelerator.is_main_process else Path(cfg.output_dir)

@@ -1,6 +1,6 @@
 """Where a zhtune training step's time goes, on the real model, grouped (torch.profiler, CPU).
 
-    python bench/profile_step.py [--method lora] [--warmup 2] [--steps 3] [--records 200]
+    python bench/profile_step.py [--method lora] [--warmup 2] [--steps 3] [--records 200] [KEY=VALUE ...]
 
 The zhtune job of ``bench/train_real.py`` (SmolLM2-135M-Instruct, the first ``--records`` records
 of alpaca_zh_demo.json, packing, bf16, batch 4, cutoff 512, LoRA r8 on every linear layer): set
@@ -8,8 +8,9 @@ up as ``zhtune train`` does, ``--warmup`` steps run, then ``--steps`` steps unde
 (no ``compile``: the eager ops are what is grouped). Each op's self time is put in one group:
 
 * forward: by the innermost module it runs in (forward hooks open a profiler range per module):
-  the frozen linear layers (LoRA's ``base_layer``), LoRA's A/B matmuls with their scaling and
-  addition, the attention modules (SDPA, RoPE, reshapes; their q/k/v/o projections are linear
+  LoRA's linear layers as zhtune's fused kernel runs them (frozen matmul and A/B together; with
+  ``fused_kernels=false``: the frozen linear layers, LoRA's ``base_layer``, and LoRA's A/B matmuls
+  with their scaling and addition), the attention modules (SDPA, RoPE, reshapes; their q/k/v/o projections are linear
   layers), RMSNorm, the MLP's SwiGLU elementwise ops (its projections are linear layers), the LM
   head with zhtune's fused loss over the 49k vocabulary (logits, log-softmax and their gradient,
   computed in the forward pass), and what runs in no such module (embeddings, residual adds, masks);
@@ -39,7 +40,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from train_real import Bench, zhtune_settings  # noqa: E402
 
-BASE, LORA, ATTN, NORM, SWIGLU, HEAD, OTHER = (
+FUSED, BASE, LORA, ATTN, NORM, SWIGLU, HEAD, OTHER = (
+    "LoRA linear layers, fused (frozen matmul + A/B)",
     "base linear matmuls (frozen)",
     "LoRA A/B matmuls (+ scale, add)",
     "attention (SDPA, RoPE, reshapes)",
@@ -60,6 +62,8 @@ PREFIX = "zh:"
 def module_group(name: str, module: Any) -> str | None:
     """The group of the ops that run directly in ``module`` (None: it opens no range)."""
     cls = type(module).__name__
+    if "forward" in vars(module) and hasattr(module, "base_layer"):
+        return FUSED  # zhtune.train.fused.LoraLinear: the frozen matmul and A/B in one function
     if name.endswith("base_layer"):
         return BASE
     if hasattr(module, "base_layer") or ".lora_A." in f"{name}." or ".lora_B." in f"{name}.":
@@ -177,6 +181,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps before profiling")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
     p.add_argument("--top", type=int, default=12, help="top ops listed")
+    p.add_argument("settings", nargs="*", help="more key=value training settings (fused_kernels=false, ...)")
     a = p.parse_args()
 
     import torch
@@ -193,7 +198,7 @@ def main() -> None:
 
     out = Path(tempfile.mkdtemp(prefix="zhtune-profile-")) / "run"
     b = Bench(smollm2_dir(), Path(a.data), Path(), a.records, 4, 512, out.parent, "")
-    s = setup(load_config(TrainConfig, None, zhtune_settings(b, a.method, out)))
+    s = setup(load_config(TrainConfig, None, zhtune_settings(b, a.method, out) + a.settings))
     cfg = s.cfg
     if s.accelerator.device.type == "cpu":
         keep_freed_memory()  # as the training loop does
@@ -227,8 +232,10 @@ def main() -> None:
     )
     print("| group | forward ms | backward ms | total ms / step | % of step |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for group in (BASE, LORA, ATTN, NORM, SWIGLU, HEAD, OTHER, PYTHON, OPTIMIZER, DATA):
+    for group in (FUSED, BASE, LORA, ATTN, NORM, SWIGLU, HEAD, OTHER, PYTHON, OPTIMIZER, DATA):
         ms = {ph: v / a.steps / 1e3 for (ph, g), v in by_group.items() if g == group}
+        if not ms and group in (FUSED, BASE, LORA):
+            continue  # (fused_kernels on: no separate base / A-B groups; off: no fused one)
         both = sum(ms.values())
         fwd, bwd = ms.get("forward", 0.0), ms.get("backward", 0.0)
         print(f"| {group} | {fwd:,.1f} | {bwd:,.1f} | {both:,.1f} | {both / total:.1%} |")

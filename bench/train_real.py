@@ -33,8 +33,10 @@ FLOPs over the loop time and this machine's bf16 matmul peak measured at the sta
 backward through the frozen weights; no weight gradients) and 6 x params x tokens for full
 fine-tuning, params = every parameter with the tied embedding counted once (it is the LM head's
 matmul), attention's own matmuls left out (a few % at these lengths); peak RSS of the job's
-process tree (summed, sampled every 0.2 s); the final loss = mean of the last 10 steps' logged
-losses (every tool logs every step). Each job's output is kept in ``WORKDIR/NAME.log``, the numbers
+process tree (summed, sampled every 0.2 s); the epoch mean loss = the mean of every step's logged
+loss (each tool sees every record once, so this does not depend on the order it drew them in);
+the final loss = mean of the last 10 steps' (which does: each tool shuffles and packs its own
+way). Each job's output is kept in ``WORKDIR/NAME.log``, the numbers
 in ``WORKDIR/results.json``.
 """
 
@@ -255,27 +257,29 @@ def bf16_copy(source: Path, dest: Path) -> Path:
     return dest
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def table(rows: list[dict], tokens: int, params: int, peak: float) -> list[str]:
     """The markdown table of the finished (or failed) jobs."""
     lines = [
         "| system | steps | train loop s | wall s | tokens/s | vs LLaMA-Factory | % of bf16 roofline "
-        "| peak RSS GiB | final loss |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peak RSS GiB | epoch mean loss | final loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     lf = {r["method"]: tokens / r["loop_s"] for r in rows if r["key"] == "llamafactory" and "loop_s" in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | |")
             continue
         tps = tokens / r["loop_s"]
         flops = (4 if r["method"] == "lora" else 6) * params * tokens
         ratio = f"{tps / lf[r['method']]:.2f}x" if r["method"] in lf else "-"
-        loss = (
-            sum(r["losses"][-LAST_STEPS:]) / len(r["losses"][-LAST_STEPS:]) if r["losses"] else float("nan")
-        )
+        mean, last = (_mean(r["losses"]), _mean(r["losses"][-LAST_STEPS:]))
         lines.append(
             f"| {r['label']} | {r['steps']} | {r['loop_s']:.1f} | {r['wall_s']:.1f} | {tps:,.0f} | {ratio} "
-            f"| {flops / (r['loop_s'] * peak * 1e9):.1%} | {r['peak_rss_mb'] / 1024:.2f} | {loss:.4f} |"
+            f"| {flops / (r['loop_s'] * peak * 1e9):.1%} | {r['peak_rss_mb'] / 1024:.2f} | {mean:.4f} | {last:.4f} |"
         )
     return lines
 
@@ -293,7 +297,12 @@ def main() -> None:
     p.add_argument("--cutoff", type=int, default=512)
     p.add_argument("--peak-seconds", type=float, default=1.5, help="seconds of each matmul peak measurement")
     p.add_argument("--workdir", default="/tmp/zhtune-bench-real")
+    p.add_argument("--table-from", help="print the table of a run's results.json again, running nothing")
     a = p.parse_args()
+    if a.table_from:
+        done = json.loads(Path(a.table_from).read_text())
+        print("\n".join(table(done["rows"], done["tokens"], done["params"], done["peak_gflops"])))
+        return
 
     keys = [s.key for s in SYSTEMS] if a.systems == "all" else a.systems.split(",")
     systems = [s for s in SYSTEMS if s.key in keys]

@@ -3,15 +3,12 @@ modules, fall back where they do not apply, and training with them follows the s
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests.train.test_sft import make_cfg
+from tests.train.test_loss import assert_same_curve_either_way
 from zhtune.models.tiny import TINY_CONFIG_KEYS, build_tiny_model
 from zhtune.train import fused
-from zhtune.train.sft import train
 
 
 def _grads(module, x, *extra):
@@ -147,17 +144,5 @@ def test_a_fused_lora_model_gives_the_same_loss_and_gradients(family, tiny_token
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _log(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
-
-
 def test_training_with_fused_kernels_follows_the_same_curve(tmp_path, tiny_model_dir, train_file):
-    common = dict(method="lora", max_steps=6, logging_steps=1, lr=1e-2, packing=True)
-    runs = {
-        f: train(
-            make_cfg(tiny_model_dir, train_file, tmp_path / str(f), fused_kernels=f, **common), progress=False
-        )
-        for f in (False, True)
-    }
-    own, mine = ([v for r in _log(runs[f]) for v in (r["loss"], r["grad_norm"])] for f in (False, True))
-    assert len(own) == 12 and mine == pytest.approx(own, rel=1e-4)
+    assert_same_curve_either_way("fused_kernels", tmp_path, tiny_model_dir, train_file)

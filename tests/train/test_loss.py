@@ -98,16 +98,20 @@ def _log(run) -> list[dict]:
     return [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
 
 
-def test_training_with_the_fused_loss_follows_the_same_curve(tmp_path, tiny_model_dir, train_file):
+def assert_same_curve_either_way(key: str, tmp_path, model_dir, train_file) -> None:
+    """Six packed LoRA steps with the boolean setting ``key`` off and on follow the same loss and
+    grad-norm curve (1e-4)."""
     common = dict(method="lora", max_steps=6, logging_steps=1, lr=1e-2, packing=True)
     runs = {
-        f: train(
-            make_cfg(tiny_model_dir, train_file, tmp_path / str(f), fused_loss=f, **common), progress=False
-        )
+        f: train(make_cfg(model_dir, train_file, tmp_path / str(f), **{key: f}, **common), progress=False)
         for f in (False, True)
     }
-    own, mine = ([v for r in _log(runs[f]) for v in (r["loss"], r["grad_norm"])] for f in (False, True))
-    assert len(own) == 12 and mine == pytest.approx(own, rel=1e-4)
+    off, on = ([v for r in _log(runs[f]) for v in (r["loss"], r["grad_norm"])] for f in (False, True))
+    assert len(off) == 12 and on == pytest.approx(off, rel=1e-4)
+
+
+def test_training_with_the_fused_loss_follows_the_same_curve(tmp_path, tiny_model_dir, train_file):
+    assert_same_curve_either_way("fused_loss", tmp_path, tiny_model_dir, train_file)
 
 
 def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapter_in_fp32(tmp_path, tiny_model_dir, train_file):

@@ -485,21 +485,13 @@ def test_trained_model_scores_far_above_chance(tmp_path):
     assert after >= 0.9, (before, after)
 
 
-def test_shared_prefix_length_leaves_each_prompt_a_token():
-    from zhtune.eval.exam import shared_prefix_length
-
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4, 7]]) == 3
-    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter one keeps its last token
-    assert shared_prefix_length([[9, 2], [1, 2]]) == 0
-    assert shared_prefix_length([[5]]) == 0
-
-
 def test_letter_probs_from_a_shared_prefix_cache_equal_whole_prompts(tiny_model_dir):
     """Running the shared head once and each question against its cache (left padding between
     the two) gives the probabilities of running each whole prompt alone."""
     from transformers import AutoModelForCausalLM
 
-    from zhtune.eval.exam import letter_probs, prefix_cache, shared_prefix_length
+    from zhtune.eval.exam import letter_probs
+    from zhtune.infer.prefix import prefix_cache, shared_prefix_length
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     g = torch.Generator().manual_seed(0)

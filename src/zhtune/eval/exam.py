@@ -46,6 +46,7 @@ from zhtune.errors import ZhtuneError, where
 from zhtune.eval.exam_prompts import PROMPTS, PromptLayout, resolve_prompt
 from zhtune.flags import flag
 from zhtune.infer.generate import GenerationOptions, Prompter, generate_replies, left_pad
+from zhtune.infer.prefix import prefix_cache, repeat_cache, shared_prefix_length
 from zhtune.models.device import RuntimeOptions, resolve_device, resolve_dtype
 from zhtune.models.loading import load_for_inference
 from zhtune.progress import progress_bar
@@ -425,30 +426,6 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
 MIN_SHARED_PREFIX = 32
 
 
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """How many leading tokens all ``prompts`` share, leaving each at least one of its own (the
-    last position's logits are what is scored)."""
-    if not prompts:
-        return 0
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != first[i]), n)
-    return max(n, 0)
-
-
-def prefix_cache(model: Any, ids: list[int]) -> Any | None:
-    """The model's key/value cache after ``ids`` (one row), or None when the model returns no
-    transformers ``Cache`` (then prompts are run whole)."""
-    import torch
-    from transformers.cache_utils import Cache
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "past_key_values", None)
-    return cache if isinstance(cache, Cache) else None
-
-
 def letter_probs(
     model: Any,
     prompts: list[list[int]],
@@ -464,8 +441,6 @@ def letter_probs(
     :func:`prefix_cache` is ``cache``; only the rest of each prompt is run, attending to a copy of
     the cache repeated for the batch (the padding then sits between the prefix and the rest,
     masked, and positions continue from ``n``). Same probabilities to float rounding (tested)."""
-    import copy
-
     import torch
 
     n, cache = prefix if prefix is not None else (0, None)
@@ -473,8 +448,7 @@ def letter_probs(
     positions = n + (mask.cumsum(-1) - 1).clamp(min=0)
     extra: dict[str, Any] = {"use_cache": False}
     if cache is not None:
-        past = copy.deepcopy(cache)
-        past.batch_repeat_interleave(len(prompts))
+        past = repeat_cache(cache, len(prompts))
         mask = torch.cat([torch.ones(len(prompts), n, dtype=mask.dtype), mask], dim=1)
         extra = {"use_cache": True, "past_key_values": past}
     device = next(model.parameters()).device

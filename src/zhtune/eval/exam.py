@@ -18,9 +18,9 @@ questions, ``dev/`` for the few-shot examples), builds CMMLU's prompt::
 and scores each question by the model's next-token logits over the letters A-D (as CMMLU's and
 LLaMA-Factory's evaluators do): one batched forward pass per batch of prompts of similar length,
 left-padded. The header and shots that a subject's prompts share are run once, and each batch
-runs only its questions against their key/value cache. Subjects whose answers can be several letters (MMCU) are scored by greedy
-generation plus MMCU's extraction rule instead, the prediction counting only if it names exactly
-the right set of letters.
+runs only its questions against their key/value cache. Subjects whose answers can be several
+letters (MMCU) are scored by greedy generation plus MMCU's extraction rule instead, the
+prediction counting only if it names exactly the right set of letters.
 
 The report is the mean accuracy of the subjects (not of the questions), the mean per category
 (CMMLU's STEM / Humanities / Social Science / Other / China specific, C-Eval's four; an unknown

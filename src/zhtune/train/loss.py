@@ -26,15 +26,14 @@ CHUNK_ELEMENTS = 1 << 19
 MIN_CHUNK_ROWS = 128
 
 
-#: Every chunk has the same number of rows, the last one padded with zero rows: oneDNN (bf16
-#: matmuls on a CPU) keeps a compiled primitive, with its own reordered copy of the weight, for
-#: every matmul shape it meets, so a last chunk of a new length every step (the labelled tokens
-#: vary) grew the process by about 28 MB a step on SmolLM2 (2.6 -> 3.4 GiB over 30 steps, flat at
-#: 2.7 with one shape), for at most one chunk of wasted rows a step.
-
-
 def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t`` ``(rows, h)`` with ``n`` zero rows appended."""
+    """``t`` ``(rows, h)`` with ``n`` zero rows appended.
+
+    Every chunk has the same number of rows, the last one padded so: oneDNN (bf16 matmuls on a
+    CPU) keeps a compiled primitive, with its own reordered copy of the weight, for every matmul
+    shape it meets, and a last chunk of a new length every step (the labelled tokens vary) grew
+    the process by about 28 MB a step on SmolLM2 (2.6 -> 3.4 GiB over 30 steps; flat at 2.7 with
+    one shape), for at most one chunk of wasted rows a step."""
     return torch.cat([t, t.new_zeros(n, t.shape[1])]) if n else t
 
 

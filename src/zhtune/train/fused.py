@@ -8,9 +8,9 @@ elementwise passes cost about as much as the matmuls. The two :class:`torch.auto
 here compute the same values with fewer passes:
 
 * :class:`LoraLinear`: ``y = x W^T + b + s (x A^T) B^T`` as one matmul plus one ``addmm`` that
-  adds the low-rank product into ``y`` with the scaling folded in; backward is the three matmuls
-  the gradient needs (``dx = g W + s (g B) A``, ``dA = s (g B)^T x``, ``dB = s g^T (x A^T)``),
-  again with the scaling folded into ``addmm``.
+  adds the low-rank product into ``y`` with the scaling folded in; backward is only the matmuls
+  the gradients need (``dx = g W + s (g B) A``, skipped when ``x`` needs none; ``dA = s (g B)^T x``;
+  ``dB = s g^T (x A^T)``), again with the scaling folded into ``addmm``.
 * :class:`RMSNorm`: one fp32 pass for the statistics, the normalised output and, backward, the
   closed-form gradient from the saved reciprocal RMS.
 
@@ -28,6 +28,8 @@ import types
 from typing import Any
 
 import torch
+
+from zhtune.train.loss import compute_dtype
 
 
 def _same_code(f: Any, g: Any) -> bool:
@@ -51,12 +53,6 @@ def is_llama_rmsnorm(module: Any) -> bool:
     )  # fmt: skip
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul runs in here: autocast's when it is on, else the input's."""
-    device = t.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
-
-
 class LoraLinear(torch.autograd.Function):
     """``x W^T + b + scale * (x A^T) B^T`` for ``x`` ``(..., in)``, frozen ``W`` ``(out, in)`` and
     ``b`` ``(out,)`` or None, trained ``A`` ``(r, in)`` and ``B`` ``(out, r)``; ``(..., out)`` in the
@@ -72,7 +68,7 @@ class LoraLinear(torch.autograd.Function):
         lora_b: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)

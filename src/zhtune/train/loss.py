@@ -37,7 +37,7 @@ def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(n, t.shape[1])]) if n else t
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer runs in here: autocast's when it is on, else the input's."""
     device = t.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
@@ -54,7 +54,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)
         w = weight.to(dtype)
         rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // weight.shape[0])
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)

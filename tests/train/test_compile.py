@@ -1,4 +1,5 @@
-"""compile=true: the decoder blocks compiled one by one, one batch shape, the same training."""
+"""compile: auto resolves per device; kernels compiles the fused RMSNorm only; true compiles the
+decoder blocks one by one, one batch shape; each trains as eager does."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from zhtune.data.batching import micro_batches
 from zhtune.errors import ZhtuneError
 from zhtune.models.tiny import build_tiny_model
 from zhtune.train import compile as compile_mod
-from zhtune.train.compile import check_compile, decoder_blocks
+from zhtune.train.compile import check_compile, compile_mode, decoder_blocks
 from zhtune.train.sft import train
 
 
@@ -28,6 +29,33 @@ def test_a_cpu_without_a_cpp_compiler_is_refused_at_start(monkeypatch):
     with pytest.raises(ZhtuneError, match="config key 'compile'.*C\\+\\+ compiler"):
         check_compile("cpu")
     check_compile("cuda")  # Triton brings its own compiler
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "fused", "cxx", "want"),
+    [
+        ("auto", "cpu", True, True, "kernels"),
+        ("auto", "cpu", True, False, "off"),  # no compiler: auto compiles nothing, no error
+        ("auto", "cpu", False, True, "off"),  # nothing of zhtune's to compile
+        ("auto", "cuda", True, True, "off"),  # not measured on a GPU: eager there
+        (False, "cpu", True, True, "off"),
+        (True, "cpu", True, True, "blocks"),
+        ("blocks", "cuda", True, False, "blocks"),
+        ("kernels", "cpu", True, True, "kernels"),
+    ],
+)
+def test_the_compile_setting_resolves_per_device(monkeypatch, setting, device, fused, cxx, want):
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda name: "/usr/bin/g++" if cxx else None)
+    assert compile_mode(setting, device, fused) == want
+
+
+def test_compiling_what_cannot_be_compiled_is_refused(monkeypatch):
+    with pytest.raises(ZhtuneError, match="config key 'compile'.*fused_kernels is false"):
+        compile_mode("kernels", "cpu", False)
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
+    for setting in (True, "blocks", "kernels"):
+        with pytest.raises(ZhtuneError, match="C\\+\\+ compiler"):
+            compile_mode(setting, "cpu", True)
 
 
 def test_fixed_length_batches_have_one_shape_and_empty_rows_carry_nothing():
@@ -70,7 +98,7 @@ def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_model_dir, tra
 
     import torch._dynamo
 
-    eager = curve("eager")
+    eager = curve("eager", compile=False)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = curve("compiled", compile=True)

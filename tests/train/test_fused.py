@@ -102,6 +102,30 @@ def test_rmsnorm_equals_llamas(dtype, trained):
         torch.testing.assert_close(got[2]["weight"], want[2]["weight"], **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_rmsnorm_equals_the_eager_one_with_one_graph_for_every_length(dtype):
+    """``compile: kernels``: the norm through torch.compile gives the eager kernel's values and
+    gradients, and a new number of tokens compiles nothing more."""
+    import torch._dynamo
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(32, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    x = (3 * torch.randn(4, 7, 32)).to(dtype)
+    norm.forward = fused._rmsnorm_forward.__get__(norm)
+    want = _grads(norm, x)
+    norm.forward = fused._rmsnorm_compiled_forward.__get__(norm)
+    got = _grads(norm, x)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b in ((got[0], want[0]), (got[1], want[1]), (got[2]["weight"], want[2]["weight"])):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for shape in ((2, 5, 32), (1, 33, 32)):
+            y, dx, _ = _grads(norm, torch.randn(shape).to(dtype))
+            assert y.shape == dx.shape == shape
+
+
 def test_only_llamas_rmsnorm_code_is_replaced(tiny_tokenizer):
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
@@ -146,3 +170,7 @@ def test_a_fused_lora_model_gives_the_same_loss_and_gradients(family, tiny_token
 
 def test_training_with_fused_kernels_follows_the_same_curve(tmp_path, tiny_model_dir, train_file):
     assert_same_curve_either_way("fused_kernels", tmp_path, tiny_model_dir, train_file)
+
+
+def test_training_with_the_compiled_rmsnorm_follows_the_same_curve(tmp_path, tiny_model_dir, train_file):
+    assert_same_curve_either_way("compile", tmp_path, tiny_model_dir, train_file, values=(False, "kernels"))

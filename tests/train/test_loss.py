@@ -98,15 +98,15 @@ def _log(run) -> list[dict]:
     return [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
 
 
-def assert_same_curve_either_way(key: str, tmp_path, model_dir, train_file) -> None:
-    """Six packed LoRA steps with the boolean setting ``key`` off and on follow the same loss and
-    grad-norm curve (1e-4)."""
+def assert_same_curve_either_way(key: str, tmp_path, model_dir, train_file, values=(False, True)) -> None:
+    """Six packed LoRA steps with setting ``key`` at each of ``values`` (off, on) follow the same
+    loss and grad-norm curve (1e-4)."""
     common = dict(method="lora", max_steps=6, logging_steps=1, lr=1e-2, packing=True)
     runs = {
         f: train(make_cfg(model_dir, train_file, tmp_path / str(f), **{key: f}, **common), progress=False)
-        for f in (False, True)
+        for f in values
     }
-    off, on = ([v for r in _log(runs[f]) for v in (r["loss"], r["grad_norm"])] for f in (False, True))
+    off, on = ([v for r in _log(runs[f]) for v in (r["loss"], r["grad_norm"])] for f in values)
     assert len(off) == 12 and on == pytest.approx(off, rel=1e-4)
 
 

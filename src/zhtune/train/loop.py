@@ -168,13 +168,13 @@ def optimizer_step(s: Setup, group: list[dict[str, Any]], step: int) -> tuple[fl
 
 
 def validation_loss(s: Setup) -> float:
-    """Mean token loss on the validation set; compiled blocks run eagerly for it (its no-grad
+    """Mean token loss on the validation set; compiled code runs eagerly for it (its no-grad
     graphs and padded shapes would be compiled too, and turn the training graph's shapes dynamic)."""
     import torch
 
 
     acc = s.accelerator
-    with torch.compiler.set_stance("force_eager") if s.cfg.compile else nullcontext():
+    with torch.compiler.set_stance("force_eager") if s.compiled != "off" else nullcontext():
         loss = mean_token_loss(s.model, s.data.val_set, s.cfg.batch_size, s.tokenizer.pad_token_id, acc.device, acc.autocast)
     s.model.train()
     return loss
@@ -194,7 +194,7 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
     stream = micro_batches(
         s.data.train_set, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id, pos.epoch, pos.batch,
         cfg.group_by_length, rank=acc.process_index, num_processes=acc.num_processes,
-        fixed_length=cfg.cutoff_len if cfg.compile and (cfg.packing or cfg.stage == "pt") else 0,
+        fixed_length=cfg.cutoff_len if s.compiled == "blocks" and (cfg.packing or cfg.stage == "pt") else 0,
     )  # fmt: skip
     bar = progress_bar("train", progress and s.is_main, total=s.total_steps, initial=pos.step, dynamic_ncols=True)
     window = Window()

@@ -36,7 +36,7 @@ from zhtune.models.loading import (
 )
 from zhtune.models.quantization import quantization_config
 from zhtune.rundir import RunDir
-from zhtune.train.compile import check_compile, compile_blocks
+from zhtune.train.compile import CompileMode, compile_blocks, compile_mode
 from zhtune.train.config import TrainConfig
 from zhtune.train.methods import METHODS, Method, continue_adapter
 
@@ -78,7 +78,10 @@ class Setup:
     scheduler: Any
     fused: Any
     """The output layer when the loss is computed here (:mod:`zhtune.train.loss`), else None."""
+    compiled: CompileMode
+    """What torch.compile compiles (``compile`` resolved for this device)."""
     n_compiled: int
+    """Decoder blocks (``blocks``) or RMSNorms (``kernels``) compiled."""
     n_trainable: int
     n_total: int
     n_batches: int
@@ -101,8 +104,9 @@ def setup(cfg: TrainConfig) -> Setup:
 
     accelerator = make_accelerator(cfg)
     grouped_query_attention_in_kernel(accelerator.device.type)
-    if cfg.compile:
-        check_compile(accelerator.device.type)
+    engine = accelerator.distributed_type.value  # FSDP and DeepSpeed shard the weights
+    sharded = engine in ("FSDP", "DEEPSPEED")
+    compiled = compile_mode(cfg.compile, accelerator.device.type, cfg.fused_kernels and not sharded)
     out = prepare_output_dir(cfg) if accelerator.is_main_process else Path(cfg.output_dir)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
@@ -114,9 +118,8 @@ def setup(cfg: TrainConfig) -> Setup:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     method = METHODS[cfg.method]
-    engine = accelerator.distributed_type.value  # FSDP and DeepSpeed shard the weights
-    sharded = engine in ("FSDP", "DEEPSPEED")
-    model, n_compiled = build_model(cfg, src, tokenizer, n_added, method, total_steps, sharded)
+    model, n_compiled = build_model(cfg, src, tokenizer, n_added, method, total_steps, sharded, compiled)
+    compiled = compiled if n_compiled else "off"  # (kernels: a family without LLaMA's RMSNorm has none)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -132,7 +135,7 @@ def setup(cfg: TrainConfig) -> Setup:
     fused = output_layer(accelerator.unwrap_model(model)) if fuse and has_plain_head(model_type) else None
     return Setup(
         cfg, accelerator, out, src, tokenizer, template, why, model_type, data, method, model, optimizer,
-        scheduler, fused, n_compiled, n_trainable, n_total, n_batches, steps_per_epoch, total_steps, warmup,
+        scheduler, fused, compiled, n_compiled, n_trainable, n_total, n_batches, steps_per_epoch, total_steps, warmup,
     )  # fmt: skip
 
 
@@ -303,10 +306,11 @@ def build_model(
     method: Method,
     total_steps: int,
     sharded: bool = False,
+    compiled: CompileMode = "off",
 ) -> tuple[Any, int]:
     """The base model with the method applied (or an adapter continued), its LoRA layers and
-    RMSNorms fused unless ``sharded`` (FSDP, DeepSpeed) or configured off; ``(model, compiled
-    decoder blocks)``."""
+    RMSNorms fused unless ``sharded`` (FSDP, DeepSpeed) or configured off, and what ``compiled``
+    says compiled; ``(model, decoder blocks or RMSNorms compiled)``."""
     import torch
 
     from zhtune.train.fused import fuse_for_training
@@ -330,9 +334,12 @@ def build_model(
         model = method.prepare(model, cfg, total_steps)
     if cfg.precision == "bf16" and cfg.bf16_frozen and method.save_dir == "adapter" and not method.quantized:
         frozen_to(model, torch.bfloat16)
+    n_norms = 0
     if cfg.fused_kernels and not sharded:
-        fuse_for_training(model)
-    return model, compile_blocks(model) if cfg.compile else 0
+        n_norms = fuse_for_training(model, compiled_norm=compiled == "kernels")["rmsnorm"]
+    if compiled == "blocks":
+        return model, compile_blocks(model)
+    return model, n_norms if compiled == "kernels" else 0
 
 
 def configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
@@ -430,6 +437,7 @@ def banner(s: Setup) -> str:
         lines += [f"    {note}" for note in cfg.translated]
     if cfg.report_to:
         lines.append(f"  reporting to: {', '.join(cfg.report_to)} (files under {s.out / rundir.TRACKING})")
-    if s.n_compiled:
-        lines.append(f"  compiling {s.n_compiled} decoder blocks (torch.compile; the first steps wait for it)")
+    if s.compiled != "off":
+        what = "decoder blocks" if s.compiled == "blocks" else "RMSNorms (one kernel)"
+        lines.append(f"  compiling {s.n_compiled} {what} (torch.compile, compile={cfg.compile}; the first step waits for it)")
     return "\n".join(lines)

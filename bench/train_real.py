@@ -10,8 +10,9 @@ cutoff 512, batch 4, 1 epoch, bf16, cosine schedule without warm-up, seed 42, ea
 padding-free packing. LoRA: r 8, alpha 16, dropout 0, every linear layer, lr 2e-4; full fine-tuning
 (``--methods lora,full``): lr 1e-5. Each job runs in its own process:
 
-* zhtune through its CLI (``zhtune train key=value ...``): ``packing=true precision=bf16``, and
-  again with ``compile=true``;
+* zhtune through its CLI (``zhtune train key=value ...``): ``packing=true precision=bf16`` (the
+  default ``compile: auto`` compiles the RMSNorm kernel on a CPU), again with ``compile=false``
+  (all eager) and with ``compile=true`` (each decoder block compiled);
 * LLaMA-Factory (``--lf-python``: the Python of its own environment; its rows are skipped when that
   is missing) as ``llamafactory-cli train CONFIG.yaml`` with ``neat_packing: true``; no
   ``template`` key, so it parses the tokenizer's own chat template (any named template would be
@@ -196,8 +197,9 @@ def trl_run(packing: bool) -> Callable[[Bench, str, Path], dict]:
 
 
 SYSTEMS = [
-    System("zhtune", "zhtune (packing, bf16)", zhtune_run()),
-    System("zhtune-compile", "zhtune (packing, bf16, compile)", zhtune_run("compile=true")),
+    System("zhtune", "zhtune (packing, bf16; compile auto: RMSNorm kernel)", zhtune_run()),
+    System("zhtune-eager", "zhtune (packing, bf16, compile=false)", zhtune_run("compile=false")),
+    System("zhtune-compile", "zhtune (packing, bf16, compile=true: blocks)", zhtune_run("compile=true")),
     System("llamafactory", "LLaMA-Factory (neat_packing, bf16)", lf_run),
     System("trl-packed", "TRL SFTTrainer (bfd packing, bf16)", trl_run(packing=True)),
     System("trl-padded", "TRL SFTTrainer (padded, bf16)", trl_run(packing=False)),

@@ -12,7 +12,7 @@ from zhtune.data.batching import micro_batches
 from zhtune.errors import ZhtuneError
 from zhtune.models.tiny import build_tiny_model
 from zhtune.train import compile as compile_mod
-from zhtune.train.compile import check_compile, compile_mode, decoder_blocks
+from zhtune.train.compile import blocks_repay, check_compile, compile_mode, decoder_blocks
 from zhtune.train.sft import train
 
 
@@ -32,21 +32,29 @@ def test_a_cpu_without_a_cpp_compiler_is_refused_at_start(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("setting", "device", "fused", "cxx", "want"),
+    ("setting", "device", "fused", "cxx", "long_run", "want"),
     [
-        ("auto", "cpu", True, True, "kernels"),
-        ("auto", "cpu", True, False, "off"),  # no compiler: auto compiles nothing, no error
-        ("auto", "cpu", False, True, "off"),  # nothing of zhtune's to compile
-        ("auto", "cuda", True, True, "off"),  # not measured on a GPU: eager there
-        (False, "cpu", True, True, "off"),
-        (True, "cpu", True, True, "blocks"),
-        ("blocks", "cuda", True, False, "blocks"),
-        ("kernels", "cpu", True, True, "kernels"),
+        ("auto", "cpu", True, True, False, "kernels"),
+        ("auto", "cpu", True, True, True, "blocks"),  # long enough to repay compiling the blocks
+        ("auto", "cpu", False, True, True, "blocks"),
+        ("auto", "cpu", True, False, True, "off"),  # no compiler: auto compiles nothing, no error
+        ("auto", "cpu", False, True, False, "off"),  # nothing of zhtune's to compile
+        ("auto", "cuda", True, True, True, "off"),  # not measured on a GPU: eager there
+        (False, "cpu", True, True, True, "off"),
+        (True, "cpu", True, True, False, "blocks"),
+        ("blocks", "cuda", True, False, False, "blocks"),
+        ("kernels", "cpu", True, True, True, "kernels"),
     ],
 )
-def test_the_compile_setting_resolves_per_device(monkeypatch, setting, device, fused, cxx, want):
+def test_the_compile_setting_resolves_per_device(monkeypatch, setting, device, fused, cxx, long_run, want):
     monkeypatch.setattr(compile_mod.shutil, "which", lambda name: "/usr/bin/g++" if cxx else None)
-    assert compile_mode(setting, device, fused) == want
+    assert compile_mode(setting, device, fused, long_run) == want
+
+
+def test_auto_compiles_the_blocks_only_for_runs_long_enough_to_repay_it():
+    assert not blocks_repay(135_000_000, 2048, 30)  # bench/train_real.py's 30-step SmolLM2 epoch
+    assert blocks_repay(135_000_000, 2048, 450)  # three epochs of 1,000 records
+    assert not blocks_repay(4_200_000, 4096, 300)  # a 4M-parameter model: its steps are too cheap
 
 
 def test_compiling_what_cannot_be_compiled_is_refused(monkeypatch):

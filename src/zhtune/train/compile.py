@@ -5,10 +5,12 @@ Three modes (:func:`compile_mode` resolves the setting once, at set-up):
 * ``kernels``: only zhtune's fused RMSNorm (:mod:`zhtune.train.fused`), one small graph. Eager,
   an RMSNorm is a chain of fp32 passes over the activations (~5 ms forward and backward for 2,048
   x 576 on two CPU cores); Inductor makes it one read and one write each way (~1.3 ms): a real
-  SmolLM2 LoRA step is ~11% faster, for ~2 s of compiling (from Inductor's disk cache; ~6 s the
-  first time). ``auto``, the default, means this on a CPU with a C++ compiler and the fused
-  kernels on; elsewhere (GPUs: not measured here) nothing is compiled.
-* ``blocks`` (or ``true``): each decoder block, below.
+  SmolLM2 LoRA step is 6-11% faster, for ~2 s of compiling (from Inductor's disk cache; ~6 s the
+  first time).
+* ``blocks`` (or ``true``): each decoder block, below: another ~10% a step, for 6-30 s.
+* ``auto`` (the default), on a CPU with a C++ compiler: ``blocks`` when the run is long enough to
+  repay a first-time compilation (:func:`blocks_repay`), else ``kernels``; elsewhere (GPUs: not
+  measured here; no compiler) nothing.
 * ``false``: nothing.
 
 The blocks:
@@ -50,14 +52,37 @@ def check_compile(device_type: str) -> None:
         )
 
 
-def compile_mode(setting: bool | str, device_type: str, fused_kernels: bool) -> CompileMode:
+#: What ``auto`` assumes to decide whether compiling the blocks repays itself, from SmolLM2-135M
+#: LoRA in bf16 on two CPU cores: the step does ``4 x params x tokens`` FLOPs at about this rate
+#: (measured ~0.65e12 for the whole step) ...
+CPU_STEP_FLOPS = 5e11
+#: ... compiled blocks save this share of a step over compiled kernels (10%: 48.6 -> 43.6 s per
+#: logged step in one bench/train_real.py run) ...
+BLOCKS_GAIN = 0.10
+#: ... for this many seconds of compiling (SmolLM2 on two cores: ~25 s the first time, ~6 s from
+#: Inductor's disk cache; the first time is what a new model pays).
+BLOCKS_COMPILE_S = 30.0
+
+
+def blocks_repay(n_params: int, tokens_per_step: int, steps: int) -> bool:
+    """Whether compiling the decoder blocks should repay its compile time over ``steps`` steps of
+    ``tokens_per_step`` tokens on a model of ``n_params`` (the estimate above: SmolLM2 at 4 x 512
+    tokens needs ~140 steps, a 4M-parameter model never)."""
+    step_s = 4 * n_params * tokens_per_step / CPU_STEP_FLOPS
+    return steps * step_s * BLOCKS_GAIN > BLOCKS_COMPILE_S
+
+
+def compile_mode(setting: bool | str, device_type: str, fused_kernels: bool, long_run: bool = False) -> CompileMode:
     """The ``compile`` setting (``auto``, ``kernels``, ``blocks``, true or false) resolved for a
-    run on ``device_type``; raises where an explicit request cannot work (see the module's
-    docstring for what each mode compiles and when ``auto`` compiles)."""
+    run on ``device_type``; ``long_run``: :func:`blocks_repay` for this run. Raises where an
+    explicit request cannot work (see the module's docstring for what each mode compiles and when
+    ``auto`` compiles what)."""
     if setting is False:
         return "off"
     if setting == "auto":
-        return "kernels" if device_type == "cpu" and fused_kernels and has_cxx() else "off"
+        if device_type != "cpu" or not has_cxx():
+            return "off"
+        return "blocks" if long_run else "kernels" if fused_kernels else "off"
     check_compile(device_type)
     if setting == "kernels" and not fused_kernels:
         raise ZhtuneError("config key 'compile': kernels compiles zhtune's fused kernels; fused_kernels is false")

@@ -36,7 +36,7 @@ from zhtune.models.loading import (
 )
 from zhtune.models.quantization import quantization_config
 from zhtune.rundir import RunDir
-from zhtune.train.compile import CompileMode, compile_blocks, compile_mode
+from zhtune.train.compile import CompileMode, blocks_repay, check_compile, compile_blocks, compile_mode
 from zhtune.train.config import TrainConfig
 from zhtune.train.methods import METHODS, Method, continue_adapter
 
@@ -104,9 +104,8 @@ def setup(cfg: TrainConfig) -> Setup:
 
     accelerator = make_accelerator(cfg)
     grouped_query_attention_in_kernel(accelerator.device.type)
-    engine = accelerator.distributed_type.value  # FSDP and DeepSpeed shard the weights
-    sharded = engine in ("FSDP", "DEEPSPEED")
-    compiled = compile_mode(cfg.compile, accelerator.device.type, cfg.fused_kernels and not sharded)
+    if cfg.compile not in (False, "auto"):
+        check_compile(accelerator.device.type)  # before the data and the model take their time
     out = prepare_output_dir(cfg) if accelerator.is_main_process else Path(cfg.output_dir)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
@@ -118,8 +117,11 @@ def setup(cfg: TrainConfig) -> Setup:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     method = METHODS[cfg.method]
-    model, n_compiled = build_model(cfg, src, tokenizer, n_added, method, total_steps, sharded, compiled)
-    compiled = compiled if n_compiled else "off"  # (kernels: a family without LLaMA's RMSNorm has none)
+    engine = accelerator.distributed_type.value  # FSDP and DeepSpeed shard the weights
+    sharded = engine in ("FSDP", "DEEPSPEED")
+    model, compiled, n_compiled = build_model(
+        cfg, src, tokenizer, n_added, method, total_steps, sharded, accelerator.device.type
+    )
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -306,11 +308,12 @@ def build_model(
     method: Method,
     total_steps: int,
     sharded: bool = False,
-    compiled: CompileMode = "off",
-) -> tuple[Any, int]:
+    device_type: str = "cpu",
+) -> tuple[Any, CompileMode, int]:
     """The base model with the method applied (or an adapter continued), its LoRA layers and
-    RMSNorms fused unless ``sharded`` (FSDP, DeepSpeed) or configured off, and what ``compiled``
-    says compiled; ``(model, decoder blocks or RMSNorms compiled)``."""
+    RMSNorms fused unless ``sharded`` (FSDP, DeepSpeed) or configured off, and compiled as
+    ``compile`` resolves for ``device_type`` and this run's length; ``(model, what is compiled,
+    how many decoder blocks or RMSNorms)``."""
     import torch
 
     from zhtune.train.fused import fuse_for_training
@@ -334,12 +337,16 @@ def build_model(
         model = method.prepare(model, cfg, total_steps)
     if cfg.precision == "bf16" and cfg.bf16_frozen and method.save_dir == "adapter" and not method.quantized:
         frozen_to(model, torch.bfloat16)
-    n_norms = 0
-    if cfg.fused_kernels and not sharded:
-        n_norms = fuse_for_training(model, compiled_norm=compiled == "kernels")["rmsnorm"]
+    fused = cfg.fused_kernels and not sharded
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.cutoff_len
+    long_run = not sharded and blocks_repay(sum(p.numel() for p in model.parameters()), tokens_per_step, total_steps)
+    compiled = compile_mode(cfg.compile, device_type, fused, long_run)
+    n_norms = fuse_for_training(model, compiled_norm=compiled == "kernels")["rmsnorm"] if fused else 0
     if compiled == "blocks":
-        return model, compile_blocks(model)
-    return model, n_norms if compiled == "kernels" else 0
+        return model, compiled, compile_blocks(model)
+    if compiled == "kernels" and n_norms:
+        return model, compiled, n_norms
+    return model, "off", 0  # (kernels: a family without LLaMA's RMSNorm has none to compile)
 
 
 def configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:

@@ -5,7 +5,8 @@
 The zhtune job of ``bench/train_real.py`` (SmolLM2-135M-Instruct, the first ``--records`` records
 of alpaca_zh_demo.json, packing, bf16, batch 4, cutoff 512, LoRA r8 on every linear layer): set
 up as ``zhtune train`` does, ``--warmup`` steps run, then ``--steps`` steps under the profiler
-(no ``compile``: the eager ops are what is grouped). Each op's self time is put in one group:
+(with the default ``compile: auto``, which for these 30 steps compiles the RMSNorm kernel only;
+``compile=false`` groups all-eager ops). Each op's self time is put in one group:
 
 * forward: by the innermost module it runs in (forward hooks open a profiler range per module):
   LoRA's linear layers as zhtune's fused kernel runs them (frozen matmul and A/B together; with

@@ -445,6 +445,6 @@ def banner(s: Setup) -> str:
     if cfg.report_to:
         lines.append(f"  reporting to: {', '.join(cfg.report_to)} (files under {s.out / rundir.TRACKING})")
     if s.compiled != "off":
-        what = "decoder blocks" if s.compiled == "blocks" else "RMSNorms (one kernel)"
+        what = "decoder blocks" if s.compiled == "blocks" else "RMSNorms as one kernel"
         lines.append(f"  compiling {s.n_compiled} {what} (torch.compile, compile={cfg.compile}; the first step waits for it)")
     return "\n".join(lines)

@@ -67,7 +67,7 @@ BLOCKS_COMPILE_S = 30.0
 def blocks_repay(n_params: int, tokens_per_step: int, steps: int) -> bool:
     """Whether compiling the decoder blocks should repay its compile time over ``steps`` steps of
     ``tokens_per_step`` tokens on a model of ``n_params`` (the estimate above: SmolLM2 at 4 x 512
-    tokens needs ~140 steps, a 4M-parameter model never)."""
+    tokens needs ~140 steps, a 4M-parameter model a few thousand)."""
     step_s = 4 * n_params * tokens_per_step / CPU_STEP_FLOPS
     return steps * step_s * BLOCKS_GAIN > BLOCKS_COMPILE_S
 

@@ -5,9 +5,10 @@ Three modes (:func:`compile_mode` resolves the setting once, at set-up):
 * ``kernels``: only zhtune's fused RMSNorm (:mod:`zhtune.train.fused`), one small graph. Eager,
   an RMSNorm is a chain of fp32 passes over the activations (~5 ms forward and backward for 2,048
   x 576 on two CPU cores); Inductor makes it one read and one write each way (~1.3 ms): a real
-  SmolLM2 LoRA step is 6-11% faster, for ~2 s of compiling (from Inductor's disk cache; ~6 s the
-  first time).
-* ``blocks`` (or ``true``): each decoder block, below: another ~10% a step, for 6-30 s.
+  SmolLM2 LoRA step is 6-11% faster, for ~2 s of compiling from Inductor's disk cache (~17 s
+  with an empty cache, the first run on a machine).
+* ``blocks`` (or ``true``): each decoder block, below: another 5-10% a step, for ~6 s (cached) to
+  ~33 s (empty cache).
 * ``auto`` (the default), on a CPU with a C++ compiler: ``blocks`` when the run is long enough to
   repay a first-time compilation (:func:`blocks_repay`), else ``kernels``; elsewhere (GPUs: not
   measured here; no compiler) nothing.
@@ -56,11 +57,13 @@ def check_compile(device_type: str) -> None:
 #: LoRA in bf16 on two CPU cores: the step does ``4 x params x tokens`` FLOPs at about this rate
 #: (measured ~0.65e12 for the whole step) ...
 CPU_STEP_FLOPS = 5e11
-#: ... compiled blocks save this share of a step over compiled kernels (10%: 48.6 -> 43.6 s per
-#: logged step in one bench/train_real.py run) ...
+#: ... compiled blocks save this share of a step over compiled kernels (10% in the steady state
+#: of one bench/train_real.py run, 5% in a 150-step run) ...
 BLOCKS_GAIN = 0.10
-#: ... for this many seconds of compiling (SmolLM2 on two cores: ~25 s the first time, ~6 s from
-#: Inductor's disk cache; the first time is what a new model pays).
+#: ... for this many seconds of compiling (SmolLM2 on two cores, empty Inductor cache: a first
+#: step of 33 s against 21 s with the kernels and 4 s eager; ~10 s and ~5 s from a warm cache).
+#: Checked: 150 SmolLM2 steps from an empty cache took 414.6 s with the blocks and 417.5 s with
+#: the kernels, so the threshold this gives (~140 steps) is about where the two cross.
 BLOCKS_COMPILE_S = 30.0
 
 

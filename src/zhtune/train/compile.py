@@ -57,8 +57,8 @@ def check_compile(device_type: str) -> None:
 #: LoRA in bf16 on two CPU cores: the step does ``4 x params x tokens`` FLOPs at about this rate
 #: (measured ~0.65e12 for the whole step) ...
 CPU_STEP_FLOPS = 5e11
-#: ... compiled blocks save this share of a step over compiled kernels (10% in the steady state
-#: of one bench/train_real.py run, 5% in a 150-step run) ...
+#: ... compiled blocks save this share of a step over compiled kernels (median steps: 10% in
+#: one bench/train_real.py run, 5% in a 150-step run) ...
 BLOCKS_GAIN = 0.10
 #: ... for this many seconds of compiling (SmolLM2 on two cores, empty Inductor cache: a first
 #: step of 33 s against 21 s with the kernels and 4 s eager; ~10 s and ~5 s from a warm cache).

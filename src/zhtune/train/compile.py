@@ -5,7 +5,7 @@ Three modes (:func:`compile_mode` resolves the setting once, at set-up):
 * ``kernels``: only zhtune's fused RMSNorm (:mod:`zhtune.train.fused`), one small graph. Eager,
   an RMSNorm is a chain of fp32 passes over the activations (~5 ms forward and backward for 2,048
   x 576 on two CPU cores); Inductor makes it one read and one write each way (~1.3 ms): a real
-  SmolLM2 LoRA step is 6-11% faster, for ~2 s of compiling from Inductor's disk cache (~17 s
+  SmolLM2 LoRA step is 3-9% faster, for ~2 s of compiling from Inductor's disk cache (~17 s
   with an empty cache, the first run on a machine).
 * ``blocks`` (or ``true``): each decoder block, below: another 5-10% a step, for ~6 s (cached) to
   ~33 s (empty cache).
@@ -57,7 +57,7 @@ def check_compile(device_type: str) -> None:
 #: LoRA in bf16 on two CPU cores: the step does ``4 x params x tokens`` FLOPs at about this rate
 #: (measured ~0.65e12 for the whole step) ...
 CPU_STEP_FLOPS = 5e11
-#: ... compiled blocks save this share of a step over compiled kernels (median steps: 10% in
+#: ... compiled blocks save this share of a step over compiled kernels (median steps: 11% in
 #: one bench/train_real.py run, 5% in a 150-step run) ...
 BLOCKS_GAIN = 0.10
 #: ... for this many seconds of compiling (SmolLM2 on two cores, empty Inductor cache: a first

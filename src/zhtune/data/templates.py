@@ -144,8 +144,10 @@ def special_texts(tokenizer: Any) -> dict[str, str]:
     return {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}
 
 
-def _fill(fmt: str, specials: dict[str, str], content: str = "") -> str:
-    # str.replace, not str.format: message content may itself contain braces.
+def fill_slot(fmt: str, specials: dict[str, str], content: str = "") -> str:
+    """One of a template's slots (``user``, ``assistant``, ``prefix``...) with its ``{bos}``,
+    ``{eos}`` and ``{content}`` filled in (``str.replace``, not ``str.format``: message content may
+    itself contain braces)."""
     return (
         fmt.replace("{bos}", specials["bos"]).replace("{eos}", specials["eos"]).replace("{content}", content)
     )
@@ -166,26 +168,26 @@ def segments(
     """
     out: list[tuple[str, bool]] = []
     if template.prefix:
-        out.append((_fill(template.prefix, specials), False))
+        out.append((fill_slot(template.prefix, specials), False))
     system = template.default_system
     rest = messages
     if messages and messages[0]["role"] == "system":
         system, rest = messages[0]["content"], messages[1:]
-    system_text = _fill(template.system, specials, system) if system else ""
+    system_text = fill_slot(template.system, specials, system) if system else ""
     if system_text and not template.system_in_user:
         out.append((system_text, False))
         system_text = ""
     for msg in rest:
         if msg["role"] == "user":
-            out.append((_fill(template.user, specials, system_text + msg["content"]), False))
+            out.append((fill_slot(template.user, specials, system_text + msg["content"]), False))
             system_text = ""
         else:
-            out.append((_fill(template.assistant_prefix, specials), False))
-            out.append((_fill(template.assistant, specials, msg["content"]), True))
+            out.append((fill_slot(template.assistant_prefix, specials), False))
+            out.append((fill_slot(template.assistant, specials, msg["content"]), True))
     if add_generation_prompt:
         if rest and rest[-1]["role"] == "assistant":
             raise ValueError("add_generation_prompt needs a conversation that ends with a user turn")
-        out.append((_fill(template.assistant_prefix, specials), False))
+        out.append((fill_slot(template.assistant_prefix, specials), False))
     return _merge(out)
 
 
@@ -298,9 +300,11 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _split(fmt: str, specials: dict[str, str]) -> tuple[str, str]:
+def split_slot(fmt: str, specials: dict[str, str]) -> tuple[str, str]:
+    """A slot's text before and after its ``{content}``, specials filled in: what a chat-template
+    language (Jinja here, Go's for Ollama) writes around the message it inserts."""
     head, _, tail = fmt.partition("{content}")
-    return _fill(head, specials), _fill(tail, specials)
+    return fill_slot(head, specials), fill_slot(tail, specials)
 
 
 def to_jinja(template: Template, tokenizer: Any) -> str:
@@ -310,14 +314,14 @@ def to_jinja(template: Template, tokenizer: Any) -> str:
     beyond ``messages`` and ``add_generation_prompt``.
     """
     sp = special_texts(tokenizer)
-    sys_head, sys_tail = _split(template.system, sp)
-    user_head, user_tail = _split(template.user, sp)
-    asst_head, asst_tail = _split(template.assistant, sp)
-    gen = _fill(template.assistant_prefix, sp)
+    sys_head, sys_tail = split_slot(template.system, sp)
+    user_head, user_tail = split_slot(template.user, sp)
+    asst_head, asst_tail = split_slot(template.assistant, sp)
+    gen = fill_slot(template.assistant_prefix, sp)
     # Plain concatenation: '%' and '{' both occur in Jinja syntax, so no format strings here.
     parts = []
     if template.prefix:
-        parts.append("{{ " + _lit(_fill(template.prefix, sp)) + " }}")
+        parts.append("{{ " + _lit(fill_slot(template.prefix, sp)) + " }}")
     parts += [
         "{%- if messages and messages[0]['role'] == 'system' -%}",
         "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",

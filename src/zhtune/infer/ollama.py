@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from zhtune.data.chat_template import render_text as chat_template_text
-from zhtune.data.templates import TEMPLATES, Template, _fill, _split, render_text, special_texts
+from zhtune.data.templates import TEMPLATES, Template, fill_slot, render_text, special_texts, split_slot
 
 PROBES = [
     [
@@ -49,15 +49,15 @@ def go_template(template: Template, specials: dict[str, str]) -> str:
     (with the generation prompt) for any conversation of system, user and assistant turns."""
 
     def around(fmt: str) -> tuple[str, str]:
-        head, tail = _split(fmt, specials)
+        head, tail = split_slot(fmt, specials)
         return go_text(head), go_text(tail)
 
     sys_head, sys_tail = around(template.system)
     user_head, user_tail = around(template.user)
     asst_head, asst_tail = around(template.assistant)
-    gen = go_text(_fill(template.assistant_prefix, specials))
+    gen = go_text(fill_slot(template.assistant_prefix, specials))
     system_block = f"{sys_head}{{{{ $.System }}}}{sys_tail}"
-    parts = [go_text(_fill(template.prefix, specials))]
+    parts = [go_text(fill_slot(template.prefix, specials))]
     if template.system_in_user:  # the system block opens the first user turn
         parts.append('{{ $system := "" }}{{ if .System }}{{ $system = print ' + json.dumps(sys_head) + " .System "
                      + json.dumps(sys_tail) + " }}{{ end }}")  # fmt: skip
@@ -85,8 +85,8 @@ def matching_template(tokenizer: Any) -> Template | None:
         return None
     specials = special_texts(tokenizer)
     for template in TEMPLATES.values():
-        sys_head, tail = _split(template.system, specials)
-        head = _fill(template.prefix, specials) + sys_head
+        sys_head, tail = split_slot(template.system, specials)
+        head = fill_slot(template.prefix, specials) + sys_head
         default = ""
         if want[0].startswith(head) and tail and tail in want[0][len(head) :]:
             default = want[0][len(head) :].split(tail, 1)[0]

@@ -197,7 +197,7 @@ def trl_run(packing: bool) -> Callable[[Bench, str, Path], dict]:
 
 
 SYSTEMS = [
-    System("zhtune", "zhtune (packing, bf16; compile auto: RMSNorm kernel)", zhtune_run()),
+    System("zhtune", "zhtune (packing, bf16, compile auto)", zhtune_run()),
     System("zhtune-eager", "zhtune (packing, bf16, compile=false)", zhtune_run("compile=false")),
     System("zhtune-compile", "zhtune (packing, bf16, compile=true: blocks)", zhtune_run("compile=true")),
     System("llamafactory", "LLaMA-Factory (neat_packing, bf16)", lf_run),

@@ -82,6 +82,8 @@ class Setup:
     """What torch.compile compiles (``compile`` resolved for this device)."""
     n_compiled: int
     """Decoder blocks (``blocks``) or RMSNorms (``kernels``) compiled."""
+    cpu_attention: bool
+    """Attention runs :mod:`zhtune.train.attention` (its backward compiled; rows of fixed length)."""
     n_trainable: int
     n_total: int
     n_batches: int
@@ -119,7 +121,7 @@ def setup(cfg: TrainConfig) -> Setup:
     method = METHODS[cfg.method]
     engine = accelerator.distributed_type.value  # FSDP and DeepSpeed shard the weights
     sharded = engine in ("FSDP", "DEEPSPEED")
-    model, compiled, n_compiled = build_model(
+    model, compiled, n_compiled, cpu_attention = build_model(
         cfg, src, tokenizer, n_added, method, total_steps, sharded, accelerator.device.type
     )
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -137,7 +139,7 @@ def setup(cfg: TrainConfig) -> Setup:
     fused = output_layer(accelerator.unwrap_model(model)) if fuse and has_plain_head(model_type) else None
     return Setup(
         cfg, accelerator, out, src, tokenizer, template, why, model_type, data, method, model, optimizer,
-        scheduler, fused, compiled, n_compiled, n_trainable, n_total, n_batches, steps_per_epoch, total_steps, warmup,
+        scheduler, fused, compiled, n_compiled, cpu_attention, n_trainable, n_total, n_batches, steps_per_epoch, total_steps, warmup,
     )  # fmt: skip
 
 
@@ -309,13 +311,16 @@ def build_model(
     total_steps: int,
     sharded: bool = False,
     device_type: str = "cpu",
-) -> tuple[Any, CompileMode, int]:
+) -> tuple[Any, CompileMode, int, bool]:
     """The base model with the method applied (or an adapter continued), its LoRA layers and
     RMSNorms fused unless ``sharded`` (FSDP, DeepSpeed) or configured off, and compiled as
     ``compile`` resolves for ``device_type`` and this run's length; ``(model, what is compiled,
-    how many decoder blocks or RMSNorms)``."""
+    how many decoder blocks or RMSNorms, whether attention runs zhtune's CPU kernel)``. The
+    kernel (:mod:`zhtune.train.attention`) comes with compiling, on a CPU in bf16, for packed
+    rows (or pre-training blocks), which the loop pads to ``cutoff_len``: one shape, compiled once."""
     import torch
 
+    from zhtune.train.attention import use_cpu_attention
     from zhtune.train.fused import fuse_for_training
     from zhtune.train.loss import frozen_to
 
@@ -342,11 +347,16 @@ def build_model(
     long_run = not sharded and blocks_repay(sum(p.numel() for p in model.parameters()), tokens_per_step, total_steps)
     compiled = compile_mode(cfg.compile, device_type, fused, long_run)
     n_norms = fuse_for_training(model, compiled_norm=compiled == "kernels")["rmsnorm"] if fused else 0
+    fixed_rows = cfg.packing or cfg.stage == "pt"
+    attention = (
+        compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and fixed_rows
+        and use_cpu_attention(model)
+    )  # fmt: skip
     if compiled == "blocks":
-        return model, compiled, compile_blocks(model)
-    if compiled == "kernels" and n_norms:
-        return model, compiled, n_norms
-    return model, "off", 0  # (kernels: a family without LLaMA's RMSNorm has none to compile)
+        return model, compiled, compile_blocks(model), attention
+    if compiled == "kernels" and (n_norms or attention):
+        return model, compiled, n_norms, attention
+    return model, "off", 0, False  # (kernels: a family without LLaMA's RMSNorm has none to compile)
 
 
 def configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
@@ -445,6 +455,8 @@ def banner(s: Setup) -> str:
     if cfg.report_to:
         lines.append(f"  reporting to: {', '.join(cfg.report_to)} (files under {s.out / rundir.TRACKING})")
     if s.compiled != "off":
-        what = "decoder blocks" if s.compiled == "blocks" else "RMSNorms as one kernel"
-        lines.append(f"  compiling {s.n_compiled} {what} (torch.compile, compile={cfg.compile}; the first step waits for it)")
+        what = f"{s.n_compiled} decoder blocks" if s.compiled == "blocks" else f"{s.n_compiled} RMSNorms as one kernel"
+        if s.cpu_attention:
+            what += ", attention's backward"
+        lines.append(f"  compiling {what} (torch.compile, compile={cfg.compile}; the first step waits for it)")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ forward and backward of ``F.scaled_dot_product_attention`` (PyTorch's CPU flash 
 causal mask, with the block-diagonal mask of packed rows (documents of 300/212, 150/362, 512 and
 100/200/212 tokens at 512), with grouped-query attention given to the kernel (``enable_gqa``)
 against key/value heads copied per query head (what transformers does without
-``TRANSFORMERS_SDPA_FORCE_GQA``), and the plain math (``softmax(q k^T) v`` in bf16 with autograd).
+``TRANSFORMERS_SDPA_FORCE_GQA``), the plain math (``softmax(q k^T) v`` in bf16 with autograd),
+and zhtune's training attention (:mod:`zhtune.train.attention`: SDPA's forward, a tiled bf16
+backward compiled by Inductor; the first repeat compiles it).
 FlexAttention, which would skip the masked blocks of packed rows, is tried too: on a CPU it has no
 backward (PyTorch says so), which the table reports. Best of ``--repeats`` (the first is a warm-up);
 prints ms per layer and per 30-layer step.
@@ -59,6 +61,17 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return torch.softmax(q @ k.transpose(-1, -2) * n**-0.5 + bias, dim=-1) @ v
 
 
+class _Causal:
+    is_causal = True
+
+
+def zhtune_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`zhtune.train.attention.attention` as transformers calls it, ``(b, h, t, d)`` out."""
+    from zhtune.train.attention import attention
+
+    return attention(_Causal(), q, k, v, mask)[0].transpose(1, 2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048)
@@ -88,6 +101,7 @@ def main() -> None:
         ("SDPA, packed mask, k/v copied per head", 512, a.kv_heads, repeated(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))),
         ("SDPA, packed mask, enable_gqa", 512, a.kv_heads, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)),
         ("math (bf16, autograd), causal, rows of 512", 512, a.heads, math_attention),
+        ("zhtune (train/attention.py), packed mask", 512, a.kv_heads, lambda q, k, v: zhtune_attention(q, k, v, mask)),
     ]  # fmt: skip
     print(
         f"\nattention forward + backward, {a.tokens} tokens, {a.heads} heads ({a.kv_heads} key/value), "

@@ -307,7 +307,10 @@ def main() -> None:
         return
 
     keys = [s.key for s in SYSTEMS] if a.systems == "all" else a.systems.split(",")
-    systems = [s for s in SYSTEMS if s.key in keys]
+    by_key = {s.key: s for s in SYSTEMS}
+    if unknown := [k for k in keys if k not in by_key]:
+        p.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(by_key)})")
+    systems = [by_key[k] for k in keys]  # in the order given: the machine drifts, so order is a choice
     if "llamafactory" in keys and not Path(a.lf_python).exists():
         print(
             f"LLaMA-Factory rows skipped: {a.lf_python} not found (python3 -m venv /work/lf-venv && "

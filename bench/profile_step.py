@@ -5,13 +5,13 @@
 The zhtune job of ``bench/train_real.py`` (SmolLM2-135M-Instruct, the first ``--records`` records
 of alpaca_zh_demo.json, packing, bf16, batch 4, cutoff 512, LoRA r8 on every linear layer): set
 up as ``zhtune train`` does, ``--warmup`` steps run, then ``--steps`` steps under the profiler
-(with the default ``compile: auto``, which for these 30 steps compiles the RMSNorm kernel only;
-``compile=false`` groups all-eager ops). Each op's self time is put in one group:
+(with the default ``compile: auto``, which for these 30 steps compiles the kernels: RMSNorm and
+attention's backward; ``compile=false`` groups all-eager ops). Each op's self time is put in one group:
 
 * forward: by the innermost module it runs in (forward hooks open a profiler range per module):
   LoRA's linear layers as zhtune's fused kernel runs them (frozen matmul and A/B together; with
   ``fused_kernels=false``: the frozen linear layers, LoRA's ``base_layer``, and LoRA's A/B matmuls
-  with their scaling and addition), the attention modules (SDPA, RoPE, reshapes; their q/k/v/o projections are linear
+  with their scaling and addition), the attention modules (SDPA's forward, zhtune's or SDPA's backward, RoPE, reshapes; their q/k/v/o projections are linear
   layers), RMSNorm, the MLP's SwiGLU elementwise ops (its projections are linear layers), the LM
   head with zhtune's fused loss over the 49k vocabulary (logits, log-softmax and their gradient,
   computed in the forward pass), and what runs in no such module (embeddings, residual adds, masks);
@@ -45,7 +45,7 @@ FUSED, BASE, LORA, ATTN, NORM, SWIGLU, HEAD, OTHER = (
     "LoRA linear layers, fused (frozen matmul + A/B)",
     "base linear matmuls (frozen)",
     "LoRA A/B matmuls (+ scale, add)",
-    "attention (SDPA, RoPE, reshapes)",
+    "attention (SDPA's forward, zhtune's or SDPA's backward, RoPE, reshapes)",
     "RMSNorm",
     "SwiGLU elementwise",
     "LM head + loss over the 49k vocab",

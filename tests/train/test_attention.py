@@ -97,6 +97,22 @@ def test_values_and_gradients_are_sdpas(heads, kv_heads, rows):
     assert all(e <= max(1.5 * s, 2e-3) and e < 1e-2 for e, s in zip(ours, sdpa)), (ours, sdpa)
 
 
+@needs_cxx
+def test_under_autocast_fp32_queries_and_keys_are_cast_as_for_sdpa():
+    """Full fine-tuning under bf16 autocast: q and k fp32 (rotary embedding), v bf16. The kernel
+    runs on all three in bf16, as autocast runs SDPA, and its output is autocast SDPA's."""
+    torch.manual_seed(0)
+    mask = packed_mask([[100, 28]])
+    q, k = (torch.randn(1, h, 128, 16) for h in (4, 2))
+    v = torch.randn(1, 2, 128, 16, dtype=torch.bfloat16)
+    g = torch.randn(1, 128, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _grads(lambda q, k, v: attention(_Module(), q, k, v, mask)[0], q, k, v, g)
+        sdpa = _grads(_sdpa(mask), q, k, v, g)
+    assert torch.equal(ours[0], sdpa[0])  # the same forward kernel on the same bf16 inputs
+    assert all(_errors([o], [s])[0] < 2e-2 for o, s in zip(ours[1:], sdpa[1:]))
+
+
 def test_other_cases_are_transformers_sdpa_unchanged(monkeypatch):
     """No gradient, fp32, dropout, a key/value cache (fewer queries than keys), a mask that is not
     intervals: transformers' SDPA function, called with the same arguments."""
@@ -130,7 +146,9 @@ def test_only_a_model_on_sdpa_is_switched(tiny_model_dir):
 
 
 @needs_cxx
-def test_bf16_packed_training_uses_it_and_follows_sdpas_curve(tmp_path, tiny_model_dir, train_file, capsys):
+def test_bf16_packed_training_uses_it_and_follows_sdpas_curve(
+    tmp_path, tiny_model_dir, train_file, capsys, monkeypatch
+):
     """compile=kernels, bf16, packed rows: the banner names the kernel and the losses follow
     compile=false (SDPA) within bf16's noise; the model's saved config keeps no trace of it."""
 
@@ -142,10 +160,14 @@ def test_bf16_packed_training_uses_it_and_follows_sdpas_curve(tmp_path, tiny_mod
         )  # fmt: skip
         return run, [json.loads(line)["loss"] for line in (run / "trainer_log.jsonl").read_text().splitlines()]
 
+    calls = []
+    apply = attn.CpuAttention.apply
+    monkeypatch.setattr(attn.CpuAttention, "apply", lambda *a: calls.append(1) or apply(*a))
     _, eager = losses("eager", compile=False)
-    assert "attention's backward" not in capsys.readouterr().out
+    assert "attention's backward" not in capsys.readouterr().out and not calls
     run, ours = losses("kernels", compile="kernels")
     assert "attention's backward" in capsys.readouterr().out
+    assert len(calls) == 6 * 2  # every layer of every step (full fine-tuning: q and k arrive in fp32)
     assert len(ours) == 6 and ours == pytest.approx(eager, rel=2e-2)
     assert ours[-1] < ours[0]
     saved = json.loads((run / "model" / "config.json").read_text())

@@ -20,15 +20,19 @@ needs) and computes the backward differently:
   A causal mask, the block-diagonal mask of packed rows (a query's sample start to itself) and a
   padding mask are such intervals; :func:`mask_intervals` checks that the mask is one, exactly.
 
-On SmolLM2's shapes the backward takes 16-18 ms against SDPA's 23-25 ms, and in a real SmolLM2
-LoRA step attention's share falls by more (a step 2.72 -> 2.26 s), with errors against an fp32
-reference like SDPA's own in bf16 (dq's 1.1-1.4x SDPA's, dk's and dv's smaller; tested). It is
-compiled with ``emulate_precision_casts``: Inductor otherwise keeps a fused kernel's bf16
-intermediates in fp32, and the ``lse`` split into two bf16 columns came out as one. :func:`attention` is registered with transformers as an attention function
-(:func:`use_cpu_attention`); it hands every other case to transformers' SDPA function unchanged:
+On SmolLM2's shapes the backward takes 11-18 ms against SDPA's 23-25 ms, and a real SmolLM2 LoRA
+step 2.72 -> 2.26 s, with errors against an fp32 reference like SDPA's own in bf16 (dq's 1.1-1.4x
+SDPA's, dk's and dv's smaller; tested). It is compiled with ``emulate_precision_casts``: Inductor
+otherwise keeps a fused kernel's bf16 intermediates in fp32, and the ``lse`` split into two bf16
+columns came out as one.
+
+:func:`attention` is registered with transformers as an attention function
+(:func:`use_cpu_attention`). It hands every other case to transformers' SDPA function unchanged:
 no gradient (evaluation, generation), another device or dtype, dropout, a key/value cache, a mask
-that is not per-query intervals. The backward is compiled for each shape it meets, so it is used
-where a run's shapes are fixed (packed rows padded to ``cutoff_len``; see ``train/setup.py``).
+that is not per-query intervals. Under bf16 autocast, fp32 queries and keys (full fine-tuning: see
+:func:`_autocast_bf16`) are cast to bf16 first, as autocast casts them for SDPA. The backward is
+compiled for each shape it meets, so it is used where a run's shapes are fixed (packed rows padded
+to ``cutoff_len``; see ``train/setup.py``).
 """
 
 from __future__ import annotations
@@ -204,9 +208,12 @@ def attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     t = query.shape[2]
+    q, k, v = query, key, value
+    if _autocast_bf16(query) and {x.dtype for x in (q, k, v)} <= {torch.float32, torch.bfloat16}:
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     plain = (
         query.device.type == "cpu"
-        and query.dtype == torch.bfloat16 == key.dtype == value.dtype
+        and q.dtype == torch.bfloat16 == k.dtype == v.dtype
         and query.requires_grad
         and torch.is_grad_enabled()
         and not dropout
@@ -220,9 +227,18 @@ def attention(
     if intervals is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    mask = None if attention_mask is None else _additive_mask(attention_mask, query.dtype)
-    out = CpuAttention.apply(query, key, value, mask, *intervals, scale)
+    mask = None if attention_mask is None else _additive_mask(attention_mask, q.dtype)
+    out = CpuAttention.apply(q, k, v, mask, *intervals, scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _autocast_bf16(t: torch.Tensor) -> bool:
+    """Whether bf16 autocast is on for ``t``'s device. Under autocast a full fine-tuning run's
+    queries and keys arrive in fp32 and its values in bf16 (the projections give bf16, but the
+    rotary embedding's cos/sin, made in the fp32 hidden states' dtype, promote q and k back);
+    autocast casts all three to bf16 for SDPA, and the kernel does the same."""
+    device = t.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
 
 
 def use_cpu_attention(model: Any) -> bool:

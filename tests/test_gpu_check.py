@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # 109 s of a 657 s default run with an empty Inductor cache (it compiles)
 def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--steps", "4",

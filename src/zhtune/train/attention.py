@@ -208,12 +208,11 @@ def attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     t = query.shape[2]
-    q, k, v = query, key, value
-    if _autocast_bf16(query) and {x.dtype for x in (q, k, v)} <= {torch.float32, torch.bfloat16}:
-        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    dtypes = {x.dtype for x in (query, key, value)}
+    bf16 = dtypes == {torch.bfloat16} or (_autocast_bf16(query) and dtypes <= {torch.float32, torch.bfloat16})
     plain = (
         query.device.type == "cpu"
-        and q.dtype == torch.bfloat16 == k.dtype == v.dtype
+        and bf16
         and query.requires_grad
         and torch.is_grad_enabled()
         and not dropout
@@ -227,7 +226,8 @@ def attention(
     if intervals is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    mask = None if attention_mask is None else _additive_mask(attention_mask, q.dtype)
+    mask = None if attention_mask is None else _additive_mask(attention_mask, torch.bfloat16)
+    q, k, v = (x.to(torch.bfloat16) for x in (query, key, value))  # (no copy when already bf16)
     out = CpuAttention.apply(q, k, v, mask, *intervals, scale)
     return out.transpose(1, 2).contiguous(), None
 

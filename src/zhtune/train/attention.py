@@ -49,11 +49,6 @@ TILE = 128
 computes less but in matmuls too small to be faster (measured on SmolLM2's shapes)."""
 
 _compiled: Any = None
-_masks: list[Any] = [None, None]
-"""The last mask :func:`mask_intervals` read and what it found: each layer of one forward pass
-gets the same mask tensor. The mask itself is kept, so a new mask can never reuse its ``id``."""
-
-
 def _hi_lo(x: torch.Tensor) -> torch.Tensor:
     """``x`` (fp32, ``(...)``) as two bf16 values ``(..., 2)`` whose sum is ``x`` to ~16 bits."""
     hi = x.to(torch.bfloat16)
@@ -71,19 +66,14 @@ def mask_intervals(mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor
         return torch.zeros(1, length, dtype=torch.int32), pos[None]
     if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2:] != (length, length):
         return None
-    if _masks[0] is mask:
-        return _masks[1]
     m = mask[:, 0]
-    found = None
-    if bool(m.any(-1).all()):
-        start = m.int().argmax(-1).int()
-        end = (length - 1 - m.flip(-1).int().argmax(-1)).int()
-        keys = torch.arange(length, dtype=torch.int32, device=mask.device)
-        rebuilt = (keys >= start[..., None]) & (keys <= end[..., None])
-        if bool((end <= keys).all()) and torch.equal(rebuilt, m):
-            found = (start, end)
-    _masks[0], _masks[1] = mask, found
-    return found
+    if not bool(m.any(-1).all()):
+        return None
+    start = m.int().argmax(-1).int()
+    end = (length - 1 - m.flip(-1).int().argmax(-1)).int()
+    keys = torch.arange(length, dtype=torch.int32, device=mask.device)
+    rebuilt = (keys >= start[..., None]) & (keys <= end[..., None])
+    return (start, end) if bool((end <= keys).all()) and torch.equal(rebuilt, m) else None
 
 
 def attention_backward(
@@ -179,16 +169,24 @@ class CpuAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-_additive: list[Any] = [None, None]
+_last: list[Any] = [None, None]
+"""The last mask :func:`_prepared` read and what it made of it: each layer of one forward pass
+gets the same mask tensor. The mask itself is kept, so a new mask can never reuse its ``id``."""
 
 
-def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``mask`` (bool) as SDPA's CPU kernel takes it: 0 where attended, -inf elsewhere, in
-    ``dtype``; made once per forward pass (every layer gets the same mask)."""
-    if _additive[0] is not mask or _additive[1].dtype != dtype:
-        _additive[0] = mask
-        _additive[1] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return _additive[1]
+def _prepared(mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+    """``(start, end, additive)`` for a mask that :func:`mask_intervals` accepts, else None; made
+    once per forward pass. ``additive``: the mask as SDPA's CPU kernel takes it, 0 where attended
+    and -inf elsewhere, bf16 (None for no mask: causal)."""
+    if mask is None:
+        return (*mask_intervals(None, length), None)
+    if _last[0] is not mask:
+        found = mask_intervals(mask, length)
+        if found is not None:
+            additive = torch.zeros(mask.shape, dtype=torch.bfloat16, device=mask.device)
+            found = (*found, additive.masked_fill_(~mask, float("-inf")))
+        _last[0], _last[1] = mask, found
+    return _last[1]
 
 
 @torch.compiler.disable  # compiled decoder blocks call it as it is (its backward is compiled on its own)
@@ -222,13 +220,13 @@ def attention(
         and all(kwargs.get(name) is None for name in ("softcap", "s_aux", "sinks", "position_bias", "cache"))
         and kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
     )
-    intervals = mask_intervals(attention_mask, t) if plain else None
-    if intervals is None:
+    prepared = _prepared(attention_mask, t) if plain else None
+    if prepared is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    start, end, mask = prepared
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    mask = None if attention_mask is None else _additive_mask(attention_mask, torch.bfloat16)
     q, k, v = (x.to(torch.bfloat16) for x in (query, key, value))  # (no copy when already bf16)
-    out = CpuAttention.apply(q, k, v, mask, *intervals, scale)
+    out = CpuAttention.apply(q, k, v, mask, start, end, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -347,9 +347,8 @@ def build_model(
     long_run = not sharded and blocks_repay(sum(p.numel() for p in model.parameters()), tokens_per_step, total_steps)
     compiled = compile_mode(cfg.compile, device_type, fused, long_run)
     n_norms = fuse_for_training(model, compiled_norm=compiled == "kernels")["rmsnorm"] if fused else 0
-    fixed_rows = cfg.packing or cfg.stage == "pt"
     attention = (
-        compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and fixed_rows
+        compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and fixed_rows(cfg)
         and use_cpu_attention(model)
     )  # fmt: skip
     if compiled == "blocks":
@@ -357,6 +356,12 @@ def build_model(
     if compiled == "kernels" and (n_norms or attention):
         return model, compiled, n_norms, attention
     return model, "off", 0, False  # (kernels: a family without LLaMA's RMSNorm has none to compile)
+
+
+def fixed_rows(cfg: TrainConfig) -> bool:
+    """Whether ``cfg``'s rows can all be padded to ``cutoff_len`` at little cost (packed samples,
+    pre-training blocks): what compiled code with one shape needs (the blocks, the attention kernel)."""
+    return cfg.packing or cfg.stage == "pt"
 
 
 def configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:

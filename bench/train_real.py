@@ -11,13 +11,16 @@ padding-free packing. LoRA: r 8, alpha 16, dropout 0, every linear layer, lr 2e-
 (``--methods lora,full``): lr 1e-5. Each job runs in its own process:
 
 * zhtune through its CLI (``zhtune train key=value ...``): ``packing=true precision=bf16`` (the
-  default ``compile: auto`` compiles the RMSNorm kernel on a CPU), again with ``compile=false``
-  (all eager) and with ``compile=true`` (each decoder block compiled);
+  default ``compile: auto`` compiles the RMSNorm kernel and attention's backward on a CPU), again
+  with ``compile=false`` (all eager) and with ``compile=true`` (each decoder block compiled); and
+  unpacked, each batch padded to its longest row (``packing=false``: zhtune's default, as
+  LLaMA-Factory's), with ``compile`` auto and false;
 * LLaMA-Factory (``--lf-python``: the Python of its own environment; its rows are skipped when that
   is missing) as ``llamafactory-cli train CONFIG.yaml`` with ``neat_packing: true``; no
   ``template`` key, so it parses the tokenizer's own chat template (any named template would be
   another format than the model's); ``disable_gradient_checkpointing: true`` (its default is on,
-  the others' off);
+  the others' off); and with ``neat_packing: false`` (padded, its default), the baseline of
+  zhtune's padded rows;
 * TRL's ``SFTTrainer`` (the Python running this script) with ``packing=True`` (``bfd``,
   padding-free) and without (padded to the longest in each batch); gradient checkpointing off and
   bf16 said explicitly. TRL computes the loss on every token of a ``messages`` record (prompt
@@ -86,6 +89,8 @@ class System:
     label: str
     run: Callable[[Bench, str, Path], dict]
     """(bench, method, output dir) -> the job's numbers (see :func:`result`)."""
+    baseline: str = "llamafactory"
+    """The LLaMA-Factory row its ratio is to: packed rows against neat packing, padded against padded."""
 
 
 def result(info: dict, loop_s: float, steps: int, losses: list[float], own_tokens: int | None) -> dict:
@@ -162,14 +167,18 @@ def lf_config(b: Bench, method: str, out: Path) -> dict:
     return config
 
 
-def lf_run(b: Bench, method: str, out: Path) -> dict:
-    config = out.with_suffix(".yaml")
-    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in lf_config(b, method, out).items()))
-    info = run_child(["llamafactory", "train", str(config)], python=b.lf_python, log=out.with_suffix(".log"))
-    metrics = json.loads((out / "all_results.json").read_text())
-    state = json.loads((out / "trainer_state.json").read_text())
-    losses = [r["loss"] for r in state["log_history"] if "loss" in r]
-    return result(info, metrics["train_runtime"], state["global_step"], losses, None)
+def lf_run(packing: bool) -> Callable[[Bench, str, Path], dict]:
+    def run(b: Bench, method: str, out: Path) -> dict:
+        config = out.with_suffix(".yaml")
+        keys = lf_config(b, method, out) | {"neat_packing": packing}
+        config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()))
+        info = run_child(["llamafactory", "train", str(config)], python=b.lf_python, log=out.with_suffix(".log"))
+        metrics = json.loads((out / "all_results.json").read_text())
+        state = json.loads((out / "trainer_state.json").read_text())
+        losses = [r["loss"] for r in state["log_history"] if "loss" in r]
+        return result(info, metrics["train_runtime"], state["global_step"], losses, None)
+
+    return run
 
 
 def trl_run(packing: bool) -> Callable[[Bench, str, Path], dict]:
@@ -200,7 +209,13 @@ SYSTEMS = [
     System("zhtune", "zhtune (packing, bf16, compile auto)", zhtune_run()),
     System("zhtune-eager", "zhtune (packing, bf16, compile=false)", zhtune_run("compile=false")),
     System("zhtune-compile", "zhtune (packing, bf16, compile=true: blocks)", zhtune_run("compile=true")),
-    System("llamafactory", "LLaMA-Factory (neat_packing, bf16)", lf_run),
+    System("llamafactory", "LLaMA-Factory (neat_packing, bf16)", lf_run(packing=True)),
+    System("zhtune-padded", "zhtune (padded, bf16, compile auto)", zhtune_run("packing=false"), "llamafactory-padded"),
+    System(
+        "zhtune-padded-eager", "zhtune (padded, bf16, compile=false)", zhtune_run("packing=false", "compile=false"),
+        "llamafactory-padded",
+    ),  # fmt: skip
+    System("llamafactory-padded", "LLaMA-Factory (padded, bf16)", lf_run(packing=False), "llamafactory-padded"),
     System("trl-packed", "TRL SFTTrainer (bfd packing, bf16)", trl_run(packing=True)),
     System("trl-padded", "TRL SFTTrainer (padded, bf16)", trl_run(packing=False)),
 ]
@@ -270,14 +285,15 @@ def table(rows: list[dict], tokens: int, params: int, peak: float) -> list[str]:
         "| peak RSS GiB | epoch mean loss | final loss |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lf = {r["method"]: tokens / r["loop_s"] for r in rows if r["key"] == "llamafactory" and "loop_s" in r}
+    lf = {(r["key"], r["method"]): tokens / r["loop_s"] for r in rows if r["key"].startswith("llama") and "loop_s" in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | |")
             continue
         tps = tokens / r["loop_s"]
         flops = (4 if r["method"] == "lora" else 6) * params * tokens
-        ratio = f"{tps / lf[r['method']]:.2f}x" if r["method"] in lf else "-"
+        base = (r.get("baseline", "llamafactory"), r["method"])
+        ratio = f"{tps / lf[base]:.2f}x" if base in lf else "-"
         mean, last = (_mean(r["losses"]), _mean(r["losses"][-LAST_STEPS:]))
         lines.append(
             f"| {r['label']} | {r['steps']} | {r['loop_s']:.1f} | {r['wall_s']:.1f} | {tps:,.0f} | {ratio} "
@@ -311,13 +327,13 @@ def main() -> None:
     if unknown := [k for k in keys if k not in by_key]:
         p.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(by_key)})")
     systems = [by_key[k] for k in keys]  # in the order given: the machine drifts, so order is a choice
-    if "llamafactory" in keys and not Path(a.lf_python).exists():
+    if any(k.startswith("llamafactory") for k in keys) and not Path(a.lf_python).exists():
         print(
             f"LLaMA-Factory rows skipped: {a.lf_python} not found (python3 -m venv /work/lf-venv && "
             "/work/lf-venv/bin/pip install -c bench/llamafactory-constraints.txt llamafactory==0.9.5)",
             file=sys.stderr,
         )
-        systems = [s for s in systems if s.key != "llamafactory"]
+        systems = [s for s in systems if not s.key.startswith("llamafactory")]
     workdir = Path(a.workdir)
     model, messages, tokens, cut, params = prepare(Path(a.data), a.records, a.cutoff, workdir)
     b = Bench(model, Path(a.data), messages, a.records, a.batch, a.cutoff, workdir, a.lf_python)
@@ -328,7 +344,7 @@ def main() -> None:
             label = s.label if method == "lora" else s.label.replace(" (", " full (", 1)
             out = workdir / f"{method}-{s.key}"
             shutil.rmtree(out, ignore_errors=True)
-            row = {"key": s.key, "label": label, "method": method}
+            row = {"key": s.key, "label": label, "method": method, "baseline": s.baseline}
             try:
                 row |= s.run(b, method, out)
                 print(f"  {label}: {row['loop_s']:.1f} s loop, {row['wall_s']:.1f} s wall", file=sys.stderr)

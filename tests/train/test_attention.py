@@ -1,7 +1,8 @@
 """zhtune's CPU attention for training: the masks it takes are exactly per-query key intervals;
 its values and gradients are SDPA's (errors against an fp32 reference no larger than SDPA's own
-in bf16); it hands every other case to transformers' SDPA unchanged; training uses it when it
-compiles, in bf16, on packed rows, and follows SDPA's curve."""
+in bf16), padded to whole tiles or not; past its compile budget the backward is SDPA's; it hands
+every other case to transformers' SDPA unchanged; training uses it when it compiles, in bf16,
+packed or not, and follows SDPA's curve."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ from zhtune.train.compile import has_cxx
 from zhtune.train.sft import train
 
 needs_cxx = pytest.mark.skipif(not has_cxx(), reason="torch.compile on a CPU needs a C++ compiler")
+
+
+@pytest.fixture(autouse=True)
+def compile_budget(monkeypatch):
+    """Each test starts with the whole compile budget (other tests in the process used some)."""
+    monkeypatch.setattr(attn, "_shapes", set())
 
 
 def packed_mask(rows: list[list[int]]) -> torch.Tensor:
@@ -97,6 +104,49 @@ def test_values_and_gradients_are_sdpas(heads, kv_heads, rows):
     assert all(e <= max(1.5 * s, 2e-3) and e < 1e-2 for e, s in zip(ours, sdpa)), (ours, sdpa)
 
 
+def _backward_inputs(t: int, heads: int = 6, kv_heads: int = 2, d: int = 32) -> tuple:
+    """What :class:`attn.CpuAttention` saves for its backward, for 2 packed rows of ``t`` tokens."""
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, t, d, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, kv_heads, t, d, dtype=torch.bfloat16) for _ in range(2))
+    mask = packed_mask([[t - 50, 50], [t]])
+    start, end = mask_intervals(mask, t)
+    additive = torch.zeros(mask.shape, dtype=torch.bfloat16).masked_fill_(~mask, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=additive)
+    return q, k, v, out, lse, torch.randn_like(out), start, end, d**-0.5, additive
+
+
+@needs_cxx
+def test_rows_are_padded_to_whole_tiles_without_changing_the_gradients(monkeypatch):
+    """200 tokens run as 256 (one compiled shape for 129-256): the real rows' gradients are the
+    unpadded computation's (padded queries add exact zeros; padded keys are never attended)."""
+    *inputs, scale, _ = _backward_inputs(200)
+    seen = []
+    compiled = attn._compiled_backward()
+    monkeypatch.setattr(attn, "_compiled_backward", lambda: lambda *a: seen.append(a[0].shape) or compiled(*a))
+    got = attn.tiled_backward(*inputs, scale)
+    want = attn.attention_backward(*inputs, scale)  # eager, unpadded: tiles of 128 and 72
+    assert seen == [(2, 6, 256, 32)] and attn._shapes == {(2, 6, 2, 2, 32)}
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == torch.bfloat16
+        assert ((g.float() - w.float()).abs().max() / w.float().abs().max()).item() < 4e-3
+
+
+def test_a_shape_beyond_the_compile_budget_runs_sdpas_backward(monkeypatch):
+    """Past MAX_SHAPES compiled shapes the backward is SDPA's own op, on the same saved tensors."""
+    monkeypatch.setattr(attn, "_shapes", {(9, 9, 9, 9, 9)})
+    monkeypatch.setattr(attn, "MAX_SHAPES", 1)
+    monkeypatch.setattr(attn, "_compiled_backward", lambda: pytest.fail("compiled a shape past the budget"))
+    q, k, v, out, lse, grad_out, start, end, scale, additive = _backward_inputs(100)
+    assert attn.tiled_backward(q, k, v, out, lse, grad_out, start, end, scale) is None
+    ctx = type("Ctx", (), {"saved_tensors": (q, k, v, out, lse, start, end, additive), "scale": scale})()
+    got = attn.CpuAttention.backward(ctx, grad_out)
+    want = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, False, attn_mask=additive, scale=scale
+    )
+    assert got[3:] == (None,) * 4 and all(torch.equal(g, w) for g, w in zip(got[:3], want))
+
+
 @needs_cxx
 def test_under_autocast_fp32_queries_and_keys_are_cast_as_for_sdpa():
     """Full fine-tuning under bf16 autocast: q and k fp32 (rotary embedding), v bf16. The kernel
@@ -146,15 +196,17 @@ def test_only_a_model_on_sdpa_is_switched(tiny_model_dir):
 
 
 @needs_cxx
-def test_bf16_packed_training_uses_it_and_follows_sdpas_curve(
-    tmp_path, tiny_model_dir, train_file, capsys, monkeypatch
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
+def test_bf16_training_uses_it_and_follows_sdpas_curve(
+    packing, tmp_path, tiny_model_dir, train_file, capsys, monkeypatch
 ):
-    """compile=kernels, bf16, packed rows: the banner names the kernel and the losses follow
-    compile=false (SDPA) within bf16's noise; the model's saved config keeps no trace of it."""
+    """compile=kernels, bf16, packed rows (padded to cutoff_len) or not (padded to whole tiles in
+    the backward): the banner names the kernel and the losses follow compile=false (SDPA) within
+    bf16's noise; the model's saved config keeps no trace of it."""
 
     def losses(name, **kw):
         run = train(
-            cfg(tiny_model_dir, train_file, tmp_path / name, method="full", packing=True, cutoff_len=128,
+            cfg(tiny_model_dir, train_file, tmp_path / name, method="full", packing=packing, cutoff_len=128,
                 batch_size=4, max_steps=6, logging_steps=1, lr=1e-3, precision="bf16", **kw),
             progress=False,
         )  # fmt: skip
@@ -168,6 +220,7 @@ def test_bf16_packed_training_uses_it_and_follows_sdpas_curve(
     run, ours = losses("kernels", compile="kernels")
     assert "attention's backward" in capsys.readouterr().out
     assert len(calls) == 6 * 2  # every layer of every step (full fine-tuning: q and k arrive in fp32)
+    assert attn._shapes and all(shape[3] == 1 for shape in attn._shapes)  # compiled: one tile of 128
     assert len(ours) == 6 and ours == pytest.approx(eager, rel=2e-2)
     assert ours[-1] < ours[0]
     saved = json.loads((run / "model" / "config.json").read_text())

@@ -316,8 +316,9 @@ def build_model(
     RMSNorms fused unless ``sharded`` (FSDP, DeepSpeed) or configured off, and compiled as
     ``compile`` resolves for ``device_type`` and this run's length; ``(model, what is compiled,
     how many decoder blocks or RMSNorms, whether attention runs zhtune's CPU kernel)``. The
-    kernel (:mod:`zhtune.train.attention`) comes with compiling, on a CPU in bf16, for packed
-    rows (or pre-training blocks), which the loop pads to ``cutoff_len``: one shape, compiled once."""
+    kernel (:mod:`zhtune.train.attention`) comes with compiling, on a CPU in bf16: compiled once
+    for packed rows (or pre-training blocks), which the loop pads to ``cutoff_len``, and once per
+    tile count (128 tokens) met for unpacked rows."""
     import torch
 
     from zhtune.train.attention import use_cpu_attention
@@ -348,8 +349,7 @@ def build_model(
     compiled = compile_mode(cfg.compile, device_type, fused, long_run)
     n_norms = fuse_for_training(model, compiled_norm=compiled == "kernels")["rmsnorm"] if fused else 0
     attention = (
-        compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and fixed_rows(cfg)
-        and use_cpu_attention(model)
+        compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and use_cpu_attention(model)
     )  # fmt: skip
     if compiled == "blocks":
         return model, compiled, compile_blocks(model), attention
@@ -360,7 +360,8 @@ def build_model(
 
 def fixed_rows(cfg: TrainConfig) -> bool:
     """Whether ``cfg``'s rows can all be padded to ``cutoff_len`` at little cost (packed samples,
-    pre-training blocks): what compiled code with one shape needs (the blocks, the attention kernel)."""
+    pre-training blocks): what compiled code with one shape wants (the blocks; the attention kernel
+    compiles fewer shapes)."""
     return cfg.packing or cfg.stage == "pt"
 
 

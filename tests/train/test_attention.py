@@ -126,10 +126,30 @@ def test_rows_are_padded_to_whole_tiles_without_changing_the_gradients(monkeypat
     monkeypatch.setattr(attn, "_compiled_backward", lambda: lambda *a: seen.append(a[0].shape) or compiled(*a))
     got = attn.tiled_backward(*inputs, scale)
     want = attn.attention_backward(*inputs, scale)  # eager, unpadded: tiles of 128 and 72
-    assert seen == [(2, 6, 256, 32)] and attn._shapes == {(2, 6, 2, 2, 32)}
+    assert seen == [(2, 6, 256, 32)] and attn._shapes == {(False, 6, 2, 2, 32)}
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == torch.bfloat16
         assert ((g.float() - w.float()).abs().max() / w.float().abs().max()).item() < 4e-3
+
+
+@needs_cxx
+def test_one_compile_serves_every_batch_size_and_length_of_a_bucket():
+    """The batch is a dynamic dimension, the length padded to whole tiles: 2 rows of 200 tokens,
+    then 3 rows of 140 (an epoch's last batch, shorter rows) are one shape, one graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    first = _backward_inputs(200)
+    attn.tiled_backward(*first[:-1])
+    graphs = counters["stats"]["unique_graphs"]
+    q, k, v, out, lse, grad_out, start, end, scale, _ = (
+        torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and x.ndim > 1 else x for x in _backward_inputs(140)
+    )
+    got = attn.tiled_backward(q, k, v, out, lse, grad_out, start, end, scale)
+    want = attn.attention_backward(q, k, v, out, lse, grad_out, start, end, scale)
+    assert counters["stats"]["unique_graphs"] == graphs and attn._shapes == {(False, 6, 2, 2, 32)}
+    for g, w in zip(got, want):
+        assert g.shape[0] == 3 and ((g.float() - w.float()).abs().max() / w.float().abs().max()).item() < 4e-3
 
 
 def test_a_shape_beyond_the_compile_budget_runs_sdpas_backward(monkeypatch):

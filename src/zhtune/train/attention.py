@@ -51,11 +51,12 @@ TILE = 128
 computes less but in matmuls too small to be faster (measured on SmolLM2's shapes)."""
 
 MAX_SHAPES = 8
-"""Shapes ``(batch, heads, kv heads, tiles, head dim)`` the backward is compiled for in one
-process (each costs ~5-8 s of Inductor from an empty cache, ~1 s from a warm one); a batch of
+"""Shapes ``(batch of one, heads, kv heads, tiles, head dim)`` the backward is compiled for in
+one process (each costs ~5-8 s of Inductor from an empty cache, ~1 s from a warm one; the batch
+size is a dynamic dimension, so an epoch's last, smaller batch compiles nothing); a batch of
 another shape after these runs SDPA's own backward. Rows padded to ``cutoff_len`` (packing) make
-one shape; unpadded rows of up to ``cutoff_len`` tokens make at most ``cutoff_len / TILE`` per
-batch size (dynamo's own recompile limit is 8)."""
+one shape, unpadded rows of up to ``cutoff_len`` tokens at most ``cutoff_len / TILE`` (dynamo's
+own recompile limit is 8)."""
 
 _compiled: Any = None
 _shapes: set[tuple[int, ...]] = set()
@@ -147,7 +148,7 @@ def attention_backward(
 def _compiled_backward() -> Any:
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(attention_backward, dynamic=False, options={"emulate_precision_casts": True})
+        _compiled = torch.compile(attention_backward, options={"emulate_precision_casts": True})
     return _compiled
 
 
@@ -169,7 +170,7 @@ def tiled_backward(
     so the real rows' gradients are exactly the unpadded ones."""
     b, h, t, d = q.shape
     pad = -t % TILE
-    shape = (b, h, k.shape[1], (t + pad) // TILE, d)
+    shape = (b == 1, h, k.shape[1], (t + pad) // TILE, d)
     if shape not in _shapes:
         if len(_shapes) >= MAX_SHAPES:
             return None
@@ -177,6 +178,10 @@ def tiled_backward(
     if pad:
         q, k, v, out, grad_out = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, out, grad_out))
         lse, start, end = (torch.nn.functional.pad(x, (0, pad)) for x in (lse, start, end))
+    for x in (q, k, v, out, grad_out, lse, start, end):  # the length static, the batch dynamic
+        torch._dynamo.mark_static(x, 2 if x.ndim == 4 else -1)
+        if b > 1 and x.shape[0] == b:  # (start and end are (1, t) for a causal mask)
+            torch._dynamo.mark_dynamic(x, 0)
     grads = _compiled_backward()(q, k, v, out, lse, grad_out, start, end, scale)
     return tuple(x[:, :, :t] for x in grads) if pad else grads
 

@@ -3,14 +3,15 @@
 Three modes (:func:`compile_mode` resolves the setting once, at set-up):
 
 * ``kernels``: zhtune's fused RMSNorm (:mod:`zhtune.train.fused`), one small graph, and, on a
-  CPU in bf16 with packed rows, attention's backward (:mod:`zhtune.train.attention`). Eager, an
+  CPU in bf16, attention's backward (:mod:`zhtune.train.attention`). Eager, an
   RMSNorm is a chain of fp32 passes over the activations (~5 ms forward and backward for 2,048
   x 576 on two CPU cores); Inductor makes it one read and one write each way (~1.3 ms): a real
   SmolLM2 LoRA step is 3-9% faster. The attention backward makes it another ~17% faster
   (2.72 -> 2.26 s). Together ~2 s of compiling from Inductor's disk cache (~22 s with an empty
   cache, the first run on a machine: a first step of 25.2 s against 3.1 s eager).
 * ``blocks`` (or ``true``): each decoder block, below (attention itself stays outside the compiled
-  graph, as the kernels run it): another 3-5% a step, for ~6 s (cached) to ~33 s (empty cache).
+  graph, as the kernels run it): another 2-9% a step, for ~5 s (cached) to ~17-20 s (empty
+  cache) more than the kernels.
 * ``auto`` (the default), on a CPU with a C++ compiler: ``blocks`` when the run is long enough to
   repay a first-time compilation (:func:`blocks_repay`), else ``kernels``; elsewhere (GPUs: not
   measured here; no compiler) nothing.
@@ -61,20 +62,21 @@ def check_compile(device_type: str) -> None:
 CPU_STEP_FLOPS = 5e11
 #: ... compiled blocks save this share of a step over compiled kernels (median steps: 11% in
 #: one bench/train_real.py run and 5% in a 150-step run before the attention kernel; with it,
-#: alternated 16-step runs: 2.32 and 2.34 s against 2.50 and 2.38 s) ...
-BLOCKS_GAIN = 0.04
-#: ... for this many seconds of compiling (SmolLM2 on two cores, empty Inductor cache: a first
-#: step of 33 s against 21 s with the kernels and 4 s eager; ~10 s and ~5 s from a warm cache).
-#: Checked before the attention kernel (with a 10% gain): 150 SmolLM2 steps from an empty cache
-#: took 414.6 s with the blocks and 417.5 s with the kernels, where the threshold was ~140 steps.
-#: With the 4% measured since, the threshold is ~340 steps.
-BLOCKS_COMPILE_S = 30.0
+#: alternated runs on two days: 7% and 2% (2.50 / 2.32 s, 2.38 / 2.34 s), then 9% and 8%
+#: (2.86 / 2.59 s, 2.66 / 2.45 s) and 7% from empty caches (2.84 / 2.63 s)) ...
+BLOCKS_GAIN = 0.06
+#: ... for this many seconds of compiling beyond the kernels' (SmolLM2 on two cores, empty
+#: Inductor cache: first steps of 33 against 21 s, and of 49.3 against 32.7 s a day later with
+#: the attention kernel; ~5 s more from a warm cache). Checked before the attention kernel (with
+#: a 10% gain and 30 s): 150 SmolLM2 steps from an empty cache took 414.6 s with the blocks and
+#: 417.5 s with the kernels, where the threshold was ~140 steps. Now it is ~150 steps.
+BLOCKS_COMPILE_S = 20.0
 
 
 def blocks_repay(n_params: int, tokens_per_step: int, steps: int) -> bool:
     """Whether compiling the decoder blocks should repay its compile time over ``steps`` steps of
     ``tokens_per_step`` tokens on a model of ``n_params`` (the estimate above: SmolLM2 at 4 x 512
-    tokens needs ~340 steps, a 4M-parameter model several thousand)."""
+    tokens needs ~150 steps, a 4M-parameter model several thousand)."""
     step_s = 4 * n_params * tokens_per_step / CPU_STEP_FLOPS
     return steps * step_s * BLOCKS_GAIN > BLOCKS_COMPILE_S
 

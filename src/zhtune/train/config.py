@@ -129,7 +129,7 @@ class TrainConfig:
     translated: list[str] = field(default_factory=list)
     """Written by zhtune: how LLaMA-Factory keys of the input were translated (shown at start); not a setting."""
     compile: bool | Literal["auto", "kernels", "blocks"] = "auto"
-    """What torch.compile compiles. auto: on a CPU with a C++ compiler, the decoder blocks when the run is long enough to repay a first-time compilation (estimated from the model's size, tokens per step and steps), else the kernels; elsewhere (GPUs) nothing. kernels: the fused RMSNorm and, on a CPU in bf16, attention's backward (~2 s from Inductor's cache, ~22 s with an empty one, plus ~5 s per further 128-token length bucket that unpacked rows meet; a SmolLM2 LoRA step 13-20% faster on a CPU). blocks (or true): each decoder block too (another 3-5% a step, for ~6 s cached to ~33 s of compiling). false: nothing. Compiling on a CPU needs a C++ compiler."""
+    """What torch.compile compiles. auto: on a CPU with a C++ compiler, the decoder blocks when the run is long enough to repay a first-time compilation (estimated from the model's size, tokens per step and steps), else the kernels; elsewhere (GPUs) nothing. kernels: the fused RMSNorm and, on a CPU in bf16, attention's backward (~2 s from Inductor's cache, ~22 s with an empty one, plus ~5 s per further 128-token length bucket that unpacked rows meet; a SmolLM2 LoRA step 13-20% faster on a CPU). blocks (or true): each decoder block too (another 2-9% a step, for ~5 s cached to ~20 s more compiling). false: nothing. Compiling on a CPU needs a C++ compiler."""
 
     @staticmethod
     def translate_keys(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -60,16 +60,22 @@ def test_fused_loss_equals_the_models_own_on_every_family(family, tiny_tokenizer
 
 
 def test_small_chunks_and_bf16_autocast(tiny_tokenizer, monkeypatch):
-    """Many chunks give the same loss as one; under bf16 autocast the loss stays within bf16's
-    rounding of the model's own."""
+    """Many chunks give the same loss and gradients as one (the trained output layer's weight
+    gradient taken over groups of WEIGHT_GRAD_CHUNKS chunks, the last group short); under bf16
+    autocast the loss stays within bf16's rounding of the model's own."""
     model = build_tiny_model("llama", tiny_tokenizer)
     batch = _batch(model.config.vocab_size, packed=False)
     layer = fused.output_layer(model)
-    whole, _ = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(model, layer, batch, 50))
+    whole, whole_grads = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(model, layer, batch, 50))
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 7 * model.config.vocab_size)  # 7 rows a chunk
     monkeypatch.setattr(fused, "MIN_CHUNK_ROWS", 1)
-    chunked, _ = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(model, layer, batch, 50))
+    monkeypatch.setattr(fused, "WEIGHT_GRAD_CHUNKS", 5)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert -(-labelled // 7) % 5  # groups of 5 chunks, and a short one
+    chunked, chunked_grads = _loss_and_grads(model, lambda: fused.fused_causal_lm_loss(model, layer, batch, 50))
     assert chunked == pytest.approx(whole, rel=1e-6)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, want_grads = _loss_and_grads(
             model, lambda: model(**batch, num_items_in_batch=50, use_cache=False).loss

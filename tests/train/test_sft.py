@@ -177,3 +177,27 @@ def test_fp16_on_cpu_is_refused_with_a_reason(tmp_path, tiny_model_dir, train_fi
         pytest.skip("has a GPU")
     with pytest.raises(ZhtuneError, match="fp16 needs a GPU"):
         train(make_cfg(tiny_model_dir, train_file, tmp_path / "fp16", precision="fp16"), progress=False)
+
+
+def test_the_fused_optimizer_takes_the_same_steps():
+    """AdamW's fused kernel (zhtune's default unless sharded) updates as the default one does,
+    weight decay on matrices only, to fp32 rounding."""
+    import torch
+
+    from zhtune.train.setup import build_optimizer
+
+    def trained(fused: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = build_optimizer(model, 1e-2, 0.1, fused=fused)
+        assert bool(opt.defaults["fused"]) is fused and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+        for _ in range(5):
+            model(torch.randn(8, 16)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert all((p - p0).abs().max() > 1e-3 for p, p0 in zip(model.parameters(), start))  # every one moved
+        return [p.detach().clone() for p in model.parameters()]
+
+    fused, plain = trained(True), trained(False)
+    assert all(torch.allclose(f, p, rtol=0, atol=1e-6) for f, p in zip(fused, plain))

@@ -126,7 +126,7 @@ def setup(cfg: TrainConfig) -> Setup:
     )
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, fused=not sharded)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
     configure_deepspeed(accelerator, cfg)
@@ -377,15 +377,21 @@ def configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
     ds["gradient_clipping"] = cfg.max_grad_norm
 
 
-def build_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D)."""
+def build_optimizer(model: Any, lr: float, weight_decay: float, fused: bool = False) -> Any:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D).
+
+    ``fused``: PyTorch's fused AdamW kernel, one vectorised pass over each parameter and its
+    moments. The default on a CPU runs each parameter through a chain of tensor ops with
+    temporaries the size of the parameter: SmolLM2's full fine-tuning step spends 330-390 ms
+    there against 90 ms fused (the same update to fp32 rounding, tested). Not with FSDP or
+    DeepSpeed, which shard (or replace) the optimizer's parameters."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Any:

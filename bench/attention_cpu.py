@@ -3,14 +3,15 @@
     python bench/attention_cpu.py [--tokens 2048] [--heads 9] [--kv-heads 3] [--head-dim 64] [--repeats 5]
 
 SmolLM2-135M's attention shapes (9 query heads, 3 key/value heads, head dim 64), bf16, the
-tokens of one ``bench/train_real.py`` step (4 rows of 512) cut into rows of 512, 256 and 128:
+tokens of one ``bench/train_real.py`` step (4 rows of 512) cut into rows of 512, 256, 200 and 128:
 forward and backward of ``F.scaled_dot_product_attention`` (PyTorch's CPU flash kernel) with a
 causal mask, with the block-diagonal mask of packed rows (documents of 300/212, 150/362, 512 and
 100/200/212 tokens at 512), with grouped-query attention given to the kernel (``enable_gqa``)
 against key/value heads copied per query head (what transformers does without
 ``TRANSFORMERS_SDPA_FORCE_GQA``), the plain math (``softmax(q k^T) v`` in bf16 with autograd),
 and zhtune's training attention (:mod:`zhtune.train.attention`: SDPA's forward, a tiled bf16
-backward compiled by Inductor; the first repeat compiles it).
+backward compiled by Inductor; the first repeat compiles it), packed and as unpacked rows of
+256, 200 (padded to 256 in the backward) and 128 against SDPA with ``enable_gqa``.
 FlexAttention, which would skip the masked blocks of packed rows, is tried too: on a CPU it has no
 backward (PyTorch says so), which the table reports. Best of ``--repeats`` (the first is a warm-up);
 prints ms per layer and per 30-layer step.
@@ -103,6 +104,11 @@ def main() -> None:
         ("math (bf16, autograd), causal, rows of 512", 512, a.heads, math_attention),
         ("zhtune (train/attention.py), packed mask", 512, a.kv_heads, lambda q, k, v: zhtune_attention(q, k, v, mask)),
     ]  # fmt: skip
+    for length in (256, 200, 128):  # unpacked rows: the backward pads 200 to 256
+        cases += [
+            (f"SDPA, causal, rows of {length}, enable_gqa", length, a.kv_heads, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+            (f"zhtune (train/attention.py), causal, rows of {length}", length, a.kv_heads, lambda q, k, v: zhtune_attention(q, k, v, None)),
+        ]  # fmt: skip
     print(
         f"\nattention forward + backward, {a.tokens} tokens, {a.heads} heads ({a.kv_heads} key/value), "
         f"head dim {a.head_dim}, bf16, {torch.get_num_threads()} threads\n"

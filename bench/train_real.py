@@ -285,7 +285,8 @@ def table(rows: list[dict], tokens: int, params: int, peak: float) -> list[str]:
         "| peak RSS GiB | epoch mean loss | final loss |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lf = {(r["key"], r["method"]): tokens / r["loop_s"] for r in rows if r["key"].startswith("llama") and "loop_s" in r}
+    baselines = {s.baseline for s in SYSTEMS}
+    lf = {(r["key"], r["method"]): tokens / r["loop_s"] for r in rows if r["key"] in baselines and "loop_s" in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | |")

@@ -33,8 +33,8 @@ that is not per-query intervals. Under bf16 autocast, fp32 queries and keys (ful
 :func:`_autocast_bf16`) are cast to bf16 first, as autocast casts them for SDPA. The backward is
 compiled for each shape it meets, in whole tiles (:func:`tiled_backward` pads a row of 200 tokens
 to 256), for up to :data:`MAX_SHAPES` shapes: one for packed rows padded to ``cutoff_len``, a few
-for unpacked rows (SmolLM2, 4 rows of 128-512 tokens: 5.5-7 ms a layer faster than SDPA's
-backward at every length, so a step gains at any length).
+for unpacked rows (SmolLM2's heads, 2,048 tokens in causal rows of 128, 200 or 256: a backward
+of 8-13 ms a layer against SDPA's 20-30 ms, ``bench/attention_cpu.py``; a step gains at any length).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ computes less but in matmuls too small to be faster (measured on SmolLM2's shape
 
 MAX_SHAPES = 8
 """Shapes ``(batch of one, heads, kv heads, tiles, head dim)`` the backward is compiled for in
-one process (each costs ~5-8 s of Inductor from an empty cache, ~1 s from a warm one; the batch
+one process (each costs ~5-8 s of Inductor from an empty cache; from a warm one Dynamo still
+traces it, ~3.6 s for the first shape of a run on SmolLM2's, measured; the batch
 size is a dynamic dimension, so an epoch's last, smaller batch compiles nothing); a batch of
 another shape after these runs SDPA's own backward. Rows padded to ``cutoff_len`` (packing) make
 one shape, unpadded rows of up to ``cutoff_len`` tokens at most ``cutoff_len / TILE`` (dynamo's

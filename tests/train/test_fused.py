@@ -39,7 +39,7 @@ def test_lora_linear_equals_peft_in_fp32_and_under_bf16_autocast(bias):
     model, layer = _lora_layer(bias)
     x = torch.randn(2, 5, 24)
     want = _grads(layer, x)
-    assert fused.fuse_for_training(model) == {"lora": 1, "rmsnorm": 0}
+    assert fused.fuse_for_training(model) == {"lora": 1, "rmsnorm": 0, "mlp": 0, "linear": 2}  # (+ A and B)
     got = _grads(layer, x)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
@@ -174,3 +174,114 @@ def test_training_with_fused_kernels_follows_the_same_curve(tmp_path, tiny_model
 
 def test_training_with_the_compiled_rmsnorm_follows_the_same_curve(tmp_path, tiny_model_dir, train_file):
     assert_same_curve_either_way("compile", tmp_path, tiny_model_dir, train_file, values=(False, "kernels"))
+
+
+def _saved_bytes(module, x) -> int:
+    """Bytes of the distinct tensors other than parameters that autograd keeps for backward when
+    ``module(x)`` runs (under whatever autocast is on)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x.detach().requires_grad_(True))
+    return sum(seen.values())
+
+
+def _close(got, want, rel: float, rel_x: float | None = None) -> None:
+    """Outputs and parameter gradients within ``rel`` of the largest value, input gradients
+    within ``rel_x`` (default ``rel``)."""
+    assert got[2].keys() == want[2].keys()
+    pairs = [(got[0], want[0], rel), (got[1], want[1], rel_x or rel)]
+    for a, b, r in pairs + [(got[2][k], want[2][k], rel) for k in want[2]]:
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert (a.float() - b.float()).abs().max() <= r * b.float().abs().max()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_trained_linear_under_autocast_keeps_its_input_but_no_cast_weight(bias):
+    """Full fine-tuning's fp32 weights under bf16 autocast: autocast's values and gradients, and
+    for backward only the bf16 input is kept (autocast also keeps a bf16 copy of the weight)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40, bias=bias)
+    x = torch.randn(3, 5, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_bytes = _grads(layer, x), _saved_bytes(layer, x)
+    assert fused.fuse_for_training(layer) == {"lora": 0, "rmsnorm": 0, "mlp": 0, "linear": 1}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_bytes = _grads(layer, x), _saved_bytes(layer, x)
+    _close(got, want, 1e-6)  # the same ops: the same numbers
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == got[2]["weight"].dtype == torch.float32
+    assert (want_bytes, got_bytes) == (15 * 48 * 2 + 40 * 48 * 2, 15 * 48 * 2)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # no autocast
+
+
+@pytest.mark.parametrize("trained_down", [True, False])
+def test_llamas_mlp_keeps_only_its_input_gate_and_up_for_backward(trained_down):
+    """The MLP's values and gradients as its own forward gives them, fp32 and under bf16
+    autocast, with ``silu(gate)`` (and, when the down projection is trained and wider than bf16,
+    its input) computed again in backward instead of kept."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=80, hidden_act="silu", mlp_bias=True))
+    mlp.down_proj.requires_grad_(trained_down)
+    x = torch.randn(2, 7, 32)
+    want32 = _grads(mlp, x)
+    xb = x.bfloat16()  # what a norm in front hands it under autocast (see the full-model test)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_bytes = _grads(mlp, xb), _saved_bytes(mlp, xb)
+    assert fused.is_llama_mlp(mlp)
+    assert fused.fuse_for_training(mlp) == {"lora": 0, "rmsnorm": 0, "mlp": 1, "linear": 2 + trained_down}
+    _close(_grads(mlp, x), want32, 1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_bytes = _grads(mlp, xb), _saved_bytes(mlp, xb)
+    _close(got, want, 1e-6)
+    x_gate_up = (14 * 32 + 2 * 14 * 80) * 2  # bf16
+    # (a frozen fp32 down projection runs as its own layer: autocast keeps its weight's bf16 copy)
+    assert got_bytes == x_gate_up + (0 if trained_down else 80 * 32 * 2)
+    assert want_bytes - got_bytes >= 14 * 80 * 2  # silu(gate) at least
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "glm4"])
+def test_a_fused_full_model_under_bf16_autocast_gives_the_same_loss_and_gradients(family, tiny_tokenizer):
+    """Full fine-tuning (fp32 weights, bf16 autocast): the same loss and gradients as the model's
+    own modules, to bf16 rounding. The norms in front of attention and the MLP hand their
+    consumers bf16 (the projections sum their input gradients in bf16 instead of fp32: the only
+    change of numerics); Qwen3's per-head q/k norms and GLM-4's sandwich norms stay fp32."""
+    model = build_tiny_model(family, tiny_tokenizer)
+    torch.manual_seed(1)
+    ids = torch.randint(5, model.config.vocab_size, (2, 30))
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want, want_grads = loss_and_grads()
+    counts = fused.fuse_for_training(model)
+    assert counts["mlp"] == (model.config.num_hidden_layers if family != "glm4" else 0)
+    got, got_grads = loss_and_grads()
+    assert got == pytest.approx(want, rel=1e-3)
+    for name, grad in want_grads.items():
+        assert (got_grads[name] - grad).abs().max() <= 0.03 * grad.abs().max(), name
+    layer = model.model.layers[0]
+    marked = [n for n, m in model.named_modules() if getattr(m, "_zhtune_feeds_linears", False)]
+    if family == "glm4":
+        assert marked == []
+    else:
+        assert len(marked) == 2 * model.config.num_hidden_layers
+        assert all(n.endswith(("input_layernorm", "post_attention_layernorm")) for n in marked)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.input_layernorm(torch.randn(1, 3, model.config.hidden_size)).dtype == torch.bfloat16
+    if family == "qwen3":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.self_attn.q_norm(torch.randn(1, 3, model.config.head_dim)).dtype == torch.float32

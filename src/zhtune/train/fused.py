@@ -27,6 +27,7 @@ wrong, only sometimes not faster. Same values and gradients to float rounding (t
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any
 
@@ -37,8 +38,9 @@ from zhtune.train.loss import compute_dtype
 
 def _same_code(f: Any, g: Any) -> bool:
     """Whether two functions compile to the same code (one copied from the other, as
-    transformers' modular converter copies LLaMA's modules into other families)."""
-    f, g = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    transformers' modular converter copies LLaMA's modules into other families). Decorated
+    functions are compared by what they wrap: every wrapper a decorator makes has the same code."""
+    f, g = getattr(inspect.unwrap(f), "__code__", None), getattr(inspect.unwrap(g), "__code__", None)
     return f is not None and g is not None and (f.co_code, f.co_names, f.co_consts, f.co_varnames) == (
         g.co_code, g.co_names, g.co_consts, g.co_varnames
     )  # fmt: skip
@@ -105,16 +107,21 @@ class RMSNorm(torch.autograd.Function):
     that product promotes to (as the module's own forward gives)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         xf = x.float()
         rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
         normed = (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * normed
+        y = weight * normed
+        ctx.y_dtype = y.dtype
+        return y if out_dtype is None else y.to(out_dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         x, weight, rstd = ctx.saved_tensors
+        grad = grad.to(ctx.y_dtype)  # (what the cast to out_dtype hands back)
         xhat = x.float().mul_(rstd)  # the normalised input, fp32
         grad_weight = None
         if ctx.needs_input_grad[1]:
@@ -125,17 +132,142 @@ class RMSNorm(torch.autograd.Function):
             gn = (grad * weight).float()
             dot = (gn * xhat).mean(-1, keepdim=True)
             grad_x = gn.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, None, None
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (LLaMA's MLP activation, the same two ops as its forward)."""
+    return torch.nn.functional.silu(gate).mul_(up)
+
+
+def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``gate`` and ``up`` for ``grad`` of :func:`_swiglu`'s result, with
+    ``silu(gate)`` computed again: the ops autograd would run on the saved activation."""
+    return torch.ops.aten.silu_backward(grad * up, gate), grad * torch.nn.functional.silu(gate)
+
+
+def _cast_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``x2 @ weight.T + bias`` for ``x2`` ``(n, in)`` in ``dtype``, the weight cast for this call
+    only (autocast would keep the cast for backward: a bf16 copy of every trained weight alive
+    from the forward to the backward)."""
+    return torch.nn.functional.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def _cast_linear_backward(
+    grad2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of :func:`_cast_linear`'s ``x2`` (in ``grad2``'s dtype), ``weight`` and
+    ``bias`` (in theirs) for ``grad2`` ``(n, out)``, each only where ``needs`` says; the weight is
+    cast again here instead of kept from the forward."""
+    grad_x = grad2 @ weight.to(grad2.dtype) if needs[0] else None
+    grad_w = torch.mm(grad2.T, x2).to(weight.dtype) if needs[1] else None
+    grad_b = grad2.sum(0).to(bias.dtype) if bias is not None and needs[2] else None
+    return grad_x, grad_w, grad_b
+
+
+class CastLinear(torch.autograd.Function):
+    """``x W^T + b`` under autocast for a trained ``W`` ``(out, in)`` wider than the compute dtype
+    (full fine-tuning's fp32 weights under bf16): the values and gradients of autocast's linear,
+    but only ``x`` (in the compute dtype) and the fp32 parameter itself are kept for backward, which
+    casts ``W`` again (~0.25 GiB less at a SmolLM2 step's peak for one cast of the weights more)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            y = _cast_linear(x2, weight, bias, dtype)
+        ctx.save_for_backward(x2, weight, bias)
+        ctx.x_dtype = x.dtype
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x2, weight, bias = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+            grad_x, grad_w, grad_b = _cast_linear_backward(g, x2, weight, bias, ctx.needs_input_grad)
+        if grad_x is not None:
+            grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
+        return grad_x, grad_w, grad_b
+
+
+class SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` for ``gate`` and ``up`` ``(..., inter)``, keeping only the two inputs
+    for backward (autograd would also keep ``silu(gate)``: one more ``(tokens, inter)`` tensor a
+    layer, 6 MiB for a SmolLM2 layer of 2,048 tokens); backward computes ``silu(gate)`` again."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return _swiglu(gate, up)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        return _swiglu_backward(grad, gate, up)
+
+
+class SwiGLUDown(torch.autograd.Function):
+    """``(silu(gate) * up) W^T + b``: LLaMA's MLP after its gate and up projections, for a
+    ``down_proj`` that :class:`CastLinear` would run. Keeps ``gate``, ``up`` and the parameter for
+    backward, which computes the activation again: neither ``silu(gate)`` nor the product (the
+    down projection's input) is kept, two ``(tokens, inter)`` tensors a layer."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        dtype = compute_dtype(gate)
+        with torch.autocast(gate.device.type, enabled=False):
+            h = _swiglu(gate.to(dtype), up.to(dtype))
+            y = _cast_linear(h.view(-1, h.shape[-1]), weight, bias, dtype)
+        ctx.save_for_backward(gate, up, weight, bias)
+        ctx.dtype = dtype
+        return y.view(*gate.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        gate, up, weight, bias = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0] or ctx.needs_input_grad[1], *ctx.needs_input_grad[2:])
+        with torch.autocast(grad.device.type, enabled=False):
+            g2, u2 = gate.reshape(-1, gate.shape[-1]).to(ctx.dtype), up.reshape(-1, up.shape[-1]).to(ctx.dtype)
+            h = _swiglu(g2, u2)
+            grad2 = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+            grad_h, grad_w, grad_b = _cast_linear_backward(grad2, h, weight, bias, needs)
+            del h
+            grad_gate = grad_up = None
+            if grad_h is not None:
+                grad_gate, grad_up = _swiglu_backward(grad_h, g2, u2)
+                grad_gate, grad_up = grad_gate.view(gate.shape).to(gate.dtype), grad_up.view(up.shape).to(up.dtype)
+        return grad_gate, grad_up, grad_w, grad_b
+
+
+def _norm_out_dtype(module: Any, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a norm feeding linear layers hands them: autocast's when it is on and the norm's
+    own result would be wider (a trained fp32 norm on the fp32 residual of full fine-tuning), else
+    None (the module's own dtype). Every consumer casts it so anyway; cast once here, q, k and v
+    (or gate and up) share one bf16 copy instead of autocast saving one each for backward. Only
+    for the norms marked ``_zhtune_feeds_linears`` (the hidden-size ones, not Qwen3's per-head
+    q/k norms, whose output goes through the rotary embedding first)."""
+    if not getattr(module, "_zhtune_feeds_linears", False) or not torch.is_autocast_enabled(x.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return dtype if torch.promote_types(module.weight.dtype, x.dtype).itemsize > dtype.itemsize else None
 
 
 def _rmsnorm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
-    return RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    return RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, _norm_out_dtype(self, hidden_states))
 
 
-def llama_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LLaMA's RMSNorm as plain ops (what :class:`RMSNorm` computes), for ``torch.compile``."""
+def llama_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """LLaMA's RMSNorm as plain ops (what :class:`RMSNorm` computes), for ``torch.compile``;
+    ``out_dtype``: the result cast so (see :func:`_norm_out_dtype`)."""
     xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 _compiled_norm: Any = None
@@ -150,7 +282,8 @@ def _rmsnorm_compiled_forward(self: Any, hidden_states: torch.Tensor) -> torch.T
         _compiled_norm = torch.compile(llama_rms_norm)
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     torch._dynamo.maybe_mark_dynamic(x, 0)
-    return _compiled_norm(x, self.weight, self.variance_epsilon).view(*hidden_states.shape[:-1], -1)
+    out_dtype = _norm_out_dtype(self, hidden_states)
+    return _compiled_norm(x, self.weight, self.variance_epsilon, out_dtype).view(*hidden_states.shape[:-1], -1)
 
 
 def _lora_plain(module: Any) -> str | None:
@@ -184,15 +317,64 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     )
 
 
+def _casts(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether :class:`CastLinear` runs a linear layer with ``weight`` on ``x``: gradients on,
+    autocast on, and ``weight`` trained and wider than autocast's dtype."""
+    device = x.device.type
+    return (
+        weight.requires_grad and torch.is_grad_enabled() and torch.is_autocast_enabled(device)
+        and weight.dtype.itemsize > torch.get_autocast_dtype(device).itemsize
+    )  # fmt: skip
+
+
+def _linear_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    if _casts(self.weight, x):
+        return CastLinear.apply(x, self.weight, self.bias)
+    return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def is_llama_mlp(module: Any) -> bool:
+    """Whether ``module``'s forward is LLaMA's MLP (``down(silu(gate(x)) * up(x))``) with SiLU."""
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    act = getattr(module, "act_fn", None)
+    return isinstance(act, SiLUActivation | torch.nn.SiLU) and _same_code(type(module).forward, LlamaMLP.forward)
+
+
+def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+    if type(down) is torch.nn.Linear and _casts(down.weight, gate):
+        return SwiGLUDown.apply(gate, up, down.weight, down.bias)
+    return down(SwiGLU.apply(gate, up))
+
+
+def _llama_layer_norms(module: Any) -> list[Any]:
+    """The norms of a decoder layer whose forward is LLaMA's (``input_layernorm`` into attention's
+    projections, ``post_attention_layernorm`` into the MLP): norms whose output only linear layers
+    read. [] for any other module (a sandwich norm's output goes into the residual)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    if not _same_code(type(module).forward, LlamaDecoderLayer.forward):
+        return []
+    return [module.input_layernorm, module.post_attention_layernorm]
+
+
 def fuse_for_training(model: Any, compiled_norm: bool = False) -> dict[str, int]:
-    """Swap :class:`LoraLinear` and :class:`RMSNorm` (``compiled_norm``: :func:`llama_rms_norm`
-    through ``torch.compile`` instead) into ``model`` in place (see the module's docstring for when
-    a LoRA layer still runs peft's forward); returns how many of each."""
+    """Swap the fused kernels into ``model`` in place (parameters and names untouched); returns how
+    many modules of each kind: ``lora`` (:class:`LoraLinear`; see the module's docstring for when a
+    layer still runs peft's forward), ``rmsnorm`` (:class:`RMSNorm`, or with ``compiled_norm``
+    :func:`llama_rms_norm` through ``torch.compile``), ``mlp`` (LLaMA's MLP through
+    :class:`SwiGLU`, or :class:`SwiGLUDown` when its down projection is a trained wide weight under
+    autocast) and ``linear`` (trained plain ``nn.Linear`` layers: through :class:`CastLinear` under
+    autocast with wider weights, else their own computation)."""
     from peft.tuners.lora import layer as lora_layer
 
     norm_forward = _rmsnorm_compiled_forward if compiled_norm else _rmsnorm_forward
-    counts = {"lora": 0, "rmsnorm": 0}
+    counts = {"lora": 0, "rmsnorm": 0, "mlp": 0, "linear": 0}
     for module in model.modules():
+        for norm in _llama_layer_norms(module):
+            norm._zhtune_feeds_linears = True
         if type(module) is lora_layer.Linear and not module.fan_in_fan_out:
             if type(module.base_layer) is torch.nn.Linear:
                 module.forward = types.MethodType(_lora_forward, module)
@@ -200,4 +382,10 @@ def fuse_for_training(model: Any, compiled_norm: bool = False) -> dict[str, int]
         elif is_llama_rmsnorm(module):
             module.forward = types.MethodType(norm_forward, module)
             counts["rmsnorm"] += 1
+        elif is_llama_mlp(module):
+            module.forward = types.MethodType(_mlp_forward, module)
+            counts["mlp"] += 1
+        elif type(module) is torch.nn.Linear and module.weight.requires_grad:
+            module.forward = types.MethodType(_linear_forward, module)
+            counts["linear"] += 1
     return counts

@@ -49,6 +49,18 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
+def _accumulate(total: torch.Tensor | None, product: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """``total + product`` in fp32, in place (``total`` None: ``product`` in fp32). Added whole, a
+    bf16 ``product`` would first be converted into an fp32 copy of its full size (113 MB for
+    SmolLM2's output layer, at the step's peak of memory); ``rows`` rows at a time, that copy is
+    ``rows`` rows."""
+    if total is None:
+        return product.float()
+    for start in range(0, product.shape[0], rows):
+        total[start : start + rows] += product[start : start + rows]
+    return total
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """``sum(cross_entropy(hidden @ weight.T, targets))`` (a scalar), chunk by chunk.
 
@@ -65,8 +77,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // weight.shape[0])
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # chunks' (grad, h) for grad_weight
+        grad_weight = None
+        group = rows * WEIGHT_GRAD_CHUNKS  # chunks' logit gradients and rows, for the weight's gradient
+        if ctx.needs_input_grad[1]:
+            grads = torch.empty(group, weight.shape[0], dtype=dtype, device=hidden.device)
+            hs = torch.empty(group, weight.shape[1], dtype=dtype, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 t = targets[start : start + rows]
@@ -80,14 +95,18 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad = logp.exp_()  # the softmax, in place
                 grad[torch.arange(n, device=t.device), t] -= 1.0
                 grad[n:] = 0.0  # the padding rows
-                grad = grad.to(dtype)
+                if not ctx.needs_input_grad[1]:
+                    grad_hidden[start : start + n] = (grad.to(dtype) @ w)[:n]
+                    continue
+                at = start % group
+                grad = grads[at : at + rows].copy_(grad)
+                hs[at : at + rows] = h
                 grad_hidden[start : start + n] = (grad @ w)[:n]
-                if grad_weight is not None:
-                    pending.append((grad, h))
-                    if len(pending) == WEIGHT_GRAD_CHUNKS or start + rows >= hidden.shape[0]:
-                        grads, hs = zip(*pending)
-                        grad_weight += torch.cat(grads).T @ torch.cat(hs)
-                        pending.clear()
+                if at + rows == group or start + rows >= hidden.shape[0]:
+                    product = grads[: at + rows].T @ hs[: at + rows]  # (vocab, h) in the compute dtype
+                    grad_weight = _accumulate(grad_weight, product)
+        if ctx.needs_input_grad[1] and grad_weight is None:  # (no labelled row)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
         ctx.weight_dtype = weight.dtype
         return loss

@@ -81,14 +81,19 @@ def test_fixed_length_batches_have_one_shape_and_empty_rows_carry_nothing():
     assert sum(int(b["attention_mask"].sum()) for b in batches) == 2 * (30 + 50 + 20 + 64 + 10)
 
 
-def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_model_dir, train_file, capsys):
+@pytest.mark.parametrize("method, precision", [("lora", "fp32"), ("full", "bf16")])
+def test_compiled_training_follows_the_eager_curve(method, precision, tmp_path, tiny_model_dir, train_file, capsys):
+    """Compiled decoder blocks log the eager run's losses and grad norms: LoRA in fp32, and full
+    fine-tuning in bf16, where zhtune's MLP, trained-linear and norm kernels run inside them."""
+
     def curve(name, **kw):
         run = train(
             cfg(
                 tiny_model_dir,
                 train_file,
                 tmp_path / name,
-                method="lora",
+                method=method,
+                precision=precision,
                 packing=True,
                 cutoff_len=256,
                 batch_size=2,
@@ -113,11 +118,14 @@ def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_model_dir, tra
     assert "compiling 2 decoder blocks" in capsys.readouterr().out
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] >= 2  # the blocks ran compiled, and no other break
-    # than after attention, where transformers' output-recording hook reads a ContextVar
-    assert all("ContextVar" in reason for reason in counters["graph_break"])
-    assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
-    assert compiled[1] == pytest.approx(eager[1], rel=1e-3)
-    assert len(compiled[2]) == 2 and compiled[2] == pytest.approx(eager[2], rel=1e-4)  # evaluated eagerly
+    # than after attention, where transformers' output-recording hook reads a ContextVar (and in
+    # bf16 at zhtune's CPU attention, which runs outside the graph: torch.compiler.disable)
+    allowed = ("ContextVar", "torch.compiler.disable")
+    assert all(any(a in reason for a in allowed) for reason in counters["graph_break"]), dict(counters["graph_break"])
+    rel = 1e-4 if precision == "fp32" else 2e-3  # (bf16: Inductor rounds its fused ops its own way)
+    assert compiled[0] == pytest.approx(eager[0], rel=rel)
+    assert compiled[1] == pytest.approx(eager[1], rel=10 * rel)
+    assert len(compiled[2]) == 2 and compiled[2] == pytest.approx(eager[2], rel=rel)  # evaluated eagerly
 
 
 @pytest.mark.slow

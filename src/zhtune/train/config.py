@@ -121,7 +121,7 @@ class TrainConfig:
     fused_loss: bool = True
     """Compute the loss from the last hidden states of the labelled positions, a chunk at a time, never the full logits (same loss, less time and memory); used (also under DDP) for families with a plain output layer and methods without virtual tokens, not with FSDP or DeepSpeed (sharded weights); false: the model's own loss."""
     fused_kernels: bool = True
-    """Run LoRA layers and LLaMA-style RMSNorms through zhtune's fused kernels (zhtune.train.fused: fewer passes over the activations, same values); not with FSDP or DeepSpeed; false: the modules' own forward."""
+    """Run LoRA layers, LLaMA-style RMSNorms and MLPs, and trained linear layers under autocast through zhtune's fused kernels (zhtune.train.fused: fewer passes over the activations and less kept for backward, same values); not with FSDP or DeepSpeed; false: the modules' own forward."""
     bf16_frozen: bool = True
     """precision bf16 with a method that freezes the base (LoRA, adapters...): keep the frozen weights in bf16 (no cast at every forward) and the trained ones in fp32."""
     report_to: list[str] = field(default_factory=list)

@@ -1,4 +1,5 @@
-"""Fused training kernels in plain PyTorch: a LoRA linear layer and LLaMA's RMSNorm.
+"""Fused training kernels in plain PyTorch: a LoRA linear layer, LLaMA's RMSNorm and MLP, and
+trained linear layers under autocast.
 
 Eager PyTorch runs a LoRA layer as six kernels forward (the frozen matmul, dropout, A, B, the
 scaling, the sum) and as many backward, each reading and writing full-size activations; an
@@ -17,8 +18,20 @@ here compute the same values with fewer passes:
   :mod:`zhtune.train.compile`) the same function, :func:`llama_rms_norm`, runs through
   ``torch.compile`` instead: one read and one write each way, ~4x faster.
 
-:func:`fuse_for_training` swaps them in for peft's LoRA ``Linear`` layers and the RMSNorms whose
-code is LLaMA's (:func:`is_llama_rmsnorm`) by replacing the modules' ``forward`` (parameters, state-dict names and
+Three more keep less for backward, which is most of full fine-tuning's peak memory (a SmolLM2
+step of 4 x 512 tokens kept 1.84 GiB, now 1.04; ``bench/memory_step.py``):
+
+* :class:`CastLinear`: a trained fp32 weight under bf16 autocast, whose bf16 copy autocast keeps
+  from the forward to the backward; here the weight is cast again in backward.
+* :class:`SwiGLU` and :class:`SwiGLUDown`: LLaMA's MLP keeps its gate and up projections'
+  outputs only; ``silu(gate)`` and, with a trained fp32 down projection under autocast, the
+  product ``silu(gate) * up`` are computed again in backward.
+* The two norms of a LLaMA decoder layer hand their projections the autocast dtype
+  (:func:`_norm_out_dtype`): one bf16 copy for q, k and v instead of one each.
+
+:func:`fuse_for_training` swaps them in for peft's LoRA ``Linear`` layers, the RMSNorms and MLPs
+whose code is LLaMA's (:func:`is_llama_rmsnorm`, :func:`is_llama_mlp`) and trained plain linear
+layers by replacing the modules' ``forward`` (parameters, state-dict names and
 saving are untouched). A LoRA layer falls back to peft's own forward whenever it is in a state the
 fused one does not cover (adapters disabled or merged, several active adapters, dropout, DoRA or
 another variant, a LoRA bias, trained base weights, ``adapter_names``), so switching is never

@@ -153,10 +153,13 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate).mul_(up)
 
 
-def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of ``gate`` and ``up`` for ``grad`` of :func:`_swiglu`'s result, with
-    ``silu(gate)`` computed again: the ops autograd would run on the saved activation."""
-    return torch.ops.aten.silu_backward(grad * up, gate), grad * torch.nn.functional.silu(gate)
+def _swiglu_backward(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``gate`` and ``up`` for ``grad`` of :func:`_swiglu`'s result: the ops
+    autograd would run on the saved activation ``act = silu(gate)`` (computed again when None)."""
+    act = torch.nn.functional.silu(gate) if act is None else act
+    return torch.ops.aten.silu_backward(grad * up, gate), grad * act
 
 
 def _cast_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -245,13 +248,14 @@ class SwiGLUDown(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0] or ctx.needs_input_grad[1], *ctx.needs_input_grad[2:])
         with torch.autocast(grad.device.type, enabled=False):
             g2, u2 = gate.reshape(-1, gate.shape[-1]).to(ctx.dtype), up.reshape(-1, up.shape[-1]).to(ctx.dtype)
-            h = _swiglu(g2, u2)
+            act = torch.nn.functional.silu(g2)
+            h = act * u2  # (_swiglu's value, with silu(gate) kept for the gradients below)
             grad2 = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
             grad_h, grad_w, grad_b = _cast_linear_backward(grad2, h, weight, bias, needs)
             del h
             grad_gate = grad_up = None
             if grad_h is not None:
-                grad_gate, grad_up = _swiglu_backward(grad_h, g2, u2)
+                grad_gate, grad_up = _swiglu_backward(grad_h, g2, u2, act)
                 grad_gate, grad_up = grad_gate.view(gate.shape).to(gate.dtype), grad_up.view(up.shape).to(up.dtype)
         return grad_gate, grad_up, grad_w, grad_b
 

@@ -237,7 +237,7 @@ class SwiGLUDown(torch.autograd.Function):
         dtype = compute_dtype(gate)
         with torch.autocast(gate.device.type, enabled=False):
             h = _swiglu(gate.to(dtype), up.to(dtype))
-            y = _cast_linear(h.view(-1, h.shape[-1]), weight, bias, dtype)
+            y = _cast_linear(h.reshape(-1, h.shape[-1]), weight, bias, dtype)
         ctx.save_for_backward(gate, up, weight, bias)
         ctx.dtype = dtype
         return y.view(*gate.shape[:-1], weight.shape[0])

@@ -260,6 +260,15 @@ class SwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_w, grad_b
 
 
+def _narrower_autocast(dtype: torch.dtype, device_type: str) -> torch.dtype | None:
+    """Autocast's dtype on ``device_type`` when autocast is on there and narrower than ``dtype``
+    (bf16 against full fine-tuning's fp32), else None."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    narrow = torch.get_autocast_dtype(device_type)
+    return narrow if dtype.itemsize > narrow.itemsize else None
+
+
 def _norm_out_dtype(module: Any, x: torch.Tensor) -> torch.dtype | None:
     """The dtype a norm feeding linear layers hands them: autocast's when it is on and the norm's
     own result would be wider (a trained fp32 norm on the fp32 residual of full fine-tuning), else
@@ -267,10 +276,9 @@ def _norm_out_dtype(module: Any, x: torch.Tensor) -> torch.dtype | None:
     (or gate and up) share one bf16 copy instead of autocast saving one each for backward. Only
     for the norms marked ``_zhtune_feeds_linears`` (the hidden-size ones, not Qwen3's per-head
     q/k norms, whose output goes through the rotary embedding first)."""
-    if not getattr(module, "_zhtune_feeds_linears", False) or not torch.is_autocast_enabled(x.device.type):
+    if not getattr(module, "_zhtune_feeds_linears", False):
         return None
-    dtype = torch.get_autocast_dtype(x.device.type)
-    return dtype if torch.promote_types(module.weight.dtype, x.dtype).itemsize > dtype.itemsize else None
+    return _narrower_autocast(torch.promote_types(module.weight.dtype, x.dtype), x.device.type)
 
 
 def _rmsnorm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -337,10 +345,9 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
 def _casts(weight: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether :class:`CastLinear` runs a linear layer with ``weight`` on ``x``: gradients on,
     autocast on, and ``weight`` trained and wider than autocast's dtype."""
-    device = x.device.type
     return (
-        weight.requires_grad and torch.is_grad_enabled() and torch.is_autocast_enabled(device)
-        and weight.dtype.itemsize > torch.get_autocast_dtype(device).itemsize
+        weight.requires_grad and torch.is_grad_enabled()
+        and _narrower_autocast(weight.dtype, x.device.type) is not None
     )  # fmt: skip
 
 

@@ -96,13 +96,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad[torch.arange(n, device=t.device), t] -= 1.0
                 grad[n:] = 0.0  # the padding rows
                 if not ctx.needs_input_grad[1]:
-                    grad_hidden[start : start + n] = (grad.to(dtype) @ w)[:n]
-                    continue
-                at = start % group
-                grad = grads[at : at + rows].copy_(grad)
-                hs[at : at + rows] = h
+                    grad = grad.to(dtype)
+                else:  # into the group's buffers, multiplied once the group is full (or last)
+                    at = start % group
+                    grad = grads[at : at + rows].copy_(grad)
+                    hs[at : at + rows] = h
                 grad_hidden[start : start + n] = (grad @ w)[:n]
-                if at + rows == group or start + rows >= hidden.shape[0]:
+                if ctx.needs_input_grad[1] and (at + rows == group or start + rows >= hidden.shape[0]):
                     product = grads[: at + rows].T @ hs[: at + rows]  # (vocab, h) in the compute dtype
                     grad_weight = _accumulate(grad_weight, product)
         if ctx.needs_input_grad[1] and grad_weight is None:  # (no labelled row)

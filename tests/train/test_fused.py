@@ -221,32 +221,65 @@ def test_a_trained_linear_under_autocast_keeps_its_input_but_no_cast_weight(bias
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # no autocast
 
 
-@pytest.mark.parametrize("trained_down", [True, False])
-def test_llamas_mlp_keeps_only_its_input_gate_and_up_for_backward(trained_down):
+@pytest.mark.parametrize("case", ["frozen_down", "trained", "trained_kept"])
+def test_llamas_mlp_keeps_only_what_its_backward_cannot_cheaply_compute_again(case):
     """The MLP's values and gradients as its own forward gives them, fp32 and under bf16
-    autocast, with ``silu(gate)`` (and, when the down projection is trained and wider than bf16,
-    its input) computed again in backward instead of kept."""
+    autocast. Kept for backward: with all three projections trained (full fine-tuning) only the
+    input, the gate and up projections computed again; with ``recompute_mlp`` off, the input and
+    the gate and up outputs (``silu(gate)`` and the down projection's input computed again); with
+    a frozen down projection the same, plus the bf16 copy autocast makes of its weight."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=80, hidden_act="silu", mlp_bias=True))
-    mlp.down_proj.requires_grad_(trained_down)
+    mlp.down_proj.requires_grad_(case != "frozen_down")
     x = torch.randn(2, 7, 32)
     want32 = _grads(mlp, x)
     xb = x.bfloat16()  # what a norm in front hands it under autocast (see the full-model test)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, want_bytes = _grads(mlp, xb), _saved_bytes(mlp, xb)
     assert fused.is_llama_mlp(mlp)
-    assert fused.fuse_for_training(mlp) == {"lora": 0, "rmsnorm": 0, "mlp": 1, "linear": 2 + trained_down}
+    counts = fused.fuse_for_training(mlp, recompute_mlp=case != "trained_kept")
+    assert counts == {"lora": 0, "rmsnorm": 0, "mlp": 1, "linear": 2 + (case != "frozen_down")}
     _close(_grads(mlp, x), want32, 1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, got_bytes = _grads(mlp, xb), _saved_bytes(mlp, xb)
-    _close(got, want, 1e-6)
-    x_gate_up = (14 * 32 + 2 * 14 * 80) * 2  # bf16
-    # (a frozen fp32 down projection runs as its own layer: autocast keeps its weight's bf16 copy)
-    assert got_bytes == x_gate_up + (0 if trained_down else 80 * 32 * 2)
+    # recomputed: the input's gradient is one matmul over the stacked gate and up weights (summed
+    # in fp32) instead of two bf16 products added; everything else is the same numbers
+    _close(got, want, 1e-6, rel_x=1e-2 if case == "trained" else None)
+    x_bytes, gate_up_bytes = 14 * 32 * 2, 2 * 14 * 80 * 2  # bf16
+    assert got_bytes == {
+        "trained": x_bytes,
+        "trained_kept": x_bytes + gate_up_bytes,
+        "frozen_down": x_bytes + gate_up_bytes + 80 * 32 * 2,  # (the frozen fp32 weight's bf16 copy)
+    }[case]
     assert want_bytes - got_bytes >= 14 * 80 * 2  # silu(gate) at least
+
+
+def test_the_recomputed_mlp_without_biases_and_its_gradient_when_only_weights_need_one():
+    """No biases; an input that needs no gradient (the first layer of a frozen embedding)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=80, hidden_act="silu"))
+    x = torch.randn(3, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = mlp(x.bfloat16())
+        want.float().square().sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in mlp.named_parameters()}
+    mlp.zero_grad()
+    fused.fuse_for_training(mlp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mlp(x.bfloat16())
+        assert got.grad_fn.name() == "RecomputedMLPBackward"
+        got.float().square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(dict(mlp.named_parameters())[name].grad, grad, rtol=0, atol=0)
+    with torch.no_grad():
+        assert mlp(x).grad_fn is None  # (evaluation: the module's own path)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "glm4"])

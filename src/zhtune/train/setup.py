@@ -347,7 +347,7 @@ def build_model(
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.cutoff_len
     long_run = not sharded and blocks_repay(sum(p.numel() for p in model.parameters()), tokens_per_step, total_steps)
     compiled = compile_mode(cfg.compile, device_type, fused, long_run)
-    n_norms = fuse_for_training(model, compiled_norm=compiled == "kernels")["rmsnorm"] if fused else 0
+    n_norms = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing)["rmsnorm"] if fused else 0
     attention = (
         compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and use_cpu_attention(model)
     )  # fmt: skip

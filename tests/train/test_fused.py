@@ -126,6 +126,36 @@ def test_the_compiled_rmsnorm_equals_the_eager_one_with_one_graph_for_every_leng
             assert y.shape == dx.shape == shape
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_wide_norm_feeding_linear_layers_keeps_its_normalised_input_narrow(compiled):
+    """Full fine-tuning's fp32 norm in front of the projections, under bf16 autocast: the
+    module's own value cast to bf16, gradients within bf16 rounding of its own, and for backward
+    only the normalised input in bf16 and the fp32 reciprocal RMS are kept (not the fp32 input);
+    compiled, one graph each way for every number of tokens."""
+    import torch._dynamo
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(64, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    x = 3 * torch.randn(4, 7, 64)
+    want = _grads(norm, x)  # (its own forward, fp32: the reference the linear layers round)
+    norm._zhtune_feeds_linears = True
+    norm.forward = (fused._rmsnorm_compiled_forward if compiled else fused._rmsnorm_forward).__get__(norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _grads(norm, x)
+        kept = _saved_bytes(norm, x)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == got[2]["weight"].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0].bfloat16(), rtol=0, atol=0)
+    for a, b in ((got[1], want[1]), (got[2]["weight"], want[2]["weight"])):
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max()
+    assert kept == 28 * 64 * 2 + 28 * 4  # xhat bf16, rstd fp32
+    if compiled:
+        with torch._dynamo.config.patch(error_on_recompile=True), torch.autocast("cpu", dtype=torch.bfloat16):
+            for shape in ((2, 5, 64), (1, 33, 64)):
+                y, dx, _ = _grads(norm, torch.randn(shape))
+                assert y.shape == dx.shape == shape
+
+
 def test_only_llamas_rmsnorm_code_is_replaced(tiny_tokenizer):
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm

@@ -355,6 +355,60 @@ class RecomputedMLP(torch.autograd.Function):
         )
 
 
+def narrow_rms_norm(
+    x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLaMA's RMSNorm of a wide ``x2`` ``(n, h)`` (full fine-tuning's fp32 residual stream) whose
+    result goes to linear layers in the narrower ``out_dtype``: ``(y, xhat, rstd)``, ``y`` the
+    module's value cast to ``out_dtype``, ``xhat`` the normalised input in ``out_dtype`` and
+    ``rstd`` ``(n, 1)`` fp32, what :func:`narrow_rms_norm_backward` needs."""
+    xf = x2.float()
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    normed = (xf * rstd).to(x2.dtype)
+    return (weight * normed).to(out_dtype), normed.to(out_dtype), rstd
+
+
+def narrow_rms_norm_backward(
+    grad: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, x_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`narrow_rms_norm`'s ``x2`` (in ``x_dtype``) and ``weight`` for
+    ``grad`` ``(n, h)``: the closed form of :class:`RMSNorm`'s backward, from the narrow ``xhat``."""
+    g = grad.to(torch.promote_types(weight.dtype, x_dtype))
+    xh = xhat.float()
+    grad_weight = (g * xh.to(x_dtype)).sum(0).to(weight.dtype)
+    gn = (g * weight).float()
+    dot = (gn * xh).mean(-1, keepdim=True)
+    return ((gn - xh * dot) * rstd).to(x_dtype), grad_weight
+
+
+class NarrowRMSNorm(torch.autograd.Function):
+    """LLaMA's RMSNorm of a wide input handing its linear layers a narrower dtype (full
+    fine-tuning's fp32 residual stream under bf16 autocast; see :func:`_norm_out_dtype`). Keeps
+    the normalised input in that narrow dtype and the fp32 reciprocal RMS for backward, not the
+    fp32 input: half the bytes (137 MiB at a SmolLM2 step of 4 x 512 tokens), for gradients
+    computed from a bf16-rounded ``x * rstd`` (the linear layers above see it so rounded too).
+    ``kernels``: :func:`narrow_rms_norm` and its backward, eager or through ``torch.compile``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype, kernels: Any
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        y, xhat, rstd = kernels[0](x2, weight, eps, out_dtype)
+        ctx.save_for_backward(xhat, rstd, weight)
+        ctx.x_dtype, ctx.kernels = x.dtype, kernels
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        xhat, rstd, weight = ctx.saved_tensors
+        grad_x, grad_weight = ctx.kernels[1](grad.reshape(xhat.shape), xhat, rstd, weight, ctx.x_dtype)
+        return grad_x.view(grad.shape), grad_weight, None, None, None
+
+
+_EAGER_NARROW = (narrow_rms_norm, narrow_rms_norm_backward)
+
+
 def _narrower_autocast(dtype: torch.dtype, device_type: str) -> torch.dtype | None:
     """Autocast's dtype on ``device_type`` when autocast is on there and narrower than ``dtype``
     (bf16 against full fine-tuning's fp32), else None."""
@@ -377,7 +431,10 @@ def _norm_out_dtype(module: Any, x: torch.Tensor) -> torch.dtype | None:
 
 
 def _rmsnorm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
-    return RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, _norm_out_dtype(self, hidden_states))
+    out_dtype = _norm_out_dtype(self, hidden_states)
+    if out_dtype is not None and torch.is_grad_enabled():
+        return NarrowRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype, _EAGER_NARROW)
+    return RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype)
 
 
 def llama_rms_norm(
@@ -391,18 +448,45 @@ def llama_rms_norm(
 
 
 _compiled_norm: Any = None
+_compiled_narrow: Any = None
+
+
+def _dynamic_rows(*tensors: torch.Tensor) -> None:
+    """Mark the first dimension (tokens) of ``tensors`` dynamic for ``torch.compile``: one graph
+    whatever the number of tokens, the hidden size a constant of the kernel."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def _compiled_narrow_forward(
+    x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _dynamic_rows(x2)
+    return _compiled_narrow[0](x2, weight, eps, out_dtype)
+
+
+def _compiled_narrow_backward(
+    grad: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, x_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _dynamic_rows(grad, xhat, rstd)
+    return _compiled_narrow[1](grad, xhat, rstd, weight, x_dtype)
 
 
 def _rmsnorm_compiled_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     """:func:`llama_rms_norm` through ``torch.compile``, one graph for any number of tokens: the
     input is flattened to ``(tokens, hidden)`` and its first dimension marked dynamic, so the
     hidden size stays a constant of the kernel and a new batch shape compiles nothing."""
-    global _compiled_norm
+    global _compiled_norm, _compiled_narrow
+    out_dtype = _norm_out_dtype(self, hidden_states)
+    if out_dtype is not None and torch.is_grad_enabled():
+        if _compiled_narrow is None:
+            _compiled_narrow = (torch.compile(narrow_rms_norm), torch.compile(narrow_rms_norm_backward))
+        kernels = (_compiled_narrow_forward, _compiled_narrow_backward)
+        return NarrowRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype, kernels)
     if _compiled_norm is None:
         _compiled_norm = torch.compile(llama_rms_norm)
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    torch._dynamo.maybe_mark_dynamic(x, 0)
-    out_dtype = _norm_out_dtype(self, hidden_states)
+    _dynamic_rows(x)
     return _compiled_norm(x, self.weight, self.variance_epsilon, out_dtype).view(*hidden_states.shape[:-1], -1)
 
 

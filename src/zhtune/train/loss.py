@@ -25,10 +25,8 @@ CHUNK_ELEMENTS = 1 << 19
 #: large vocabulary (Qwen's 152k x 896 is 272 MB in bf16) must not be read per handful of rows.
 MIN_CHUNK_ROWS = 128
 #: A trained output layer's weight gradient is one product per this many chunks' logit gradients
-#: (kept in bf16 until then: 50 MB for 4 x 128 rows of SmolLM2's 49k vocabulary). Added into the
-#: fp32 accumulator each time, a (vocab, h) product is converted into an fp32 copy first (113 MB
-#: for SmolLM2, above glibc's mmap threshold: fresh pages each time), and a product over 128 rows
-#: is a thin matmul: per chunk, that was ~1.3 s of a full fine-tuning step.
+#: (kept in bf16 until then: 50 MB for 4 x 128 rows of SmolLM2's 49k vocabulary): a product over
+#: each chunk's 128 rows alone is a thin matmul, ~1.3 s of a full fine-tuning step.
 WEIGHT_GRAD_CHUNKS = 4
 
 
@@ -49,15 +47,18 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
-def _accumulate(total: torch.Tensor | None, product: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    """``total + product`` in fp32, in place (``total`` None: ``product`` in fp32). Added whole, a
-    bf16 ``product`` would first be converted into an fp32 copy of its full size (113 MB for
-    SmolLM2's output layer, at the step's peak of memory); ``rows`` rows at a time, that copy is
-    ``rows`` rows."""
+def _add_weight_grad(
+    total: torch.Tensor | None, grads: torch.Tensor, hs: torch.Tensor, rows: int = 4096
+) -> torch.Tensor:
+    """``total + grads^T @ hs`` in fp32, in place (``total`` None: a new fp32 zero tensor first),
+    for logit gradients ``grads`` ``(n, vocab)`` and hidden rows ``hs`` ``(n, h)`` in the compute
+    dtype: ``rows`` vocabulary rows at a time. Whole, the bf16 product ``(vocab, h)`` (57 MB for
+    SmolLM2's output layer) and the fp32 copy the addition converts it into (113 MB) would both
+    exist at the step's peak of memory; a block at a time, they are ``rows`` rows."""
     if total is None:
-        return product.float()
-    for start in range(0, product.shape[0], rows):
-        total[start : start + rows] += product[start : start + rows]
+        total = torch.zeros(grads.shape[1], hs.shape[1], dtype=torch.float32, device=hs.device)
+    for start in range(0, grads.shape[1], rows):
+        total[start : start + rows] += grads[:, start : start + rows].T @ hs
     return total
 
 
@@ -103,8 +104,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     hs[at : at + rows] = h
                 grad_hidden[start : start + n] = (grad @ w)[:n]
                 if ctx.needs_input_grad[1] and (at + rows == group or start + rows >= hidden.shape[0]):
-                    product = grads[: at + rows].T @ hs[: at + rows]  # (vocab, h) in the compute dtype
-                    grad_weight = _accumulate(grad_weight, product)
+                    grad_weight = _add_weight_grad(grad_weight, grads[: at + rows], hs[: at + rows])
         if ctx.needs_input_grad[1] and grad_weight is None:  # (no labelled row)
             grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))

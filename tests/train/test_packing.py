@@ -153,3 +153,58 @@ def test_packed_training_is_the_same_with_eager_attention(tmp_path, tiny_model_d
         for impl in ("sdpa", "eager")
     ]  # fmt: skip
     assert losses(runs[0]) == pytest.approx(losses(runs[1]), rel=1e-4)
+
+
+def test_padding_free_batches_hold_the_same_tokens_in_no_more_rows(examples):
+    """``padding_free``: each batch's samples packed into rows of the batch's padded length: the
+    same tokens and trained labels, never more rows nor a longer row than padding them."""
+    from zhtune.data.batching import micro_batches
+
+    cuts = (64, 12, 20, 9, 33)  # samples of mixed lengths
+    mixed = [{k: v[: cuts[i % 5]] for k, v in ex.items()} for i, ex in enumerate(examples)]
+    padded = micro_batches(mixed, 4, 0, 0, 0, 0)
+    packed = micro_batches(mixed, 4, 0, 0, 0, 0, pack_rows=True)
+    fewer = 0
+    for _ in range(len(mixed) // 4):
+        (_, _, a), (_, _, b) = next(padded), next(packed)
+        assert b["input_ids"].shape[1] == a["input_ids"].shape[1] and b["input_ids"].shape[0] <= 4
+        fewer += b["input_ids"].shape[0] < a["input_ids"].shape[0]
+        assert int(b["attention_mask"].sum()) == int(a["attention_mask"].sum())
+        real = a["input_ids"][a["attention_mask"].bool()]
+        assert sorted(b["input_ids"][b["attention_mask"].bool()].tolist()) == sorted(real.tolist())
+        trained = (a["labels"][:, 1:] != IGNORE_INDEX).sum()
+        assert int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) == int(trained)
+    assert fewer > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_padding_free_training_follows_the_padded_curve(family, tmp_path, tiny_tokenizer, skill_records, monkeypatch):
+    """The same samples in each step and the same loss as padded batches (fp32: to 1e-4), where
+    the family packs (short samples share rows beside long ones); BLOOM, which cannot keep packed
+    samples apart, is padded either way."""
+    import zhtune.data.batching as batching
+
+    records = [dict(r) for r in skill_records[0][:40]]
+    for r in records[::3]:  # every third reply long (cut at cutoff_len), the others short
+        r["messages"] = [r["messages"][0], {"role": "assistant", "content": r["messages"][1]["content"] * 8}]
+    train_file = write_jsonl(tmp_path / "mixed.jsonl", records)
+    rows: list[list] = []  # each packed batch's rows
+    pack = batching.pack_examples
+    monkeypatch.setattr(batching, "pack_examples", lambda ex, n: rows.append(pack(ex, n)) or rows[-1])
+    base = tmp_path / family
+    build_tiny_model(family, tiny_tokenizer).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    runs = [
+        train(
+            cfg(base, train_file, tmp_path / str(flag), batch_size=4, max_steps=5, logging_steps=1,
+                padding_free=flag),
+            progress=False,
+        )
+        for flag in (False, True)
+    ]  # fmt: skip
+    assert losses(runs[1]) == pytest.approx(losses(runs[0]), rel=1e-4)
+    assert len(losses(runs[0])) == 5
+    if family == "llama":
+        assert len(rows) == 5 and sum(len(r) for r in rows) < 5 * 4  # some batches took fewer rows
+    else:
+        assert rows == []

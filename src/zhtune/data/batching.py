@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from zhtune.data.dataset import pad_batch
+from zhtune.data.dataset import pack_examples, pad_batch
 from zhtune.errors import ZhtuneError
 
 
@@ -81,13 +81,17 @@ def micro_batches(
     rank: int = 0,
     num_processes: int = 1,
     fixed_length: int = 0,
+    pack_rows: bool = False,
 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Yield ``(epoch, batch_index, batch)`` forever, starting at a given position.
 
     Batches are padded to a multiple of 8 tokens; with ``fixed_length`` (packed samples or
     pre-training blocks, none longer), every batch is padded to exactly that many tokens and
     ``batch_size`` rows, with empty rows (no labels, no attention) after an epoch's short last
-    batch: one shape, which compiled code needs to run without recompiling.
+    batch: one shape, which compiled code needs to run without recompiling. With ``pack_rows``
+    (``padding_free``), a batch's samples are packed into as few rows of its padded length as hold
+    them (:func:`pack_examples`: first-fit decreasing, positions restarting per sample): never more
+    rows or a longer one than padding them, and the same tokens and labels.
 
     Data parallel: every process draws the same seeded global batches of ``batch_size *
     num_processes`` samples and keeps its own share of each, so N processes together see exactly
@@ -102,5 +106,7 @@ def micro_batches(
             rows = [examples[i] for i in shard(batches[b], rank, num_processes)]
             if fixed_length:
                 rows += [{k: [] for k in rows[0]}] * (batch_size - len(rows))
+            if pack_rows:
+                rows = pack_examples(rows, -(-max(len(r["input_ids"]) for r in rows) // 8) * 8)
             yield epoch, b, pad_batch(rows, pad_id, fixed_length or 8)
         epoch += 1

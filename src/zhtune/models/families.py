@@ -84,11 +84,15 @@ def lora_targets(model_type: str, requested: list[str]) -> str | list[str]:
     return requested
 
 
+def can_pack(model_type: str) -> bool:
+    """Whether packed samples can be kept apart in this family (position ids restart per sample)."""
+    fam = FAMILIES.get(model_type)
+    return fam is not None and fam.packs
+
+
 def check_packing(model_type: str) -> None:
     """Raise a clear error if packed samples cannot be kept apart in this family."""
-
-    fam = FAMILIES.get(model_type)
-    if fam is None or not fam.packs:
+    if not can_pack(model_type):
         ok = ", ".join(k for k, f in FAMILIES.items() if f.packs)
         raise ZhtuneError(
             f"config key 'packing': not supported for model type '{model_type}' (packed samples would "

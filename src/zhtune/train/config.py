@@ -42,6 +42,8 @@ class TrainConfig:
     """Maximum tokens per sample (per packed sequence with packing); longer samples are truncated, counted and listed in truncated.jsonl."""
     packing: bool = False
     """SFT: pack several samples into each cutoff_len sequence, with no attention across samples (per-sample position ids)."""
+    padding_free: bool = True
+    """SFT without packing: run each micro-batch's samples as packed rows no longer than its longest sample (first-fit decreasing; each sample attends only to itself, its positions from 0), not padded to the longest: the same samples in each step and the same loss, without computing the padding (22% fewer token slots on the SmolLM2 benchmark); families that cannot pack, and virtual-token methods, are padded. false: pad every sample to the batch's longest."""
     group_by_length: bool = False
     """Batch samples of similar length together (less padding; order stays random across batches)."""
     max_samples: int = 0

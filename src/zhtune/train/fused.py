@@ -18,16 +18,20 @@ here compute the same values with fewer passes:
   :mod:`zhtune.train.compile`) the same function, :func:`llama_rms_norm`, runs through
   ``torch.compile`` instead: one read and one write each way, ~4x faster.
 
-Three more keep less for backward, which is most of full fine-tuning's peak memory (a SmolLM2
-step of 4 x 512 tokens kept 1.84 GiB, now 1.04; ``bench/memory_step.py``):
+More keep less for backward, which is most of full fine-tuning's peak memory (a SmolLM2
+step of 4 x 512 tokens kept 1.84 GiB, now 0.56; ``bench/memory_step.py``):
 
 * :class:`CastLinear`: a trained fp32 weight under bf16 autocast, whose bf16 copy autocast keeps
   from the forward to the backward; here the weight is cast again in backward.
 * :class:`SwiGLU` and :class:`SwiGLUDown`: LLaMA's MLP keeps its gate and up projections'
   outputs only; ``silu(gate)`` and, with a trained fp32 down projection under autocast, the
   product ``silu(gate) * up`` are computed again in backward.
+* :class:`RecomputedMLP`: with all three projections trained (full fine-tuning), the MLP keeps
+  only its input; gate and up are computed again in backward (one stacked matmul).
 * The two norms of a LLaMA decoder layer hand their projections the autocast dtype
-  (:func:`_norm_out_dtype`): one bf16 copy for q, k and v instead of one each.
+  (:func:`_norm_out_dtype`): one bf16 copy for q, k and v instead of one each; on a wider input
+  (full fine-tuning's fp32 residual stream) they keep the normalised input in that dtype, not
+  the fp32 input (:class:`NarrowRMSNorm`).
 
 :func:`fuse_for_training` swaps them in for peft's LoRA ``Linear`` layers, the RMSNorms and MLPs
 whose code is LLaMA's (:func:`is_llama_rmsnorm`, :func:`is_llama_mlp`) and trained plain linear

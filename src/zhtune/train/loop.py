@@ -24,7 +24,7 @@ from zhtune.data.dataset import model_inputs
 from zhtune.models.token_loss import mean_token_loss
 from zhtune.progress import progress_bar
 from zhtune.rundir import RunDir, write_text_atomic
-from zhtune.train.setup import Setup, fixed_rows
+from zhtune.train.setup import Setup, fixed_rows, packs_batches
 from zhtune.train.tracking import scalars
 
 
@@ -195,6 +195,7 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
         s.data.train_set, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id, pos.epoch, pos.batch,
         cfg.group_by_length, rank=acc.process_index, num_processes=acc.num_processes,
         fixed_length=cfg.cutoff_len if (s.compiled == "blocks" or s.cpu_attention) and fixed_rows(cfg) else 0,
+        pack_rows=packs_batches(cfg, s.model_type, s.method),
     )  # fmt: skip
     bar = progress_bar("train", progress and s.is_main, total=s.total_steps, initial=pos.step, dynamic_ncols=True)
     window = Window()

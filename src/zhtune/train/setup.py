@@ -23,7 +23,7 @@ from zhtune.data.registry import load_records
 from zhtune.data.templates import Template, get_template, prepare_tokenizer
 from zhtune.errors import ZhtuneError
 from zhtune.models.device import grouped_query_attention_in_kernel
-from zhtune.models.families import check_packing, has_plain_head, resolve_template
+from zhtune.models.families import can_pack, check_packing, has_plain_head, resolve_template
 from zhtune.models.gguf import is_gguf
 from zhtune.models.loading import (
     TRAIN_TRUST_HINT,
@@ -356,6 +356,15 @@ def build_model(
     if compiled == "kernels" and (n_norms or attention):
         return model, compiled, n_norms, attention
     return model, "off", 0, False  # (kernels: a family without LLaMA's RMSNorm has none to compile)
+
+
+def packs_batches(cfg: TrainConfig, model_type: str, method: Method) -> bool:
+    """Whether each micro-batch of unpacked SFT samples runs as packed rows (``padding_free``):
+    the family keeps packed samples apart and the method prepends no virtual tokens."""
+    return (
+        cfg.padding_free and not cfg.packing and cfg.stage == "sft"
+        and can_pack(model_type) and not method.virtual_tokens
+    )  # fmt: skip
 
 
 def fixed_rows(cfg: TrainConfig) -> bool:

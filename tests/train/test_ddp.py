@@ -111,6 +111,7 @@ def train_args(model, data, out, batch_size: int) -> list[str]:
         f"model={model}", f"data={data}", f"output_dir={out}", "template=chatml", "method=full",
         f"max_steps={STEPS}", f"batch_size={batch_size}", "grad_accum=1", "lr=3e-3", "warmup_ratio=0.2",
         "lr_scheduler=cosine", "logging_steps=1", "cutoff_len=64", "--no-progress",
+        "padding_free=false",  # one sample a row, as the recording hook reads them (each rank packs its own share)
     ]  # fmt: skip
 
 

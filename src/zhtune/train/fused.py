@@ -479,7 +479,9 @@ def _compiled_narrow_backward(
 def _rmsnorm_compiled_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     """:func:`llama_rms_norm` through ``torch.compile``, one graph for any number of tokens: the
     input is flattened to ``(tokens, hidden)`` and its first dimension marked dynamic, so the
-    hidden size stays a constant of the kernel and a new batch shape compiles nothing."""
+    hidden size stays a constant of the kernel and a new batch shape compiles nothing. A norm
+    handing a narrower dtype on (:func:`_norm_out_dtype`) runs :class:`NarrowRMSNorm` with its
+    forward and backward compiled so instead (two graphs: Dynamo would choose what to keep)."""
     global _compiled_norm, _compiled_narrow
     out_dtype = _norm_out_dtype(self, hidden_states)
     if out_dtype is not None and torch.is_grad_enabled():
@@ -589,7 +591,8 @@ def fuse_for_training(model: Any, compiled_norm: bool = False, recompute_mlp: bo
     :func:`llama_rms_norm` through ``torch.compile``), ``mlp`` (LLaMA's MLP through
     :class:`SwiGLU`, or :class:`SwiGLUDown` when its down projection is a trained wide weight under
     autocast, or with ``recompute_mlp`` :class:`RecomputedMLP` when all three projections are
-    trained; off under gradient checkpointing, which computes the whole block again) and ``linear`` (trained plain ``nn.Linear`` layers: through :class:`CastLinear` under
+    trained; the caller turns it off under gradient checkpointing, which computes the whole block
+    again) and ``linear`` (trained plain ``nn.Linear`` layers: through :class:`CastLinear` under
     autocast with wider weights, else their own computation)."""
     from peft.tuners.lora import layer as lora_layer
 

@@ -152,3 +152,50 @@ def test_every_family_trains_compiled_to_the_eager_losses(model_type, tmp_path, 
             [json.loads(line)["loss"] for line in (run / "trainer_log.jsonl").read_text().splitlines()]
         )
     assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+
+
+def test_rows_marked_dynamic_compile_once_for_batches_of_any_row_count():
+    """``padding_free`` batches vary in rows: marked dynamic up front, a compiled block compiles
+    once for 2, 3 and 4 rows (left to Dynamo: twice), and tensors nested in tuples (the rotary
+    embedding's cos and sin) with the same row count are marked too."""
+    import torch
+    import torch._dynamo.testing
+
+    def block(hidden, position_embeddings, scale):
+        cos, sin = position_embeddings
+        return hidden * cos + sin * scale
+
+    def compiles(wrap) -> int:
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounter()
+        fn = torch.compile(block, backend=counter)
+        fn = wrap(fn)
+        for rows in (2, 3, 4):
+            h, c = torch.randn(rows, 5, 8), torch.randn(rows, 5, 8)
+            torch.testing.assert_close(fn(h, (c, c), 2.0), block(h, (c, c), 2.0))
+        return counter.frame_count
+
+    assert compiles(compile_mod._rows_dynamic) == 1
+    assert compiles(lambda fn: fn) == 2
+
+
+@pytest.mark.slow
+def test_padding_free_training_compiled_in_blocks_follows_the_eager_curve(tmp_path, tiny_model_dir, skill_records):
+    """Unpacked batches of mixed lengths, packed into fewer rows (``padding_free``), through
+    compiled blocks with rows marked dynamic: the eager run's losses (LoRA, fp32)."""
+    from tests.conftest import write_jsonl
+
+    records = [dict(r) for r in skill_records[0][:40]]
+    for r in records[::3]:
+        r["messages"] = [r["messages"][0], {"role": "assistant", "content": r["messages"][1]["content"] * 8}]
+    data = write_jsonl(tmp_path / "mixed.jsonl", records)
+    runs = [
+        train(
+            cfg(tiny_model_dir, data, tmp_path / str(setting), method="lora", batch_size=4, max_steps=5,
+                logging_steps=1, compile=setting),
+            progress=False,
+        )
+        for setting in (False, "blocks")
+    ]  # fmt: skip
+    curves = [[json.loads(line)["loss"] for line in (run / "trainer_log.jsonl").read_text().splitlines()] for run in runs]
+    assert len(curves[0]) == 5 and curves[1] == pytest.approx(curves[0], rel=1e-4)

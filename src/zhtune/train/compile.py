@@ -118,8 +118,10 @@ def decoder_blocks(model: Any) -> list[Any]:
     return best
 
 
-def compile_blocks(model: Any) -> int:
+def compile_blocks(model: Any, dynamic_rows: bool = False) -> int:
     """Compile the ``forward`` of each decoder block of ``model`` in place; returns how many.
+    ``dynamic_rows``: batches vary in their number of rows (``padding_free``), which is then
+    marked dynamic from the first call (:func:`_rows_dynamic`).
 
     Parameters and state-dict names are unchanged, so saving and loading are unaffected. Only
     ``forward`` is compiled, not the module call: forward hooks stay outside the compiled code
@@ -129,5 +131,30 @@ def compile_blocks(model: Any) -> int:
 
     blocks = decoder_blocks(model)
     for block in blocks:
-        block.forward = torch.compile(block.forward)
+        compiled = torch.compile(block.forward)
+        block.forward = _rows_dynamic(compiled) if dynamic_rows else compiled
     return len(blocks)
+
+
+def _rows_dynamic(compiled: Any) -> Any:
+    """``compiled`` called with the row dimension of its inputs marked dynamic: every tensor
+    argument (nested in tuples too, as the rotary embedding's ``(cos, sin)``) whose first
+    dimension is the hidden states' row count. ``padding_free`` batches vary in rows as well as
+    length; left to Dynamo, each varying dimension costs a recompilation of every block before it
+    turns dynamic (~15-25 s for SmolLM2's)."""
+    import torch
+
+    def mark(value: Any, rows: int) -> None:
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
+        elif isinstance(value, tuple | list):
+            for v in value:
+                mark(v, rows)
+
+    def forward(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        rows = hidden_states.shape[0]
+        for value in (hidden_states, *args, *kwargs.values()):
+            mark(value, rows)
+        return compiled(hidden_states, *args, **kwargs)
+
+    return forward

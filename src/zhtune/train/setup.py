@@ -352,7 +352,8 @@ def build_model(
         compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and use_cpu_attention(model)
     )  # fmt: skip
     if compiled == "blocks":
-        return model, compiled, compile_blocks(model), attention
+        dynamic_rows = packs_batches(cfg, model.config.model_type, method)
+        return model, compiled, compile_blocks(model, dynamic_rows), attention
     if compiled == "kernels" and (n_norms or attention):
         return model, compiled, n_norms, attention
     return model, "off", 0, False  # (kernels: a family without LLaMA's RMSNorm has none to compile)

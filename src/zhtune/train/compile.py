@@ -139,9 +139,10 @@ def compile_blocks(model: Any, dynamic_rows: bool = False) -> int:
 def _rows_dynamic(compiled: Any) -> Any:
     """``compiled`` called with the row dimension of its inputs marked dynamic: every tensor
     argument (nested in tuples too, as the rotary embedding's ``(cos, sin)``) whose first
-    dimension is the hidden states' row count. ``padding_free`` batches vary in rows as well as
-    length; left to Dynamo, each varying dimension costs a recompilation of every block before it
-    turns dynamic (~15-25 s for SmolLM2's)."""
+    dimension is the hidden states' row count (the first argument, or ``hidden_states=``).
+    ``padding_free`` batches vary in rows as well as length; left to Dynamo, each varying
+    dimension costs a recompilation of every block before it turns dynamic (~15-25 s for
+    SmolLM2's)."""
     import torch
 
     def mark(value: Any, rows: int) -> None:
@@ -151,10 +152,11 @@ def _rows_dynamic(compiled: Any) -> Any:
             for v in value:
                 mark(v, rows)
 
-    def forward(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
-        rows = hidden_states.shape[0]
-        for value in (hidden_states, *args, *kwargs.values()):
-            mark(value, rows)
-        return compiled(hidden_states, *args, **kwargs)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim():
+            for value in (*args, *kwargs.values()):
+                mark(value, hidden_states.shape[0])
+        return compiled(*args, **kwargs)
 
     return forward

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.train.test_packing import cfg
+from tests.train.test_packing import cfg, losses, mixed_length_data
 from zhtune.data.batching import micro_batches
 from zhtune.errors import ZhtuneError
 from zhtune.models.tiny import build_tiny_model
@@ -183,12 +183,7 @@ def test_rows_marked_dynamic_compile_once_for_batches_of_any_row_count():
 def test_padding_free_training_compiled_in_blocks_follows_the_eager_curve(tmp_path, tiny_model_dir, skill_records):
     """Unpacked batches of mixed lengths, packed into fewer rows (``padding_free``), through
     compiled blocks with rows marked dynamic: the eager run's losses (LoRA, fp32)."""
-    from tests.conftest import write_jsonl
-
-    records = [dict(r) for r in skill_records[0][:40]]
-    for r in records[::3]:
-        r["messages"] = [r["messages"][0], {"role": "assistant", "content": r["messages"][1]["content"] * 8}]
-    data = write_jsonl(tmp_path / "mixed.jsonl", records)
+    data = mixed_length_data(tmp_path, skill_records)
     runs = [
         train(
             cfg(tiny_model_dir, data, tmp_path / str(setting), method="lora", batch_size=4, max_steps=5,
@@ -197,5 +192,5 @@ def test_padding_free_training_compiled_in_blocks_follows_the_eager_curve(tmp_pa
         )
         for setting in (False, "blocks")
     ]  # fmt: skip
-    curves = [[json.loads(line)["loss"] for line in (run / "trainer_log.jsonl").read_text().splitlines()] for run in runs]
+    curves = [losses(run) for run in runs]
     assert len(curves[0]) == 5 and curves[1] == pytest.approx(curves[0], rel=1e-4)

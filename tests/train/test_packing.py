@@ -177,6 +177,15 @@ def test_padding_free_batches_hold_the_same_tokens_in_no_more_rows(examples):
     assert fewer > 0
 
 
+def mixed_length_data(tmp_path, skill_records):
+    """40 skill records, every third reply long (cut at cutoff_len), the others short: batches
+    where short samples can share a row beside a long one."""
+    records = [dict(r) for r in skill_records[0][:40]]
+    for r in records[::3]:
+        r["messages"] = [r["messages"][0], {"role": "assistant", "content": r["messages"][1]["content"] * 8}]
+    return write_jsonl(tmp_path / "mixed.jsonl", records)
+
+
 @pytest.mark.parametrize("family", ["llama", "bloom"])
 def test_padding_free_training_follows_the_padded_curve(family, tmp_path, tiny_tokenizer, skill_records, monkeypatch):
     """The same samples in each step and the same loss as padded batches (fp32: to 1e-4), where
@@ -184,10 +193,7 @@ def test_padding_free_training_follows_the_padded_curve(family, tmp_path, tiny_t
     samples apart, is padded either way."""
     import zhtune.data.batching as batching
 
-    records = [dict(r) for r in skill_records[0][:40]]
-    for r in records[::3]:  # every third reply long (cut at cutoff_len), the others short
-        r["messages"] = [r["messages"][0], {"role": "assistant", "content": r["messages"][1]["content"] * 8}]
-    train_file = write_jsonl(tmp_path / "mixed.jsonl", records)
+    train_file = mixed_length_data(tmp_path, skill_records)
     rows: list[list] = []  # each packed batch's rows
     pack = batching.pack_examples
     monkeypatch.setattr(batching, "pack_examples", lambda ex, n: rows.append(pack(ex, n)) or rows[-1])

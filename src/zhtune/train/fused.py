@@ -157,6 +157,13 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate).mul_(up)
 
 
+def _swiglu_keeping_silu(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_swiglu`'s value and ``silu(gate)``, which its backward needs too (for a backward
+    that computes the activation again instead of keeping it)."""
+    act = torch.nn.functional.silu(gate)
+    return act * up, act
+
+
 def _swiglu_backward(
     grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,8 +259,7 @@ class SwiGLUDown(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0] or ctx.needs_input_grad[1], *ctx.needs_input_grad[2:])
         with torch.autocast(grad.device.type, enabled=False):
             g2, u2 = gate.reshape(-1, gate.shape[-1]).to(ctx.dtype), up.reshape(-1, up.shape[-1]).to(ctx.dtype)
-            act = torch.nn.functional.silu(g2)
-            h = act * u2  # (_swiglu's value, with silu(gate) kept for the gradients below)
+            h, act = _swiglu_keeping_silu(g2, u2)
             grad2 = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
             grad_h, grad_w, grad_b = _cast_linear_backward(grad2, h, weight, bias, needs)
             del h
@@ -266,15 +272,16 @@ class SwiGLUDown(torch.autograd.Function):
 
 def _gate_up(
     x2: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``x2 @ [gate; up]^T (+ biases)`` as one matmul for ``x2`` ``(n, hidden)``, the weights
-    ``(inter, hidden)`` cast to ``x2``'s dtype for this call only; returns ``(n, 2 inter)`` and
-    the stacked weight ``(2 inter, hidden)``."""
+    ``(inter, hidden)`` cast to ``x2``'s dtype for this call only; returns ``(n, 2 inter)``, the
+    stacked weight ``(2 inter, hidden)`` and the stacked bias ``(2 inter,)`` (or None), the one
+    linear layer :func:`_cast_linear_backward` then differentiates."""
     weight = torch.empty(2 * gate.shape[0], gate.shape[1], dtype=x2.dtype, device=x2.device)
     weight[: gate.shape[0]].copy_(gate)
     weight[gate.shape[0] :].copy_(up)
     bias = None if biases is None else torch.cat(biases).to(x2.dtype)
-    return torch.nn.functional.linear(x2, weight, bias), weight
+    return torch.nn.functional.linear(x2, weight, bias), weight, bias
 
 
 def _swiglu_backward_stacked(
@@ -318,7 +325,7 @@ class RecomputedMLP(torch.autograd.Function):
         biases = None if gate_bias is None else (gate_bias, up_bias)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            gate_up, _ = _gate_up(x2, gate, up, biases)
+            gate_up, _, _ = _gate_up(x2, gate, up, biases)
             h = _swiglu(gate_up[:, : gate.shape[0]], gate_up[:, gate.shape[0] :])
             del gate_up
             y = _cast_linear(h, down, down_bias, dtype)
@@ -331,10 +338,10 @@ class RecomputedMLP(torch.autograd.Function):
         x2, gate, up, down, gate_bias, up_bias, down_bias = ctx.saved_tensors
         inter, needs = gate.shape[0], ctx.needs_input_grad
         with torch.autocast(grad.device.type, enabled=False):
-            gate_up, weight = _gate_up(x2, gate, up, None if gate_bias is None else (gate_bias, up_bias))
+            biases = None if gate_bias is None else (gate_bias, up_bias)
+            gate_up, weight, bias = _gate_up(x2, gate, up, biases)
             g, u = gate_up[:, :inter], gate_up[:, inter:]
-            act = torch.nn.functional.silu(g)
-            h = act * u  # (_swiglu's value, with silu(gate) kept for the gradients below)
+            h, act = _swiglu_keeping_silu(g, u)
             grad2 = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
             grad_h, grad_down, grad_down_bias = _cast_linear_backward(
                 grad2, h, down, down_bias, (True, needs[3], needs[6])
@@ -342,19 +349,17 @@ class RecomputedMLP(torch.autograd.Function):
             del h
             grad_gate_up = _swiglu_backward_stacked(grad_h, g, u, act)
             del gate_up, g, u, act, grad_h
-            grad_x = None
-            if needs[0]:
-                grad_x = (grad_gate_up @ weight).view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
-            del weight
-            grad_w = torch.mm(grad_gate_up.T, x2)
-            sums = grad_gate_up.sum(0) if gate_bias is not None else None
+            stacked_needs = (needs[0], needs[1] or needs[2], needs[4] or needs[5])
+            grad_x, grad_w, grad_b = _cast_linear_backward(grad_gate_up, x2, weight, bias, stacked_needs)
+        if grad_x is not None:
+            grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
         return (
             grad_x,
             grad_w[:inter].to(gate.dtype) if needs[1] else None,
             grad_w[inter:].to(up.dtype) if needs[2] else None,
             grad_down,
-            None if sums is None else sums[:inter].to(gate_bias.dtype),
-            None if sums is None else sums[inter:].to(up_bias.dtype),
+            None if grad_b is None else grad_b[:inter].to(gate_bias.dtype),
+            None if grad_b is None else grad_b[inter:].to(up_bias.dtype),
             grad_down_bias,
         )
 

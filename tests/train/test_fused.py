@@ -312,6 +312,34 @@ def test_the_recomputed_mlp_without_biases_and_its_gradient_when_only_weights_ne
         assert mlp(x).grad_fn is None  # (evaluation: the module's own path)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_recomputed_mlp_compiled_equals_the_eager_one_with_one_graph_for_every_length(bias):
+    """``compile: kernels`` in full fine-tuning: the activation and its gradients through
+    torch.compile (computed in fp32, rounded once) give the eager kernels' values and gradients to
+    bf16 rounding, keep only the input as well, and a new number of tokens compiles nothing more."""
+    import torch._dynamo
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=80, hidden_act="silu", mlp_bias=bias))
+    x = torch.randn(2, 7, 32).bfloat16()
+    fused.fuse_for_training(mlp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _grads(mlp, x)
+    fused.fuse_for_training(mlp, compiled=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, kept = _grads(mlp, x), _saved_bytes(mlp, x)
+        assert mlp(x).grad_fn.name() == "RecomputedMLPBackward"
+    _close(got, want, 1e-2)
+    assert any(not torch.equal(a, b) for a, b in zip(got[2].values(), want[2].values()))  # (compiled: fp32 inside)
+    assert kept == 14 * 32 * 2
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.autocast("cpu", dtype=torch.bfloat16):
+        for shape in ((3, 5, 32), (1, 33, 32)):
+            y, dx, grads = _grads(mlp, torch.randn(shape).bfloat16())
+            assert y.shape == dx.shape == shape and len(grads) == 3 * (1 + bias)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "glm4"])
 def test_a_fused_full_model_under_bf16_autocast_gives_the_same_loss_and_gradients(family, tiny_tokenizer):
     """Full fine-tuning (fp32 weights, bf16 autocast): the same loss and gradients as the model's

@@ -81,7 +81,8 @@ class Setup:
     compiled: CompileMode
     """What torch.compile compiles (``compile`` resolved for this device)."""
     n_compiled: int
-    """Decoder blocks (``blocks``) or RMSNorms (``kernels``) compiled."""
+    """Decoder blocks (``blocks``), or RMSNorms and LLaMA attention modules (``kernels``: their
+    norm and rotation kernels) compiled."""
     cpu_attention: bool
     """Attention runs :mod:`zhtune.train.attention` (its backward compiled; rows of fixed length)."""
     n_trainable: int
@@ -324,6 +325,7 @@ def build_model(
     from zhtune.train.attention import use_cpu_attention
     from zhtune.train.fused import fuse_for_training
     from zhtune.train.loss import frozen_to
+    from zhtune.train.rope import use_compiled_rotary
 
     quant = quantization_config(cfg.quantization_bits, cfg.precision) if method.quantized else None
     model = load_model(src.weights, "fp32", src.trust_remote_code, quant)  # = cfg.trust_remote_code
@@ -348,6 +350,8 @@ def build_model(
     long_run = not sharded and blocks_repay(sum(p.numel() for p in model.parameters()), tokens_per_step, total_steps)
     compiled = compile_mode(cfg.compile, device_type, fused, long_run)
     n_norms = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing)["rmsnorm"] if fused else 0
+    if compiled == "kernels" and fused:
+        n_norms += use_compiled_rotary(model)
     attention = (
         compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and use_cpu_attention(model)
     )  # fmt: skip
@@ -477,7 +481,11 @@ def banner(s: Setup) -> str:
     if cfg.report_to:
         lines.append(f"  reporting to: {', '.join(cfg.report_to)} (files under {s.out / rundir.TRACKING})")
     if s.compiled != "off":
-        what = f"{s.n_compiled} decoder blocks" if s.compiled == "blocks" else f"{s.n_compiled} RMSNorms as one kernel"
+        what = (
+            f"{s.n_compiled} decoder blocks"
+            if s.compiled == "blocks"
+            else f"kernels for {s.n_compiled} modules (RMSNorm, LLaMA's rotary embedding, full fine-tuning's MLP activation)"
+        )
         if s.cpu_attention:
             what += ", attention's backward"
         lines.append(f"  compiling {what} (torch.compile, compile={cfg.compile}; the first step waits for it)")

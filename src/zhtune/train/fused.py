@@ -27,7 +27,8 @@ step of 4 x 512 tokens kept 1.84 GiB, now 0.56; ``bench/memory_step.py``):
   outputs only; ``silu(gate)`` and, with a trained fp32 down projection under autocast, the
   product ``silu(gate) * up`` are computed again in backward.
 * :class:`RecomputedMLP`: with all three projections trained (full fine-tuning), the MLP keeps
-  only its input; gate and up are computed again in backward (one stacked matmul).
+  only its input; gate and up are computed again in backward (one stacked matmul). Under
+  ``compile: kernels`` its activation and the activation's gradients are one compiled loop each.
 * The two norms of a LLaMA decoder layer hand their projections the autocast dtype
   (:func:`_norm_out_dtype`): one bf16 copy for q, k and v instead of one each; on a wider input
   (full fine-tuning's fp32 residual stream) they keep the normalised input in that dtype, not

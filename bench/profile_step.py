@@ -12,7 +12,9 @@ attention's backward; ``compile=false`` groups all-eager ops). Each op's self ti
   LoRA's linear layers as zhtune's fused kernel runs them (frozen matmul and A/B together; with
   ``fused_kernels=false``: the frozen linear layers, LoRA's ``base_layer``, and LoRA's A/B matmuls
   with their scaling and addition), the attention modules (SDPA's forward, zhtune's or SDPA's backward, RoPE, reshapes; their q/k/v/o projections are linear
-  layers), RMSNorm, the MLP's SwiGLU elementwise ops (its projections are linear layers), the LM
+  layers), trained plain linear layers (full fine-tuning: their weight casts and matmuls), RMSNorm,
+  the MLP's SwiGLU elementwise ops (its projections are linear layers; full fine-tuning's
+  recomputed MLP runs its three matmuls inside, so they count here), the LM
   head with zhtune's fused loss over the 49k vocabulary (logits, log-softmax and their gradient,
   computed in the forward pass), and what runs in no such module (embeddings, residual adds, masks);
 * backward: each autograd node's ops go to the group of the forward op that made the node
@@ -41,13 +43,14 @@ sys.path.insert(0, str(HERE.parent))
 
 from train_real import Bench, zhtune_settings  # noqa: E402
 
-FUSED, BASE, LORA, ATTN, NORM, SWIGLU, HEAD, OTHER = (
+FUSED, BASE, LORA, LINEAR, ATTN, NORM, SWIGLU, HEAD, OTHER = (
     "LoRA linear layers, fused (frozen matmul + A/B)",
     "base linear matmuls (frozen)",
     "LoRA A/B matmuls (+ scale, add)",
+    "trained linear layers (full fine-tuning: weight casts, matmuls)",
     "attention (SDPA's forward, zhtune's or SDPA's backward, RoPE, reshapes)",
     "RMSNorm",
-    "SwiGLU elementwise",
+    "MLP: SwiGLU elementwise (full fine-tuning's recomputed MLP: its matmuls too)",
     "LM head + loss over the 49k vocab",
     "other (embeddings, residual adds, casts)",
 )
@@ -71,6 +74,8 @@ def module_group(name: str, module: Any) -> str | None:
         return LORA  # peft's LoRA layer (scale, add) or its A / B
     if name.endswith("lm_head"):
         return HEAD
+    if cls == "Linear":
+        return LINEAR  # (a LoRA layer's base_layer, A and B are matched above)
     if cls.endswith("RMSNorm"):
         return NORM
     if cls.endswith("MLP"):
@@ -233,9 +238,9 @@ def main() -> None:
     )
     print("| group | forward ms | backward ms | total ms / step | % of step |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for group in (FUSED, BASE, LORA, ATTN, NORM, SWIGLU, HEAD, OTHER, PYTHON, OPTIMIZER, DATA):
+    for group in (FUSED, BASE, LORA, LINEAR, ATTN, NORM, SWIGLU, HEAD, OTHER, PYTHON, OPTIMIZER, DATA):
         ms = {ph: v / a.steps / 1e3 for (ph, g), v in by_group.items() if g == group}
-        if not ms and group in (FUSED, BASE, LORA):
+        if not ms and group in (FUSED, BASE, LORA, LINEAR):
             continue  # (fused_kernels on: no separate base / A-B groups; off: no fused one)
         both = sum(ms.values())
         fwd, bwd = ms.get("forward", 0.0), ms.get("backward", 0.0)

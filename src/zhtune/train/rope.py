@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from zhtune.train.fused import _same_code
+from zhtune.train.stacked import stacked_projections
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -98,9 +99,11 @@ def _attention_forward(
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    layers = (self.q_proj, self.k_proj, self.v_proj)
+    projected = stacked_projections(hidden_states, list(layers))
+    if projected is None:
+        projected = [layer(hidden_states) for layer in layers]
+    query, key, value = (t.view(hidden_shape).transpose(1, 2) for t in projected)
     cos, sin = position_embeddings
     if _applies(query, cos, past_key_values):
         query, key = Rotary.apply(query, cos, sin), Rotary.apply(key, cos, sin)

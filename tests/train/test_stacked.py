@@ -1,0 +1,97 @@
+"""q, k and v's LoRA layers as one product (zhtune.train.stacked)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zhtune.models.tiny import build_tiny_model
+from zhtune.train import fused, rope, stacked
+
+
+def _layers(bias: bool, outs=(48, 16, 16), dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    body = torch.nn.ModuleDict({f"p{i}": torch.nn.Linear(32, o, bias=bias) for i, o in enumerate(outs)})
+    model = get_peft_model(
+        torch.nn.Sequential(body), LoraConfig(r=4, lora_alpha=8, target_modules=["p0", "p1", "p2"], lora_dropout=dropout)
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    fused.fuse_for_training(model)
+    return [model.base_model.model[0][f"p{i}"] for i in range(len(outs))]
+
+
+def _outputs_and_grads(layers, x, run):
+    for m in layers:
+        for p in m.parameters():
+            p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    ys = run(x)
+    g = torch.Generator().manual_seed(3)
+    torch.autograd.backward(ys, [torch.randn(y.shape, generator=g).to(y.dtype) for y in ys])
+    grads = {(i, n): p.grad.clone() for i, m in enumerate(layers) for n, p in m.named_parameters() if p.grad is not None}
+    return [y.detach() for y in ys], x.grad.clone(), grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_one_stacked_product_gives_the_three_layers_values_and_gradients(bias, autocast):
+    layers = _layers(bias)
+    layers[2].scaling["default"] = 0.5  # (each layer's own scaling)
+    x = torch.randn(3, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want = _outputs_and_grads(layers, x, lambda x: [m(x) for m in layers])
+        got = _outputs_and_grads(layers, x, lambda x: stacked.stacked_projections(x, layers))
+    tol = 1e-2 if autocast else 1e-5
+    for a, b in [*zip(got[0], want[0]), (got[1], want[1])]:
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+    assert got[2].keys() == want[2].keys() and len(want[2]) == 6  # A and B of each, nothing frozen
+    for key, b in want[2].items():
+        assert got[2][key].dtype == b.dtype
+        assert (got[2][key] - b).abs().max() <= tol * b.abs().max(), key
+
+
+def test_anything_the_fused_layer_would_not_run_goes_one_layer_at_a_time():
+    layers = _layers(False, dropout=0.1)  # dropout: peft's own forward
+    assert stacked.stacked_projections(torch.randn(2, 32), layers) is None
+    layers = _layers(False)
+    with torch.no_grad():
+        assert stacked.stacked_projections(torch.randn(2, 32), layers) is None
+    layers[1].base_layer.bias = torch.nn.Parameter(torch.zeros(16))  # biases on some only
+    assert stacked.stacked_projections(torch.randn(2, 32), layers) is None
+
+
+def test_a_lora_llama_with_stacked_projections_gives_the_same_loss_and_gradients(tiny_tokenizer, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model = build_tiny_model("llama", tiny_tokenizer)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    fused.fuse_for_training(model)
+    torch.manual_seed(1)
+    ids = torch.randint(5, model.config.vocab_size, (2, 30))
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want = loss_and_grads()
+    assert rope.use_compiled_rotary(model) == model.config.num_hidden_layers
+    calls = []
+    apply = stacked.StackedLora.apply
+    monkeypatch.setattr(stacked.StackedLora, "apply", lambda *a: calls.append(1) or apply(*a))
+    got_loss, got = loss_and_grads()
+    assert len(calls) == model.config.num_hidden_layers
+    assert got_loss == pytest.approx(want_loss, rel=1e-3)
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        assert (got[name] - grad).abs().max() <= 3e-2 * grad.abs().max(), name

@@ -12,7 +12,9 @@ each way and hands on bf16 directly: 2.8 ms.
 token, and whose family rotates as LLaMA does (:func:`is_llama_attention`), under ``compile:
 kernels`` (compiled decoder blocks fuse the rotation with the rest of the block themselves). The
 swapped forward is LLaMA's with the rotation replaced where :func:`_applies`; everything else
-(a key/value cache, no gradient, fp32 training) goes through transformers' own function.
+(a key/value cache, no gradient, fp32 training) goes through transformers' own function. Its q,
+k and v projections run as one LoRA product when all three are LoRA layers that
+:class:`zhtune.train.fused.LoraLinear` runs (:func:`zhtune.train.stacked.stacked_projections`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.train.test_rope import _loss_and_grads
 from zhtune.models.tiny import build_tiny_model
 from zhtune.train import fused, rope, stacked
 
@@ -77,19 +78,12 @@ def test_a_lora_llama_with_stacked_projections_gives_the_same_loss_and_gradients
     torch.manual_seed(1)
     ids = torch.randint(5, model.config.vocab_size, (2, 30))
 
-    def loss_and_grads():
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    want_loss, want = loss_and_grads()
+    want_loss, want = _loss_and_grads(model, ids)
     assert rope.use_compiled_rotary(model) == model.config.num_hidden_layers
     calls = []
     apply = stacked.StackedLora.apply
     monkeypatch.setattr(stacked.StackedLora, "apply", lambda *a: calls.append(1) or apply(*a))
-    got_loss, got = loss_and_grads()
+    got_loss, got = _loss_and_grads(model, ids)
     assert len(calls) == model.config.num_hidden_layers
     assert got_loss == pytest.approx(want_loss, rel=1e-3)
     assert got.keys() == want.keys()

@@ -287,12 +287,12 @@ def _gate_up(
 
 
 def _swiglu_backward_stacked(
-    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: torch.Tensor
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: torch.Tensor | None
 ) -> torch.Tensor:
     """:func:`_swiglu_backward`'s two gradients side by side, ``(n, 2 inter)``, for the stacked
     matmuls of :class:`RecomputedMLP`: written in place into one buffer eagerly (``grad`` is
     overwritten), concatenated when compiling (Inductor writes its fused kernel's results there;
-    it cannot trace ``out=`` into a slice)."""
+    it cannot trace ``out=`` into a slice; ``act`` may then be None, computed again)."""
     if torch.compiler.is_compiling():
         return torch.cat(_swiglu_backward(grad, gate, up, act), dim=1)
     inter = gate.shape[1]
@@ -488,20 +488,6 @@ def _dynamic_rows(*tensors: torch.Tensor) -> None:
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
-def _compiled_narrow_forward(
-    x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _dynamic_rows(x2)
-    return _compiled_narrow[0](x2, weight, eps, out_dtype)
-
-
-def _compiled_narrow_backward(
-    grad: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, x_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _dynamic_rows(grad, xhat, rstd)
-    return _compiled_narrow[1](grad, xhat, rstd, weight, x_dtype)
-
-
 _compiled_mlp_kernels: MlpKernels | None = None
 
 
@@ -517,14 +503,6 @@ def _rows(fn: Callable[..., Any], *rows: int) -> Callable[..., Any]:
     return call
 
 
-def _compiled_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(gate) * up
-
-
-def _compiled_swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.cat(_swiglu_backward(grad, gate, up), dim=1)
-
-
 def _compiled_mlp() -> MlpKernels:
     """:class:`MlpKernels` through ``torch.compile`` (one graph each, for any number of tokens):
     the activation and its gradients as one loop each (1.1 and 1.5 ms a SmolLM2 layer of 2,048
@@ -532,12 +510,9 @@ def _compiled_mlp() -> MlpKernels:
     instead of kept; computed in fp32 and rounded once (eager rounds ``silu(gate)`` to bf16 first)."""
     global _compiled_mlp_kernels
     if _compiled_mlp_kernels is None:
-        swiglu = _rows(_compiled_swiglu, 0, 1)
-        backward = _rows(_compiled_swiglu_backward, 0, 1, 2)
+        swiglu = _rows(_swiglu, 0, 1)
         _compiled_mlp_kernels = MlpKernels(
-            swiglu,
-            lambda gate, up: (swiglu(gate, up), None),
-            lambda grad, gate, up, act: backward(grad, gate, up),
+            swiglu, lambda gate, up: (swiglu(gate, up), None), _rows(_swiglu_backward_stacked, 0, 1, 2)
         )
     return _compiled_mlp_kernels
 
@@ -552,9 +527,8 @@ def _rmsnorm_compiled_forward(self: Any, hidden_states: torch.Tensor) -> torch.T
     out_dtype = _norm_out_dtype(self, hidden_states)
     if out_dtype is not None and torch.is_grad_enabled():
         if _compiled_narrow is None:
-            _compiled_narrow = (torch.compile(narrow_rms_norm), torch.compile(narrow_rms_norm_backward))
-        kernels = (_compiled_narrow_forward, _compiled_narrow_backward)
-        return NarrowRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype, kernels)
+            _compiled_narrow = (_rows(narrow_rms_norm, 0), _rows(narrow_rms_norm_backward, 0, 1, 2))
+        return NarrowRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype, _compiled_narrow)
     if _compiled_norm is None:
         _compiled_norm = torch.compile(llama_rms_norm)
     x = hidden_states.reshape(-1, hidden_states.shape[-1])

@@ -349,17 +349,17 @@ def build_model(
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.cutoff_len
     long_run = not sharded and blocks_repay(sum(p.numel() for p in model.parameters()), tokens_per_step, total_steps)
     compiled = compile_mode(cfg.compile, device_type, fused, long_run)
-    n_norms = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing)["rmsnorm"] if fused else 0
+    n_kernels = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing)["rmsnorm"] if fused else 0
     if compiled == "kernels" and fused:
-        n_norms += use_compiled_rotary(model)
+        n_kernels += use_compiled_rotary(model)
     attention = (
         compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and use_cpu_attention(model)
     )  # fmt: skip
     if compiled == "blocks":
         dynamic_rows = packs_batches(cfg, model.config.model_type, method)
         return model, compiled, compile_blocks(model, dynamic_rows), attention
-    if compiled == "kernels" and (n_norms or attention):
-        return model, compiled, n_norms, attention
+    if compiled == "kernels" and (n_kernels or attention):
+        return model, compiled, n_kernels, attention
     return model, "off", 0, False  # (kernels: a family without LLaMA's RMSNorm has none to compile)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from tests.train.test_loss import assert_same_curve_either_way
 from zhtune.models.tiny import TINY_CONFIG_KEYS, build_tiny_model
-from zhtune.train import fused
+from zhtune.train import fused, lora
 
 
 def _grads(module, x, *extra):
@@ -65,16 +65,16 @@ def test_lora_falls_back_to_peft_where_the_fused_layer_does_not_apply():
     x = torch.randn(3, 24)
     for config in ({"lora_dropout": 0.1}, {"use_dora": True}):
         model, layer = _lora_layer(False, **config)
-        assert fused._lora_plain(layer) is None
+        assert lora.lora_plain(layer) is None
     model, layer = _lora_layer(False)
     fused.fuse_for_training(model)
-    assert fused._lora_plain(layer) == "default"
+    assert lora.lora_plain(layer) == "default"
     base = layer.base_layer(x)
     with model.disable_adapter():
         torch.testing.assert_close(layer(x), base)
     fused_out = layer(x)
     layer.merge()
-    assert fused._lora_plain(layer) is None
+    assert lora.lora_plain(layer) is None
     torch.testing.assert_close(layer(x), fused_out, rtol=1e-5, atol=1e-5)
 
 

@@ -1,17 +1,11 @@
-"""Fused training kernels in plain PyTorch: a LoRA linear layer, LLaMA's RMSNorm and MLP, and
-trained linear layers under autocast.
+"""Fused training kernels in plain PyTorch: LLaMA's RMSNorm and MLP, trained linear layers under
+autocast, and (swapped in here, written in :mod:`zhtune.train.lora`) LoRA layers.
 
-Eager PyTorch runs a LoRA layer as six kernels forward (the frozen matmul, dropout, A, B, the
-scaling, the sum) and as many backward, each reading and writing full-size activations; an
-RMSNorm is eight forward (an fp32 copy, square, mean, add, rsqrt, multiply, a cast back, the
-weight) and a dozen backward. On a small model (SmolLM2-135M: 30 blocks, hidden 576) those
-elementwise passes cost about as much as the matmuls. The two :class:`torch.autograd.Function`
-here compute the same values with fewer passes:
+Eager PyTorch runs an RMSNorm as eight kernels forward (an fp32 copy, square, mean, add, rsqrt,
+multiply, a cast back, the weight) and a dozen backward. On a small model (SmolLM2-135M: 30
+blocks, hidden 576) such elementwise passes cost about as much as the matmuls. The functions here
+compute the same values with fewer passes:
 
-* :class:`LoraLinear`: ``y = x W^T + b + s (x A^T) B^T`` as one matmul plus one ``addmm`` that
-  adds the low-rank product into ``y`` with the scaling folded in; backward is only the matmuls
-  the gradients need (``dx = g W + s (g B) A``, skipped when ``x`` needs none; ``dA = s (g B)^T x``;
-  ``dB = s g^T (x A^T)``), again with the scaling folded into ``addmm``.
 * :class:`RMSNorm`: one fp32 pass for the statistics, the normalised output and, backward, the
   closed-form gradient from the saved reciprocal RMS. That is still a chain of fp32 passes;
   with ``compile: kernels`` (the default on a CPU with a C++ compiler, see
@@ -29,6 +23,9 @@ step of 4 x 512 tokens kept 1.84 GiB, now 0.56; ``bench/memory_step.py``):
 * :class:`RecomputedMLP`: with all three projections trained (full fine-tuning), the MLP keeps
   only its input; gate and up are computed again in backward (one stacked matmul). Under
   ``compile: kernels`` its activation and the activation's gradients are one compiled loop each.
+* :class:`StackedSwiGLU`: with gate and up LoRA layers, the MLP runs them as one
+  :class:`zhtune.train.lora.StackedLora` product and its activation on the two side by side;
+  backward hands that product one gradient, no concatenation (compiled as above).
 * The two norms of a LLaMA decoder layer hand their projections the autocast dtype
   (:func:`_norm_out_dtype`): one bf16 copy for q, k and v instead of one each; on a wider input
   (full fine-tuning's fp32 residual stream) they keep the normalised input in that dtype, not
@@ -36,11 +33,10 @@ step of 4 x 512 tokens kept 1.84 GiB, now 0.56; ``bench/memory_step.py``):
 
 :func:`fuse_for_training` swaps them in for peft's LoRA ``Linear`` layers, the RMSNorms and MLPs
 whose code is LLaMA's (:func:`is_llama_rmsnorm`, :func:`is_llama_mlp`) and trained plain linear
-layers by replacing the modules' ``forward`` (parameters, state-dict names and
-saving are untouched). A LoRA layer falls back to peft's own forward whenever it is in a state the
-fused one does not cover (adapters disabled or merged, several active adapters, dropout, DoRA or
-another variant, a LoRA bias, trained base weights, ``adapter_names``), so switching is never
-wrong, only sometimes not faster. Same values and gradients to float rounding (tested).
+layers by replacing the modules' ``forward`` (parameters, state-dict names and saving are
+untouched). A LoRA layer falls back to peft's own forward whenever it is in a state the fused one
+does not cover (:func:`zhtune.train.lora.lora_plain`), so switching is never wrong, only sometimes
+not faster. Same values and gradients to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -52,6 +48,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from zhtune.train.lora import lora_forward, stacked_lora
 from zhtune.train.loss import compute_dtype
 
 
@@ -75,49 +72,6 @@ def is_llama_rmsnorm(module: Any) -> bool:
     return isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon") and (
         _same_code(type(module).forward, LlamaRMSNorm.forward)
     )  # fmt: skip
-
-
-class LoraLinear(torch.autograd.Function):
-    """``x W^T + b + scale * (x A^T) B^T`` for ``x`` ``(..., in)``, frozen ``W`` ``(out, in)`` and
-    ``b`` ``(out,)`` or None, trained ``A`` ``(r, in)`` and ``B`` ``(out, r)``; ``(..., out)`` in the
-    compute dtype (autocast's, else ``x``'s), as peft's layer under autocast returns it."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        lora_a: torch.Tensor,
-        lora_b: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-            xa = x2 @ a.T  # (n, r)
-            y = torch.addmm(bias.to(dtype), x2, w.T) if bias is not None else x2 @ w.T
-            y.addmm_(xa, b.T, alpha=scale)
-        ctx.save_for_backward(x2, xa, w, a, b)
-        ctx.scale, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scale, x.dtype, lora_a.dtype, lora_b.dtype
-        return y.view(*x.shape[:-1], w.shape[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        x2, xa, w, a, b = ctx.saved_tensors
-        s = ctx.scale
-        with torch.autocast(grad.device.type, enabled=False):
-            g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-            gb = g @ b  # (n, r)
-            grad_a = torch.mm(gb.T, x2).mul_(s).to(ctx.a_dtype)
-            # (r, n) @ (n, out), transposed back: the skinny side leads (~2x faster in oneDNN at out = 576)
-            grad_b = torch.mm(xa.T, g).mul_(s).T.to(ctx.b_dtype)
-            grad_x = None
-            if ctx.needs_input_grad[0]:  # (not for the first block's input: the embeddings are frozen)
-                grad_x = g @ w
-                grad_x = grad_x.addmm_(gb, a, alpha=s).view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
-        return grad_x, None, None, grad_a, grad_b, None
 
 
 class RMSNorm(torch.autograd.Function):
@@ -290,15 +244,16 @@ def _swiglu_backward_stacked(
     grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: torch.Tensor | None
 ) -> torch.Tensor:
     """:func:`_swiglu_backward`'s two gradients side by side, ``(n, 2 inter)``, for the stacked
-    matmuls of :class:`RecomputedMLP`: written in place into one buffer eagerly (``grad`` is
-    overwritten), concatenated when compiling (Inductor writes its fused kernel's results there;
-    it cannot trace ``out=`` into a slice; ``act`` may then be None, computed again)."""
+    matmuls of :class:`RecomputedMLP` and :class:`StackedSwiGLU`: written into one buffer eagerly,
+    concatenated when compiling (Inductor writes its fused kernel's results there; it cannot trace
+    ``out=`` into a slice). ``act``: ``silu(gate)``, or None to compute it again."""
     if torch.compiler.is_compiling():
         return torch.cat(_swiglu_backward(grad, gate, up, act), dim=1)
     inter = gate.shape[1]
+    act = torch.nn.functional.silu(gate) if act is None else act
     stacked = torch.empty(gate.shape[0], 2 * inter, dtype=grad.dtype, device=grad.device)
     torch.mul(grad, act, out=stacked[:, inter:])
-    torch.ops.aten.silu_backward.grad_input(grad.mul_(up), gate, grad_input=stacked[:, :inter])
+    torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=stacked[:, :inter])
     return stacked
 
 
@@ -383,6 +338,32 @@ class RecomputedMLP(torch.autograd.Function):
             grad_down_bias,
             None,
         )
+
+
+class StackedSwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` for ``gate_up`` ``(..., 2 inter)``, LoRA's gate and up projections side
+    by side (:func:`zhtune.train.lora.stacked_lora`); ``(..., inter)``. Keeps only ``gate_up``
+    (what :class:`SwiGLU` keeps of the two) and hands back its gradient as one ``(..., 2 inter)``
+    tensor, the layout :class:`zhtune.train.lora.StackedLora` reads, instead of two that autograd
+    would concatenate. ``kernels``: :class:`MlpKernels`, eager or compiled."""
+
+    @staticmethod
+    def forward(ctx: Any, gate_up: torch.Tensor, kernels: MlpKernels) -> torch.Tensor:
+        inter = gate_up.shape[-1] // 2
+        g2 = gate_up.reshape(-1, 2 * inter)
+        h = kernels.swiglu(g2[:, :inter], g2[:, inter:])
+        ctx.save_for_backward(gate_up)
+        ctx.kernels = kernels
+        return h.view(*gate_up.shape[:-1], inter)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        (gate_up,) = ctx.saved_tensors
+        inter = gate_up.shape[-1] // 2
+        g2 = gate_up.reshape(-1, 2 * inter)
+        grad2 = grad.reshape(-1, inter).to(g2.dtype)
+        stacked = ctx.kernels.swiglu_backward(grad2, g2[:, :inter], g2[:, inter:], None)
+        return stacked.view(gate_up.shape), None
 
 
 def narrow_rms_norm(
@@ -536,37 +517,6 @@ def _rmsnorm_compiled_forward(self: Any, hidden_states: torch.Tensor) -> torch.T
     return _compiled_norm(x, self.weight, self.variance_epsilon, out_dtype).view(*hidden_states.shape[:-1], -1)
 
 
-def _lora_plain(module: Any) -> str | None:
-    """The one active adapter of a peft LoRA ``Linear`` when :class:`LoraLinear` computes what
-    its forward would, else None."""
-    if module.disable_adapters or module.merged:
-        return None
-    active = [name for name in module.active_adapters if name in module.lora_A]
-    if len(active) != 1:
-        return None
-    name = active[0]
-    base = module.base_layer
-    if (
-        name in module.lora_variant
-        or not isinstance(module.lora_dropout[name], torch.nn.Identity)
-        or module.lora_B[name].bias is not None
-        or base.weight.requires_grad
-        or (base.bias is not None and base.bias.requires_grad)
-    ):
-        return None
-    return name
-
-
-def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    name = None if args or kwargs else _lora_plain(self)
-    if name is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    base = self.base_layer
-    return LoraLinear.apply(
-        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-    )
-
-
 def _casts(weight: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether :class:`CastLinear` runs a linear layer with ``weight`` on ``x``: gradients on,
     autocast on, and ``weight`` trained and wider than autocast's dtype."""
@@ -604,11 +554,15 @@ def _recomputes(mlp: Any) -> bool:
 
 
 def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    kernels = _compiled_mlp() if self._zhtune_compiled else _EAGER_MLP
     if _recomputes(self):
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        kernels = _compiled_mlp() if self._zhtune_compiled else _EAGER_MLP
         return RecomputedMLP.apply(x, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias, kernels)
-    gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+    down = self.down_proj
+    gate_up = stacked_lora(x, [self.gate_proj, self.up_proj])
+    if gate_up is not None:
+        return down(StackedSwiGLU.apply(gate_up, kernels))
+    gate, up = self.gate_proj(x), self.up_proj(x)
     if type(down) is torch.nn.Linear and _casts(down.weight, gate):
         return SwiGLUDown.apply(gate, up, down.weight, down.bias)
     return down(SwiGLU.apply(gate, up))
@@ -627,12 +581,14 @@ def _llama_layer_norms(module: Any) -> list[Any]:
 
 def fuse_for_training(model: Any, compiled: bool = False, recompute_mlp: bool = True) -> dict[str, int]:
     """Swap the fused kernels into ``model`` in place (parameters and names untouched); returns how
-    many modules of each kind: ``lora`` (:class:`LoraLinear`; see the module's docstring for when a
-    layer still runs peft's forward), ``rmsnorm`` (:class:`RMSNorm`, or with ``compiled``
-    :func:`llama_rms_norm` through ``torch.compile``), ``mlp`` (LLaMA's MLP through
-    :class:`SwiGLU`, or :class:`SwiGLUDown` when its down projection is a trained wide weight under
-    autocast, or with ``recompute_mlp`` :class:`RecomputedMLP` when all three projections are
-    trained, its elementwise kernels through ``torch.compile`` with ``compiled``; the caller turns
+    many modules of each kind: ``lora`` (:class:`zhtune.train.lora.LoraLinear`; see
+    :func:`zhtune.train.lora.lora_plain` for when a layer still runs peft's forward), ``rmsnorm``
+    (:class:`RMSNorm`, or with ``compiled`` :func:`llama_rms_norm` through ``torch.compile``),
+    ``mlp`` (LLaMA's MLP through :class:`SwiGLU`, or :class:`StackedSwiGLU` after one stacked
+    product when gate and up are LoRA layers, or :class:`SwiGLUDown` when its down projection is a
+    trained wide weight under autocast, or with ``recompute_mlp`` :class:`RecomputedMLP` when all
+    three projections are trained; the elementwise kernels of the last two through
+    ``torch.compile`` with ``compiled``; the caller turns
     ``recompute_mlp`` off under gradient checkpointing, which computes the whole block
     again) and ``linear`` (trained plain ``nn.Linear`` layers: through :class:`CastLinear` under
     autocast with wider weights, else their own computation)."""
@@ -645,7 +601,7 @@ def fuse_for_training(model: Any, compiled: bool = False, recompute_mlp: bool = 
             norm._zhtune_feeds_linears = True
         if type(module) is lora_layer.Linear and not module.fan_in_fan_out:
             if type(module.base_layer) is torch.nn.Linear:
-                module.forward = types.MethodType(_lora_forward, module)
+                module.forward = types.MethodType(lora_forward, module)
                 counts["lora"] += 1
         elif is_llama_rmsnorm(module):
             module.forward = types.MethodType(norm_forward, module)

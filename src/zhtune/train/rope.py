@@ -14,7 +14,7 @@ kernels`` (compiled decoder blocks fuse the rotation with the rest of the block 
 swapped forward is LLaMA's with the rotation replaced where :func:`_applies`; everything else
 (a key/value cache, no gradient, fp32 training) goes through transformers' own function. Its q,
 k and v projections run as one LoRA product when all three are LoRA layers that
-:class:`zhtune.train.fused.LoraLinear` runs (:func:`zhtune.train.stacked.stacked_projections`).
+:class:`zhtune.train.lora.LoraLinear` runs (:func:`zhtune.train.lora.stacked_projections`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from zhtune.train.fused import _same_code
-from zhtune.train.stacked import stacked_projections
+from zhtune.train.lora import stacked_projections
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

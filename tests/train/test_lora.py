@@ -1,4 +1,4 @@
-"""q, k and v's LoRA layers as one product (zhtune.train.stacked)."""
+"""LoRA layers on one input as one product (zhtune.train.lora): q, k and v; gate and up."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from tests.train.test_rope import _loss_and_grads
 from zhtune.models.tiny import build_tiny_model
-from zhtune.train import fused, rope, stacked
+from zhtune.train import fused, lora, rope
 
 
 def _layers(bias: bool, outs=(48, 16, 16), dropout: float = 0.0):
@@ -45,7 +45,7 @@ def test_one_stacked_product_gives_the_three_layers_values_and_gradients(bias, a
     x = torch.randn(3, 5, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         want = _outputs_and_grads(layers, x, lambda x: [m(x) for m in layers])
-        got = _outputs_and_grads(layers, x, lambda x: stacked.stacked_projections(x, layers))
+        got = _outputs_and_grads(layers, x, lambda x: lora.stacked_projections(x, layers))
     tol = 1e-2 if autocast else 1e-5
     for a, b in [*zip(got[0], want[0]), (got[1], want[1])]:
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -58,15 +58,17 @@ def test_one_stacked_product_gives_the_three_layers_values_and_gradients(bias, a
 
 def test_anything_the_fused_layer_would_not_run_goes_one_layer_at_a_time():
     layers = _layers(False, dropout=0.1)  # dropout: peft's own forward
-    assert stacked.stacked_projections(torch.randn(2, 32), layers) is None
+    assert lora.stacked_projections(torch.randn(2, 32), layers) is None
     layers = _layers(False)
     with torch.no_grad():
-        assert stacked.stacked_projections(torch.randn(2, 32), layers) is None
+        assert lora.stacked_projections(torch.randn(2, 32), layers) is None
     layers[1].base_layer.bias = torch.nn.Parameter(torch.zeros(16))  # biases on some only
-    assert stacked.stacked_projections(torch.randn(2, 32), layers) is None
+    assert lora.stacked_projections(torch.randn(2, 32), layers) is None
 
 
 def test_a_lora_llama_with_stacked_projections_gives_the_same_loss_and_gradients(tiny_tokenizer, monkeypatch):
+    """Fused, with the swapped attention: q/k/v and gate/up each one stacked product a layer, and
+    the loss and gradients of peft's own layers."""
     from peft import LoraConfig, get_peft_model
 
     model = build_tiny_model("llama", tiny_tokenizer)
@@ -74,18 +76,40 @@ def test_a_lora_llama_with_stacked_projections_gives_the_same_loss_and_gradients
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    fused.fuse_for_training(model)
     torch.manual_seed(1)
     ids = torch.randint(5, model.config.vocab_size, (2, 30))
 
     want_loss, want = _loss_and_grads(model, ids)
+    fused.fuse_for_training(model)
     assert rope.use_compiled_rotary(model) == model.config.num_hidden_layers
     calls = []
-    apply = stacked.StackedLora.apply
-    monkeypatch.setattr(stacked.StackedLora, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = lora.StackedLora.apply
+    monkeypatch.setattr(lora.StackedLora, "apply", lambda *a: calls.append(a[1]) or apply(*a))
     got_loss, got = _loss_and_grads(model, ids)
-    assert len(calls) == model.config.num_hidden_layers
+    assert calls == [3, 2] * model.config.num_hidden_layers
     assert got_loss == pytest.approx(want_loss, rel=1e-3)
     assert got.keys() == want.keys()
     for name, grad in want.items():
         assert (got[name] - grad).abs().max() <= 3e-2 * grad.abs().max(), name
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_stacked_activation_gives_swiglu_and_its_gradient_as_one_tensor(compiled):
+    """StackedSwiGLU on ``[gate | up]`` equals silu(gate) * up; its gradient is the two gradients
+    side by side (bf16, eager and compiled kernels), and the incoming gradient is left as it was."""
+    torch.manual_seed(0)
+    gate_up = torch.randn(3, 7, 2 * 24, dtype=torch.bfloat16)
+    grad = torch.randn(3, 7, 24, dtype=torch.bfloat16)
+    ref = gate_up.float().requires_grad_(True)
+    want = torch.nn.functional.silu(ref[..., :24]) * ref[..., 24:]
+    want.backward(grad.float())
+    kernels = fused._compiled_mlp() if compiled else fused._EAGER_MLP
+    x = gate_up.clone().requires_grad_(True)
+    kept = grad.clone()
+    got = fused.StackedSwiGLU.apply(x, kernels)
+    got.backward(kept)
+    assert got.shape == (3, 7, 24) and got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
+    assert x.grad.shape == x.shape and x.grad.dtype == torch.bfloat16
+    assert (x.grad.float() - ref.grad).abs().max() <= 2e-2 * ref.grad.abs().max()
+    assert torch.equal(kept, grad)

@@ -1,0 +1,177 @@
+"""zhtune's LoRA layers for training: one layer fused, and layers that read the same input as one.
+
+* :class:`LoraLinear`: ``y = x W^T + b + s (x A^T) B^T`` as one matmul plus one ``addmm`` that
+  adds the low-rank product into ``y`` with the scaling folded in; backward is only the matmuls
+  the gradients need (``dx = g W + s (g B) A``, skipped when ``x`` needs none; ``dA = s (g B)^T x``;
+  ``dB = s g^T (x A^T)``), again with the scaling folded into ``addmm``. Eager PyTorch runs peft's
+  layer as six kernels forward (the frozen matmul, dropout, A, B, the scaling, the sum) and as
+  many backward, each reading and writing full-size activations.
+* :class:`StackedLora`: several :class:`LoraLinear` layers on one input (q, k and v of an
+  attention module; gate and up of an MLP) as one LoRA layer whose frozen weight is theirs
+  stacked, whose ``A`` is theirs stacked and whose ``B`` is block-diagonal (each block scaled by
+  its layer's scaling), so the low-rank products of one layer never meet another's. The input is
+  read once forward, and its gradient is one matmul instead of one a layer, added up by autograd.
+  Backward splits the gradients of ``A`` and ``B`` back out.
+
+A layer runs here only when :func:`lora_plain` says it computes what peft's forward would
+(adapters enabled and not merged, one active adapter, no dropout, no DoRA or other variant, no
+LoRA bias, a frozen base layer); anything else goes through peft's own forward, so switching is
+never wrong, only sometimes not faster. :func:`zhtune.train.fused.fuse_for_training` swaps
+:func:`lora_forward` in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from zhtune.train.loss import compute_dtype
+
+
+class LoraLinear(torch.autograd.Function):
+    """``x W^T + b + scale * (x A^T) B^T`` for ``x`` ``(..., in)``, frozen ``W`` ``(out, in)`` and
+    ``b`` ``(out,)`` or None, trained ``A`` ``(r, in)`` and ``B`` ``(out, r)``; ``(..., out)`` in the
+    compute dtype (autocast's, else ``x``'s), as peft's layer under autocast returns it."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+            xa = x2 @ a.T  # (n, r)
+            y = torch.addmm(bias.to(dtype), x2, w.T) if bias is not None else x2 @ w.T
+            y.addmm_(xa, b.T, alpha=scale)
+        ctx.save_for_backward(x2, xa, w, a, b)
+        ctx.scale, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scale, x.dtype, lora_a.dtype, lora_b.dtype
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x2, xa, w, a, b = ctx.saved_tensors
+        s = ctx.scale
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+            gb = g @ b  # (n, r)
+            grad_a = torch.mm(gb.T, x2).mul_(s).to(ctx.a_dtype)
+            # (r, n) @ (n, out), transposed back: the skinny side leads (~2x faster in oneDNN at out = 576)
+            grad_b = torch.mm(xa.T, g).mul_(s).T.to(ctx.b_dtype)
+            grad_x = None
+            if ctx.needs_input_grad[0]:  # (not for the first block's input: the embeddings are frozen)
+                grad_x = g @ w
+                grad_x = grad_x.addmm_(gb, a, alpha=s).view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+
+def lora_plain(module: Any) -> str | None:
+    """The one active adapter of a peft LoRA ``Linear`` when :class:`LoraLinear` computes what
+    its forward would, else None."""
+    if module.disable_adapters or module.merged:
+        return None
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    base = module.base_layer
+    if (
+        name in module.lora_variant
+        or not isinstance(module.lora_dropout[name], torch.nn.Identity)
+        or module.lora_B[name].bias is not None
+        or base.weight.requires_grad
+        or (base.bias is not None and base.bias.requires_grad)
+    ):
+        return None
+    return name
+
+
+def lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = None if args or kwargs else lora_plain(self)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    return LoraLinear.apply(
+        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    )
+
+
+class StackedLora(torch.autograd.Function):
+    """``x [W_1; ...; W_k]^T + [b] + (x [A_1; ...; A_k]^T) diag(s_i B_i)^T`` for ``x`` ``(n, in)``;
+    returns ``(n, sum out_i)`` in the compute dtype. ``weights``, ``biases``, ``lora_a``,
+    ``lora_b``: tuples of the k layers' tensors; ``scales``: their scalings."""
+
+    @staticmethod
+    def forward(ctx: Any, x2: torch.Tensor, n: int, scales: tuple[float, ...], *tensors: torch.Tensor) -> torch.Tensor:
+        weights, biases, lora_a, lora_b = (tensors[i * n : (i + 1) * n] for i in range(4))
+        dtype = compute_dtype(x2)
+        with torch.autocast(x2.device.type, enabled=False):
+            x2 = x2.to(dtype)
+            w = torch.cat([t.to(dtype) for t in weights])
+            a = torch.cat([t.to(dtype) for t in lora_a])
+            b = torch.block_diag(*[t.to(dtype) * s for t, s in zip(lora_b, scales)])
+            xa = x2 @ a.T  # (n, k r)
+            y = x2 @ w.T
+            if biases[0] is not None:
+                y += torch.cat([t.to(dtype) for t in biases])
+            y.addmm_(xa, b.T)
+        ctx.save_for_backward(x2, xa, w, a, b)
+        ctx.n, ctx.scales = n, scales
+        ctx.a_dtypes, ctx.b_dtypes = [t.dtype for t in lora_a], [t.dtype for t in lora_b]
+        ctx.rows = [t.shape[0] for t in lora_a], [t.shape[0] for t in weights]
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x2, xa, w, a, b = ctx.saved_tensors
+        ranks, outs = ctx.rows
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.to(w.dtype)
+            gb = g @ b  # (n, k r): each layer's s_i g_i B_i
+            grad_a = torch.mm(gb.T, x2).split(ranks)
+            grad_b_all = torch.mm(xa.T, g)  # (k r, sum out); the diagonal blocks are the layers'
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ w).addmm_(gb, a)
+        grad_b, r0, o0 = [], 0, 0
+        for r, o, s, dt in zip(ranks, outs, ctx.scales, ctx.b_dtypes):
+            grad_b.append(grad_b_all[r0 : r0 + r, o0 : o0 + o].T.mul(s).to(dt))
+            r0, o0 = r0 + r, o0 + o
+        grad_a = [t.to(dt) for t, dt in zip(grad_a, ctx.a_dtypes)]
+        n = ctx.n
+        return grad_x, None, None, *([None] * (2 * n)), *grad_a, *grad_b
+
+
+def stacked_lora(x: torch.Tensor, layers: list[Any]) -> torch.Tensor | None:
+    """The outputs of peft LoRA ``layers`` on the same ``x`` ``(..., in)`` side by side through
+    :class:`StackedLora`, ``(..., sum out_i)`` in the compute dtype; None (the caller runs them one
+    by one) unless gradients are on, every layer is one :func:`lora_forward` runs as
+    :class:`LoraLinear` (:func:`lora_plain`) and their base layers have biases on all or none."""
+    if not torch.is_grad_enabled():
+        return None
+    names = [lora_plain(m) if getattr(vars(m).get("forward"), "__func__", None) is lora_forward else None for m in layers]
+    if None in names or len({m.base_layer.bias is None for m in layers}) != 1:
+        return None
+    tensors = (
+        [m.base_layer.weight for m in layers]
+        + [m.base_layer.bias for m in layers]
+        + [m.lora_A[name].weight for m, name in zip(layers, names)]
+        + [m.lora_B[name].weight for m, name in zip(layers, names)]
+    )
+    scales = tuple(m.scaling[name] for m, name in zip(layers, names))
+    y = StackedLora.apply(x.reshape(-1, x.shape[-1]), len(layers), scales, *tensors)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def stacked_projections(x: torch.Tensor, layers: list[Any]) -> list[torch.Tensor] | None:
+    """:func:`stacked_lora`'s result split into each layer's ``(..., out_i)`` (views), or None."""
+    y = stacked_lora(x, layers)
+    return None if y is None else list(y.split([m.base_layer.weight.shape[0] for m in layers], dim=-1))

@@ -9,7 +9,8 @@ up as ``zhtune train`` does, ``--warmup`` steps run, then ``--steps`` steps unde
 attention's backward; ``compile=false`` groups all-eager ops). Each op's self time is put in one group:
 
 * forward: by the innermost module it runs in (forward hooks open a profiler range per module):
-  LoRA's linear layers as zhtune's fused kernel runs them (frozen matmul and A/B together; with
+  LoRA's linear layers as zhtune's fused kernels run them (frozen matmul and A/B together, q/k/v
+  and gate/up as one stacked product each; with
   ``fused_kernels=false``: the frozen linear layers, LoRA's ``base_layer``, and LoRA's A/B matmuls
   with their scaling and addition), the attention modules (SDPA's forward, zhtune's or SDPA's backward, RoPE, reshapes; their q/k/v/o projections are linear
   layers), trained plain linear layers (full fine-tuning: their weight casts and matmuls), RMSNorm,
@@ -44,7 +45,7 @@ sys.path.insert(0, str(HERE.parent))
 from train_real import Bench, zhtune_settings  # noqa: E402
 
 FUSED, BASE, LORA, LINEAR, ATTN, NORM, SWIGLU, HEAD, OTHER = (
-    "LoRA linear layers, fused (frozen matmul + A/B)",
+    "LoRA linear layers, fused (frozen matmul + A/B; q/k/v and gate/up stacked)",
     "base linear matmuls (frozen)",
     "LoRA A/B matmuls (+ scale, add)",
     "trained linear layers (full fine-tuning: weight casts, matmuls)",
@@ -67,7 +68,7 @@ def module_group(name: str, module: Any) -> str | None:
     """The group of the ops that run directly in ``module`` (None: it opens no range)."""
     cls = type(module).__name__
     if "forward" in vars(module) and hasattr(module, "base_layer"):
-        return FUSED  # zhtune.train.fused.LoraLinear: the frozen matmul and A/B in one function
+        return FUSED  # zhtune.train.lora.LoraLinear: the frozen matmul and A/B in one function
     if name.endswith("base_layer"):
         return BASE
     if hasattr(module, "base_layer") or ".lora_A." in f"{name}." or ".lora_B." in f"{name}.":
@@ -121,11 +122,13 @@ def scoped(label: str, fn: Any) -> Any:
 
 def instrument(s: Any) -> None:
     """Ranges around the modules, the fused loss, the backward pass and the optimizer's calls."""
-    from zhtune.train import loss
+    from zhtune.train import lora, loss
 
     add_ranges(s.accelerator.unwrap_model(s.model))
     forward = loss.LinearCrossEntropy.forward
     loss.LinearCrossEntropy.forward = staticmethod(scoped(HEAD, forward))
+    # stacked LoRA products (q/k/v, gate/up) run inside the attention and MLP modules' ranges
+    lora.StackedLora.forward = staticmethod(scoped(FUSED, lora.StackedLora.forward))
     s.accelerator.backward = scoped("backward", s.accelerator.backward)
     s.accelerator.clip_grad_norm_ = scoped("optimizer", s.accelerator.clip_grad_norm_)
     s.optimizer.step = scoped("optimizer", s.optimizer.step)

@@ -66,6 +66,31 @@ def test_compiling_what_cannot_be_compiled_is_refused(monkeypatch):
             compile_mode(setting, "cpu", True)
 
 
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86's probe")
+def test_inductors_vector_isa_probe_runs_once_per_machine(monkeypatch, tmp_path):
+    """The first run probes (Inductor's own probe) and records that every listed set passed; a
+    later run trusts the record without probing; a set that fails the probe keeps it on."""
+    from torch._inductor import config, cpu_vec_isa
+
+    monkeypatch.setenv("ZHTUNE_CACHE", str(tmp_path))
+    cpu = cpu_vec_isa.x86_isa_checker()
+    listed = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in cpu for f in str(isa).split())]
+    if not listed:
+        pytest.skip("this CPU lists no vector instruction set Inductor knows")
+    probes = []
+    with config.patch({"cpp.vec_isa_ok": None}):
+        monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: probes.append(1) or listed[1:])
+        assert not compile_mod.trust_probed_vec_isa()  # the first set failed: probe on, nothing recorded
+        assert config.cpp.vec_isa_ok is None and not (tmp_path / "inductor").exists()
+        monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: probes.append(1) or list(listed))
+        assert compile_mod.trust_probed_vec_isa() and config.cpp.vec_isa_ok is True
+    [marker] = (tmp_path / "inductor").iterdir()
+    assert json.loads(marker.read_text())["sets"] == [str(isa) for isa in listed]
+    with config.patch({"cpp.vec_isa_ok": None}):  # a later process
+        assert compile_mod.trust_probed_vec_isa() and config.cpp.vec_isa_ok is True
+    assert len(probes) == 2  # no probe the third time
+
+
 def test_fixed_length_batches_have_one_shape_and_empty_rows_carry_nothing():
     examples = [
         {"input_ids": [5] * n, "labels": [7] * n, "position_ids": list(range(n))}

@@ -66,9 +66,10 @@ def test_anything_the_fused_layer_would_not_run_goes_one_layer_at_a_time():
     assert lora.stacked_projections(torch.randn(2, 32), layers) is None
 
 
-def test_a_lora_llama_with_stacked_projections_gives_the_same_loss_and_gradients(tiny_tokenizer, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_lora_llama_with_stacked_projections_gives_the_same_loss_and_gradients(compiled, tiny_tokenizer, monkeypatch):
     """Fused, with the swapped attention: q/k/v and gate/up each one stacked product a layer, and
-    the loss and gradients of peft's own layers."""
+    the loss and gradients of peft's own layers; the rotation compiled only when asked."""
     from peft import LoraConfig, get_peft_model
 
     model = build_tiny_model("llama", tiny_tokenizer)
@@ -81,12 +82,14 @@ def test_a_lora_llama_with_stacked_projections_gives_the_same_loss_and_gradients
 
     want_loss, want = _loss_and_grads(model, ids)
     fused.fuse_for_training(model)
-    assert rope.use_compiled_rotary(model) == model.config.num_hidden_layers
-    calls = []
-    apply = lora.StackedLora.apply
+    assert rope.swap_attention(model, compiled=compiled) == model.config.num_hidden_layers
+    calls, rotations = [], []
+    apply, rotate = lora.StackedLora.apply, rope.Rotary.apply
     monkeypatch.setattr(lora.StackedLora, "apply", lambda *a: calls.append(a[1]) or apply(*a))
+    monkeypatch.setattr(rope.Rotary, "apply", lambda *a: rotations.append(1) or rotate(*a))
     got_loss, got = _loss_and_grads(model, ids)
     assert calls == [3, 2] * model.config.num_hidden_layers
+    assert len(rotations) == (2 * model.config.num_hidden_layers if compiled else 0)
     assert got_loss == pytest.approx(want_loss, rel=1e-3)
     assert got.keys() == want.keys()
     for name, grad in want.items():

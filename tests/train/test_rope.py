@@ -16,7 +16,7 @@ def _attention_modules(model):
 @pytest.mark.parametrize("family", list(TINY_CONFIG_KEYS))
 def test_only_llamas_attention_with_llamas_rotation_is_swapped(family, tiny_tokenizer):
     model = build_tiny_model(family, tiny_tokenizer)
-    swapped = rope.use_compiled_rotary(model)
+    swapped = rope.swap_attention(model, compiled=True)
     # Gemma's attention and rotation are LLaMA's code; Mistral and Qwen2 pass a sliding window,
     # Qwen3 normalises q/k, GLM-4 rotates interleaved pairs, the others are other architectures
     assert swapped == (len(_attention_modules(model)) if family in ("llama", "gemma") else 0)
@@ -60,7 +60,7 @@ def test_a_model_with_the_compiled_rotation_gives_the_same_loss_and_gradients(we
     torch.manual_seed(1)
     ids = torch.randint(5, model.config.vocab_size, (2, 30))
     want_loss, want = _loss_and_grads(model, ids)
-    assert rope.use_compiled_rotary(model) == model.config.num_hidden_layers
+    assert rope.swap_attention(model, compiled=True) == model.config.num_hidden_layers
     got_loss, got = _loss_and_grads(model, ids)
     assert got_loss == pytest.approx(want_loss, rel=1e-3)
     for name, grad in want.items():

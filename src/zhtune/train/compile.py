@@ -36,10 +36,15 @@ piece runs eagerly (transformers' output-recording hooks break each block once, 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import shutil
 from typing import Any, Literal
 
 from zhtune.errors import ZhtuneError
+from zhtune.models.gguf import cache_root
 
 CompileMode = Literal["off", "kernels", "blocks"]
 
@@ -81,6 +86,42 @@ def blocks_repay(n_params: int, tokens_per_step: int, steps: int) -> bool:
     tokens needs ~150 steps, a 4M-parameter model several thousand)."""
     step_s = 4 * n_params * tokens_per_step / CPU_STEP_FLOPS
     return steps * step_s * BLOCKS_GAIN > BLOCKS_COMPILE_S
+
+
+def trust_probed_vec_isa() -> bool:
+    """Let Inductor skip its probe of the CPU's vector instruction sets where a run on this machine
+    already found every set the CPU reports working; returns whether it skips it.
+
+    Before its first C++ kernel a process's Inductor builds a test library for each vector
+    instruction set that ``/proc/cpuinfo`` lists (AVX2, AVX-512, AMX...) and loads each in a fresh
+    Python process: ~1.5 s of a SmolLM2 run's first step on two cores, every run. The first run
+    here runs that same probe (``valid_vec_isa_list``, cached for the process) and, when every
+    listed set passed, records it under zhtune's cache, keyed by torch's version, the C++
+    compiler and the listed sets; then and in later runs Inductor is told the sets work
+    (``cpp.vec_isa_ok``), which is what the probe would find. A set that failed keeps the probe
+    on. x86 only (the probe is per architecture); any other torch layout: the probe as usual."""
+    try:
+        import torch
+        from torch._inductor import config, cpu_vec_isa
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        if config.cpp.vec_isa_ok is not None or platform.machine() not in ("x86_64", "AMD64"):
+            return False
+        cpu = cpu_vec_isa.x86_isa_checker()
+        listed = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list if all(f in cpu for f in str(isa).split())]
+        compiler = shutil.which(get_cpp_compiler()) or get_cpp_compiler()
+        stamp = os.stat(compiler).st_mtime_ns if os.path.exists(compiler) else 0
+    except (ImportError, AttributeError, RuntimeError, OSError):
+        return False
+    key = hashlib.sha256(json.dumps([torch.__version__, compiler, stamp, listed]).encode()).hexdigest()[:16]
+    marker = cache_root() / "inductor" / f"vec-isa-{key}.json"
+    if not marker.is_file():
+        if [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] != listed or not listed:
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"torch": torch.__version__, "compiler": compiler, "sets": listed}))
+    config.cpp.vec_isa_ok = True
+    return True
 
 
 def compile_mode(setting: bool | str, device_type: str, fused_kernels: bool, long_run: bool = False) -> CompileMode:

@@ -72,7 +72,6 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
-
 def lora_plain(module: Any) -> str | None:
     """The one active adapter of a peft LoRA ``Linear`` when :class:`LoraLinear` computes what
     its forward would, else None."""

@@ -1,4 +1,5 @@
-"""The rotary position embedding of LLaMA's attention as one compiled loop each way, for training.
+"""LLaMA's attention forward for training: q, k and v as one LoRA product, and the rotary position
+embedding as one compiled loop each way.
 
 transformers rotates queries and keys with four elementwise ops each (``q * cos``, the
 ``rotate_half`` concatenation, ``* sin``, the sum) and as many again backward. In full
@@ -8,13 +9,17 @@ to bf16: 7.7 ms a SmolLM2 layer of 4 x 512 tokens, forward and backward (4.4 ms 
 tables). :class:`Rotary` computes the same function in fp32 inside one ``torch.compile`` loop
 each way and hands on bf16 directly: 2.8 ms.
 
-:func:`use_compiled_rotary` swaps it into the attention modules whose forward is LLaMA's, token for
-token, and whose family rotates as LLaMA does (:func:`is_llama_attention`), under ``compile:
-kernels`` (compiled decoder blocks fuse the rotation with the rest of the block themselves). The
-swapped forward is LLaMA's with the rotation replaced where :func:`_applies`; everything else
-(a key/value cache, no gradient, fp32 training) goes through transformers' own function. Its q,
-k and v projections run as one LoRA product when all three are LoRA layers that
-:class:`zhtune.train.lora.LoraLinear` runs (:func:`zhtune.train.lora.stacked_projections`).
+:func:`swap_attention` swaps :func:`_attention_forward` into the attention modules whose forward
+is LLaMA's, token for token, and whose family rotates as LLaMA does (:func:`is_llama_attention`),
+whenever the fused kernels are on and the decoder blocks are not compiled whole (those fuse the
+rotation with the rest of the block themselves). The swapped forward is LLaMA's with two changes:
+
+* its q, k and v projections run as one LoRA product when all three are LoRA layers that
+  :class:`zhtune.train.lora.LoraLinear` runs (:func:`zhtune.train.lora.stacked_projections`);
+* under ``compile: kernels`` the rotation goes through :class:`Rotary` where :func:`_applies`.
+
+Everything else (a key/value cache, no gradient, fp32 training, eager runs' rotation) goes
+through transformers' own code.
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ def _attention_forward(
     past_key_values: Any = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``LlamaAttention.forward`` with the rotation through :class:`Rotary` where it applies."""
+    """``LlamaAttention.forward`` with q, k and v as one stacked LoRA product where they can be,
+    and the rotation through :class:`Rotary` where it applies and the module is marked compiled."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
@@ -107,7 +113,7 @@ def _attention_forward(
         projected = [layer(hidden_states) for layer in layers]
     query, key, value = (t.view(hidden_shape).transpose(1, 2) for t in projected)
     cos, sin = position_embeddings
-    if _applies(query, cos, past_key_values):
+    if self._zhtune_compiled and _applies(query, cos, past_key_values):
         query, key = Rotary.apply(query, cos, sin), Rotary.apply(key, cos, sin)
     else:
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
@@ -141,12 +147,13 @@ def is_llama_attention(module: Any) -> bool:
     )  # fmt: skip
 
 
-def use_compiled_rotary(model: Any) -> int:
+def swap_attention(model: Any, compiled: bool) -> int:
     """Swap :func:`_attention_forward` into ``model``'s LLaMA attention modules in place
-    (parameters and names untouched); returns how many."""
+    (parameters and names untouched), the rotation compiled when ``compiled``; returns how many."""
     n = 0
     for module in model.modules():
         if is_llama_attention(module):
             module.forward = types.MethodType(_attention_forward, module)
+            module._zhtune_compiled = compiled
             n += 1
     return n

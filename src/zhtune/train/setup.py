@@ -36,7 +36,14 @@ from zhtune.models.loading import (
 )
 from zhtune.models.quantization import quantization_config
 from zhtune.rundir import RunDir
-from zhtune.train.compile import CompileMode, blocks_repay, check_compile, compile_blocks, compile_mode
+from zhtune.train.compile import (
+    CompileMode,
+    blocks_repay,
+    check_compile,
+    compile_blocks,
+    compile_mode,
+    trust_probed_vec_isa,
+)
 from zhtune.train.config import TrainConfig
 from zhtune.train.methods import METHODS, Method, continue_adapter
 
@@ -325,7 +332,7 @@ def build_model(
     from zhtune.train.attention import use_cpu_attention
     from zhtune.train.fused import fuse_for_training
     from zhtune.train.loss import frozen_to
-    from zhtune.train.rope import use_compiled_rotary
+    from zhtune.train.rope import swap_attention
 
     quant = quantization_config(cfg.quantization_bits, cfg.precision) if method.quantized else None
     model = load_model(src.weights, "fp32", src.trust_remote_code, quant)  # = cfg.trust_remote_code
@@ -349,9 +356,12 @@ def build_model(
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.cutoff_len
     long_run = not sharded and blocks_repay(sum(p.numel() for p in model.parameters()), tokens_per_step, total_steps)
     compiled = compile_mode(cfg.compile, device_type, fused, long_run)
+    if compiled != "off" and device_type == "cpu":
+        trust_probed_vec_isa()  # Inductor's per-process probe, once per machine
     n_kernels = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing)["rmsnorm"] if fused else 0
-    if compiled == "kernels" and fused:
-        n_kernels += use_compiled_rotary(model)
+    if fused and compiled != "blocks":
+        n_attention = swap_attention(model, compiled == "kernels")  # q/k/v stacked; rotation compiled
+        n_kernels += n_attention if compiled == "kernels" else 0
     attention = (
         compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and use_cpu_attention(model)
     )  # fmt: skip

@@ -52,8 +52,8 @@ def _loss_and_grads(model, ids):
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
 def test_a_model_with_the_compiled_rotation_gives_the_same_loss_and_gradients(weights, tiny_tokenizer):
     """fp32 weights under autocast (full fine-tuning: transformers rotates in fp32, attention casts
-    to bf16) and bf16 weights (bf16 tables): the same loss and gradients to bf16 rounding, and
-    another sequence length compiles nothing more."""
+    to bf16) and bf16 weights (bf16 tables): the same loss and gradients to bf16 rounding; a
+    second sequence length compiles a dynamic graph, and later lengths nothing."""
     import torch._dynamo
 
     model = build_tiny_model("llama", tiny_tokenizer).to(weights)
@@ -66,8 +66,10 @@ def test_a_model_with_the_compiled_rotation_gives_the_same_loss_and_gradients(we
     for name, grad in want.items():
         scale = grad.float().abs().max()
         assert (got[name].float() - grad.float()).abs().max() <= 3e-2 * scale, name
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    _loss_and_grads(model, ids[:, :23])  # another length: one more graph, its sizes dynamic
+    with torch._dynamo.config.patch(error_on_recompile=True):  # which every later length reuses
         loss, _ = _loss_and_grads(model, ids[:, :17])
+        loss, _ = _loss_and_grads(model, ids[:, :11])
     assert loss > 0
     with torch.no_grad():  # (generation and evaluation: transformers' own rotation)
         model(input_ids=ids)

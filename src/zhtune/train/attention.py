@@ -51,16 +51,21 @@ TILE = 128
 computes less but in matmuls too small to be faster (measured on SmolLM2's shapes)."""
 
 MAX_SHAPES = 8
-"""Shapes ``(batch of one, heads, kv heads, tiles, head dim)`` the backward is compiled for in
-one process (each costs ~5-8 s of Inductor from an empty cache; from a warm one Dynamo still
-traces it, ~3.6 s for the first shape of a run on SmolLM2's, measured; the batch
-size is a dynamic dimension, so an epoch's last, smaller batch compiles nothing); a batch of
-another shape after these runs SDPA's own backward. Rows padded to ``cutoff_len`` (packing) make
-one shape, unpadded rows of up to ``cutoff_len`` tokens at most ``cutoff_len / TILE`` (dynamo's
-own recompile limit is 8)."""
+"""Graphs the backward is compiled to in one process (Dynamo's own recompile limit is 8), one
+for each shape ``(batch of one, heads, kv heads, tiles, head dim)`` met and one more for a shape
+met with a second batch size; a batch that would need another runs SDPA's own backward. Each
+costs ~5-8 s of Inductor from an empty cache; from a warm one Dynamo still traces it. Rows padded
+to ``cutoff_len`` (packing) make one shape of one batch size (the loop pads an epoch's last batch
+with empty rows), unpadded rows of up to ``cutoff_len`` tokens at most ``cutoff_len / TILE``.
+
+A shape's first graph has a static batch size; the batch becomes a dynamic dimension only when
+the shape comes with a second size (an epoch's last batch of unpadded rows), and that graph then
+serves every size. Tracing with a symbolic batch costs more: SmolLM2's first step took 4.9 s
+with a static batch against 6.0 s with a dynamic one (from a warm cache, packed rows)."""
 
 _compiled: Any = None
-_shapes: set[tuple[int, ...]] = set()
+_shapes: dict[tuple[int, ...], set[int]] = {}
+"""The batch sizes each shape met (two or more: its graph has a dynamic batch)."""
 
 
 def _hi_lo(x: torch.Tensor) -> torch.Tensor:
@@ -172,17 +177,19 @@ def tiled_backward(
     b, h, t, d = q.shape
     pad = -t % TILE
     shape = (b == 1, h, k.shape[1], (t + pad) // TILE, d)
-    if shape not in _shapes:
-        if len(_shapes) >= MAX_SHAPES:
+    sizes = _shapes.get(shape, set())
+    if b not in sizes and len(sizes) < 2:  # a new graph: the shape's first, or its dynamic batch
+        if sum(min(len(n), 2) for n in _shapes.values()) >= MAX_SHAPES:
             return None
-        _shapes.add(shape)
+        _shapes[shape] = sizes | {b}
+    dynamic = len(_shapes[shape]) > 1
     if pad:
         q, k, v, out, grad_out = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, out, grad_out))
         lse, start, end = (torch.nn.functional.pad(x, (0, pad)) for x in (lse, start, end))
-    for x in (q, k, v, out, grad_out, lse, start, end):  # the length static, the batch dynamic
+    for x in (q, k, v, out, grad_out, lse, start, end):  # the length static, the batch as above
         torch._dynamo.mark_static(x, 2 if x.ndim == 4 else -1)
-        if b > 1 and x.shape[0] == b:  # (start and end are (1, t) for a causal mask)
-            torch._dynamo.mark_dynamic(x, 0)
+        if x.shape[0] == b:  # (start and end are (1, t) for a causal mask)
+            (torch._dynamo.mark_dynamic if dynamic else torch._dynamo.mark_static)(x, 0)
     grads = _compiled_backward()(q, k, v, out, lse, grad_out, start, end, scale)
     return tuple(x[:, :, :t] for x in grads) if pad else grads
 

@@ -165,15 +165,21 @@ def test_only_llamas_rmsnorm_code_is_replaced(tiny_tokenizer):
     assert not fused.is_llama_rmsnorm(torch.nn.LayerNorm(8))
 
 
-@pytest.mark.parametrize("family", [f for f in TINY_CONFIG_KEYS if f in ("llama", "qwen2", "gemma")])
-def test_a_fused_lora_model_gives_the_same_loss_and_gradients(family, tiny_tokenizer):
+def tiny_lora_model(family, tokenizer, std):
+    """A tiny ``family`` model with peft LoRA r4 on every linear layer, ``B`` drawn with ``std``
+    (it starts at zero: the adapters then count)."""
     from peft import LoraConfig, get_peft_model
 
-    model = build_tiny_model(family, tiny_tokenizer)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = get_peft_model(build_tiny_model(family, tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     for name, p in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+            torch.nn.init.normal_(p, std=std)
+    return model
+
+
+@pytest.mark.parametrize("family", [f for f in TINY_CONFIG_KEYS if f in ("llama", "qwen2", "gemma")])
+def test_a_fused_lora_model_gives_the_same_loss_and_gradients(family, tiny_tokenizer):
+    model = tiny_lora_model(family, tiny_tokenizer, std=0.02)
     torch.manual_seed(1)
     ids = torch.randint(5, model.config.vocab_size, (2, 30))
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.cat([torch.arange(18), torch.arange(12)]).repeat(2, 1)}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.train.test_fused import tiny_lora_model
 from tests.train.test_rope import _loss_and_grads
-from zhtune.models.tiny import build_tiny_model
 from zhtune.train import fused, lora, rope
 
 
@@ -70,13 +70,7 @@ def test_anything_the_fused_layer_would_not_run_goes_one_layer_at_a_time():
 def test_a_lora_llama_with_stacked_projections_gives_the_same_loss_and_gradients(compiled, tiny_tokenizer, monkeypatch):
     """Fused, with the swapped attention: q/k/v and gate/up each one stacked product a layer, and
     the loss and gradients of peft's own layers; the rotation compiled only when asked."""
-    from peft import LoraConfig, get_peft_model
-
-    model = build_tiny_model("llama", tiny_tokenizer)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
+    model = tiny_lora_model("llama", tiny_tokenizer, std=0.1)
     torch.manual_seed(1)
     ids = torch.randint(5, model.config.vocab_size, (2, 30))
 

@@ -89,6 +89,10 @@ def test_inductors_vector_isa_probe_runs_once_per_machine(monkeypatch, tmp_path)
     with config.patch({"cpp.vec_isa_ok": None}):  # a later process
         assert compile_mod.trust_probed_vec_isa() and config.cpp.vec_isa_ok is True
     assert len(probes) == 2  # no probe the third time
+    monkeypatch.setenv("ZHTUNE_CACHE", "/proc/zhtune-cannot-write-here")
+    with config.patch({"cpp.vec_isa_ok": None}):  # an unwritable cache: this run trusts its own probe
+        assert compile_mod.trust_probed_vec_isa() and config.cpp.vec_isa_ok is True
+    assert len(probes) == 3
 
 
 def test_fixed_length_batches_have_one_shape_and_empty_rows_carry_nothing():

@@ -118,8 +118,13 @@ def trust_probed_vec_isa() -> bool:
     if not marker.is_file():
         if [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] != listed or not listed:
             return False
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"torch": torch.__version__, "compiler": compiler, "sets": listed}))
+        try:  # (atomically: processes of one run may probe at once; an unwritable cache probes again)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"torch": torch.__version__, "compiler": compiler, "sets": listed}))
+            tmp.replace(marker)
+        except OSError:
+            pass
     config.cpp.vec_isa_ok = True
     return True
 

@@ -1,6 +1,6 @@
 """Training a real model for one epoch: zhtune vs LLaMA-Factory vs TRL, same data, settings, tokens.
 
-    python bench/train_real.py [--methods lora,full] [--records 200] [--systems all]
+    python bench/train_real.py [--methods lora,full] [--records 200] [--systems all] [--rounds 1]
         [--lf-python /work/lf-venv/bin/python] [--workdir /tmp/zhtune-bench-real]
 
 SmolLM2-135M-Instruct (the Hugging Face directory from ``tests/real_model.py``, copied with its
@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -286,19 +287,50 @@ def table(rows: list[dict], tokens: int, params: int, peak: float) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     baselines = {s.baseline for s in SYSTEMS}
-    lf = {(r["key"], r["method"]): tokens / r["loop_s"] for r in rows if r["key"] in baselines and "loop_s" in r}
+    lf = {
+        (r["key"], r["method"], r.get("round", 0)): tokens / r["loop_s"]
+        for r in rows
+        if r["key"] in baselines and "loop_s" in r
+    }
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | |")
             continue
         tps = tokens / r["loop_s"]
         flops = (4 if r["method"] == "lora" else 6) * params * tokens
-        base = (r.get("baseline", "llamafactory"), r["method"])
+        base = (r.get("baseline", "llamafactory"), r["method"], r.get("round", 0))
         ratio = f"{tps / lf[base]:.2f}x" if base in lf else "-"
         mean, last = (_mean(r["losses"]), _mean(r["losses"][-LAST_STEPS:]))
         lines.append(
             f"| {r['label']} | {r['steps']} | {r['loop_s']:.1f} | {r['wall_s']:.1f} | {tps:,.0f} | {ratio} "
             f"| {flops / (r['loop_s'] * peak * 1e9):.1%} | {r['peak_rss_mb'] / 1024:.2f} | {mean:.4f} | {last:.4f} |"
+        )
+    return lines
+
+
+def rounds_table(rows: list[dict]) -> list[str]:
+    """With several rounds: each system's loop seconds and ratio to its baseline in every round
+    (the baseline of the same round, run next to it), and their medians."""
+    by_system: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if "loop_s" in r:
+            by_system.setdefault((r["key"], r["method"]), []).append(r)
+    loops = {(key, method, r["round"]): r["loop_s"] for (key, method), rs in by_system.items() for r in rs}
+    lines = [
+        "| system | method | loop s, each round | median loop s | vs LLaMA-Factory, each round | median ratio |",
+        "| --- | --- | --- | ---: | --- | ---: |",
+    ]
+    for (_, method), rs in by_system.items():
+        each = [r["loop_s"] for r in rs]
+        ratios = [
+            loops[(r.get("baseline", "llamafactory"), method, r["round"])] / r["loop_s"]
+            for r in rs
+            if (r.get("baseline", "llamafactory"), method, r["round"]) in loops
+        ]
+        label = rs[0]["label"].split(" [round")[0]
+        lines.append(
+            f"| {label} | {method} | {', '.join(f'{x:.1f}' for x in each)} | {statistics.median(each):.1f} "
+            f"| {', '.join(f'{x:.2f}x' for x in ratios) or '-'} | {f'{statistics.median(ratios):.2f}x' if ratios else '-'} |"
         )
     return lines
 
@@ -315,12 +347,21 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--cutoff", type=int, default=512)
     p.add_argument("--peak-seconds", type=float, default=1.5, help="seconds of each matmul peak measurement")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the systems this many times, in the given order then reversed, alternately; each "
+        "ratio is to the baseline of its own round (this machine's speed drifts within minutes)",
+    )
     p.add_argument("--workdir", default="/tmp/zhtune-bench-real")
     p.add_argument("--table-from", help="print the table of a run's results.json again, running nothing")
     a = p.parse_args()
     if a.table_from:
         done = json.loads(Path(a.table_from).read_text())
         print("\n".join(table(done["rows"], done["tokens"], done["params"], done["peak_gflops"])))
+        if len({r.get("round", 0) for r in done["rows"]}) > 1:
+            print("\n" + "\n".join(rounds_table(done["rows"])))
         return
 
     keys = [s.key for s in SYSTEMS] if a.systems == "all" else a.systems.split(",")
@@ -341,18 +382,20 @@ def main() -> None:
     peak = peak_gflops("bf16", a.peak_seconds)
     rows = []
     for method in a.methods.split(","):
-        for s in systems:
-            label = s.label if method == "lora" else s.label.replace(" (", " full (", 1)
-            out = workdir / f"{method}-{s.key}"
-            shutil.rmtree(out, ignore_errors=True)
-            row = {"key": s.key, "label": label, "method": method, "baseline": s.baseline}
-            try:
-                row |= s.run(b, method, out)
-                print(f"  {label}: {row['loop_s']:.1f} s loop, {row['wall_s']:.1f} s wall", file=sys.stderr)
-            except Exception as e:  # a failed job is reported in its row; the others still run
-                row["error"] = [line for line in str(e).splitlines() if line.strip()][-1][:160]
-                print(f"  {label} failed (log: {out.with_suffix('.log')}):\n{e}", file=sys.stderr)
-            rows.append(row)
+        for rnd in range(a.rounds):
+            for s in systems if rnd % 2 == 0 else systems[::-1]:
+                label = s.label if method == "lora" else s.label.replace(" (", " full (", 1)
+                label += f" [round {rnd + 1}]" if a.rounds > 1 else ""
+                out = workdir / (f"{method}-{s.key}" + (f"-r{rnd + 1}" if a.rounds > 1 else ""))
+                shutil.rmtree(out, ignore_errors=True)
+                row = {"key": s.key, "label": label, "method": method, "baseline": s.baseline, "round": rnd}
+                try:
+                    row |= s.run(b, method, out)
+                    print(f"  {label}: {row['loop_s']:.1f} s loop, {row['wall_s']:.1f} s wall", file=sys.stderr)
+                except Exception as e:  # a failed job is reported in its row; the others still run
+                    row["error"] = [line for line in str(e).splitlines() if line.strip()][-1][:160]
+                    print(f"  {label} failed (log: {out.with_suffix('.log')}):\n{e}", file=sys.stderr)
+                rows.append(row)
     (workdir / "results.json").write_text(
         json.dumps({"tokens": tokens, "params": params, "peak_gflops": peak, "rows": rows}, indent=1)
     )
@@ -364,6 +407,9 @@ def main() -> None:
         f"bf16 matmul peak measured in this run {peak:,.0f} GFLOP/s\n"
     )
     print("\n".join(table(rows, tokens, params, peak)))
+    if a.rounds > 1:
+        print(f"\nOver {a.rounds} rounds (odd rounds in the given order, even rounds reversed):\n")
+        print("\n".join(rounds_table(rows)))
     own = ", ".join(f"{r['label']} {int(r['own_tokens']):,}" for r in rows if r.get("own_tokens"))
     if own:
         print(f"\nTrained tokens as each tool counted them (non-pad inputs; LLaMA-Factory logs none): {own}")

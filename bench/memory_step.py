@@ -130,9 +130,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from tests.real_model import smollm2_dir
     from zhtune.config import load_config
-    from zhtune.data.batching import micro_batches
     from zhtune.train.config import TrainConfig
-    from zhtune.train.loop import optimizer_step
+    from zhtune.train.loop import batch_stream, optimizer_step
     from zhtune.train.setup import setup
 
     work = Path(tempfile.mkdtemp(prefix="zhtune-memory-"))
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         s = setup(load_config(TrainConfig, None, zhtune_settings(bench, args.method, work / "run") + args.settings))
         model = s.accelerator.unwrap_model(s.model)
         print(f"after set-up: RSS {rss():.2f} GiB, in use {in_use():.2f} GiB\n")
-        stream = micro_batches(s.data.train_set, s.cfg.batch_size, s.cfg.seed, s.tokenizer.pad_token_id, 0, 0)
+        stream = batch_stream(s, 0, 0)  # the loop's batches (rows padded as it pads them)
         sampler = Sampler()
         saved: dict[Key, list[int]] = {}
         print("| step | s | peak RSS GiB | peak in use GiB | end RSS GiB | end in use GiB |")

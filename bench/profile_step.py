@@ -127,8 +127,10 @@ def instrument(s: Any) -> None:
     add_ranges(s.accelerator.unwrap_model(s.model))
     forward = loss.LinearCrossEntropy.forward
     loss.LinearCrossEntropy.forward = staticmethod(scoped(HEAD, forward))
-    # stacked LoRA products (q/k/v, gate/up) run inside the attention and MLP modules' ranges
-    lora.StackedLora.forward = staticmethod(scoped(FUSED, lora.StackedLora.forward))
+    # stacked LoRA products (q/k/v, gate/up) run inside the attention and MLP modules' ranges: a
+    # range around the call itself, so that their backward nodes (matched to the op that made
+    # them) count as LoRA layers too
+    lora.StackedLora.apply = scoped(FUSED, lora.StackedLora.apply)
     s.accelerator.backward = scoped("backward", s.accelerator.backward)
     s.accelerator.clip_grad_norm_ = scoped("optimizer", s.accelerator.clip_grad_norm_)
     s.optimizer.step = scoped("optimizer", s.optimizer.step)
@@ -200,9 +202,8 @@ def main() -> None:
     from tests.real_model import smollm2_dir
     from zhtune.allocator import keep_freed_memory
     from zhtune.config import load_config
-    from zhtune.data.batching import micro_batches
     from zhtune.train.config import TrainConfig
-    from zhtune.train.loop import optimizer_step
+    from zhtune.train.loop import batch_stream, optimizer_step
     from zhtune.train.setup import setup
 
     out = Path(tempfile.mkdtemp(prefix="zhtune-profile-")) / "run"
@@ -211,7 +212,7 @@ def main() -> None:
     cfg = s.cfg
     if s.accelerator.device.type == "cpu":
         keep_freed_memory()  # as the training loop does
-    stream = micro_batches(s.data.train_set, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id, 0, 0)
+    stream = batch_stream(s, 0, 0)  # the loop's batches (rows padded as it pads them)
     instrument(s)
 
     def step(i: int) -> None:

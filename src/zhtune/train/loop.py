@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -180,6 +181,19 @@ def validation_loss(s: Setup) -> float:
     return loss
 
 
+def batch_stream(s: Setup, epoch: int, batch: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """This process's micro-batches from ``(epoch, batch)`` on, as the loop trains them: rows
+    padded to ``cutoff_len`` where compiled code wants one shape, unpacked samples packed into
+    rows where the family allows (``(epoch, batch index, batch)`` each)."""
+    cfg, acc = s.cfg, s.accelerator
+    return micro_batches(
+        s.data.train_set, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id, epoch, batch,
+        cfg.group_by_length, rank=acc.process_index, num_processes=acc.num_processes,
+        fixed_length=cfg.cutoff_len if (s.compiled == "blocks" or s.cpu_attention) and fixed_rows(cfg) else 0,
+        pack_rows=packs_batches(cfg, s.model_type, s.method),
+    )  # fmt: skip
+
+
 def fit(s: Setup, position: Position, progress: bool, started: float) -> Position:
     """Train from ``position`` to ``s.total_steps``; logs to ``trainer_log.jsonl`` (main process),
     validates every ``eval_steps`` (or epoch) and checkpoints every ``save_steps``."""
@@ -191,12 +205,7 @@ def fit(s: Setup, position: Position, progress: bool, started: float) -> Positio
         # step frees and allocates again
         hand_back_memory()
         keep_freed_memory()
-    stream = micro_batches(
-        s.data.train_set, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id, pos.epoch, pos.batch,
-        cfg.group_by_length, rank=acc.process_index, num_processes=acc.num_processes,
-        fixed_length=cfg.cutoff_len if (s.compiled == "blocks" or s.cpu_attention) and fixed_rows(cfg) else 0,
-        pack_rows=packs_batches(cfg, s.model_type, s.method),
-    )  # fmt: skip
+    stream = batch_stream(s, pos.epoch, pos.batch)
     bar = progress_bar("train", progress and s.is_main, total=s.total_steps, initial=pos.step, dynamic_ncols=True)
     window = Window()
     last_eval_epoch = pos.epoch

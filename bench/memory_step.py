@@ -4,7 +4,7 @@
 
 The zhtune job of ``bench/train_real.py`` (SmolLM2-135M-Instruct in bf16, the first ``--records``
 records of alpaca_zh_demo.json, packing, bf16, batch 4, cutoff 512; ``--method full``: lr 1e-5,
-``lora``: r8 on every linear layer), set up as ``zhtune train`` does, then ``--steps`` optimizer
+``lora``: r8 on every linear layer), set up and batched as ``zhtune train`` does, then ``--steps`` optimizer
 steps. Prints:
 
 * per step: its seconds, the process's peak RSS and glibc's in-use bytes (``mallinfo2``: every

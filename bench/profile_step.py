@@ -4,7 +4,7 @@
 
 The zhtune job of ``bench/train_real.py`` (SmolLM2-135M-Instruct, the first ``--records`` records
 of alpaca_zh_demo.json, packing, bf16, batch 4, cutoff 512, LoRA r8 on every linear layer): set
-up as ``zhtune train`` does, ``--warmup`` steps run, then ``--steps`` steps under the profiler
+up and batched as ``zhtune train`` does, ``--warmup`` steps run, then ``--steps`` steps under the profiler
 (with the default ``compile: auto``, which for these 30 steps compiles the kernels: RMSNorm and
 attention's backward; ``compile=false`` groups all-eager ops). Each op's self time is put in one group:
 

@@ -52,8 +52,8 @@ def _loss_and_grads(model, ids):
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
 def test_a_model_with_the_compiled_rotation_gives_the_same_loss_and_gradients(weights, tiny_tokenizer):
     """fp32 weights under autocast (full fine-tuning: transformers rotates in fp32, attention casts
-    to bf16) and bf16 weights (bf16 tables): the same loss and gradients to bf16 rounding; a
-    second sequence length compiles a dynamic graph, and later lengths nothing."""
+    to bf16) and bf16 weights (bf16 tables): the same loss and gradients to bf16 rounding, and
+    another sequence length compiles nothing more."""
     import torch._dynamo
 
     model = build_tiny_model("llama", tiny_tokenizer).to(weights)
@@ -66,10 +66,28 @@ def test_a_model_with_the_compiled_rotation_gives_the_same_loss_and_gradients(we
     for name, grad in want.items():
         scale = grad.float().abs().max()
         assert (got[name].float() - grad.float()).abs().max() <= 3e-2 * scale, name
-    _loss_and_grads(model, ids[:, :23])  # another length: one more graph, its sizes dynamic
-    with torch._dynamo.config.patch(error_on_recompile=True):  # which every later length reuses
+    with torch._dynamo.config.patch(error_on_recompile=True):
         loss, _ = _loss_and_grads(model, ids[:, :17])
-        loss, _ = _loss_and_grads(model, ids[:, :11])
     assert loss > 0
     with torch.no_grad():  # (generation and evaluation: transformers' own rotation)
         model(input_ids=ids)
+
+
+def test_for_one_promised_shape_the_rotation_is_traced_static(tiny_tokenizer):
+    """``fixed_shapes`` (the loop pads every batch to one shape): the same values, traced with
+    static sizes, so another shape, which the loop never makes, compiles anew."""
+    from torch._dynamo.utils import counters
+
+    model = build_tiny_model("llama", tiny_tokenizer).to(torch.bfloat16)
+    torch.manual_seed(1)
+    ids = torch.randint(5, model.config.vocab_size, (2, 30))
+    want_loss, _ = _loss_and_grads(model, ids)
+    torch._dynamo.reset()
+    assert rope.swap_attention(model, compiled=True, fixed_shapes=True) == model.config.num_hidden_layers
+    got_loss, _ = _loss_and_grads(model, ids)
+    assert got_loss == pytest.approx(want_loss, rel=1e-3)
+    graphs = counters["stats"]["unique_graphs"]
+    _loss_and_grads(model, ids)
+    assert counters["stats"]["unique_graphs"] == graphs
+    _loss_and_grads(model, ids[:, :17])
+    assert counters["stats"]["unique_graphs"] > graphs

@@ -51,21 +51,19 @@ TILE = 128
 computes less but in matmuls too small to be faster (measured on SmolLM2's shapes)."""
 
 MAX_SHAPES = 8
-"""Graphs the backward is compiled to in one process (Dynamo's own recompile limit is 8), one
-for each shape ``(batch of one, heads, kv heads, tiles, head dim)`` met and one more for a shape
-met with a second batch size; a batch that would need another runs SDPA's own backward. Each
-costs ~5-8 s of Inductor from an empty cache; from a warm one Dynamo still traces it. Rows padded
-to ``cutoff_len`` (packing) make one shape of one batch size (the loop pads an epoch's last batch
-with empty rows), unpadded rows of up to ``cutoff_len`` tokens at most ``cutoff_len / TILE``.
-
-A shape's first graph has a static batch size; the batch becomes a dynamic dimension only when
-the shape comes with a second size (an epoch's last batch of unpadded rows), and that graph then
-serves every size. Tracing with a symbolic batch costs more: SmolLM2's first step took 4.9 s
-with a static batch against 6.0 s with a dynamic one (from a warm cache, packed rows)."""
+"""Shapes ``(batch of one, heads, kv heads, tiles, head dim)`` the backward is compiled for in
+one process (each costs ~5-8 s of Inductor from an empty cache; from a warm one Dynamo still
+traces it); a batch of another shape after these runs SDPA's own backward. Rows padded to
+``cutoff_len`` (packing) make one shape, unpadded rows of up to ``cutoff_len`` tokens at most
+``cutoff_len / TILE`` (Dynamo's own recompile limit is 8)."""
 
 _compiled: Any = None
-_shapes: dict[tuple[int, ...], set[int]] = {}
-"""The batch sizes each shape met (two or more: its graph has a dynamic batch)."""
+_shapes: set[tuple[int, ...]] = set()
+_fixed_batch = False
+"""Whether every batch has one size (:func:`use_cpu_attention`'s ``fixed_batch``): the backward is
+then traced with a static batch, else with a dynamic one, so that an epoch's last, smaller batch
+of unpadded rows compiles nothing. A symbolic batch costs Dynamo more tracing: SmolLM2's first
+LoRA step took 4.9 s with a static batch against 6.0 s with a dynamic one (warm cache, packed)."""
 
 
 def _hi_lo(x: torch.Tensor) -> torch.Tensor:
@@ -177,15 +175,14 @@ def tiled_backward(
     b, h, t, d = q.shape
     pad = -t % TILE
     shape = (b == 1, h, k.shape[1], (t + pad) // TILE, d)
-    sizes = _shapes.get(shape, set())
-    if b not in sizes and len(sizes) < 2:  # a new graph: the shape's first, or its dynamic batch
-        if sum(min(len(n), 2) for n in _shapes.values()) >= MAX_SHAPES:
+    if shape not in _shapes:
+        if len(_shapes) >= MAX_SHAPES:
             return None
-        _shapes[shape] = sizes | {b}
-    dynamic = len(_shapes[shape]) > 1
+        _shapes.add(shape)
     if pad:
         q, k, v, out, grad_out = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, out, grad_out))
         lse, start, end = (torch.nn.functional.pad(x, (0, pad)) for x in (lse, start, end))
+    dynamic = b > 1 and not _fixed_batch
     for x in (q, k, v, out, grad_out, lse, start, end):  # the length static, the batch as above
         torch._dynamo.mark_static(x, 2 if x.ndim == 4 else -1)
         if x.shape[0] == b:  # (start and end are (1, t) for a causal mask)
@@ -299,16 +296,19 @@ def _autocast_bf16(t: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
 
 
-def use_cpu_attention(model: Any) -> bool:
+def use_cpu_attention(model: Any, fixed_batch: bool = False) -> bool:
     """Switch ``model`` (a transformers model, or peft's wrapper of one) from SDPA to
     :func:`attention`, registering it with transformers first; False (and nothing changed) when
-    the model does not run SDPA."""
+    the model does not run SDPA. ``fixed_batch``: every batch will have one size (the loop pads
+    packed rows and an epoch's last batch to one shape), so the backward is traced static."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(hf.config, "_attn_implementation", None) != "sdpa":
         return False
+    global _fixed_batch
+    _fixed_batch = fixed_batch
     AttentionInterface.register(NAME, attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     hf.set_attn_implementation(NAME)

@@ -53,37 +53,38 @@ def rotate_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return (g * cos[:, None].float() + torch.cat((gs[..., half:], -gs[..., :half]), dim=-1)).to(torch.bfloat16)
 
 
-_compiled: Any = None
+_compiled: dict[bool, tuple[Any, Any]] = {}
 
 
-def _kernels() -> tuple[Any, Any]:
-    """:func:`rotate` and :func:`rotate_backward` through ``torch.compile``, made once. The first
-    graph has the first batch's sizes: packed rows padded to ``cutoff_len`` never change them. A
-    batch of other sizes (padding-free and unpacked batches change the rows and the tokens)
-    compiles one more graph, with every size that changed dynamic (Dynamo's automatic dynamic
-    shapes), which serves every later batch. (Marking those dimensions dynamic up front does not
-    reach Dynamo, which traces a transposed view's base; compiling every size dynamic from the
-    start traced 0.45 s longer in the first step of each packed run.) Dynamic graphs run as fast
-    as fixed ones here (0.6 ms each way)."""
-    global _compiled
-    if _compiled is None:
-        _compiled = (torch.compile(rotate), torch.compile(rotate_backward))
-    return _compiled
+def _kernels(fixed: bool) -> tuple[Any, Any]:
+    """:func:`rotate` and :func:`rotate_backward` through ``torch.compile``, made once for each
+    ``fixed``. With every size dynamic (``fixed`` False): one graph each for any batch shape
+    (padding-free and unpacked batches change the rows and the tokens; marking those dimensions
+    of a transposed view dynamic does not reach Dynamo, which traces the view's base), as fast as
+    graphs of fixed sizes here (0.6 ms each way). ``fixed``: every batch has one shape (packed
+    rows padded to ``cutoff_len``): traced with static sizes, 0.45 s less tracing in the first
+    step (SmolLM2; a symbolic size costs Dynamo more); another shape would compile a second
+    graph, its changed sizes dynamic."""
+    if fixed not in _compiled:
+        dynamic = None if fixed else True
+        _compiled[fixed] = (torch.compile(rotate, dynamic=dynamic), torch.compile(rotate_backward, dynamic=dynamic))
+    return _compiled[fixed]
 
 
 class Rotary(torch.autograd.Function):
-    """:func:`rotate` forward, :func:`rotate_backward` backward, both compiled; keeps only the
-    cos/sin tables (which need no gradient)."""
+    """:func:`rotate` forward, :func:`rotate_backward` backward, both compiled (:func:`_kernels`
+    for ``fixed``); keeps only the cos/sin tables (which need no gradient)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fixed: bool) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        return _kernels()[0](x, cos, sin)
+        ctx.fixed = fixed
+        return _kernels(fixed)[0](x, cos, sin)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         cos, sin = ctx.saved_tensors
-        return _kernels()[1](grad.contiguous(), cos, sin), None, None
+        return _kernels(ctx.fixed)[1](grad.contiguous(), cos, sin), None, None, None
 
 
 def _applies(q: torch.Tensor, cos: torch.Tensor, past_key_values: Any) -> bool:
@@ -118,7 +119,8 @@ def _attention_forward(
     query, key, value = (t.view(hidden_shape).transpose(1, 2) for t in projected)
     cos, sin = position_embeddings
     if self._zhtune_compiled and _applies(query, cos, past_key_values):
-        query, key = Rotary.apply(query, cos, sin), Rotary.apply(key, cos, sin)
+        fixed = self._zhtune_fixed_shapes
+        query, key = Rotary.apply(query, cos, sin, fixed), Rotary.apply(key, cos, sin, fixed)
     else:
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if past_key_values is not None:
@@ -151,13 +153,14 @@ def is_llama_attention(module: Any) -> bool:
     )  # fmt: skip
 
 
-def swap_attention(model: Any, compiled: bool) -> int:
+def swap_attention(model: Any, compiled: bool, fixed_shapes: bool = False) -> int:
     """Swap :func:`_attention_forward` into ``model``'s LLaMA attention modules in place
-    (parameters and names untouched), the rotation compiled when ``compiled``; returns how many."""
+    (parameters and names untouched), the rotation compiled when ``compiled``, for one batch
+    shape when ``fixed_shapes`` (:func:`_kernels`); returns how many."""
     n = 0
     for module in model.modules():
         if is_llama_attention(module):
             module.forward = types.MethodType(_attention_forward, module)
-            module._zhtune_compiled = compiled
+            module._zhtune_compiled, module._zhtune_fixed_shapes = compiled, fixed_shapes
             n += 1
     return n

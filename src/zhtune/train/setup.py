@@ -359,12 +359,14 @@ def build_model(
     if compiled != "off" and device_type == "cpu":
         trust_probed_vec_isa()  # Inductor's per-process probe, once per machine
     n_kernels = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing)["rmsnorm"] if fused else 0
-    if fused and compiled != "blocks":
-        n_attention = swap_attention(model, compiled == "kernels")  # q/k/v stacked; rotation compiled
-        n_kernels += n_attention if compiled == "kernels" else 0
     attention = (
-        compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16" and use_cpu_attention(model)
+        compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16"
+        and use_cpu_attention(model, fixed_batch=fixed_rows(cfg))
     )  # fmt: skip
+    if fused and compiled != "blocks":  # q/k/v stacked; the rotation compiled, for one shape when
+        # the loop pads every batch to (batch_size, cutoff_len) (see fit's batches)
+        n_attention = swap_attention(model, compiled == "kernels", attention and fixed_rows(cfg))
+        n_kernels += n_attention if compiled == "kernels" else 0
     if compiled == "blocks":
         dynamic_rows = packs_batches(cfg, model.config.model_type, method)
         return model, compiled, compile_blocks(model, dynamic_rows), attention

@@ -279,6 +279,11 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def baseline_key(r: dict) -> tuple[str, str, int]:
+    """The row a result's ratio is taken against: its baseline system, method and round."""
+    return r.get("baseline", "llamafactory"), r["method"], r.get("round", 0)
+
+
 def table(rows: list[dict], tokens: int, params: int, peak: float) -> list[str]:
     """The markdown table of the finished (or failed) jobs."""
     lines = [
@@ -287,18 +292,14 @@ def table(rows: list[dict], tokens: int, params: int, peak: float) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     baselines = {s.baseline for s in SYSTEMS}
-    lf = {
-        (r["key"], r["method"], r.get("round", 0)): tokens / r["loop_s"]
-        for r in rows
-        if r["key"] in baselines and "loop_s" in r
-    }
+    lf = {(r["key"], r["method"], r.get("round", 0)): tokens / r["loop_s"] for r in rows if r["key"] in baselines and "loop_s" in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | |")
             continue
         tps = tokens / r["loop_s"]
         flops = (4 if r["method"] == "lora" else 6) * params * tokens
-        base = (r.get("baseline", "llamafactory"), r["method"], r.get("round", 0))
+        base = baseline_key(r)
         ratio = f"{tps / lf[base]:.2f}x" if base in lf else "-"
         mean, last = (_mean(r["losses"]), _mean(r["losses"][-LAST_STEPS:]))
         lines.append(
@@ -322,11 +323,7 @@ def rounds_table(rows: list[dict]) -> list[str]:
     ]
     for (_, method), rs in by_system.items():
         each = [r["loop_s"] for r in rs]
-        ratios = [
-            loops[(r.get("baseline", "llamafactory"), method, r["round"])] / r["loop_s"]
-            for r in rs
-            if (r.get("baseline", "llamafactory"), method, r["round"]) in loops
-        ]
+        ratios = [loops[baseline_key(r)] / r["loop_s"] for r in rs if baseline_key(r) in loops]
         label = rs[0]["label"].split(" [round")[0]
         lines.append(
             f"| {label} | {method} | {', '.join(f'{x:.1f}' for x in each)} | {statistics.median(each):.1f} "

@@ -361,11 +361,10 @@ def build_model(
     n_kernels = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing)["rmsnorm"] if fused else 0
     attention = (
         compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16"
-        and use_cpu_attention(model, fixed_batch=fixed_rows(cfg))
+        and use_cpu_attention(model, fixed_batch=one_batch_shape(cfg, compiled, cpu_attention=True))
     )  # fmt: skip
-    if fused and compiled != "blocks":  # q/k/v stacked; the rotation compiled, for one shape when
-        # the loop pads every batch to (batch_size, cutoff_len) (see fit's batches)
-        n_attention = swap_attention(model, compiled == "kernels", attention and fixed_rows(cfg))
+    if fused and compiled != "blocks":  # q/k/v stacked; the rotation compiled, for one shape if so
+        n_attention = swap_attention(model, compiled == "kernels", one_batch_shape(cfg, compiled, attention))
         n_kernels += n_attention if compiled == "kernels" else 0
     if compiled == "blocks":
         dynamic_rows = packs_batches(cfg, model.config.model_type, method)
@@ -389,6 +388,12 @@ def fixed_rows(cfg: TrainConfig) -> bool:
     pre-training blocks): what compiled code with one shape wants (the blocks; the attention kernel
     compiles fewer shapes)."""
     return cfg.packing or cfg.stage == "pt"
+
+
+def one_batch_shape(cfg: TrainConfig, compiled: str, cpu_attention: bool) -> bool:
+    """Whether the loop pads every micro-batch to ``(batch_size, cutoff_len)`` (:func:`fixed_rows`,
+    for compiled blocks or zhtune's CPU attention): its compiled code then meets one shape."""
+    return (compiled == "blocks" or cpu_attention) and fixed_rows(cfg)
 
 
 def configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:

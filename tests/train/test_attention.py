@@ -1,8 +1,10 @@
 """zhtune's CPU attention for training: the masks it takes are exactly per-query key intervals;
-its values and gradients are SDPA's (errors against an fp32 reference no larger than SDPA's own
-in bf16), padded to whole tiles or not; past its compile budget the backward is SDPA's; it hands
-every other case to transformers' SDPA unchanged; training uses it when it compiles, in bf16,
-packed or not, and follows SDPA's curve."""
+its values and gradients, from the native (C++) kernels or SDPA's forward and the compiled
+backward, are SDPA's (errors against an fp32 reference no larger than SDPA's own in bf16), padded
+to whole tiles or not; past its compile budget the compiled backward is SDPA's; it hands every
+other case to transformers' SDPA unchanged; training uses it in bf16, packed or not (the native
+kernels without compiling, the compiled backward when the run compiles), and follows SDPA's
+curve."""
 
 from __future__ import annotations
 
@@ -19,6 +21,19 @@ from zhtune.train.compile import has_cxx
 from zhtune.train.sft import train
 
 needs_cxx = pytest.mark.skipif(not has_cxx(), reason="torch.compile on a CPU needs a C++ compiler")
+NATIVE = has_cxx() and attn.native_kernels()
+needs_native = pytest.mark.skipif(not NATIVE, reason="zhtune's native attention kernels need a CPU with AMX and g++")
+
+
+@pytest.fixture(params=["native", "compiled"])
+def kernels(request, monkeypatch):
+    """Each of the two kernels :class:`attn.CpuAttention` can run (as :func:`use_cpu_attention`
+    picks them: ``_native``), the mask cache emptied."""
+    if request.param == "native" and not NATIVE:
+        pytest.skip("zhtune's native attention kernels need a CPU with AMX and g++")
+    monkeypatch.setattr(attn, "_native", request.param == "native")
+    monkeypatch.setattr(attn, "_last", [None, None])
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -87,10 +102,11 @@ def _errors(got, ref) -> list[float]:
     [(6, 2, [[90, 60, 50], [200]]), (4, 4, [[130, 70], [1, 199]]), (6, 3, None)],
     ids=["gqa-packed", "mha-packed", "gqa-causal"],
 )
-def test_values_and_gradients_are_sdpas(heads, kv_heads, rows):
-    """200 tokens (tiles of 128 and 72), bf16: output and gradients as close to an fp32 SDPA
-    reference as bf16 SDPA's own (measured: dq's error 1.1-1.4x SDPA's, dk's and dv's 0.7-0.9x),
-    within 1.5x of it and 1% at most."""
+def test_values_and_gradients_are_sdpas(heads, kv_heads, rows, kernels):
+    """200 tokens (compiled: tiles of 128 and 72; native: blocks of 64, the last of 8), bf16:
+    output and gradients as close to an fp32 SDPA reference as bf16 SDPA's own (measured,
+    compiled: dq's error 1.1-1.4x SDPA's, dk's and dv's 0.7-0.9x), within 1.5x of it and 1% at
+    most."""
     torch.manual_seed(0)
     t, d = 200, 32
     mask = packed_mask(rows) if rows else None
@@ -181,8 +197,9 @@ def test_a_shape_beyond_the_compile_budget_runs_sdpas_backward(monkeypatch):
     monkeypatch.setattr(attn, "_compiled_backward", lambda: pytest.fail("compiled a shape past the budget"))
     q, k, v, out, lse, grad_out, start, end, scale, additive = _backward_inputs(100)
     assert attn.tiled_backward(q, k, v, out, lse, grad_out, start, end, scale) is None
-    ctx = type("Ctx", (), {"saved_tensors": (q, k, v, out, lse, start, end, additive), "scale": scale})()
-    got = attn.CpuAttention.backward(ctx, grad_out)
+    saved = (q, k, v, out.transpose(1, 2).contiguous(), lse, start, end, additive)  # (as the forward saves it)
+    ctx = type("Ctx", (), {"saved_tensors": saved, "scale": scale})()
+    got = attn.CpuAttention.backward(ctx, grad_out.transpose(1, 2))
     want = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, k, v, out, lse, 0.0, False, attn_mask=additive, scale=scale
     )
@@ -190,19 +207,25 @@ def test_a_shape_beyond_the_compile_budget_runs_sdpas_backward(monkeypatch):
 
 
 @needs_cxx
-def test_under_autocast_fp32_queries_and_keys_are_cast_as_for_sdpa():
-    """Full fine-tuning under bf16 autocast: q and k fp32 (rotary embedding), v bf16. The kernel
-    runs on all three in bf16, as autocast runs SDPA, and its output is autocast SDPA's."""
+def test_under_autocast_fp32_queries_and_keys_are_cast_as_for_sdpa(kernels):
+    """Full fine-tuning under bf16 autocast: q and k fp32 (rotary embedding), v bf16. The kernels
+    run on all three in bf16, as autocast runs SDPA: the compiled path's output is autocast
+    SDPA's (the same forward kernel), the native one's within bf16 rounding of it."""
     torch.manual_seed(0)
     mask = packed_mask([[100, 28]])
-    q, k = (torch.randn(1, h, 128, 16) for h in (4, 2))
-    v = torch.randn(1, 2, 128, 16, dtype=torch.bfloat16)
-    g = torch.randn(1, 128, 4, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    q, k = (torch.randn(1, h, 128, 32) for h in (4, 2))
+    v = torch.randn(1, 2, 128, 32, dtype=torch.bfloat16)
+    g = torch.randn(1, 128, 4, 32)
+    calls = []
+    apply = attn.CpuAttention.apply
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attn.CpuAttention, "apply", lambda *a: calls.append(a[0].dtype) or apply(*a))
         ours = _grads(lambda q, k, v: attention(_Module(), q, k, v, mask)[0], q, k, v, g)
         sdpa = _grads(_sdpa(mask), q, k, v, g)
-    assert torch.equal(ours[0], sdpa[0])  # the same forward kernel on the same bf16 inputs
-    assert all(_errors([o], [s])[0] < 2e-2 for o, s in zip(ours[1:], sdpa[1:]))
+    assert calls == [torch.bfloat16]
+    if kernels == "compiled":
+        assert torch.equal(ours[0], sdpa[0])
+    assert all(_errors([o], [s])[0] < 2e-2 for o, s in zip(ours, sdpa))
 
 
 def test_other_cases_are_transformers_sdpa_unchanged(monkeypatch):
@@ -240,11 +263,13 @@ def test_only_a_model_on_sdpa_is_switched(tiny_model_dir):
 @needs_cxx
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
 def test_bf16_training_uses_it_and_follows_sdpas_curve(
-    packing, tmp_path, tiny_model_dir, train_file, capsys, monkeypatch
+    packing, kernels, tmp_path, tiny_model_dir, train_file, capsys, monkeypatch
 ):
-    """compile=kernels, bf16, packed rows (padded to cutoff_len) or not (padded to whole tiles in
-    the backward): the banner names the kernel and the losses follow compile=false (SDPA) within
-    bf16's noise; the model's saved config keeps no trace of it."""
+    """bf16, packed rows or not: the native kernels run without compiling (compile=false), the
+    compiled backward with compile=kernels (packed rows padded to cutoff_len; unpacked ones to
+    whole tiles in the backward); the banner names the kernel and the losses follow SDPA's
+    (transformers' attention, the native kernels off) within bf16's noise; the model's saved
+    config keeps no trace of it."""
 
     def losses(name, **kw):
         run = train(
@@ -257,12 +282,19 @@ def test_bf16_training_uses_it_and_follows_sdpas_curve(
     calls = []
     apply = attn.CpuAttention.apply
     monkeypatch.setattr(attn.CpuAttention, "apply", lambda *a: calls.append(1) or apply(*a))
-    _, eager = losses("eager", compile=False)
-    assert "attention's backward" not in capsys.readouterr().out and not calls
-    run, ours = losses("kernels", compile="kernels")
-    assert "attention's backward" in capsys.readouterr().out
+    with monkeypatch.context() as sdpa_only:
+        sdpa_only.setattr(attn, "native_kernels", lambda: False)
+        _, eager = losses("eager", compile=False)
+    assert "attention" not in capsys.readouterr().out and not calls
+    if kernels == "compiled":
+        monkeypatch.setattr(attn, "native_kernels", lambda: False)
+    run, ours = losses(kernels, compile="kernels" if kernels == "compiled" else False)
+    banner = capsys.readouterr().out
+    assert ("attention's backward" in banner) == (kernels == "compiled")
+    assert ("attention: zhtune's CPU kernels" in banner) == (kernels == "native")
     assert len(calls) == 6 * 2  # every layer of every step (full fine-tuning: q and k arrive in fp32)
-    assert attn._shapes and all(shape[3] == 1 for shape in attn._shapes)  # compiled: one tile of 128
+    if kernels == "compiled":
+        assert attn._shapes and all(shape[3] == 1 for shape in attn._shapes)  # compiled: one tile of 128
     assert len(ours) == 6 and ours == pytest.approx(eager, rel=2e-2)
     assert ours[-1] < ours[0]
     saved = json.loads((run / "model" / "config.json").read_text())

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from zhtune.train import native
+
 NAME = "zhtune_cpu"
 """The attention implementation's name in transformers' registry (``config._attn_implementation``)."""
 
@@ -59,6 +61,9 @@ traces it); a batch of another shape after these runs SDPA's own backward. Rows 
 
 _compiled: Any = None
 _shapes: set[tuple[int, ...]] = set()
+_native = False
+"""Whether the native kernels run (:func:`use_cpu_attention`), else SDPA's forward and the compiled
+backward."""
 _fixed_batch = False
 """Whether every batch has one size (:func:`use_cpu_attention`'s ``fixed_batch``): the backward is
 then traced with a static batch, else with a dynamic one, so that an epoch's last, smaller batch
@@ -193,8 +198,11 @@ def tiled_backward(
 
 class CpuAttention(torch.autograd.Function):
     """``softmax(scale q k^T + mask) v`` for ``q`` ``(b, h, t, d)`` and ``k``, ``v`` ``(b, kv,
-    t, d)`` bf16 on a CPU, ``(b, h, t, d)``; ``mask``: additive ``(b, 1, t, t)`` in ``q``'s dtype,
-    or None for causal; ``start``, ``end``: the same mask as :func:`mask_intervals` gives it."""
+    t, d)`` bf16 on a CPU, as ``(b, t, h, d)`` (the layout transformers reshapes to ``(b, t, h
+    d)``); ``start``, ``end``: the mask as :func:`mask_intervals` gives it; ``mask``: the same as
+    SDPA's CPU kernel takes it (additive, ``(b, 1, t, t)``, or None for causal), unused by the
+    native kernels. Forward and backward are zhtune's C++ kernels where :func:`native_kernels`,
+    else SDPA's forward and :func:`tiled_backward`."""
 
     @staticmethod
     def forward(
@@ -207,9 +215,13 @@ class CpuAttention(torch.autograd.Function):
         end: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale
-        )
+        if _native:
+            out, lse = torch.ops.zhtune_cpu_attention.forward(q, k, v, start, end, scale)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale
+            )
+            out = out.transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v, out, lse, start, end, mask)
         ctx.scale = scale
         return out
@@ -217,7 +229,10 @@ class CpuAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         q, k, v, out, lse, start, end, mask = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
+        if _native:
+            grads = torch.ops.zhtune_cpu_attention.backward(grad_out, q, k, v, out, lse, start, end, ctx.scale)
+            return *grads, None, None, None, None
+        grad_out, out = grad_out.transpose(1, 2).contiguous(), out.transpose(1, 2)
         grads = tiled_backward(q, k, v, out, lse, grad_out, start, end, ctx.scale)
         if grads is None:  # a shape beyond the compile budget: SDPA's own backward
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -239,7 +254,9 @@ def _prepared(mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, tor
         return (*mask_intervals(None, length), None)
     if _last[0] is not mask:
         found = mask_intervals(mask, length)
-        if found is not None:
+        if found is not None and _native:  # (the native kernels read the intervals only)
+            found = (*found, None)
+        elif found is not None:
             additive = torch.zeros(mask.shape, dtype=torch.bfloat16, device=mask.device)
             found = (*found, additive.masked_fill_(~mask, float("-inf")))
         _last[0], _last[1] = mask, found
@@ -274,6 +291,7 @@ def attention(
         and key.shape[2] == t
         and query.shape[1] % key.shape[1] == 0
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        and (not _native or query.shape[-1] % 16 == 0)
         and all(kwargs.get(name) is None for name in ("softcap", "s_aux", "sinks", "position_bias", "cache"))
         and kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
     )
@@ -283,8 +301,7 @@ def attention(
     start, end, mask = prepared
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (x.to(torch.bfloat16) for x in (query, key, value))  # (no copy when already bf16)
-    out = CpuAttention.apply(q, k, v, mask, start, end, scale)
-    return out.transpose(1, 2).contiguous(), None
+    return CpuAttention.apply(q, k, v, mask, start, end, scale), None
 
 
 def _autocast_bf16(t: torch.Tensor) -> bool:
@@ -296,20 +313,34 @@ def _autocast_bf16(t: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
 
 
-def use_cpu_attention(model: Any, fixed_batch: bool = False) -> bool:
+def native_kernels() -> bool:
+    """Whether zhtune's C++ attention kernels (``csrc/cpu_attention.cpp``) run on this machine:
+    a CPU with AMX, the library built (once per machine, :mod:`zhtune.train.native`) and loaded.
+    ``ZHTUNE_NATIVE=0`` turns them off."""
+    return native.load("cpu_attention") and bool(torch.ops.zhtune_cpu_attention.available())
+
+
+def use_cpu_attention(model: Any, fixed_batch: bool = False, compiled: bool = True) -> str:
     """Switch ``model`` (a transformers model, or peft's wrapper of one) from SDPA to
-    :func:`attention`, registering it with transformers first; False (and nothing changed) when
-    the model does not run SDPA. ``fixed_batch``: every batch will have one size (the loop pads
-    packed rows and an epoch's last batch to one shape), so the backward is traced static."""
+    :func:`attention`, registering it with transformers first; returns which kernels it runs:
+    ``native`` (:func:`native_kernels`), ``compiled`` (SDPA's forward, the backward compiled by
+    Inductor; only where ``compiled``, the run compiling), or ``""`` (nothing changed: the model
+    does not run SDPA, or neither applies). ``fixed_batch``: every batch will have one size (the
+    loop pads packed rows and an epoch's last batch to one shape), so a compiled backward is traced
+    static."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(hf.config, "_attn_implementation", None) != "sdpa":
-        return False
-    global _fixed_batch
-    _fixed_batch = fixed_batch
+        return ""
+    kind = "native" if native_kernels() else "compiled" if compiled else ""
+    if not kind:
+        return ""
+    global _fixed_batch, _native
+    _fixed_batch, _native = fixed_batch, kind == "native"
+    _last[0] = _last[1] = None
     AttentionInterface.register(NAME, attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     hf.set_attn_implementation(NAME)
-    return True
+    return kind

@@ -189,7 +189,7 @@ def batch_stream(s: Setup, epoch: int, batch: int) -> Iterator[tuple[int, int, d
     return micro_batches(
         s.data.train_set, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id, epoch, batch,
         cfg.group_by_length, rank=acc.process_index, num_processes=acc.num_processes,
-        fixed_length=cfg.cutoff_len if one_batch_shape(cfg, s.compiled, s.cpu_attention) else 0,
+        fixed_length=cfg.cutoff_len if one_batch_shape(cfg, s.compiled) else 0,
         pack_rows=packs_batches(cfg, s.model_type, s.method),
     )  # fmt: skip
 

@@ -90,8 +90,9 @@ class Setup:
     n_compiled: int
     """Decoder blocks (``blocks``), or RMSNorms and LLaMA attention modules (``kernels``: their
     norm and rotation kernels) compiled."""
-    cpu_attention: bool
-    """Attention runs :mod:`zhtune.train.attention` (its backward compiled; rows of fixed length)."""
+    cpu_attention: str
+    """Which of :mod:`zhtune.train.attention`'s kernels attention runs: ``native`` (C++), ``compiled``
+    (the backward compiled; rows of fixed length), or ``""`` (transformers' own)."""
     n_trainable: int
     n_total: int
     n_batches: int
@@ -319,7 +320,7 @@ def build_model(
     total_steps: int,
     sharded: bool = False,
     device_type: str = "cpu",
-) -> tuple[Any, CompileMode, int, bool]:
+) -> tuple[Any, CompileMode, int, str]:
     """The base model with the method applied (or an adapter continued), its LoRA layers and
     RMSNorms fused unless ``sharded`` (FSDP, DeepSpeed) or configured off, and compiled as
     ``compile`` resolves for ``device_type`` and this run's length; ``(model, what is compiled,
@@ -360,18 +361,19 @@ def build_model(
         trust_probed_vec_isa()  # Inductor's per-process probe, once per machine
     n_kernels = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing)["rmsnorm"] if fused else 0
     attention = (
-        compiled != "off" and fused and device_type == "cpu" and cfg.precision == "bf16"
-        and use_cpu_attention(model, fixed_batch=one_batch_shape(cfg, compiled, cpu_attention=True))
-    )  # fmt: skip
+        use_cpu_attention(model, one_batch_shape(cfg, compiled), compiled=compiled != "off")
+        if fused and device_type == "cpu" and cfg.precision == "bf16"
+        else ""
+    )
     if fused and compiled != "blocks":  # q/k/v stacked; the rotation compiled, for one shape if so
-        n_attention = swap_attention(model, compiled == "kernels", one_batch_shape(cfg, compiled, attention))
+        n_attention = swap_attention(model, compiled == "kernels", one_batch_shape(cfg, compiled))
         n_kernels += n_attention if compiled == "kernels" else 0
     if compiled == "blocks":
         dynamic_rows = packs_batches(cfg, model.config.model_type, method)
         return model, compiled, compile_blocks(model, dynamic_rows), attention
-    if compiled == "kernels" and (n_kernels or attention):
+    if compiled == "kernels" and (n_kernels or attention == "compiled"):
         return model, compiled, n_kernels, attention
-    return model, "off", 0, False  # (kernels: a family without LLaMA's RMSNorm has none to compile)
+    return model, "off", 0, attention  # (kernels: a family without LLaMA's RMSNorm has none to compile)
 
 
 def packs_batches(cfg: TrainConfig, model_type: str, method: Method) -> bool:
@@ -390,10 +392,11 @@ def fixed_rows(cfg: TrainConfig) -> bool:
     return cfg.packing or cfg.stage == "pt"
 
 
-def one_batch_shape(cfg: TrainConfig, compiled: str, cpu_attention: bool) -> bool:
+def one_batch_shape(cfg: TrainConfig, compiled: str) -> bool:
     """Whether the loop pads every micro-batch to ``(batch_size, cutoff_len)`` (:func:`fixed_rows`,
-    for compiled blocks or zhtune's CPU attention): its compiled code then meets one shape."""
-    return (compiled == "blocks" or cpu_attention) and fixed_rows(cfg)
+    when anything is compiled: the blocks, the rotation, attention's backward): the compiled code
+    then meets one shape, traced static (less tracing than symbolic sizes)."""
+    return compiled != "off" and fixed_rows(cfg)
 
 
 def configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
@@ -503,7 +506,9 @@ def banner(s: Setup) -> str:
             if s.compiled == "blocks"
             else f"kernels for {s.n_compiled} modules (RMSNorm, LLaMA's rotary embedding, full fine-tuning's MLP activation)"
         )
-        if s.cpu_attention:
+        if s.cpu_attention == "compiled":
             what += ", attention's backward"
         lines.append(f"  compiling {what} (torch.compile, compile={cfg.compile}; the first step waits for it)")
+    if s.cpu_attention == "native":
+        lines.append("  attention: zhtune's CPU kernels (C++, bf16 on AMX; ZHTUNE_NATIVE=0 for SDPA)")
     return "\n".join(lines)

@@ -1,0 +1,404 @@
+// Attention forward and backward for training on a CPU with AMX (bf16), for zhtune.train.attention.
+//
+// softmax(scale q k^T + mask) v where every query's allowed keys are one interval [start, end]
+// (causal rows, the block-diagonal mask of packed rows, padding): the kernels compute, for each
+// block of BQ queries, only the keys from the block's first allowed key to its last (in whole
+// blocks of KB keys), so a packed row's documents cost what they would cost apart. Each block's
+// products run as oneDNN brgemm micro-kernels (ATen's cpublas::brgemm: bf16 in, fp32 out, AMX
+// tiles), the softmax and its gradient between them in fp32 in the thread's cache:
+//
+// forward, per (row, query head, query block):
+//   S = Q K^T over the key range (one product; rows are at most max_len long, so no online
+//   rescaling), P = exp(scale S - max) inside each query's interval, O = P V / sum, lse.
+// backward, per (row, key/value head), over its query heads and query blocks:
+//   S = Q K^T, dP = dO V^T, P = exp(scale S - lse), dS = P (dP - delta) scale;
+//   dV^T += dO^T P, dK^T += Q^T dS (fp32, the whole unit's keys), dQ = dS K.
+//
+// brgemm reads its B operand in VNNI layout: element (k, n) of a K x N matrix at
+// ((k / 2) * ld + n) * 2 + k % 2. K^T and V^T in that layout are K and V read as pairs of bf16
+// (int32) and transposed; K and V (the reduction over keys) are pairs of rows interleaved; P and
+// dS are written interleaved as they are rounded to bf16.
+//
+// Inputs are bf16 with a contiguous last dimension; q (b, h, t, d), k and v (b, kv, t, d) in any
+// other strides (transformers hands views of (b, t, heads, d)); start and end int32 (b or 1, t).
+// Outputs: out (b, t, h, d) bf16 (the layout transformers reshapes to (b, t, h d)), lse (b, h, t)
+// fp32; gradients in q's, k's and v's logical shapes, laid out (b, t, heads, d).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using Vec = at::vec::Vectorized<float>;
+namespace cpublas = at::native::cpublas;
+
+constexpr int64_t BQ = 64;  // queries per block
+constexpr int64_t KB = 64;  // key ranges start and end on multiples of KB
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The mask: query i of row b attends keys start..end (inclusive); a (1, t) mask is shared.
+struct Intervals {
+  const int32_t* start;
+  const int32_t* end;
+  int64_t row_stride;  // 0 when shared by every row
+  int64_t lo(int64_t b, int64_t i) const { return start[b * row_stride + i]; }
+  int64_t hi(int64_t b, int64_t i) const { return end[b * row_stride + i]; }
+};
+
+Intervals intervals(const at::Tensor& start, const at::Tensor& end) {
+  return {start.data_ptr<int32_t>(), end.data_ptr<int32_t>(), start.size(0) == 1 ? 0 : start.stride(0)};
+}
+
+// The key range [n0, n1) (multiples of KB, n1 <= padded) that queries i0..i0+rows-1 of row b need.
+std::pair<int64_t, int64_t> key_range(const Intervals& m, int64_t b, int64_t i0, int64_t rows, int64_t padded) {
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    lo = std::min(lo, m.lo(b, i0 + r));
+    hi = std::max(hi, m.hi(b, i0 + r));
+  }
+  return {lo / KB * KB, std::min(padded, (hi / KB + 1) * KB)};
+}
+
+// The 16 x 16 transpose of 32-bit elements held in r[0..15] (row i in r[i]), in place.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: (r2i[0], r2i+1[0], r2i[1], r2i+1[1]), (.. [2], .. [3])
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], lane L: column 4L + j of rows 4i..4i+3
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // column 4L + j, lane L': lane L of r[4L' + j] (a 4 x 4 transpose of lanes)
+    __m512i lo01 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), hi01 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
+    __m512i lo23 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44), hi23 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+    t[j] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(lo01, lo23, 0xDD);
+    t[8 + j] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);
+    t[12 + j] = _mm512_shuffle_i32x4(hi01, hi23, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// out[c * out_ld + r] = in[r * in_ld + c] for c < cols, r < rows (32-bit elements), reading rows
+// at or after `valid` as zeros. rows: a multiple of 16.
+void transpose32(const uint32_t* in, int64_t in_ld, int64_t valid, int64_t rows, int64_t cols, uint32_t* out,
+                 int64_t out_ld) {
+  __m512i r[16];
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    const int64_t nc = std::min<int64_t>(16, cols - c0);
+    const __mmask16 cm = static_cast<__mmask16>((1u << nc) - 1);
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      for (int i = 0; i < 16; ++i)
+        r[i] = r0 + i < valid ? _mm512_maskz_loadu_epi32(cm, in + (r0 + i) * in_ld + c0) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t i = 0; i < nc; ++i) _mm512_storeu_si512(out + (c0 + i) * out_ld + r0, r[i]);
+    }
+  }
+}
+
+// Rows r and r + 1 of x (bf16, ld elements apart, d columns) interleaved: out ((rows / 2), d, 2),
+// rows at or after `valid` read as zeros (the VNNI layout of x as a B operand, pairs along rows).
+// d: a multiple of 16; rows: even.
+void interleave_rows(const BFloat16* x, int64_t ld, int64_t valid, int64_t rows, int64_t d, BFloat16* out) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t r = 0; r < rows; r += 2) {
+    for (int64_t c = 0; c < d; c += 32) {
+      const __mmask32 m = d - c >= 32 ? ~0u : (1u << (d - c)) - 1;  // (d - c: 32, or 16 at a tail)
+      __m512i a = r < valid ? _mm512_maskz_loadu_epi16(m, x + r * ld + c) : _mm512_setzero_si512();
+      __m512i b = r + 1 < valid ? _mm512_maskz_loadu_epi16(m, x + (r + 1) * ld + c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + (r * d + 2 * c), _mm512_permutex2var_epi16(a, lo, b));
+      if (d - c > 16) _mm512_storeu_si512(out + (r * d + 2 * c + 32), _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
+// x (t rows of d bf16, ld apart) -> (d / 2, padded) int32: the VNNI layout of x^T as a B operand
+// (pairs along d), zeros after row t.
+inline void pack_transposed(const BFloat16* x, int64_t ld, int64_t t, int64_t padded, int64_t d, BFloat16* out) {
+  transpose32(reinterpret_cast<const uint32_t*>(x), ld / 2, t, padded, d / 2, reinterpret_cast<uint32_t*>(out), padded);
+}
+
+// x (t rows of d bf16, ld apart) -> x^T (d, padded) bf16 row-major, zeros after column t: rows
+// interleaved in pairs, then their 32-bit pairs transposed. scratch: padded * d.
+inline void transpose_bf16(const BFloat16* x, int64_t ld, int64_t t, int64_t padded, int64_t d, BFloat16* scratch,
+                           BFloat16* out) {
+  interleave_rows(x, ld, t, padded, d, scratch);
+  transpose32(reinterpret_cast<const uint32_t*>(scratch), d, padded / 2, padded / 2, d, reinterpret_cast<uint32_t*>(out), padded / 2);
+}
+
+// Run work(unit) for units 0..n-1 over ATen's threads, largest cost first, each thread taking
+// the next unit when it finishes one (rows of different documents cost different amounts).
+template <typename F>
+void run_units(const std::vector<int64_t>& cost, const F& work) {
+  std::vector<int64_t> order(cost.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::atomic<int64_t> next{0};
+  int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(order.size()));
+  at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
+    for (int64_t u = next++; u < static_cast<int64_t>(order.size()); u = next++) work(order[u]);
+    cpublas::brgemm_release();
+  });
+}
+
+// bf16 of 16 floats.
+inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+// Rows r and r + 1 of a (rows x n) fp32 block (ld n) as bf16 VNNI pairs: out[(r / 2) * n + c] =
+// (a[c], b[c]). n is a multiple of 16.
+inline void store_vnni_pair(const float* a, const float* b, int64_t n, BFloat16* out) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t c = 0; c < n; c += 16) {
+    __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b + c), _mm512_loadu_ps(a + c));
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + 2 * c), _mm512_permutexvar_epi16(idx, both));
+  }
+}
+
+// A row of n floats as bf16 (n a multiple of 16).
+inline void store_bf16(const float* a, int64_t n, BFloat16* out) {
+  for (int64_t c = 0; c < n; c += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), to_bf16(_mm512_loadu_ps(a + c)));
+}
+
+// x[lo:hi] <- exp(x[lo:hi] * scale - shift), zero outside [lo, hi); returns the sum.
+inline float exp_interval(float* x, int64_t n, int64_t lo, int64_t hi, float scale, float shift) {
+  std::fill(x, x + lo, 0.f);
+  std::fill(x + hi, x + n, 0.f);
+  Vec acc(0.f), vs(scale), vm(shift);
+  int64_t c = lo;
+  for (; c + Vec::size() <= hi; c += Vec::size()) {
+    Vec p = (Vec::loadu(x + c) * vs - vm).exp_u20();
+    p.store(x + c);
+    acc = acc + p;
+  }
+  float sum = _mm512_reduce_add_ps(static_cast<__m512>(acc));
+  for (; c < hi; ++c) {
+    x[c] = std::exp(x[c] * scale - shift);
+    sum += x[c];
+  }
+  return sum;
+}
+
+inline float max_interval(const float* x, int64_t lo, int64_t hi) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t c = lo;
+  for (; c + 16 <= hi; c += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + c));
+  if (c < hi) m = _mm512_mask_max_ps(m, (__mmask16)((1u << (hi - c)) - 1), m, _mm512_maskz_loadu_ps((__mmask16)((1u << (hi - c)) - 1), x + c));
+  return _mm512_reduce_max_ps(m);
+}
+
+// sum(a * b) of two bf16 rows of n (a multiple of 16) values, in fp32.
+inline float dot_bf16(const BFloat16* a, const BFloat16* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) {
+    __m512 x = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c)));
+    __m512 y = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c)));
+    acc = _mm512_fmadd_ps(x, y, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& start,
+                  const at::Tensor& end) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (b, heads, t, d)");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                  v.scalar_type() == at::kBFloat16, "q, k, v must be bf16");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "the head dimension must be contiguous");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(2) == q.size(2) &&
+                  k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0, "q, k, v shapes do not match");
+  TORCH_CHECK(q.size(3) % 16 == 0, "head dim must be a multiple of 16");
+  TORCH_CHECK(start.scalar_type() == at::kInt && end.scalar_type() == at::kInt && start.is_contiguous() &&
+                  end.is_contiguous() && start.sizes() == end.sizes() && start.size(1) == q.size(2),
+              "start and end must be contiguous int32 (b or 1, t)");
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& start, const at::Tensor& end, double scale_) {
+  check_inputs(q, k, v, start, end);
+  const int64_t b = q.size(0), h = q.size(1), t = q.size(2), d = q.size(3), kv = k.size(1), g = h / kv;
+  const int64_t padded = round_up(t, KB), blocks = (t + BQ - 1) / BQ;
+  const float scale = static_cast<float>(scale_);
+  auto kt = at::empty({b, kv, d / 2, padded * 2}, q.options());  // K^T, VNNI (pairs along d)
+  auto vr = at::empty({b, kv, padded / 2, d * 2}, q.options());    // V, VNNI (pairs along keys)
+  at::parallel_for(0, b * kv, 1, [&](int64_t begin, int64_t stop) {
+    for (int64_t u = begin; u < stop; ++u) {
+      const int64_t bi = u / kv, hk = u % kv;
+      pack_transposed(k.data_ptr<BFloat16>() + bi * k.stride(0) + hk * k.stride(1), k.stride(2), t, padded, d, kt[bi][hk].data_ptr<BFloat16>());
+      interleave_rows(v.data_ptr<BFloat16>() + bi * v.stride(0) + hk * v.stride(1), v.stride(2), t, padded, d, vr[bi][hk].data_ptr<BFloat16>());
+    }
+  });
+  auto out = at::empty({b, t, h, d}, q.options());
+  auto lse = at::empty({b, h, t}, q.options().dtype(at::kFloat));
+  const Intervals mask = intervals(start, end);
+  const BFloat16* qp = q.data_ptr<BFloat16>();
+  const BFloat16* ktp = kt.data_ptr<BFloat16>();
+  const BFloat16* vrp = vr.data_ptr<BFloat16>();
+  BFloat16* op = out.data_ptr<BFloat16>();
+  float* lp = lse.data_ptr<float>();
+
+  std::vector<int64_t> cost(b * h * blocks);
+  for (int64_t u = 0; u < static_cast<int64_t>(cost.size()); ++u) {
+    int64_t bi = u / (h * blocks), i0 = (u % blocks) * BQ;
+    auto [n0, n1] = key_range(mask, bi, i0, std::min(BQ, t - i0), padded);
+    cost[u] = n1 - n0;
+  }
+  run_units(cost, [&](int64_t u) {
+    const int64_t bi = u / (h * blocks), hi = u / blocks % h, i0 = u % blocks * BQ, hk = hi / g;
+    const int64_t rows = std::min(BQ, t - i0);
+    auto [n0, n1] = key_range(mask, bi, i0, rows, padded);
+    const int64_t n = n1 - n0;
+    thread_local std::vector<float> s_buf, o_buf;
+    thread_local std::vector<BFloat16> p_buf;
+    s_buf.resize(BQ * n);
+    o_buf.resize(BQ * d);
+    p_buf.resize(BQ * n);
+    float* s = s_buf.data();
+    const BFloat16* qi = qp + bi * q.stride(0) + hi * q.stride(1) + i0 * q.stride(2);
+    cpublas::brgemm(rows, n, d, q.stride(2), padded, n, false, qi, ktp + ((bi * kv + hk) * (d / 2) * padded + n0) * 2, s);
+    std::vector<float> sums(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = s + r * n;
+      const int64_t lo = mask.lo(bi, i0 + r) - n0, hi_ = mask.hi(bi, i0 + r) - n0 + 1;
+      const float m = max_interval(row, lo, hi_) * scale;
+      sums[r] = exp_interval(row, n, lo, hi_, scale, m);
+      lp[(bi * h + hi) * t + i0 + r] = m + std::log(sums[r]);
+      store_bf16(row, n, p_buf.data() + r * n);
+    }
+    cpublas::brgemm(rows, d, n, n, d, d, false, p_buf.data(), vrp + ((bi * kv + hk) * (padded / 2) * d + n0 / 2 * d) * 2, o_buf.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const Vec inv(1.f / sums[r]);
+      BFloat16* dst = op + ((bi * t + i0 + r) * h + hi) * d;
+      for (int64_t c = 0; c < d; c += Vec::size()) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), to_bf16(Vec::loadu(o_buf.data() + r * d + c) * inv));
+      }
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out_, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& out_, const at::Tensor& lse_,
+                                                        const at::Tensor& start, const at::Tensor& end,
+                                                        double scale_) {
+  check_inputs(q, k, v, start, end);
+  const int64_t b = q.size(0), h = q.size(1), t = q.size(2), d = q.size(3), kv = k.size(1), g = h / kv;
+  const int64_t padded = round_up(t, KB), blocks = (t + BQ - 1) / BQ;
+  const float scale = static_cast<float>(scale_);
+  TORCH_CHECK(grad_out_.sizes() == at::IntArrayRef({b, t, h, d}) && out_.sizes() == grad_out_.sizes(),
+              "grad_out and out must be (b, t, h, d)");
+  auto grad_out = grad_out_.to(at::kBFloat16).contiguous();
+  auto out = out_.contiguous();
+  auto lse = lse_.contiguous();
+  auto dq = at::empty({b, t, h, d}, q.options());
+  auto dk = at::empty({b, t, kv, d}, q.options());
+  auto dv = at::empty({b, t, kv, d}, q.options());
+  const Intervals mask = intervals(start, end);
+  const BFloat16* gop = grad_out.data_ptr<BFloat16>();
+  const BFloat16* outp = out.data_ptr<BFloat16>();
+  const float* lp = lse.data_ptr<float>();
+  BFloat16* dqp = dq.data_ptr<BFloat16>();
+
+  std::vector<int64_t> cost(b * kv, 0);
+  for (int64_t bi = 0; bi < b; ++bi)
+    for (int64_t i0 = 0; i0 < t; i0 += BQ) {
+      auto [n0, n1] = key_range(mask, bi, i0, std::min(BQ, t - i0), padded);
+      for (int64_t hk = 0; hk < kv; ++hk) cost[bi * kv + hk] += n1 - n0;
+    }
+  run_units(cost, [&](int64_t u) {
+    const int64_t bi = u / kv, hk = u % kv;
+    // This (row, kv head)'s operands, laid out for brgemm in the thread's cache: K^T and V^T
+    // (S = Q K^T, dP = dO V^T), K (dQ = dS K), and per query head Q^T and dO^T (dK^T += Q^T dS,
+    // dV^T += dO^T P).
+    thread_local std::vector<BFloat16> kt, vt, kr, qt, got, scratch, p_vnni, ds_vnni, ds_rows;
+    thread_local std::vector<float> s_buf, dp_buf, dq_buf, dkt, dvt, rows_buf;
+    for (auto* buf : {&kt, &vt, &kr, &qt, &got, &scratch, &p_vnni, &ds_vnni, &ds_rows}) buf->resize(std::max(d, BQ) * padded);
+    for (auto* buf : {&s_buf, &dp_buf, &rows_buf}) buf->resize(std::max(d, BQ) * padded);
+    dq_buf.resize(BQ * d);
+    dkt.assign(d * padded, 0.f);  // dK^T, dV^T of this (row, kv head), summed over its query heads
+    dvt.assign(d * padded, 0.f);
+    const BFloat16* kb = k.data_ptr<BFloat16>() + bi * k.stride(0) + hk * k.stride(1);
+    const BFloat16* vb = v.data_ptr<BFloat16>() + bi * v.stride(0) + hk * v.stride(1);
+    pack_transposed(kb, k.stride(2), t, padded, d, kt.data());
+    pack_transposed(vb, v.stride(2), t, padded, d, vt.data());
+    interleave_rows(kb, k.stride(2), t, padded, d, kr.data());
+    float* s = s_buf.data();
+    float* dp = dp_buf.data();
+    for (int64_t hq = hk * g; hq < (hk + 1) * g; ++hq) {
+      const BFloat16* qb = q.data_ptr<BFloat16>() + bi * q.stride(0) + hq * q.stride(1);
+      const BFloat16* gob = gop + (bi * t * h + hq) * d;
+      transpose_bf16(qb, q.stride(2), t, padded, d, scratch.data(), qt.data());
+      transpose_bf16(gob, h * d, t, padded, d, scratch.data(), got.data());
+      for (int64_t i0 = 0; i0 < t; i0 += BQ) {
+        const int64_t rows = std::min(BQ, t - i0), even = round_up(rows, 2);
+        auto [n0, n1] = key_range(mask, bi, i0, rows, padded);
+        const int64_t n = n1 - n0;
+        const BFloat16* goi = gob + i0 * h * d;
+        cpublas::brgemm(rows, n, d, q.stride(2), padded, n, false, qb + i0 * q.stride(2), kt.data() + n0 * 2, s);
+        cpublas::brgemm(rows, n, d, h * d, padded, n, false, goi, vt.data() + n0 * 2, dp);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          const float delta = dot_bf16(goi + r * h * d, outp + ((bi * t + i) * h + hq) * d, d);
+          const int64_t lo = mask.lo(bi, i) - n0, hi_ = mask.hi(bi, i) - n0 + 1;
+          float* p = s + r * n;
+          float* ds = dp + r * n;
+          exp_interval(p, n, lo, hi_, scale, lp[(bi * h + hq) * t + i]);
+          const Vec vd(delta), vs(scale);
+          for (int64_t c = 0; c < n; c += Vec::size())
+            ((Vec::loadu(ds + c) - vd) * Vec::loadu(p + c) * vs).store(ds + c);
+          store_bf16(ds, n, ds_rows.data() + r * n);
+        }
+        if (even > rows) {  // an odd tail: a zero row completes the last pair
+          std::fill(s + rows * n, s + even * n, 0.f);
+          std::fill(dp + rows * n, dp + even * n, 0.f);
+        }
+        for (int64_t r = 0; r < even; r += 2) {
+          store_vnni_pair(s + r * n, s + (r + 1) * n, n, p_vnni.data() + r * n);
+          store_vnni_pair(dp + r * n, dp + (r + 1) * n, n, ds_vnni.data() + r * n);
+        }
+        cpublas::brgemm(d, n, even, padded, n, padded, true, got.data() + i0, p_vnni.data(), dvt.data() + n0);
+        cpublas::brgemm(d, n, even, padded, n, padded, true, qt.data() + i0, ds_vnni.data(), dkt.data() + n0);
+        cpublas::brgemm(rows, d, n, n, d, d, false, ds_rows.data(), kr.data() + n0 * d, dq_buf.data());
+        for (int64_t r = 0; r < rows; ++r)
+          store_bf16(dq_buf.data() + r * d, d, dqp + ((bi * t + i0 + r) * h + hq) * d);
+      }
+    }
+    for (auto [acc, grad] : {std::pair{&dkt, &dk}, std::pair{&dvt, &dv}}) {  // (d, padded) fp32 -> (t, d) bf16
+      transpose32(reinterpret_cast<const uint32_t*>(acc->data()), padded, d, d, t, reinterpret_cast<uint32_t*>(rows_buf.data()), d);
+      BFloat16* dst = grad->data_ptr<BFloat16>() + (bi * t * kv + hk) * d;
+      for (int64_t j = 0; j < t; ++j) store_bf16(rows_buf.data() + j * d, d, dst + j * kv * d);
+    }
+  });
+  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
+}
+
+bool available() { return cpublas::could_pack(at::kBFloat16); }
+
+}  // namespace
+
+TORCH_LIBRARY(zhtune_cpu_attention, m) {
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor start, Tensor end, float scale) -> (Tensor, Tensor)", &forward);
+  m.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor start, Tensor end, "
+        "float scale) -> (Tensor, Tensor, Tensor)", &backward);
+  m.def("available() -> bool", &available);
+}

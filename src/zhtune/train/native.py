@@ -1,0 +1,110 @@
+"""zhtune's C++ kernels (``csrc/``), built on first use on this machine and cached.
+
+One library for now: ``csrc/cpu_attention.cpp``, attention's forward and backward for bf16
+training on a CPU with AMX (see :mod:`zhtune.train.attention`). It is built with the C++ compiler
+Inductor uses, against the installed torch's headers and libraries (~10 s on two cores), into
+``<cache>/native/<name>-<key>.so``, the key covering the source, torch's version, the compiler
+and the flags: later processes load it at once. The build is written atomically (processes of one
+run may build at once). Where it cannot be built or loaded (no compiler, another CPU, another
+torch) :func:`load` says why once and returns False, and the callers keep their plain-PyTorch
+path; ``ZHTUNE_NATIVE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+from zhtune.models.gguf import cache_root
+
+SOURCES = Path(__file__).parent / "csrc"
+
+FLAGS = {
+    "cpu_attention": (
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"],
+        ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+        ("avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"),
+    ),
+}
+"""Per library: the compiler's instruction-set flags, its defines, and the CPU flags
+(``/proc/cpuinfo``) it needs; without them the library is not built."""
+
+_loaded: dict[str, bool] = {}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _command(name: str, source: Path, target: Path) -> list[str]:
+    import torch
+    from torch.utils import cpp_extension
+
+    isa, defines, _ = FLAGS[name]
+    lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    return [
+        _compiler(), "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-strict-aliasing", "-w", *isa, *defines,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(source), "-o", str(target),
+        f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), "g++")
+
+
+def library(name: str) -> Path:
+    """Where the built library ``name`` is cached on this machine (built or not)."""
+    import torch
+
+    source = SOURCES / f"{name}.cpp"
+    compiler = shutil.which(_compiler()) or _compiler()
+    stamp = os.stat(compiler).st_mtime_ns if os.path.exists(compiler) else 0
+    command = _command(name, Path("source.cpp"), Path("target.so"))
+    key = hashlib.sha256(json.dumps([source.read_text(), torch.__version__, compiler, stamp, command]).encode()).hexdigest()[:16]
+    return cache_root() / "native" / f"{name}-{key}.so"
+
+
+def load(name: str) -> bool:
+    """Build (once per machine) and load the library ``name``, registering its ops under
+    ``torch.ops.zhtune_<name>``; False, with a warning the first time, where it cannot be had."""
+    if name in _loaded:
+        return _loaded[name]
+    _loaded[name] = False
+    if os.environ.get("ZHTUNE_NATIVE", "1") == "0":
+        return False
+    needed = FLAGS[name][2]
+    if platform.machine() not in ("x86_64", "AMD64") or not set(needed) <= cpu_flags():
+        return False  # (another CPU: nothing to say, the plain path is the right one there)
+    import torch
+
+    target = library(name)
+    try:
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".{os.getpid()}.tmp.so")
+            done = subprocess.run(_command(name, SOURCES / f"{name}.cpp", tmp), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise OSError(f"{_compiler()} failed: {done.stderr.strip()[-2000:]}")
+            tmp.replace(target)
+        torch.ops.load_library(str(target))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"zhtune's {name} kernels are not available ({e}); using the plain PyTorch path", stacklevel=2)
+        return False
+    _loaded[name] = True
+    return True

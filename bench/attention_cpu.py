@@ -10,8 +10,9 @@ causal mask, with the block-diagonal mask of packed rows (documents of 300/212, 
 against key/value heads copied per query head (what transformers does without
 ``TRANSFORMERS_SDPA_FORCE_GQA``), the plain math (``softmax(q k^T) v`` in bf16 with autograd),
 and zhtune's training attention (:mod:`zhtune.train.attention`: SDPA's forward, a tiled bf16
-backward compiled by Inductor; the first repeat compiles it), packed and as unpacked rows of
-256, 200 (padded to 256 in the backward) and 128 against SDPA with ``enable_gqa``.
+backward compiled by Inductor, the first repeat compiling it; and, on a CPU with AMX, its native
+C++ kernels), packed and as unpacked rows of 256, 200 (padded to 256 in the compiled backward)
+and 128 against SDPA with ``enable_gqa``.
 FlexAttention, which would skip the masked blocks of packed rows, is tried too: on a CPU it has no
 backward (PyTorch says so), which the table reports. Best of ``--repeats`` (the first is a warm-up);
 prints ms per layer and per 30-layer step.
@@ -66,11 +67,16 @@ class _Causal:
     is_causal = True
 
 
-def zhtune_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """:func:`zhtune.train.attention.attention` as transformers calls it, ``(b, h, t, d)`` out."""
-    from zhtune.train.attention import attention
+def zhtune_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, native: bool = False
+) -> torch.Tensor:
+    """:func:`zhtune.train.attention.attention` as transformers calls it, ``(b, h, t, d)`` out;
+    ``native``: its C++ kernels, else SDPA's forward and the compiled backward."""
+    from zhtune.train import attention as attn
 
-    return attention(_Causal(), q, k, v, mask)[0].transpose(1, 2)
+    if attn._native != native:
+        attn._native, attn._last[:] = native, [None, None]
+    return attn.attention(_Causal(), q, k, v, mask)[0].transpose(1, 2)
 
 
 def main() -> None:
@@ -81,6 +87,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
+    from zhtune.train.attention import native_kernels
+
     torch.manual_seed(0)
     group = a.heads // a.kv_heads
 
@@ -104,11 +112,16 @@ def main() -> None:
         ("math (bf16, autograd), causal, rows of 512", 512, a.heads, math_attention),
         ("zhtune (train/attention.py), packed mask", 512, a.kv_heads, lambda q, k, v: zhtune_attention(q, k, v, mask)),
     ]  # fmt: skip
+    native = native_kernels()
+    if native:
+        cases.append(("zhtune native kernels (csrc/cpu_attention.cpp), packed mask", 512, a.kv_heads, lambda q, k, v: zhtune_attention(q, k, v, mask, True)))  # fmt: skip
     for length in (256, 200, 128):  # unpacked rows: the backward pads 200 to 256
         cases += [
             (f"SDPA, causal, rows of {length}, enable_gqa", length, a.kv_heads, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
             (f"zhtune (train/attention.py), causal, rows of {length}", length, a.kv_heads, lambda q, k, v: zhtune_attention(q, k, v, None)),
         ]  # fmt: skip
+        if native:
+            cases.append((f"zhtune native kernels, causal, rows of {length}", length, a.kv_heads, lambda q, k, v: zhtune_attention(q, k, v, None, True)))  # fmt: skip
     print(
         f"\nattention forward + backward, {a.tokens} tokens, {a.heads} heads ({a.kv_heads} key/value), "
         f"head dim {a.head_dim}, bf16, {torch.get_num_threads()} threads\n"

@@ -4,8 +4,8 @@ Three modes (:func:`compile_mode` resolves the setting once, at set-up):
 
 * ``kernels``: zhtune's fused RMSNorm (:mod:`zhtune.train.fused`), one small graph, LLaMA's
   rotary embedding (:mod:`zhtune.train.rope`) and full fine-tuning's MLP activation
-  (:class:`zhtune.train.fused.RecomputedMLP`), and, on a CPU in bf16, attention's backward
-  (:mod:`zhtune.train.attention`). Eager, an
+  (:class:`zhtune.train.fused.RecomputedMLP`), and, on a CPU in bf16 without zhtune's native
+  attention kernels (AMX), attention's backward (:mod:`zhtune.train.attention`). Eager, an
   RMSNorm is a chain of fp32 passes over the activations (~5 ms forward and backward for 2,048
   x 576 on two CPU cores); Inductor makes it one read and one write each way (~1.3 ms): a real
   SmolLM2 LoRA step is 3-9% faster. The attention backward makes it another ~17% faster

@@ -163,40 +163,22 @@ void run_units(const std::vector<int64_t>& cost, const F& work) {
 // bf16 of 16 floats.
 inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
-// Rows r and r + 1 of a (rows x n) fp32 block (ld n) as bf16 VNNI pairs: out[(r / 2) * n + c] =
-// (a[c], b[c]). n is a multiple of 16.
-inline void store_vnni_pair(const float* a, const float* b, int64_t n, BFloat16* out) {
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  for (int64_t c = 0; c < n; c += 16) {
-    __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b + c), _mm512_loadu_ps(a + c));
-    _mm512_storeu_si512(reinterpret_cast<void*>(out + 2 * c), _mm512_permutexvar_epi16(idx, both));
-  }
-}
-
 // A row of n floats as bf16 (n a multiple of 16).
 inline void store_bf16(const float* a, int64_t n, BFloat16* out) {
   for (int64_t c = 0; c < n; c += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), to_bf16(_mm512_loadu_ps(a + c)));
 }
 
-// x[lo:hi] <- exp(x[lo:hi] * scale - shift), zero outside [lo, hi); returns the sum.
-inline float exp_interval(float* x, int64_t n, int64_t lo, int64_t hi, float scale, float shift) {
-  std::fill(x, x + lo, 0.f);
-  std::fill(x + hi, x + n, 0.f);
-  Vec acc(0.f), vs(scale), vm(shift);
-  int64_t c = lo;
-  for (; c + Vec::size() <= hi; c += Vec::size()) {
-    Vec p = (Vec::loadu(x + c) * vs - vm).exp_u20();
-    p.store(x + c);
-    acc = acc + p;
-  }
-  float sum = _mm512_reduce_add_ps(static_cast<__m512>(acc));
-  for (; c < hi; ++c) {
-    x[c] = std::exp(x[c] * scale - shift);
-    sum += x[c];
-  }
-  return sum;
+// Lanes c..c+15 inside [lo, hi).
+inline __mmask16 lanes_in(int64_t c, int64_t lo, int64_t hi) {
+  const int64_t a = std::clamp<int64_t>(lo - c, 0, 16), b = std::clamp<int64_t>(hi - c, 0, 16);
+  return static_cast<__mmask16>(((1u << b) - 1) & ~((1u << a) - 1));
+}
+
+// exp(x * scale - shift) in the lanes of m, 0 elsewhere.
+inline __m512 exp_masked(__m512 x, __mmask16 m, float scale, float shift) {
+  __m512 e = static_cast<__m512>(Vec(_mm512_fmsub_ps(x, _mm512_set1_ps(scale), _mm512_set1_ps(shift))).exp_u20());
+  return _mm512_maskz_mov_ps(m, e);
 }
 
 inline float max_interval(const float* x, int64_t lo, int64_t hi) {
@@ -280,9 +262,16 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
       float* row = s + r * n;
       const int64_t lo = mask.lo(bi, i0 + r) - n0, hi_ = mask.hi(bi, i0 + r) - n0 + 1;
       const float m = max_interval(row, lo, hi_) * scale;
-      sums[r] = exp_interval(row, n, lo, hi_, scale, m);
+      __m512 acc = _mm512_setzero_ps();
+      BFloat16* p = p_buf.data() + r * n;
+      for (int64_t c = 0; c < n; c += 16) {
+        const __mmask16 in = lanes_in(c, lo, hi_);
+        const __m512 e = in ? exp_masked(_mm512_loadu_ps(row + c), in, scale, m) : _mm512_setzero_ps();
+        acc = _mm512_add_ps(acc, e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), to_bf16(e));
+      }
+      sums[r] = _mm512_reduce_add_ps(acc);
       lp[(bi * h + hi) * t + i0 + r] = m + std::log(sums[r]);
-      store_bf16(row, n, p_buf.data() + r * n);
     }
     cpublas::brgemm(rows, d, n, n, d, d, false, p_buf.data(), vrp + ((bi * kv + hk) * (padded / 2) * d + n0 / 2 * d) * 2, o_buf.data());
     for (int64_t r = 0; r < rows; ++r) {
@@ -356,25 +345,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
         const BFloat16* goi = gob + i0 * h * d;
         cpublas::brgemm(rows, n, d, q.stride(2), padded, n, false, qb + i0 * q.stride(2), kt.data() + n0 * 2, s);
         cpublas::brgemm(rows, n, d, h * d, padded, n, false, goi, vt.data() + n0 * 2, dp);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = i0 + r;
-          const float delta = dot_bf16(goi + r * h * d, outp + ((bi * t + i) * h + hq) * d, d);
-          const int64_t lo = mask.lo(bi, i) - n0, hi_ = mask.hi(bi, i) - n0 + 1;
-          float* p = s + r * n;
-          float* ds = dp + r * n;
-          exp_interval(p, n, lo, hi_, scale, lp[(bi * h + hq) * t + i]);
-          const Vec vd(delta), vs(scale);
-          for (int64_t c = 0; c < n; c += Vec::size())
-            ((Vec::loadu(ds + c) - vd) * Vec::loadu(p + c) * vs).store(ds + c);
-          store_bf16(ds, n, ds_rows.data() + r * n);
-        }
-        if (even > rows) {  // an odd tail: a zero row completes the last pair
-          std::fill(s + rows * n, s + even * n, 0.f);
-          std::fill(dp + rows * n, dp + even * n, 0.f);
-        }
+        // P = exp(scale S - lse) inside each query's interval, dS = P (dP - delta) scale, rounded
+        // to bf16 once and written as brgemm reads them: P and dS in VNNI pairs of rows, dS in rows.
+        const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
         for (int64_t r = 0; r < even; r += 2) {
-          store_vnni_pair(s + r * n, s + (r + 1) * n, n, p_vnni.data() + r * n);
-          store_vnni_pair(dp + r * n, dp + (r + 1) * n, n, ds_vnni.data() + r * n);
+          int64_t lo[2] = {0, 0}, hi_[2] = {0, 0};
+          float lse_r[2] = {0.f, 0.f}, delta[2] = {0.f, 0.f};
+          for (int64_t e = 0; e < 2 && r + e < rows; ++e) {
+            const int64_t i = i0 + r + e;
+            lo[e] = mask.lo(bi, i) - n0;
+            hi_[e] = mask.hi(bi, i) - n0 + 1;
+            lse_r[e] = lp[(bi * h + hq) * t + i];
+            delta[e] = dot_bf16(goi + (r + e) * h * d, outp + ((bi * t + i) * h + hq) * d, d);
+          }
+          for (int64_t c = 0; c < n; c += 16) {
+            __m512 pv[2], dv[2];
+            for (int e = 0; e < 2; ++e) {
+              const __mmask16 in = lanes_in(c, lo[e], hi_[e]);
+              pv[e] = in ? exp_masked(_mm512_loadu_ps(s + (r + e) * n + c), in, scale, lse_r[e]) : _mm512_setzero_ps();
+              dv[e] = in ? _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(dp + (r + e) * n + c), _mm512_set1_ps(delta[e])), pv[e]), _mm512_set1_ps(scale))
+                         : _mm512_setzero_ps();
+              if (r + e < rows) _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds_rows.data() + (r + e) * n + c), to_bf16(dv[e]));
+            }
+            _mm512_storeu_si512(p_vnni.data() + r * n + 2 * c, _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(pv[1], pv[0])));
+            _mm512_storeu_si512(ds_vnni.data() + r * n + 2 * c, _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(dv[1], dv[0])));
+          }
         }
         cpublas::brgemm(d, n, even, padded, n, padded, true, got.data() + i0, p_vnni.data(), dvt.data() + n0);
         cpublas::brgemm(d, n, even, padded, n, padded, true, qt.data() + i0, ds_vnni.data(), dkt.data() + n0);

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from zhtune.train import native
+
 #: Logit elements per chunk (rows x vocab): 512k fp32 values, 2 MB, which stay in a CPU core's L2
 #: cache from the matmul to the softmax and back (with 4M a bf16 CPU step of the 4M-parameter
 #: benchmark model was 5-15% slower).
@@ -62,6 +64,21 @@ def _add_weight_grad(
     return total
 
 
+def _chunk_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """The gradient ``softmax - one_hot`` (fp32, ``(rows, vocab)``) of a chunk's logits, whose
+    first ``len(targets)`` rows are labelled (the rest padding: zero gradient); their loss is added
+    to ``loss`` in place. (log_softmax is one vectorised kernel; logsumexp and a subtraction take
+    3x longer; its dtype argument reads the bf16 logits as fp32 without a copy: 4.4 against 6.1 ms
+    a 128 x 49k chunk.)"""
+    n = len(targets)
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    loss -= logp[:n].gather(1, targets[:, None]).sum()
+    grad = logp.exp_()  # the softmax, in place
+    grad[torch.arange(n, device=targets.device), targets] -= 1.0
+    grad[n:] = 0.0  # the padding rows
+    return grad
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """``sum(cross_entropy(hidden @ weight.T, targets))`` (a scalar), chunk by chunk.
 
@@ -83,25 +100,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grads = torch.empty(group, weight.shape[0], dtype=dtype, device=hidden.device)
             hs = torch.empty(group, weight.shape[1], dtype=dtype, device=hidden.device)
+        fused_ce = dtype == torch.bfloat16 and hidden.device.type == "cpu" and native.load("cpu_loss")
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 t = targets[start : start + rows]
                 n = len(t)
                 h = _pad_rows(hidden[start : start + rows].to(dtype), rows - n)
-                # (log_softmax is one vectorised kernel; logsumexp and a subtraction take 3x longer;
-                # its dtype argument reads the bf16 logits as fp32 without a copy: 4.4 against 6.1 ms
-                # a 128 x 49k chunk)
-                logp = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)
-                loss -= logp[:n].gather(1, t[:, None]).sum()
-                grad = logp.exp_()  # the softmax, in place
-                grad[torch.arange(n, device=t.device), t] -= 1.0
-                grad[n:] = 0.0  # the padding rows
-                if not ctx.needs_input_grad[1]:
-                    grad = grad.to(dtype)
-                else:  # into the group's buffers, multiplied once the group is full (or last)
-                    at = start % group
-                    grad = grads[at : at + rows].copy_(grad)
+                at = start % group
+                if ctx.needs_input_grad[1]:  # into the group's buffers, multiplied once the group is full (or last)
                     hs[at : at + rows] = h
+                if fused_ce:  # the loss and the gradient in place of the bf16 logits (csrc/cpu_loss.cpp)
+                    grad = torch.mm(h, w.T, out=grads[at : at + rows]) if ctx.needs_input_grad[1] else h @ w.T
+                    loss += torch.ops.zhtune_cpu_loss.cross_entropy_(grad, t, n)
+                else:
+                    grad = _chunk_cross_entropy(h @ w.T, t, loss)
+                    grad = grads[at : at + rows].copy_(grad) if ctx.needs_input_grad[1] else grad.to(dtype)
                 grad_hidden[start : start + n] = (grad @ w)[:n]
                 if ctx.needs_input_grad[1] and (at + rows == group or start + rows >= hidden.shape[0]):
                     grad_weight = _add_weight_grad(grad_weight, grads[: at + rows], hs[: at + rows])

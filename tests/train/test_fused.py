@@ -39,7 +39,7 @@ def test_lora_linear_equals_peft_in_fp32_and_under_bf16_autocast(bias):
     model, layer = _lora_layer(bias)
     x = torch.randn(2, 5, 24)
     want = _grads(layer, x)
-    assert fused.fuse_for_training(model) == {"lora": 1, "rmsnorm": 0, "mlp": 0, "linear": 2}  # (+ A and B)
+    assert fused.fuse_for_training(model) == {"lora": 1, "rmsnorm": 0, "native_rmsnorm": 0, "mlp": 0, "linear": 2}  # (+ A and B)
     got = _grads(layer, x)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
@@ -248,7 +248,7 @@ def test_a_trained_linear_under_autocast_keeps_its_input_but_no_cast_weight(bias
     x = torch.randn(3, 5, 48)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, want_bytes = _grads(layer, x), _saved_bytes(layer, x)
-    assert fused.fuse_for_training(layer) == {"lora": 0, "rmsnorm": 0, "mlp": 0, "linear": 1}
+    assert fused.fuse_for_training(layer) == {"lora": 0, "rmsnorm": 0, "native_rmsnorm": 0, "mlp": 0, "linear": 1}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, got_bytes = _grads(layer, x), _saved_bytes(layer, x)
     _close(got, want, 1e-6)  # the same ops: the same numbers
@@ -277,7 +277,7 @@ def test_llamas_mlp_keeps_only_what_its_backward_cannot_cheaply_compute_again(ca
         want, want_bytes = _grads(mlp, xb), _saved_bytes(mlp, xb)
     assert fused.is_llama_mlp(mlp)
     counts = fused.fuse_for_training(mlp, recompute_mlp=case != "trained_kept")
-    assert counts == {"lora": 0, "rmsnorm": 0, "mlp": 1, "linear": 2 + (case != "frozen_down")}
+    assert counts == {"lora": 0, "rmsnorm": 0, "native_rmsnorm": 0, "mlp": 1, "linear": 2 + (case != "frozen_down")}
     _close(_grads(mlp, x), want32, 1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, got_bytes = _grads(mlp, xb), _saved_bytes(mlp, xb)

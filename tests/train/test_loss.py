@@ -147,11 +147,11 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapter_in_fp32(tmp_path, ti
 
 
 @pytest.mark.skipif(
-    not fused.native.load("cpu_loss"), reason="zhtune's native loss kernel needs a CPU with AVX-512 bf16 and g++"
+    not fused.native.load("cpu_ops"), reason="zhtune's native loss kernel needs a CPU with AVX-512 bf16 and g++"
 )
 @pytest.mark.parametrize("train_weight", [False, True], ids=["frozen-head", "trained-head"])
 def test_native_cross_entropy_equals_the_pytorch_chunks_in_bf16(train_weight, monkeypatch):
-    """bf16 on a CPU: the loss and gradient kernel (``csrc/cpu_loss.cpp``) in place of the bf16
+    """bf16 on a CPU: the loss and gradient kernel (``csrc/cpu_ops.cpp``) in place of the bf16
     logits gives the PyTorch chunks' loss to fp32 rounding and the same bf16 gradients (each
     rounded once from fp32), over 300 rows = 3 chunks of 128, the last padded, a vocabulary that
     is not a multiple of 16 (tail lanes)."""

@@ -81,3 +81,101 @@ def test_native_attention_on_the_shapes_blocks_must_get_right(heads, kv_heads, d
         got = _grads(lambda q, k, v: attn.attention(type("M", (), {"is_causal": True})(), q, k, v, mask)[0], q, k, v, g)
     ours = _errors(got, ref)
     assert all(e <= max(1.5 * s, 2e-3) and e < 1e-2 for e, s in zip(ours, sdpa)), (ours, sdpa)
+
+
+needs_ops = pytest.mark.skipif(
+    not native.load("cpu_ops"), reason="zhtune's native elementwise kernels need a CPU with AVX-512 bf16 and g++"
+)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+@needs_ops
+def test_rms_norm_kernels_against_fp32_autograd():
+    """Values as LLaMA's module rounds them; gradients of x and the weight within bf16 rounding
+    of fp32 autograd's; a width that is not a multiple of 16 (tail lanes)."""
+    from zhtune.train.fused import llama_rms_norm
+
+    torch.manual_seed(0)
+    x = (torch.randn(70, 72) * 3).bfloat16()
+    w = (torch.rand(72) + 0.5).bfloat16()
+    y, rstd = torch.ops.zhtune_cpu_ops.rms_norm(x, w, 1e-6)
+    assert _rel(y, llama_rms_norm(x, w, 1e-6)) < 4e-3
+    xr, wr = x.float().requires_grad_(), w.float().requires_grad_()
+    g = torch.randn(70, 72)
+    (wr * (xr * torch.rsqrt(xr.square().mean(-1, keepdim=True) + 1e-6))).backward(g)
+    dx, dw = torch.ops.zhtune_cpu_ops.rms_norm_backward(g.bfloat16(), x, rstd, w, True)
+    assert _rel(dx, xr.grad) < 1e-2 and _rel(dw, wr.grad) < 1e-2
+
+
+@needs_ops
+def test_swiglu_kernels_against_fp32_autograd():
+    """``silu(gate) * up`` of stacked rows and both gradients side by side, each rounded once;
+    an intermediate size of 40 (tail lanes)."""
+    torch.manual_seed(0)
+    gate_up = (torch.randn(3, 5, 80) * 2).bfloat16()
+    h = torch.ops.zhtune_cpu_ops.swiglu(gate_up)
+    gate, up = (t.float().requires_grad_() for t in gate_up.split(40, -1))
+    ref = torch.nn.functional.silu(gate) * up
+    g = torch.randn(3, 5, 40)
+    ref.backward(g)
+    assert h.shape == (3, 5, 40) and _rel(h, ref) < 4e-3
+    stacked = torch.ops.zhtune_cpu_ops.swiglu_backward(g.bfloat16(), gate_up)
+    assert _rel(stacked[..., :40], gate.grad) < 1e-2 and _rel(stacked[..., 40:], up.grad) < 1e-2
+
+
+@needs_ops
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float32], ids=["lora-bf16-tables", "full-fp32-tables"])
+def test_rotary_kernels_are_the_reference_bit_for_bit(table_dtype):
+    """On the transposed view transformers hands over, with LoRA's bf16 or full fine-tuning's
+    fp32 tables: :func:`rotate` and :func:`rotate_backward`'s values exactly."""
+    from zhtune.train.rope import rotate, rotate_backward
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, 64).bfloat16().transpose(1, 2)  # (b, heads, t, d) view of (b, t, heads, d)
+    cos, sin = (torch.randn(2, 7, 64).to(table_dtype) for _ in range(2))
+    got = torch.ops.zhtune_cpu_ops.rotary(x, cos, sin)
+    assert got.shape == x.shape and torch.equal(got, rotate(x, cos, sin))
+    g = torch.randn(2, 3, 7, 64).bfloat16()
+    assert torch.equal(torch.ops.zhtune_cpu_ops.rotary_backward(g, cos, sin), rotate_backward(g, cos, sin))
+
+
+@needs_ops
+@needs_native
+def test_lora_bf16_training_runs_native_kernels_without_compiling(tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch):
+    """LoRA in bf16 on a CPU with the native kernels: norms, the MLP's activation, the rotation,
+    attention and the loss run natively, nothing is compiled (compile=auto's kernels mode has
+    nothing left: no Dynamo), and the losses follow the same run without native kernels within
+    bf16's noise. A tiny LLaMA with head dim 32 (the rotation kernel's smallest)."""
+    from tests.train.test_packing import cfg, losses
+    from zhtune.models.tiny import build_tiny_llama
+    from zhtune.train import fused, rope
+    from zhtune.train.sft import train
+
+    model_dir = tmp_path / "llama-d32"
+    build_tiny_llama(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=40, seed=0).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    calls: dict[str, int] = {}
+
+    def spy(cls, name):
+        apply = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a: calls.__setitem__(name, calls.get(name, 0) + 1) or apply(*a))
+
+    spy(fused.NativeRMSNorm, "norm")
+    spy(rope.NativeRotary, "rotary")
+    run = lambda name: train(  # noqa: E731
+        cfg(model_dir, train_file, tmp_path / name, method="lora", packing=True, cutoff_len=128, batch_size=4,
+            max_steps=6, logging_steps=1, lr=1e-3, precision="bf16"),
+        progress=False,
+    )  # fmt: skip
+    ours = losses(run("native"))
+    banner = capsys.readouterr().out
+    assert "compiling" not in banner and "attention: zhtune's CPU kernels" in banner
+    assert calls == {"norm": 6 * 5, "rotary": 6 * 2 * 2}  # per step: 2 norms a layer + the final; q and k a layer
+    with monkeypatch.context() as off:
+        off.setattr(native, "_loaded", {"cpu_ops": False, "cpu_attention": False})
+        plain = losses(run("plain"))
+    assert "compiling" in capsys.readouterr().out  # (without them, compile=auto compiles the kernels)
+    assert ours == pytest.approx(plain, rel=2e-2) and ours[-1] < ours[0]

@@ -10,7 +10,10 @@ compute the same values with fewer passes:
   closed-form gradient from the saved reciprocal RMS. That is still a chain of fp32 passes;
   with ``compile: kernels`` (the default on a CPU with a C++ compiler, see
   :mod:`zhtune.train.compile`) the same function, :func:`llama_rms_norm`, runs through
-  ``torch.compile`` instead: one read and one write each way, ~4x faster.
+  ``torch.compile`` instead: one read and one write each way, ~4x faster. With zhtune's native
+  kernels (``native``: bf16 on a CPU with AVX-512 bf16, ``csrc/cpu_ops.cpp``) a bf16 norm runs
+  :class:`NativeRMSNorm` instead, compiled or not: the same one pass each way, with no
+  ``torch.compile`` (no Dynamo tracing in the run's first step).
 
 More keep less for backward, which is most of full fine-tuning's peak memory (a SmolLM2
 step of 4 x 512 tokens kept 1.84 GiB, now 0.56; ``bench/memory_step.py``):
@@ -48,6 +51,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from zhtune.train import native
 from zhtune.train.lora import lora_forward, stacked_lora
 from zhtune.train.loss import compute_dtype
 
@@ -106,6 +110,40 @@ class RMSNorm(torch.autograd.Function):
             dot = (gn * xhat).mean(-1, keepdim=True)
             grad_x = gn.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
         return grad_x, grad_weight, None, None
+
+
+class NativeRMSNorm(torch.autograd.Function):
+    """:func:`llama_rms_norm` of bf16 ``x`` ``(..., h)`` with a bf16 ``weight``, by the native
+    kernels (``rms_norm``: fp32 statistics, ``x * rstd`` rounded to bf16 as the module rounds
+    it, the weight's product rounded once); keeps ``x`` and the fp32 ``rstd`` for the closed-form
+    backward (the weight's gradient only when it is trained)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = torch.ops.zhtune_cpu_ops.rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, rstd, weight = ctx.saved_tensors
+        dx, dw = torch.ops.zhtune_cpu_ops.rms_norm_backward(grad, x, rstd, weight, ctx.needs_input_grad[1])
+        return dx, dw if ctx.needs_input_grad[1] else None, None
+
+
+def native_ops(device_type: str, precision: str) -> bool:
+    """Whether the native elementwise kernels (``csrc/cpu_ops.cpp``) serve a run on
+    ``device_type`` in ``precision``: bf16 on a CPU where they are built and loaded."""
+    return device_type == "cpu" and precision == "bf16" and native.load("cpu_ops")
+
+
+def _rmsnorm_native_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """:class:`NativeRMSNorm` for a bf16 input on a CPU; anything else (another dtype, a wider
+    result for autocast) the eager kernels."""
+    x = hidden_states
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _norm_out_dtype(self, x) is None:
+        return NativeRMSNorm.apply(x, self.weight, self.variance_epsilon)
+    return _rmsnorm_forward(self, x)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -345,20 +383,26 @@ class StackedSwiGLU(torch.autograd.Function):
     by side (:func:`zhtune.train.lora.stacked_lora`); ``(..., inter)``. Keeps only ``gate_up``
     (what :class:`SwiGLU` keeps of the two) and hands back its gradient as one ``(..., 2 inter)``
     tensor, the layout :class:`zhtune.train.lora.StackedLora` reads, instead of two that autograd
-    would concatenate. ``kernels``: :class:`MlpKernels`, eager or compiled."""
+    would concatenate. ``kernels``: :class:`MlpKernels`, eager or compiled, or None for the
+    native kernels (bf16 on a CPU: ``swiglu`` and ``swiglu_backward``, fp32 inside, rounded
+    once, as the compiled ones)."""
 
     @staticmethod
-    def forward(ctx: Any, gate_up: torch.Tensor, kernels: MlpKernels) -> torch.Tensor:
+    def forward(ctx: Any, gate_up: torch.Tensor, kernels: MlpKernels | None) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        ctx.kernels = kernels
+        if kernels is None:
+            return torch.ops.zhtune_cpu_ops.swiglu(gate_up)
         inter = gate_up.shape[-1] // 2
         g2 = gate_up.reshape(-1, 2 * inter)
         h = kernels.swiglu(g2[:, :inter], g2[:, inter:])
-        ctx.save_for_backward(gate_up)
-        ctx.kernels = kernels
         return h.view(*gate_up.shape[:-1], inter)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         (gate_up,) = ctx.saved_tensors
+        if ctx.kernels is None:
+            return torch.ops.zhtune_cpu_ops.swiglu_backward(grad, gate_up), None
         inter = gate_up.shape[-1] // 2
         g2 = gate_up.reshape(-1, 2 * inter)
         grad2 = grad.reshape(-1, inter).to(g2.dtype)
@@ -561,7 +605,8 @@ def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     down = self.down_proj
     gate_up = stacked_lora(x, [self.gate_proj, self.up_proj])
     if gate_up is not None:
-        return down(StackedSwiGLU.apply(gate_up, kernels))
+        native_here = self._zhtune_native and gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu"
+        return down(StackedSwiGLU.apply(gate_up, None if native_here else kernels))
     gate, up = self.gate_proj(x), self.up_proj(x)
     if type(down) is torch.nn.Linear and _casts(down.weight, gate):
         return SwiGLUDown.apply(gate, up, down.weight, down.bias)
@@ -579,7 +624,9 @@ def _llama_layer_norms(module: Any) -> list[Any]:
     return [module.input_layernorm, module.post_attention_layernorm]
 
 
-def fuse_for_training(model: Any, compiled: bool = False, recompute_mlp: bool = True) -> dict[str, int]:
+def fuse_for_training(
+    model: Any, compiled: bool = False, recompute_mlp: bool = True, native_kernels: bool = False
+) -> dict[str, int]:
     """Swap the fused kernels into ``model`` in place (parameters and names untouched); returns how
     many modules of each kind: ``lora`` (:class:`zhtune.train.lora.LoraLinear`; see
     :func:`zhtune.train.lora.lora_plain` for when a layer still runs peft's forward), ``rmsnorm``
@@ -591,11 +638,13 @@ def fuse_for_training(model: Any, compiled: bool = False, recompute_mlp: bool = 
     ``torch.compile`` with ``compiled``; the caller turns
     ``recompute_mlp`` off under gradient checkpointing, which computes the whole block
     again) and ``linear`` (trained plain ``nn.Linear`` layers: through :class:`CastLinear` under
-    autocast with wider weights, else their own computation)."""
+    autocast with wider weights, else their own computation). ``native_kernels``
+    (:func:`native_ops`): bf16 norms (``native_rmsnorm``, not counted in ``rmsnorm``) run
+    :class:`NativeRMSNorm` and the stacked MLP's activation the native kernels, compiled or not."""
     from peft.tuners.lora import layer as lora_layer
 
     norm_forward = _rmsnorm_compiled_forward if compiled else _rmsnorm_forward
-    counts = {"lora": 0, "rmsnorm": 0, "mlp": 0, "linear": 0}
+    counts = {"lora": 0, "rmsnorm": 0, "native_rmsnorm": 0, "mlp": 0, "linear": 0}
     for module in model.modules():
         for norm in _llama_layer_norms(module):
             norm._zhtune_feeds_linears = True
@@ -604,11 +653,13 @@ def fuse_for_training(model: Any, compiled: bool = False, recompute_mlp: bool = 
                 module.forward = types.MethodType(lora_forward, module)
                 counts["lora"] += 1
         elif is_llama_rmsnorm(module):
-            module.forward = types.MethodType(norm_forward, module)
-            counts["rmsnorm"] += 1
+            native_norm = native_kernels and module.weight.dtype == torch.bfloat16
+            module.forward = types.MethodType(_rmsnorm_native_forward if native_norm else norm_forward, module)
+            counts["native_rmsnorm" if native_norm else "rmsnorm"] += 1
         elif is_llama_mlp(module):
             module.forward = types.MethodType(_mlp_forward, module)
             module._zhtune_recompute, module._zhtune_compiled = recompute_mlp, compiled
+            module._zhtune_native = native_kernels
             counts["mlp"] += 1
         elif type(module) is torch.nn.Linear and module.weight.requires_grad:
             module.forward = types.MethodType(_linear_forward, module)

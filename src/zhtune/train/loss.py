@@ -100,7 +100,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grads = torch.empty(group, weight.shape[0], dtype=dtype, device=hidden.device)
             hs = torch.empty(group, weight.shape[1], dtype=dtype, device=hidden.device)
-        fused_ce = dtype == torch.bfloat16 and hidden.device.type == "cpu" and native.load("cpu_loss")
+        fused_ce = dtype == torch.bfloat16 and hidden.device.type == "cpu" and native.load("cpu_ops")
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 t = targets[start : start + rows]
@@ -109,9 +109,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 at = start % group
                 if ctx.needs_input_grad[1]:  # into the group's buffers, multiplied once the group is full (or last)
                     hs[at : at + rows] = h
-                if fused_ce:  # the loss and the gradient in place of the bf16 logits (csrc/cpu_loss.cpp)
+                if fused_ce:  # the loss and the gradient in place of the bf16 logits (csrc/cpu_ops.cpp)
                     grad = torch.mm(h, w.T, out=grads[at : at + rows]) if ctx.needs_input_grad[1] else h @ w.T
-                    loss += torch.ops.zhtune_cpu_loss.cross_entropy_(grad, t, n)
+                    loss += torch.ops.zhtune_cpu_ops.cross_entropy_(grad, t, n)
                 else:
                     grad = _chunk_cross_entropy(h @ w.T, t, loss)
                     grad = grads[at : at + rows].copy_(grad) if ctx.needs_input_grad[1] else grad.to(dtype)

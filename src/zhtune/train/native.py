@@ -1,8 +1,9 @@
 """zhtune's C++ kernels (``csrc/``), built on first use on this machine and cached.
 
 Two libraries: ``csrc/cpu_attention.cpp``, attention's forward and backward for bf16 training on
-a CPU with AMX (see :mod:`zhtune.train.attention`), and ``csrc/cpu_loss.cpp``, the cross-entropy
-of a chunk of bf16 logits and its gradient in place (AVX-512 with bf16; :mod:`zhtune.train.loss`). It is built with the C++ compiler
+a CPU with AMX (see :mod:`zhtune.train.attention`), and ``csrc/cpu_ops.cpp``, the elementwise
+kernels of bf16 training (AVX-512 with bf16): the loss's cross-entropy (:mod:`zhtune.train.loss`),
+RMSNorm and SwiGLU (:mod:`zhtune.train.fused`), the rotary embedding (:mod:`zhtune.train.rope`). It is built with the C++ compiler
 Inductor uses, against the installed torch's headers and libraries (~10 s on two cores), into
 ``<cache>/native/<name>-<key>.so``, the key covering the source, torch's version, the compiler
 and the flags: later processes load it at once. The build is written atomically (processes of one
@@ -32,7 +33,7 @@ FLAGS = {
         ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
         ("avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"),
     ),
-    "cpu_loss": (
+    "cpu_ops": (
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"],
         ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
         ("avx512f", "avx512bw", "avx512_bf16"),

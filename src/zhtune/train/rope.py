@@ -16,7 +16,9 @@ rotation with the rest of the block themselves). The swapped forward is LLaMA's 
 
 * its q, k and v projections run as one LoRA product when all three are LoRA layers that
   :class:`zhtune.train.lora.LoraLinear` runs (:func:`zhtune.train.lora.stacked_projections`);
-* under ``compile: kernels`` the rotation goes through :class:`Rotary` where :func:`_applies`.
+* the rotation goes through :class:`NativeRotary` with zhtune's native kernels (bf16 on a CPU
+  with AVX-512 bf16), else under ``compile: kernels`` through :class:`Rotary`, where
+  :func:`_applies`.
 
 Everything else (a key/value cache, no gradient, fp32 training, eager runs' rotation) goes
 through transformers' own code.
@@ -87,6 +89,23 @@ class Rotary(torch.autograd.Function):
         return _kernels(ctx.fixed)[1](grad.contiguous(), cos, sin), None, None, None
 
 
+class NativeRotary(torch.autograd.Function):
+    """:func:`rotate` forward and :func:`rotate_backward` backward by the native kernels
+    (``csrc/cpu_ops.cpp``: one pass each, fp32 inside, rounded once; bit-identical to
+    :func:`rotate`); the result laid out as the projections are, ``(b, t, heads, d)``, viewed
+    ``(b, heads, t, d)``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return torch.ops.zhtune_cpu_ops.rotary(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        cos, sin = ctx.saved_tensors
+        return torch.ops.zhtune_cpu_ops.rotary_backward(grad, cos, sin), None, None
+
+
 def _applies(q: torch.Tensor, cos: torch.Tensor, past_key_values: Any) -> bool:
     """Whether :class:`Rotary` replaces transformers' rotation: training (gradients on, no
     cache), bf16 projections (bf16 weights or autocast: the attention computes in bf16 either
@@ -118,7 +137,9 @@ def _attention_forward(
         projected = [layer(hidden_states) for layer in layers]
     query, key, value = (t.view(hidden_shape).transpose(1, 2) for t in projected)
     cos, sin = position_embeddings
-    if self._zhtune_compiled and _applies(query, cos, past_key_values):
+    if self._zhtune_native and _applies(query, cos, past_key_values) and query.shape[-1] % 32 == 0:
+        query, key = NativeRotary.apply(query, cos, sin), NativeRotary.apply(key, cos, sin)
+    elif self._zhtune_compiled and _applies(query, cos, past_key_values):
         fixed = self._zhtune_fixed_shapes
         query, key = Rotary.apply(query, cos, sin, fixed), Rotary.apply(key, cos, sin, fixed)
     else:
@@ -153,14 +174,16 @@ def is_llama_attention(module: Any) -> bool:
     )  # fmt: skip
 
 
-def swap_attention(model: Any, compiled: bool, fixed_shapes: bool = False) -> int:
+def swap_attention(model: Any, compiled: bool, fixed_shapes: bool = False, native_kernels: bool = False) -> int:
     """Swap :func:`_attention_forward` into ``model``'s LLaMA attention modules in place
-    (parameters and names untouched), the rotation compiled when ``compiled``, for one batch
-    shape when ``fixed_shapes`` (:func:`_kernels`); returns how many."""
+    (parameters and names untouched), the rotation by the native kernels with ``native_kernels``
+    (:func:`zhtune.train.fused.native_ops`; :class:`NativeRotary`), else compiled when
+    ``compiled``, for one batch shape when ``fixed_shapes`` (:func:`_kernels`); returns how many."""
     n = 0
     for module in model.modules():
         if is_llama_attention(module):
             module.forward = types.MethodType(_attention_forward, module)
             module._zhtune_compiled, module._zhtune_fixed_shapes = compiled, fixed_shapes
+            module._zhtune_native = native_kernels
             n += 1
     return n

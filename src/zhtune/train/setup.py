@@ -331,7 +331,7 @@ def build_model(
     import torch
 
     from zhtune.train.attention import use_cpu_attention
-    from zhtune.train.fused import fuse_for_training
+    from zhtune.train.fused import fuse_for_training, native_ops
     from zhtune.train.loss import frozen_to
     from zhtune.train.rope import swap_attention
 
@@ -359,15 +359,16 @@ def build_model(
     compiled = compile_mode(cfg.compile, device_type, fused, long_run)
     if compiled != "off" and device_type == "cpu":
         trust_probed_vec_isa()  # Inductor's per-process probe, once per machine
-    n_kernels = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing)["rmsnorm"] if fused else 0
+    native = fused and compiled != "blocks" and native_ops(device_type, cfg.precision)  # (blocks compile these)
+    n_kernels = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing, native)["rmsnorm"] if fused else 0
     attention = (
         use_cpu_attention(model, one_batch_shape(cfg, compiled), compiled=compiled != "off")
         if fused and device_type == "cpu" and cfg.precision == "bf16"
         else ""
     )
     if fused and compiled != "blocks":  # q/k/v stacked; the rotation compiled, for one shape if so
-        n_attention = swap_attention(model, compiled == "kernels", one_batch_shape(cfg, compiled))
-        n_kernels += n_attention if compiled == "kernels" else 0
+        n_attention = swap_attention(model, compiled == "kernels", one_batch_shape(cfg, compiled), native)
+        n_kernels += n_attention if compiled == "kernels" and not native else 0
     if compiled == "blocks":
         dynamic_rows = packs_batches(cfg, model.config.model_type, method)
         return model, compiled, compile_blocks(model, dynamic_rows), attention

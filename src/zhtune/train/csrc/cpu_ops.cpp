@@ -1,0 +1,291 @@
+// zhtune's elementwise CPU kernels for bf16 training (AVX-512 with bf16), each one pass in fp32
+// rounded once, where PyTorch's eager ops write and read intermediates and torch.compile costs
+// Dynamo's tracing in every process:
+//
+// * cross_entropy_: a chunk of bf16 logits' loss and gradient in place (zhtune.train.loss);
+// * rms_norm / rms_norm_backward: LLaMA's RMSNorm of bf16 rows with a bf16 weight
+//   (zhtune.train.fused);
+// * swiglu / swiglu_backward: silu(gate) * up of LoRA's stacked gate|up rows and its gradient as
+//   one stacked tensor (zhtune.train.fused.StackedSwiGLU);
+// * rotary / rotary_backward: LLaMA's rotary embedding of bf16 queries or keys
+//   (zhtune.train.rope).
+//
+// The cross-entropy:
+// For each row r < n of logits (rows, vocab): lse = log(sum(exp(x))), the loss adds lse - x[t],
+// and the row is overwritten with its gradient softmax(x) - one_hot(t), computed in fp32 and
+// rounded to bf16 once; rows from n on (a chunk's padding) become zeros. Three passes over a row
+// in the core's cache (max, sum of exponentials, gradient) where the PyTorch ops wrote and read
+// fp32 copies of the whole chunk (log-softmax, exp, the one-hot subtraction, the cast to bf16).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+namespace {
+
+using at::BFloat16;
+using Vec = at::vec::Vectorized<float>;
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+
+inline __m512 load(const BFloat16* x, __mmask16 m) {
+  return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, x));
+}
+
+// The row's loss lse - x[target]; the row becomes softmax - one_hot in bf16.
+float row_cross_entropy(BFloat16* x, int64_t vocab, int64_t target) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t c = 0; c < vocab; c += 16) {
+    const __mmask16 m = tail_mask(vocab - c);
+    mx = _mm512_mask_max_ps(mx, m, mx, load(x + c, m));
+  }
+  const float top = _mm512_reduce_max_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 shift = _mm512_set1_ps(top);
+  for (int64_t c = 0; c < vocab; c += 16) {
+    const __mmask16 m = tail_mask(vocab - c);
+    const __m512 e = static_cast<__m512>(Vec(_mm512_sub_ps(load(x + c, m), shift)).exp_u20());
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  const float lse = top + std::log(_mm512_reduce_add_ps(sum));
+  const float loss = lse - static_cast<float>(x[target]);
+  const float p_target = std::exp(static_cast<float>(x[target]) - lse);
+  const __m512 vlse = _mm512_set1_ps(lse);
+  for (int64_t c = 0; c < vocab; c += 16) {
+    const __mmask16 m = tail_mask(vocab - c);
+    const __m512 p = static_cast<__m512>(Vec(_mm512_sub_ps(load(x + c, m), vlse)).exp_u20());
+    _mm256_mask_storeu_epi16(x + c, m, (__m256i)_mm512_cvtneps_pbh(p));
+  }
+  x[target] = static_cast<BFloat16>(p_target - 1.f);
+  return loss;
+}
+
+at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t n) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kBFloat16 && logits.is_contiguous(),
+              "logits must be contiguous bf16 (rows, vocab)");
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) >= n && n <= logits.size(0),
+              "targets must be int64 with a target for each of the first n rows");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  auto t = targets.contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) TORCH_CHECK(tp[r] >= 0 && tp[r] < vocab, "target ", tp[r], " out of the vocabulary");
+  BFloat16* x = logits.data_ptr<BFloat16>();
+  std::vector<float> losses(rows, 0.f);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (r < n) {
+        losses[r] = row_cross_entropy(x + r * vocab, vocab, tp[r]);
+      } else {
+        std::fill(x + r * vocab, x + (r + 1) * vocab, BFloat16(0.f));
+      }
+    }
+  });
+  double total = 0.0;
+  for (int64_t r = 0; r < n; ++r) total += losses[r];
+  return at::scalar_tensor(total, logits.options().dtype(at::kFloat));
+}
+
+// ---- RMSNorm: y = w * bf16(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps), per row of h values.
+
+inline void store16(BFloat16* dst, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+inline float row_rstd(const BFloat16* x, int64_t h, double eps) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < h; c += 16) {
+    const __m512 v = load(x + c, tail_mask(h - c));
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  return 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(h) + static_cast<float>(eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 && w_.scalar_type() == at::kBFloat16 && w_.dim() == 1 &&
+                  x_.size(-1) == w_.size(0), "rms_norm: bf16 rows and a bf16 weight of their width");
+  auto x = x_.contiguous();
+  auto w = w_.contiguous();
+  const int64_t h = x.size(-1), n = x.numel() / h;
+  auto y = at::empty_like(x);
+  auto rstd = at::empty({n}, x.options().dtype(at::kFloat));
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  const BFloat16* wp = w.data_ptr<BFloat16>();
+  BFloat16* yp = y.data_ptr<BFloat16>();
+  float* rp = rstd.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const BFloat16* xr = xp + r * h;
+      const float s = row_rstd(xr, h, eps);
+      rp[r] = s;
+      for (int64_t c = 0; c < h; c += 16) {
+        const __mmask16 m = tail_mask(h - c);
+        const __m512 normed = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_mul_ps(load(xr + c, m), _mm512_set1_ps(s))));
+        store16(yp + r * h + c, _mm512_mul_ps(normed, load(wp + c, m)), m);
+      }
+    }
+  });
+  return {y, rstd};
+}
+
+// dx = rstd * (g - xhat * mean(g * xhat)), g = grad * w, xhat = x * rstd (fp32); and, when asked,
+// dw = sum over rows of grad * bf16(xhat).
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_, const at::Tensor& x_,
+                                                     const at::Tensor& rstd, const at::Tensor& w_, bool weight_grad) {
+  auto grad = grad_.to(at::kBFloat16).contiguous();
+  auto x = x_.contiguous();
+  auto w = w_.contiguous();
+  const int64_t h = x.size(-1), n = x.numel() / h;
+  auto dx = at::empty_like(x);
+  const BFloat16* gp = grad.data_ptr<BFloat16>();
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  const BFloat16* wp = w.data_ptr<BFloat16>();
+  const float* rp = rstd.data_ptr<float>();
+  BFloat16* dp = dx.data_ptr<BFloat16>();
+  const int64_t threads = at::get_num_threads();
+  auto partial = at::zeros({weight_grad ? threads : 0, h}, x.options().dtype(at::kFloat));
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    float* dw = weight_grad ? pp + at::get_thread_num() * h : nullptr;
+    for (int64_t r = begin; r < end; ++r) {
+      const BFloat16* xr = xp + r * h;
+      const BFloat16* gr = gp + r * h;
+      const __m512 s = _mm512_set1_ps(rp[r]);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < h; c += 16) {
+        const __mmask16 m = tail_mask(h - c);
+        const __m512 xhat = _mm512_mul_ps(load(xr + c, m), s);
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(load(gr + c, m), load(wp + c, m)), xhat, acc);
+      }
+      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / static_cast<float>(h));
+      for (int64_t c = 0; c < h; c += 16) {
+        const __mmask16 m = tail_mask(h - c);
+        const __m512 xhat = _mm512_mul_ps(load(xr + c, m), s);
+        const __m512 g = _mm512_mul_ps(load(gr + c, m), load(wp + c, m));
+        store16(dp + r * h + c, _mm512_mul_ps(s, _mm512_fnmadd_ps(xhat, mean, g)), m);
+        if (dw) {
+          const __m512 normed = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(xhat));
+          _mm512_mask_storeu_ps(dw + c, m, _mm512_fmadd_ps(load(gr + c, m), normed, _mm512_maskz_loadu_ps(m, dw + c)));
+        }
+      }
+    }
+  });
+  at::Tensor dw;
+  if (weight_grad) dw = partial.sum(0).to(w.scalar_type());
+  return {dx, dw};
+}
+
+// ---- SwiGLU of stacked rows gate|up (n, 2 inter): silu(gate) * up, and its stacked gradient.
+
+inline __m512 sigmoid(__m512 g) {
+  const __m512 e = static_cast<__m512>(Vec(_mm512_sub_ps(_mm512_setzero_ps(), g)).exp_u20());
+  return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
+at::Tensor swiglu(const at::Tensor& gate_up_) {
+  TORCH_CHECK(gate_up_.scalar_type() == at::kBFloat16 && gate_up_.size(-1) % 2 == 0, "swiglu: bf16 gate|up rows");
+  auto gu = gate_up_.contiguous();
+  const int64_t inter = gu.size(-1) / 2, n = gu.numel() / (2 * inter);
+  std::vector<int64_t> shape(gu.sizes().begin(), gu.sizes().end());
+  shape.back() = inter;
+  auto out = at::empty(shape, gu.options());
+  const BFloat16* gp = gu.data_ptr<BFloat16>();
+  BFloat16* op = out.data_ptr<BFloat16>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t c = 0; c < inter; c += 16) {
+        const __mmask16 m = tail_mask(inter - c);
+        const __m512 g = load(gp + r * 2 * inter + c, m), u = load(gp + r * 2 * inter + inter + c, m);
+        store16(op + r * inter + c, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid(g)), u), m);
+      }
+  });
+  return out;
+}
+
+// d gate = grad * up * s (1 + gate (1 - s)), d up = grad * gate * s, s = sigmoid(gate); side by side.
+at::Tensor swiglu_backward(const at::Tensor& grad_, const at::Tensor& gate_up_) {
+  auto gu = gate_up_.contiguous();
+  auto grad = grad_.to(at::kBFloat16).contiguous();
+  const int64_t inter = gu.size(-1) / 2, n = gu.numel() / (2 * inter);
+  auto out = at::empty_like(gu);
+  const BFloat16* gp = gu.data_ptr<BFloat16>();
+  const BFloat16* dp = grad.data_ptr<BFloat16>();
+  BFloat16* op = out.data_ptr<BFloat16>();
+  const __m512 one = _mm512_set1_ps(1.f);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t c = 0; c < inter; c += 16) {
+        const __mmask16 m = tail_mask(inter - c);
+        const __m512 g = load(gp + r * 2 * inter + c, m), u = load(gp + r * 2 * inter + inter + c, m);
+        const __m512 d = load(dp + r * inter + c, m), s = sigmoid(g);
+        const __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
+        store16(op + r * 2 * inter + c, _mm512_mul_ps(_mm512_mul_ps(d, u), dsilu), m);
+        store16(op + r * 2 * inter + inter + c, _mm512_mul_ps(d, _mm512_mul_ps(g, s)), m);
+      }
+  });
+  return out;
+}
+
+// ---- Rotary embedding: x * cos + rotate_half(x) * sin over the head dim, per (row, head, token);
+// backward: g * cos + rotate_half^T(g * sin). x (b, heads, t, d) in any strides with a contiguous
+// d; cos, sin (b, t, d) bf16 or fp32. The result is laid out (b, t, heads, d) (the projections'
+// layout), returned as the (b, heads, t, d) view.
+
+template <bool Backward>
+at::Tensor rotary_impl(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 32 == 0, "rotary: (b, heads, t, d), d a multiple of 32");
+  TORCH_CHECK(cos_.dim() == 3 && cos_.size(0) == x.size(0) && cos_.size(1) == x.size(2) && cos_.size(2) == x.size(3),
+              "rotary: cos and sin (b, t, d)");
+  auto xb = x.to(at::kBFloat16);
+  auto cos = cos_.to(at::kFloat).contiguous();
+  auto sin = sin_.to(at::kFloat).contiguous();
+  const int64_t b = x.size(0), heads = x.size(1), t = x.size(2), d = x.size(3), half = d / 2;
+  auto out = at::empty({b, t, heads, d}, xb.options());
+  const BFloat16* xp = xb.data_ptr<BFloat16>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  BFloat16* op = out.data_ptr<BFloat16>();
+  const int64_t sb = xb.stride(0), sh = xb.stride(1), st = xb.stride(2);
+  at::parallel_for(0, b * t, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t bi = bt / t, ti = bt % t;
+      const float* cr = cp + bt * d;
+      const float* sr = sp + bt * d;
+      for (int64_t hi = 0; hi < heads; ++hi) {
+        const BFloat16* xr = xp + bi * sb + hi * sh + ti * st;
+        BFloat16* orow = op + (bt * heads + hi) * d;
+        for (int64_t c = 0; c < half; c += 16) {
+          const __m512 a = load(xr + c, 0xFFFF), z = load(xr + half + c, 0xFFFF);
+          const __m512 ca = _mm512_loadu_ps(cr + c), cz = _mm512_loadu_ps(cr + half + c);
+          const __m512 sa = _mm512_loadu_ps(sr + c), sz = _mm512_loadu_ps(sr + half + c);
+          if constexpr (!Backward) {  // [a, z] -> [a cos - z sin, z cos + a sin]
+            store16(orow + c, _mm512_fnmadd_ps(z, sa, _mm512_mul_ps(a, ca)), 0xFFFF);
+            store16(orow + half + c, _mm512_fmadd_ps(a, sz, _mm512_mul_ps(z, cz)), 0xFFFF);
+          } else {  // the transpose: [a cos + z sin, z cos - a sin]
+            store16(orow + c, _mm512_fmadd_ps(z, sz, _mm512_mul_ps(a, ca)), 0xFFFF);
+            store16(orow + half + c, _mm512_fnmadd_ps(a, sa, _mm512_mul_ps(z, cz)), 0xFFFF);
+          }
+        }
+      }
+    }
+  });
+  return out.transpose(1, 2);
+}
+
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) { return rotary_impl<false>(x, cos, sin); }
+at::Tensor rotary_backward(const at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin) { return rotary_impl<true>(g, cos, sin); }
+
+}  // namespace
+
+TORCH_LIBRARY(zhtune_cpu_ops, m) {
+  m.def("cross_entropy_(Tensor(a!) logits, Tensor targets, int n) -> Tensor", &cross_entropy_);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)", &rms_norm);
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor)",
+        &rms_norm_backward);
+  m.def("swiglu(Tensor gate_up) -> Tensor", &swiglu);
+  m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor", &swiglu_backward);
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor", &rotary);
+  m.def("rotary_backward(Tensor grad, Tensor cos, Tensor sin) -> Tensor", &rotary_backward);
+}

@@ -36,6 +36,7 @@ from zhtune.models.loading import (
 )
 from zhtune.models.quantization import quantization_config
 from zhtune.rundir import RunDir
+from zhtune.train import native
 from zhtune.train.compile import (
     CompileMode,
     blocks_repay,
@@ -512,4 +513,6 @@ def banner(s: Setup) -> str:
         lines.append(f"  compiling {what} (torch.compile, compile={cfg.compile}; the first step waits for it)")
     if s.cpu_attention == "native":
         lines.append("  attention: zhtune's CPU kernels (C++, bf16 on AMX; ZHTUNE_NATIVE=0 for SDPA)")
+    if cfg.precision == "bf16" and s.accelerator.device.type == "cpu" and native.load("cpu_ops"):
+        lines.append("  native kernels (C++, AVX-512 bf16): loss, RMSNorm, SwiGLU, rotary embedding where bf16")
     return "\n".join(lines)

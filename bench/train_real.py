@@ -10,8 +10,10 @@ cutoff 512, batch 4, 1 epoch, bf16, cosine schedule without warm-up, seed 42, ea
 padding-free packing. LoRA: r 8, alpha 16, dropout 0, every linear layer, lr 2e-4; full fine-tuning
 (``--methods lora,full``): lr 1e-5. Each job runs in its own process:
 
-* zhtune through its CLI (``zhtune train key=value ...``): ``packing=true precision=bf16`` (the
-  default ``compile: auto`` compiles the RMSNorm kernel and attention's backward on a CPU), again
+* zhtune through its CLI (``zhtune train key=value ...``): ``packing=true precision=bf16`` (on a
+  CPU with AMX zhtune's native kernels run attention, the loss, RMSNorm, SwiGLU and the rotation,
+  and the default ``compile: auto`` then compiles nothing for LoRA; elsewhere it compiles the
+  RMSNorm kernel and attention's backward), again
   with ``compile=false`` (all eager) and with ``compile=true`` (each decoder block compiled); and
   unpacked, each batch padded to its longest row (``packing=false``: zhtune's default, as
   LLaMA-Factory's), with ``compile`` auto and false;

@@ -179,3 +179,54 @@ def test_lora_bf16_training_runs_native_kernels_without_compiling(tmp_path, tiny
         plain = losses(run("plain"))
     assert "compiling" in capsys.readouterr().out  # (without them, compile=auto compiles the kernels)
     assert ours == pytest.approx(plain, rel=2e-2) and ours[-1] < ours[0]
+
+
+@needs_ops
+def test_narrow_rms_norm_kernels_are_the_eager_ones():
+    """Full fine-tuning's norm of fp32 rows handing bf16 on: the eager kernels' values exactly
+    (each result rounded once from the same fp32 product) and their gradients to fp32 rounding."""
+    from zhtune.train.fused import narrow_rms_norm, narrow_rms_norm_backward
+
+    torch.manual_seed(0)
+    x, w = torch.randn(90, 72) * 2, torch.rand(72) + 0.5
+    got = torch.ops.zhtune_cpu_ops.narrow_rms_norm(x, w, 1e-5)
+    want = narrow_rms_norm(x, w, 1e-5, torch.bfloat16)
+    assert all(torch.equal(g, r) for g, r in zip(got[:2], want[:2])) and _rel(got[2], want[2]) < 1e-6
+    g = torch.randn(90, 72).bfloat16()
+    dx, dw = torch.ops.zhtune_cpu_ops.narrow_rms_norm_backward(g, got[1], got[2], w, True)
+    want_dx, want_dw = narrow_rms_norm_backward(g, want[1], want[2], w, torch.float32)
+    assert dx.dtype == dw.dtype == torch.float32 and _rel(dx, want_dx) < 1e-5 and _rel(dw, want_dw) < 1e-5
+
+
+@needs_ops
+@needs_native
+def test_full_fine_tuning_in_bf16_runs_native_kernels_without_compiling(
+    tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch
+):
+    """Full fine-tuning under bf16 autocast: the fp32 residual stream's norms run the native
+    narrow kernels, the recomputed MLP's activation the native ones, nothing is compiled, and the
+    curve follows the same run without native kernels (compiled) within bf16's noise."""
+    from tests.train.test_packing import cfg, losses
+    from zhtune.models.tiny import build_tiny_llama
+    from zhtune.train import fused
+    from zhtune.train.sft import train
+
+    model_dir = tmp_path / "llama-d32"
+    build_tiny_llama(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=40, seed=0).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    narrow = []
+    apply = fused.NarrowRMSNorm.apply
+    monkeypatch.setattr(fused.NarrowRMSNorm, "apply", lambda *a: narrow.append(a[-1]) or apply(*a))
+    run = lambda name: train(  # noqa: E731
+        cfg(model_dir, train_file, tmp_path / name, method="full", packing=True, cutoff_len=128, batch_size=4,
+            max_steps=6, logging_steps=1, lr=1e-3, precision="bf16"),
+        progress=False,
+    )  # fmt: skip
+    ours = losses(run("native"))
+    assert "compiling" not in capsys.readouterr().out
+    assert len(narrow) == 6 * 4 and all(k is fused._NATIVE_NARROW for k in narrow)  # (the final norm feeds the head)
+    with monkeypatch.context() as off:
+        off.setattr(native, "_loaded", {"cpu_ops": False, "cpu_attention": False})
+        plain = losses(run("plain"))
+    assert "compiling" in capsys.readouterr().out
+    assert ours == pytest.approx(plain, rel=2e-2) and ours[-1] < ours[0]

@@ -138,12 +138,59 @@ def native_ops(device_type: str, precision: str) -> bool:
 
 
 def _rmsnorm_native_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
-    """:class:`NativeRMSNorm` for a bf16 input on a CPU; anything else (another dtype, a wider
-    result for autocast) the eager kernels."""
-    x = hidden_states
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _norm_out_dtype(self, x) is None:
-        return NativeRMSNorm.apply(x, self.weight, self.variance_epsilon)
+    """On a CPU: :class:`NativeRMSNorm` for a bf16 input and weight; for an fp32 input handing
+    bf16 on (full fine-tuning), :class:`NarrowRMSNorm` with the native kernels
+    (:data:`_NATIVE_NARROW`); anything else the eager kernels."""
+    x, weight = hidden_states, self.weight
+    out_dtype = _norm_out_dtype(self, x)
+    if x.device.type == "cpu" and out_dtype is not None and torch.is_grad_enabled():
+        return NarrowRMSNorm.apply(x, weight, self.variance_epsilon, out_dtype, _NATIVE_NARROW)
+    if x.device.type == "cpu" and out_dtype is None and x.dtype == weight.dtype == torch.bfloat16:
+        return NativeRMSNorm.apply(x, weight, self.variance_epsilon)
     return _rmsnorm_forward(self, x)
+
+
+def _native_narrow(
+    x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`narrow_rms_norm` by the native kernel for fp32 rows and weight handing bf16 on (the
+    same values: the product in fp32, each result rounded once), else the eager one."""
+    if x2.dtype == weight.dtype == torch.float32 and out_dtype == torch.bfloat16:
+        return torch.ops.zhtune_cpu_ops.narrow_rms_norm(x2, weight, eps)
+    return narrow_rms_norm(x2, weight, eps, out_dtype)
+
+
+def _native_narrow_backward(
+    grad: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, x_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`narrow_rms_norm_backward` by the native kernel where :func:`_native_narrow` ran it
+    (the weight's gradient only when it is trained), else the eager one."""
+    if xhat.dtype == torch.bfloat16 and weight.dtype == x_dtype == torch.float32:
+        return torch.ops.zhtune_cpu_ops.narrow_rms_norm_backward(grad, xhat, rstd, weight, weight.requires_grad)
+    return narrow_rms_norm_backward(grad, xhat, rstd, weight, x_dtype)
+
+
+def _stacked(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """The ``(n, 2 inter)`` tensor whose halves ``gate`` and ``up`` are (the stacked product's two
+    views), or None when they are not such halves."""
+    n, inter = gate.shape
+    stacked = gate.as_strided((n, 2 * inter), (2 * inter, 1))
+    ok = gate.stride() == up.stride() == (2 * inter, 1) and up.data_ptr() == gate.data_ptr() + inter * gate.element_size()
+    return stacked if ok and gate.dtype == torch.bfloat16 and gate.device.type == "cpu" else None
+
+
+def _native_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    stacked = _stacked(gate, up)
+    return _swiglu(gate, up) if stacked is None else torch.ops.zhtune_cpu_ops.swiglu(stacked)
+
+
+def _native_swiglu_backward(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: torch.Tensor | None
+) -> torch.Tensor:
+    stacked = _stacked(gate, up)
+    if stacked is None:
+        return _swiglu_backward_stacked(grad, gate, up, act)
+    return torch.ops.zhtune_cpu_ops.swiglu_backward(grad, stacked)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -309,6 +356,13 @@ class MlpKernels(NamedTuple):
 
 
 _EAGER_MLP = MlpKernels(_swiglu, _swiglu_keeping_silu, _swiglu_backward_stacked)
+_NATIVE_MLP = MlpKernels(
+    lambda gate, up: _native_swiglu(gate, up),
+    lambda gate, up: (_native_swiglu(gate, up), None),
+    lambda grad, gate, up, act: _native_swiglu_backward(grad, gate, up, act),
+)
+"""The native kernels (bf16 on a CPU: ``swiglu``, ``swiglu_backward`` of the stacked product the
+two halves are views of; :func:`_stacked`), the eager ones for anything else."""
 
 
 class RecomputedMLP(torch.autograd.Function):
@@ -462,6 +516,7 @@ class NarrowRMSNorm(torch.autograd.Function):
 
 
 _EAGER_NARROW = (narrow_rms_norm, narrow_rms_norm_backward)
+_NATIVE_NARROW = (_native_narrow, _native_narrow_backward)
 
 
 def _narrower_autocast(dtype: torch.dtype, device_type: str) -> torch.dtype | None:
@@ -598,7 +653,7 @@ def _recomputes(mlp: Any) -> bool:
 
 
 def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    kernels = _compiled_mlp() if self._zhtune_compiled else _EAGER_MLP
+    kernels = _NATIVE_MLP if self._zhtune_native else _compiled_mlp() if self._zhtune_compiled else _EAGER_MLP
     if _recomputes(self):
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
         return RecomputedMLP.apply(x, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias, kernels)
@@ -639,8 +694,10 @@ def fuse_for_training(
     ``recompute_mlp`` off under gradient checkpointing, which computes the whole block
     again) and ``linear`` (trained plain ``nn.Linear`` layers: through :class:`CastLinear` under
     autocast with wider weights, else their own computation). ``native_kernels``
-    (:func:`native_ops`): bf16 norms (``native_rmsnorm``, not counted in ``rmsnorm``) run
-    :class:`NativeRMSNorm` and the stacked MLP's activation the native kernels, compiled or not."""
+    (:func:`native_ops`): the norms (``native_rmsnorm``, not counted in ``rmsnorm``) run
+    :class:`NativeRMSNorm` (bf16) or :class:`NarrowRMSNorm` with the native kernels (fp32 handing
+    bf16 on), and the MLPs' activation (stacked or recomputed) the native kernels, compiled or
+    not."""
     from peft.tuners.lora import layer as lora_layer
 
     norm_forward = _rmsnorm_compiled_forward if compiled else _rmsnorm_forward
@@ -653,7 +710,7 @@ def fuse_for_training(
                 module.forward = types.MethodType(lora_forward, module)
                 counts["lora"] += 1
         elif is_llama_rmsnorm(module):
-            native_norm = native_kernels and module.weight.dtype == torch.bfloat16
+            native_norm = native_kernels
             module.forward = types.MethodType(_rmsnorm_native_forward if native_norm else norm_forward, module)
             counts["native_rmsnorm" if native_norm else "rmsnorm"] += 1
         elif is_llama_mlp(module):

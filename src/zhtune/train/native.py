@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def load(name: str) -> bool:
     target = library(name)
     try:
         if not target.is_file():
+            print(f"building zhtune's {name} kernels for this machine (once, ~10 s) ...", file=sys.stderr, flush=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_suffix(f".{os.getpid()}.tmp.so")
             done = subprocess.run(_command(name, SOURCES / f"{name}.cpp", tmp), capture_output=True, text=True)

@@ -3,8 +3,8 @@
 // Dynamo's tracing in every process:
 //
 // * cross_entropy_: a chunk of bf16 logits' loss and gradient in place (zhtune.train.loss);
-// * rms_norm / rms_norm_backward: LLaMA's RMSNorm of bf16 rows with a bf16 weight
-//   (zhtune.train.fused);
+// * rms_norm / rms_norm_backward: LLaMA's RMSNorm of bf16 rows with a bf16 weight, and
+//   narrow_rms_norm / narrow_rms_norm_backward: of fp32 rows handing bf16 on (zhtune.train.fused);
 // * swiglu / swiglu_backward: silu(gate) * up of LoRA's stacked gate|up rows and its gradient as
 //   one stacked tensor (zhtune.train.fused.StackedSwiGLU);
 // * rotary / rotary_backward: LLaMA's rotary embedding of bf16 queries or keys
@@ -177,6 +177,87 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_, co
   return {dx, dw};
 }
 
+// ---- RMSNorm of wide (fp32) rows handing bf16 on (full fine-tuning's residual stream under bf16
+// autocast): y = bf16(w * x * rstd), xhat = bf16(x * rstd), rstd fp32; backward from xhat:
+// dx = rstd (g w - xhat mean(g w xhat)) in fp32, dw = sum over rows of g xhat.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> narrow_rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && w_.scalar_type() == at::kFloat && x_.dim() == 2 && x_.size(1) == w_.size(0),
+              "narrow_rms_norm: fp32 rows (n, h) and an fp32 weight (h,)");
+  auto x = x_.contiguous();
+  auto w = w_.contiguous();
+  const int64_t n = x.size(0), h = x.size(1);
+  auto y = at::empty({n, h}, x.options().dtype(at::kBFloat16));
+  auto xhat = at::empty({n, h}, x.options().dtype(at::kBFloat16));
+  auto rstd = at::empty({n, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  BFloat16* yp = y.data_ptr<BFloat16>();
+  BFloat16* hp = xhat.data_ptr<BFloat16>();
+  float* rp = rstd.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * h;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < h; c += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(h - c), xr + c);
+        acc = _mm512_fmadd_ps(v, v, acc);
+      }
+      const float s = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(h) + static_cast<float>(eps));
+      rp[r] = s;
+      for (int64_t c = 0; c < h; c += 16) {
+        const __mmask16 m = tail_mask(h - c);
+        const __m512 normed = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + c), _mm512_set1_ps(s));
+        store16(hp + r * h + c, normed, m);
+        store16(yp + r * h + c, _mm512_mul_ps(normed, _mm512_maskz_loadu_ps(m, wp + c)), m);
+      }
+    }
+  });
+  return {y, xhat, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> narrow_rms_norm_backward(const at::Tensor& grad_, const at::Tensor& xhat_,
+                                                            const at::Tensor& rstd_, const at::Tensor& w_, bool weight_grad) {
+  auto grad = grad_.to(at::kBFloat16).contiguous();
+  auto xhat = xhat_.contiguous();
+  auto rstd = rstd_.contiguous();
+  auto w = w_.contiguous();
+  const int64_t n = xhat.size(0), h = xhat.size(1);
+  auto dx = at::empty({n, h}, w.options());
+  const BFloat16* gp = grad.data_ptr<BFloat16>();
+  const BFloat16* hp = xhat.data_ptr<BFloat16>();
+  const float* rp = rstd.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* dp = dx.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
+  auto partial = at::zeros({weight_grad ? threads : 0, h}, w.options());
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    float* dw = weight_grad ? pp + at::get_thread_num() * h : nullptr;
+    for (int64_t r = begin; r < end; ++r) {
+      const BFloat16* gr = gp + r * h;
+      const BFloat16* hr = hp + r * h;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < h; c += 16) {
+        const __mmask16 m = tail_mask(h - c);
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(load(gr + c, m), _mm512_maskz_loadu_ps(m, wp + c)), load(hr + c, m), acc);
+      }
+      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / static_cast<float>(h));
+      const __m512 s = _mm512_set1_ps(rp[r]);
+      for (int64_t c = 0; c < h; c += 16) {
+        const __mmask16 m = tail_mask(h - c);
+        const __m512 g = load(gr + c, m), xh = load(hr + c, m);
+        const __m512 gn = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, wp + c));
+        _mm512_mask_storeu_ps(dp + r * h + c, m, _mm512_mul_ps(_mm512_fnmadd_ps(xh, mean, gn), s));
+        if (dw) _mm512_mask_storeu_ps(dw + c, m, _mm512_fmadd_ps(g, xh, _mm512_maskz_loadu_ps(m, dw + c)));
+      }
+    }
+  });
+  at::Tensor dw;
+  if (weight_grad) dw = partial.sum(0);
+  return {dx, dw};
+}
+
 // ---- SwiGLU of stacked rows gate|up (n, 2 inter): silu(gate) * up, and its stacked gradient.
 
 inline __m512 sigmoid(__m512 g) {
@@ -284,6 +365,9 @@ TORCH_LIBRARY(zhtune_cpu_ops, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)", &rms_norm);
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor)",
         &rms_norm_backward);
+  m.def("narrow_rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)", &narrow_rms_norm);
+  m.def("narrow_rms_norm_backward(Tensor grad, Tensor xhat, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor)",
+        &narrow_rms_norm_backward);
   m.def("swiglu(Tensor gate_up) -> Tensor", &swiglu);
   m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor", &swiglu_backward);
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor", &rotary);

@@ -142,43 +142,50 @@ def test_rotary_kernels_are_the_reference_bit_for_bit(table_dtype):
     assert torch.equal(torch.ops.zhtune_cpu_ops.rotary_backward(g, cos, sin), rotate_backward(g, cos, sin))
 
 
+def _native_and_plain_runs(method: str, tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch) -> tuple:
+    """Losses of 6 bf16 steps of ``method`` on a tiny LLaMA with head dim 32 (the rotation
+    kernel's smallest) with the native kernels, and without them (compile=auto then compiles the
+    kernels), each run's banner checked for compiling: ``(native losses, plain losses)``."""
+    from tests.train.test_packing import cfg, losses
+    from zhtune.models.tiny import build_tiny_llama
+    from zhtune.train.sft import train
+
+    model_dir = tmp_path / "llama-d32"
+    build_tiny_llama(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=40, seed=0).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    run = lambda name: losses(  # noqa: E731
+        train(
+            cfg(model_dir, train_file, tmp_path / name, method=method, packing=True, cutoff_len=128, batch_size=4,
+                max_steps=6, logging_steps=1, lr=1e-3, precision="bf16"),
+            progress=False,
+        )
+    )  # fmt: skip
+    ours = run("native")
+    banner = capsys.readouterr().out
+    assert "compiling" not in banner and "attention: zhtune's CPU kernels" in banner
+    with monkeypatch.context() as off:
+        off.setattr(native, "_loaded", {"cpu_ops": False, "cpu_attention": False})
+        plain = run("plain")
+    assert "compiling" in capsys.readouterr().out
+    assert ours == pytest.approx(plain, rel=2e-2) and ours[-1] < ours[0]
+    return ours, plain
+
+
 @needs_ops
 @needs_native
 def test_lora_bf16_training_runs_native_kernels_without_compiling(tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch):
     """LoRA in bf16 on a CPU with the native kernels: norms, the MLP's activation, the rotation,
     attention and the loss run natively, nothing is compiled (compile=auto's kernels mode has
     nothing left: no Dynamo), and the losses follow the same run without native kernels within
-    bf16's noise. A tiny LLaMA with head dim 32 (the rotation kernel's smallest)."""
-    from tests.train.test_packing import cfg, losses
-    from zhtune.models.tiny import build_tiny_llama
+    bf16's noise."""
     from zhtune.train import fused, rope
-    from zhtune.train.sft import train
 
-    model_dir = tmp_path / "llama-d32"
-    build_tiny_llama(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=40, seed=0).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
     calls: dict[str, int] = {}
-
-    def spy(cls, name):
+    for cls, name in ((fused.NativeRMSNorm, "norm"), (rope.NativeRotary, "rotary")):
         apply = cls.apply
-        monkeypatch.setattr(cls, "apply", lambda *a: calls.__setitem__(name, calls.get(name, 0) + 1) or apply(*a))
-
-    spy(fused.NativeRMSNorm, "norm")
-    spy(rope.NativeRotary, "rotary")
-    run = lambda name: train(  # noqa: E731
-        cfg(model_dir, train_file, tmp_path / name, method="lora", packing=True, cutoff_len=128, batch_size=4,
-            max_steps=6, logging_steps=1, lr=1e-3, precision="bf16"),
-        progress=False,
-    )  # fmt: skip
-    ours = losses(run("native"))
-    banner = capsys.readouterr().out
-    assert "compiling" not in banner and "attention: zhtune's CPU kernels" in banner
+        monkeypatch.setattr(cls, "apply", lambda *a, apply=apply, name=name: calls.__setitem__(name, calls.get(name, 0) + 1) or apply(*a))
+    _native_and_plain_runs("lora", tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch)
     assert calls == {"norm": 6 * 5, "rotary": 6 * 2 * 2}  # per step: 2 norms a layer + the final; q and k a layer
-    with monkeypatch.context() as off:
-        off.setattr(native, "_loaded", {"cpu_ops": False, "cpu_attention": False})
-        plain = losses(run("plain"))
-    assert "compiling" in capsys.readouterr().out  # (without them, compile=auto compiles the kernels)
-    assert ours == pytest.approx(plain, rel=2e-2) and ours[-1] < ours[0]
 
 
 @needs_ops
@@ -206,27 +213,11 @@ def test_full_fine_tuning_in_bf16_runs_native_kernels_without_compiling(
     """Full fine-tuning under bf16 autocast: the fp32 residual stream's norms run the native
     narrow kernels, the recomputed MLP's activation the native ones, nothing is compiled, and the
     curve follows the same run without native kernels (compiled) within bf16's noise."""
-    from tests.train.test_packing import cfg, losses
-    from zhtune.models.tiny import build_tiny_llama
     from zhtune.train import fused
-    from zhtune.train.sft import train
 
-    model_dir = tmp_path / "llama-d32"
-    build_tiny_llama(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=40, seed=0).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
     narrow = []
     apply = fused.NarrowRMSNorm.apply
     monkeypatch.setattr(fused.NarrowRMSNorm, "apply", lambda *a: narrow.append(a[-1]) or apply(*a))
-    run = lambda name: train(  # noqa: E731
-        cfg(model_dir, train_file, tmp_path / name, method="full", packing=True, cutoff_len=128, batch_size=4,
-            max_steps=6, logging_steps=1, lr=1e-3, precision="bf16"),
-        progress=False,
-    )  # fmt: skip
-    ours = losses(run("native"))
-    assert "compiling" not in capsys.readouterr().out
-    assert len(narrow) == 6 * 4 and all(k is fused._NATIVE_NARROW for k in narrow)  # (the final norm feeds the head)
-    with monkeypatch.context() as off:
-        off.setattr(native, "_loaded", {"cpu_ops": False, "cpu_attention": False})
-        plain = losses(run("plain"))
-    assert "compiling" in capsys.readouterr().out
-    assert ours == pytest.approx(plain, rel=2e-2) and ours[-1] < ours[0]
+    _native_and_plain_runs("full", tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch)
+    native_calls = [k for k in narrow if k is fused._NATIVE_NARROW]
+    assert len(native_calls) == 6 * 4  # the native run's: 2 a layer (the final norm feeds the head in fp32)

@@ -6,6 +6,7 @@ documents that start inside a block, grouped heads, one query attending one key.
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,24 @@ def test_full_fine_tuning_in_bf16_runs_native_kernels_without_compiling(
     _native_and_plain_runs("full", tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch)
     native_calls = [k for k in narrow if k is fused._NATIVE_NARROW]
     assert len(native_calls) == 6 * 4  # the native run's: 2 a layer (the final norm feeds the head in fp32)
+
+
+def test_a_new_build_replaces_older_ones_but_not_builds_in_progress(fresh, monkeypatch, tmp_path):
+    """Building under a new key removes the library's builds of other keys (another source or
+    torch), not another process's temporary output, and nothing of other libraries."""
+    monkeypatch.setattr(native, "cpu_flags", lambda: set(native.FLAGS["cpu_ops"][2]))
+    monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
+    built = native.library("cpu_ops")
+    old, other, in_progress = (tmp_path / "native" / n for n in ("cpu_ops-0000.so", "cpu_attention-0000.so", "cpu_ops-1111.99.tmp.so"))
+    old.parent.mkdir(parents=True)
+    for f in (old, other, in_progress):
+        f.write_bytes(b"")
+
+    def compile_(cmd, **kw):  # (the compiler's output, without compiling)
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"so")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", compile_)
+    assert native.load("cpu_ops") is True
+    assert built.read_bytes() == b"so" and not old.exists() and other.exists() and in_progress.exists()

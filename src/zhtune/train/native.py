@@ -3,11 +3,12 @@
 Two libraries: ``csrc/cpu_attention.cpp``, attention's forward and backward for bf16 training on
 a CPU with AMX (see :mod:`zhtune.train.attention`), and ``csrc/cpu_ops.cpp``, the elementwise
 kernels of bf16 training (AVX-512 with bf16): the loss's cross-entropy (:mod:`zhtune.train.loss`),
-RMSNorm and SwiGLU (:mod:`zhtune.train.fused`), the rotary embedding (:mod:`zhtune.train.rope`). It is built with the C++ compiler
-Inductor uses, against the installed torch's headers and libraries (~10 s on two cores), into
+RMSNorm and SwiGLU (:mod:`zhtune.train.fused`), the rotary embedding (:mod:`zhtune.train.rope`).
+Each is built with the C++ compiler (``$CXX``, else g++), against the installed torch's headers
+and libraries (~7 s on two cores), into
 ``<cache>/native/<name>-<key>.so``, the key covering the source, torch's version, the compiler
 and the flags: later processes load it at once. The build is written atomically (processes of one
-run may build at once). Where it cannot be built or loaded (no compiler, another CPU, another
+run may build at once) and replaces the builds of other keys. Where it cannot be built or loaded (no compiler, another CPU, another
 torch) :func:`load` says why once and returns False, and the callers keep their plain-PyTorch
 path; ``ZHTUNE_NATIVE=0`` turns it off.
 """
@@ -28,17 +29,12 @@ from zhtune.models.gguf import cache_root
 
 SOURCES = Path(__file__).parent / "csrc"
 
+_AVX512_BF16 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+_AVX512_DEFINES = ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]  # (ATen's Vectorized<float> as AVX-512)
+
 FLAGS = {
-    "cpu_attention": (
-        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"],
-        ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
-        ("avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"),
-    ),
-    "cpu_ops": (
-        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"],
-        ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
-        ("avx512f", "avx512bw", "avx512_bf16"),
-    ),
+    "cpu_attention": (_AVX512_BF16, _AVX512_DEFINES, ("avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile")),
+    "cpu_ops": (_AVX512_BF16, _AVX512_DEFINES, ("avx512f", "avx512bw", "avx512_bf16")),
 }
 """Per library: the compiler's instruction-set flags, its defines, and the CPU flags
 (``/proc/cpuinfo``) it needs; without them the library is not built."""
@@ -111,6 +107,9 @@ def load(name: str) -> bool:
             if done.returncode != 0:
                 raise OSError(f"{_compiler()} failed: {done.stderr.strip()[-2000:]}")
             tmp.replace(target)
+            for stale in target.parent.glob(f"{name}-*.so"):  # builds of older sources or torches
+                if stale != target and ".tmp" not in stale.name:  # (not another process's build in progress)
+                    stale.unlink(missing_ok=True)
         torch.ops.load_library(str(target))
     except (OSError, RuntimeError) as e:
         warnings.warn(f"zhtune's {name} kernels are not available ({e}); using the plain PyTorch path", stacklevel=2)

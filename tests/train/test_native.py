@@ -225,15 +225,18 @@ def test_full_fine_tuning_in_bf16_runs_native_kernels_without_compiling(
 
 
 def test_a_new_build_replaces_older_ones_but_not_builds_in_progress(fresh, monkeypatch, tmp_path):
-    """Building under a new key removes the library's builds of other keys (another source or
-    torch), not another process's temporary output, and nothing of other libraries."""
+    """Building under a new key removes the library's older builds for this torch installation,
+    not another environment's, not another process's temporary output, and nothing of other
+    libraries."""
     monkeypatch.setattr(native, "cpu_flags", lambda: set(native.FLAGS["cpu_ops"][2]))
     monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
     monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
     built = native.library("cpu_ops")
-    old, other, in_progress = (tmp_path / "native" / n for n in ("cpu_ops-0000.so", "cpu_attention-0000.so", "cpu_ops-1111.99.tmp.so"))
+    env = native._install(torch)
+    names = (f"cpu_ops-{env}-0000.so", f"cpu_attention-{env}-0000.so", f"cpu_ops-{env}-1111.99.tmp.so", "cpu_ops-elsewhere-0000.so")
+    old, other, in_progress, other_env = (tmp_path / "native" / n for n in names)
     old.parent.mkdir(parents=True)
-    for f in (old, other, in_progress):
+    for f in (old, other, in_progress, other_env):
         f.write_bytes(b"")
 
     def compile_(cmd, **kw):  # (the compiler's output, without compiling)
@@ -242,4 +245,5 @@ def test_a_new_build_replaces_older_ones_but_not_builds_in_progress(fresh, monke
 
     monkeypatch.setattr(subprocess, "run", compile_)
     assert native.load("cpu_ops") is True
-    assert built.read_bytes() == b"so" and not old.exists() and other.exists() and in_progress.exists()
+    assert built.read_bytes() == b"so" and not old.exists()
+    assert other.exists() and in_progress.exists() and other_env.exists()

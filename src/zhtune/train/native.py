@@ -6,9 +6,10 @@ kernels of bf16 training (AVX-512 with bf16): the loss's cross-entropy (:mod:`zh
 RMSNorm and SwiGLU (:mod:`zhtune.train.fused`), the rotary embedding (:mod:`zhtune.train.rope`).
 Each is built with the C++ compiler (``$CXX``, else g++), against the installed torch's headers
 and libraries (~7 s on two cores), into
-``<cache>/native/<name>-<key>.so``, the key covering the source, torch's version, the compiler
+``<cache>/native/<name>-<environment>-<key>.so``, the key covering the source, torch's version, the compiler
 and the flags: later processes load it at once. The build is written atomically (processes of one
-run may build at once) and replaces the builds of other keys. Where it cannot be built or loaded (no compiler, another CPU, another
+run may build at once) and replaces the older builds of the same torch installation (each
+environment keeps its own). Where it cannot be built or loaded (no compiler, another CPU, another
 torch) :func:`load` says why once and returns False, and the callers keep their plain-PyTorch
 path; ``ZHTUNE_NATIVE=0`` turns it off.
 """
@@ -81,7 +82,13 @@ def library(name: str) -> Path:
     stamp = os.stat(compiler).st_mtime_ns if os.path.exists(compiler) else 0
     command = _command(name, Path("source.cpp"), Path("target.so"))
     key = hashlib.sha256(json.dumps([source.read_text(), torch.__version__, compiler, stamp, command]).encode()).hexdigest()[:16]
-    return cache_root() / "native" / f"{name}-{key}.so"
+    return cache_root() / "native" / f"{name}-{_install(torch)}-{key}.so"
+
+
+def _install(torch: object) -> str:
+    """A short name for the torch installation (its directory): each environment keeps its own
+    build, and a new build replaces only that environment's older ones."""
+    return hashlib.sha256(str(Path(torch.__file__).parent.resolve()).encode()).hexdigest()[:8]
 
 
 def load(name: str) -> bool:
@@ -107,7 +114,7 @@ def load(name: str) -> bool:
             if done.returncode != 0:
                 raise OSError(f"{_compiler()} failed: {done.stderr.strip()[-2000:]}")
             tmp.replace(target)
-            for stale in target.parent.glob(f"{name}-*.so"):  # builds of older sources or torches
+            for stale in target.parent.glob(f"{name}-{_install(torch)}-*.so"):  # this environment's older builds
                 if stale != target and ".tmp" not in stale.name:  # (not another process's build in progress)
                     stale.unlink(missing_ok=True)
         torch.ops.load_library(str(target))

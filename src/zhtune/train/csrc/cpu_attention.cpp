@@ -292,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
                                                         double scale_) {
   check_inputs(q, k, v, start, end);
   const int64_t b = q.size(0), h = q.size(1), t = q.size(2), d = q.size(3), kv = k.size(1), g = h / kv;
-  const int64_t padded = round_up(t, KB), blocks = (t + BQ - 1) / BQ;
+  const int64_t padded = round_up(t, KB);
   const float scale = static_cast<float>(scale_);
   TORCH_CHECK(grad_out_.sizes() == at::IntArrayRef({b, t, h, d}) && out_.sizes() == grad_out_.sizes(),
               "grad_out and out must be (b, t, h, d)");

@@ -130,8 +130,46 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_, const at::Tens
   return {y, rstd};
 }
 
-// dx = rstd * (g - xhat * mean(g * xhat)), g = grad * w, xhat = x * rstd (fp32); and, when asked,
-// dw = sum over rows of grad * bf16(xhat).
+inline __m512 load_any(const BFloat16* p, __mmask16 m) { return load(p, m); }
+inline __m512 load_any(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void store_any(BFloat16* p, __m512 v, __mmask16 m) { store16(p, v, m); }
+inline void store_any(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+
+// RMSNorm's closed-form backward over n rows of h, on ATen's threads: dx = rstd * (g - xhat *
+// mean(g * xhat)), g = grad * w, where xhat(r, c, m) is row r's normalised input (fp32) at columns
+// c..c+15; and, when weight_grad, the weight's gradient: the sum over rows of grad * bf16(xhat)
+// (fp32, h; per-thread partial sums added at the end), else an undefined tensor.
+template <typename W, typename D, typename XHat>
+at::Tensor rms_norm_rows_backward(int64_t n, int64_t h, const BFloat16* gp, const W* wp, const float* rp, D* dp,
+                                  bool weight_grad, const at::TensorOptions& options, const XHat& xhat) {
+  auto partial = at::zeros({weight_grad ? at::get_num_threads() : 0, h}, options.dtype(at::kFloat));
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    float* dw = weight_grad ? pp + at::get_thread_num() * h : nullptr;
+    for (int64_t r = begin; r < end; ++r) {
+      const BFloat16* gr = gp + r * h;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < h; c += 16) {
+        const __mmask16 m = tail_mask(h - c);
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(load(gr + c, m), load_any(wp + c, m)), xhat(r, c, m), acc);
+      }
+      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / static_cast<float>(h));
+      const __m512 s = _mm512_set1_ps(rp[r]);
+      for (int64_t c = 0; c < h; c += 16) {
+        const __mmask16 m = tail_mask(h - c);
+        const __m512 xh = xhat(r, c, m), gv = load(gr + c, m);
+        store_any(dp + r * h + c, _mm512_mul_ps(s, _mm512_fnmadd_ps(xh, mean, _mm512_mul_ps(gv, load_any(wp + c, m)))), m);
+        if (dw) {
+          const __m512 rounded = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(xh));
+          _mm512_mask_storeu_ps(dw + c, m, _mm512_fmadd_ps(gv, rounded, _mm512_maskz_loadu_ps(m, dw + c)));
+        }
+      }
+    }
+  });
+  return weight_grad ? partial.sum(0) : at::Tensor();
+}
+
+// The bf16 norm's backward: xhat = x * rstd in fp32, dx bf16, dw in the weight's dtype.
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_, const at::Tensor& x_,
                                                      const at::Tensor& rstd, const at::Tensor& w_, bool weight_grad) {
   auto grad = grad_.to(at::kBFloat16).contiguous();
@@ -139,42 +177,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_, co
   auto w = w_.contiguous();
   const int64_t h = x.size(-1), n = x.numel() / h;
   auto dx = at::empty_like(x);
-  const BFloat16* gp = grad.data_ptr<BFloat16>();
   const BFloat16* xp = x.data_ptr<BFloat16>();
-  const BFloat16* wp = w.data_ptr<BFloat16>();
   const float* rp = rstd.data_ptr<float>();
-  BFloat16* dp = dx.data_ptr<BFloat16>();
-  const int64_t threads = at::get_num_threads();
-  auto partial = at::zeros({weight_grad ? threads : 0, h}, x.options().dtype(at::kFloat));
-  float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    float* dw = weight_grad ? pp + at::get_thread_num() * h : nullptr;
-    for (int64_t r = begin; r < end; ++r) {
-      const BFloat16* xr = xp + r * h;
-      const BFloat16* gr = gp + r * h;
-      const __m512 s = _mm512_set1_ps(rp[r]);
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < h; c += 16) {
-        const __mmask16 m = tail_mask(h - c);
-        const __m512 xhat = _mm512_mul_ps(load(xr + c, m), s);
-        acc = _mm512_fmadd_ps(_mm512_mul_ps(load(gr + c, m), load(wp + c, m)), xhat, acc);
-      }
-      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / static_cast<float>(h));
-      for (int64_t c = 0; c < h; c += 16) {
-        const __mmask16 m = tail_mask(h - c);
-        const __m512 xhat = _mm512_mul_ps(load(xr + c, m), s);
-        const __m512 g = _mm512_mul_ps(load(gr + c, m), load(wp + c, m));
-        store16(dp + r * h + c, _mm512_mul_ps(s, _mm512_fnmadd_ps(xhat, mean, g)), m);
-        if (dw) {
-          const __m512 normed = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(xhat));
-          _mm512_mask_storeu_ps(dw + c, m, _mm512_fmadd_ps(load(gr + c, m), normed, _mm512_maskz_loadu_ps(m, dw + c)));
-        }
-      }
-    }
-  });
-  at::Tensor dw;
-  if (weight_grad) dw = partial.sum(0).to(w.scalar_type());
-  return {dx, dw};
+  auto dw = rms_norm_rows_backward(
+      n, h, grad.data_ptr<BFloat16>(), w.data_ptr<BFloat16>(), rp, dx.data_ptr<BFloat16>(), weight_grad, x.options(),
+      [&](int64_t r, int64_t c, __mmask16 m) { return _mm512_mul_ps(load(xp + r * h + c, m), _mm512_set1_ps(rp[r])); });
+  return {dx, weight_grad ? dw.to(w.scalar_type()) : dw};
 }
 
 // ---- RMSNorm of wide (fp32) rows handing bf16 on (full fine-tuning's residual stream under bf16
@@ -216,6 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> narrow_rms_norm(const at::Tensor&
   return {y, xhat, rstd};
 }
 
+// The narrow norm's backward: xhat the saved bf16 one (so its rounding for dw is exact), dx and dw fp32.
 std::tuple<at::Tensor, at::Tensor> narrow_rms_norm_backward(const at::Tensor& grad_, const at::Tensor& xhat_,
                                                             const at::Tensor& rstd_, const at::Tensor& w_, bool weight_grad) {
   auto grad = grad_.to(at::kBFloat16).contiguous();
@@ -224,37 +233,10 @@ std::tuple<at::Tensor, at::Tensor> narrow_rms_norm_backward(const at::Tensor& gr
   auto w = w_.contiguous();
   const int64_t n = xhat.size(0), h = xhat.size(1);
   auto dx = at::empty({n, h}, w.options());
-  const BFloat16* gp = grad.data_ptr<BFloat16>();
   const BFloat16* hp = xhat.data_ptr<BFloat16>();
-  const float* rp = rstd.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* dp = dx.data_ptr<float>();
-  const int64_t threads = at::get_num_threads();
-  auto partial = at::zeros({weight_grad ? threads : 0, h}, w.options());
-  float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    float* dw = weight_grad ? pp + at::get_thread_num() * h : nullptr;
-    for (int64_t r = begin; r < end; ++r) {
-      const BFloat16* gr = gp + r * h;
-      const BFloat16* hr = hp + r * h;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < h; c += 16) {
-        const __mmask16 m = tail_mask(h - c);
-        acc = _mm512_fmadd_ps(_mm512_mul_ps(load(gr + c, m), _mm512_maskz_loadu_ps(m, wp + c)), load(hr + c, m), acc);
-      }
-      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / static_cast<float>(h));
-      const __m512 s = _mm512_set1_ps(rp[r]);
-      for (int64_t c = 0; c < h; c += 16) {
-        const __mmask16 m = tail_mask(h - c);
-        const __m512 g = load(gr + c, m), xh = load(hr + c, m);
-        const __m512 gn = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, wp + c));
-        _mm512_mask_storeu_ps(dp + r * h + c, m, _mm512_mul_ps(_mm512_fnmadd_ps(xh, mean, gn), s));
-        if (dw) _mm512_mask_storeu_ps(dw + c, m, _mm512_fmadd_ps(g, xh, _mm512_maskz_loadu_ps(m, dw + c)));
-      }
-    }
-  });
-  at::Tensor dw;
-  if (weight_grad) dw = partial.sum(0);
+  auto dw = rms_norm_rows_backward(
+      n, h, grad.data_ptr<BFloat16>(), w.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr<float>(), weight_grad,
+      w.options(), [&](int64_t r, int64_t c, __mmask16 m) { return load(hp + r * h + c, m); });
   return {dx, dw};
 }
 

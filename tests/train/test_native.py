@@ -185,8 +185,17 @@ def test_lora_bf16_training_runs_native_kernels_without_compiling(tmp_path, tiny
     for cls, name in ((fused.NativeRMSNorm, "norm"), (rope.NativeRotary, "rotary")):
         apply = cls.apply
         monkeypatch.setattr(cls, "apply", lambda *a, apply=apply, name=name: calls.__setitem__(name, calls.get(name, 0) + 1) or apply(*a))
+    stacked = fused._stacked
+
+    def native_swiglu(gate, up):  # (counts the activations the native kernels run)
+        found = stacked(gate, up)
+        calls["swiglu"] = calls.get("swiglu", 0) + (found is not None)
+        return found
+
+    monkeypatch.setattr(fused, "_stacked", native_swiglu)
     _native_and_plain_runs("lora", tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch)
-    assert calls == {"norm": 6 * 5, "rotary": 6 * 2 * 2}  # per step: 2 norms a layer + the final; q and k a layer
+    # per step: 2 norms a layer + the final; q and k a layer; the activation forward and backward a layer
+    assert calls == {"norm": 6 * 5, "rotary": 6 * 2 * 2, "swiglu": 6 * 2 * 2}
 
 
 @needs_ops

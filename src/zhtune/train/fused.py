@@ -437,26 +437,21 @@ class StackedSwiGLU(torch.autograd.Function):
     by side (:func:`zhtune.train.lora.stacked_lora`); ``(..., inter)``. Keeps only ``gate_up``
     (what :class:`SwiGLU` keeps of the two) and hands back its gradient as one ``(..., 2 inter)``
     tensor, the layout :class:`zhtune.train.lora.StackedLora` reads, instead of two that autograd
-    would concatenate. ``kernels``: :class:`MlpKernels`, eager or compiled, or None for the
-    native kernels (bf16 on a CPU: ``swiglu`` and ``swiglu_backward``, fp32 inside, rounded
-    once, as the compiled ones)."""
+    would concatenate. ``kernels``: :class:`MlpKernels`, eager, compiled or native
+    (:data:`_NATIVE_MLP`, which reads the two halves as the one stacked tensor they are)."""
 
     @staticmethod
-    def forward(ctx: Any, gate_up: torch.Tensor, kernels: MlpKernels | None) -> torch.Tensor:
-        ctx.save_for_backward(gate_up)
-        ctx.kernels = kernels
-        if kernels is None:
-            return torch.ops.zhtune_cpu_ops.swiglu(gate_up)
+    def forward(ctx: Any, gate_up: torch.Tensor, kernels: MlpKernels) -> torch.Tensor:
         inter = gate_up.shape[-1] // 2
         g2 = gate_up.reshape(-1, 2 * inter)
         h = kernels.swiglu(g2[:, :inter], g2[:, inter:])
+        ctx.save_for_backward(gate_up)
+        ctx.kernels = kernels
         return h.view(*gate_up.shape[:-1], inter)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         (gate_up,) = ctx.saved_tensors
-        if ctx.kernels is None:
-            return torch.ops.zhtune_cpu_ops.swiglu_backward(grad, gate_up), None
         inter = gate_up.shape[-1] // 2
         g2 = gate_up.reshape(-1, 2 * inter)
         grad2 = grad.reshape(-1, inter).to(g2.dtype)
@@ -660,8 +655,7 @@ def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     down = self.down_proj
     gate_up = stacked_lora(x, [self.gate_proj, self.up_proj])
     if gate_up is not None:
-        native_here = self._zhtune_native and gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu"
-        return down(StackedSwiGLU.apply(gate_up, None if native_here else kernels))
+        return down(StackedSwiGLU.apply(gate_up, kernels))
     gate, up = self.gate_proj(x), self.up_proj(x)
     if type(down) is torch.nn.Linear and _casts(down.weight, gate):
         return SwiGLUDown.apply(gate, up, down.weight, down.bias)
@@ -710,9 +704,8 @@ def fuse_for_training(
                 module.forward = types.MethodType(lora_forward, module)
                 counts["lora"] += 1
         elif is_llama_rmsnorm(module):
-            native_norm = native_kernels
-            module.forward = types.MethodType(_rmsnorm_native_forward if native_norm else norm_forward, module)
-            counts["native_rmsnorm" if native_norm else "rmsnorm"] += 1
+            module.forward = types.MethodType(_rmsnorm_native_forward if native_kernels else norm_forward, module)
+            counts["native_rmsnorm" if native_kernels else "rmsnorm"] += 1
         elif is_llama_mlp(module):
             module.forward = types.MethodType(_mlp_forward, module)
             module._zhtune_recompute, module._zhtune_compiled = recompute_mlp, compiled

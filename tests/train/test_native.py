@@ -164,10 +164,12 @@ def _native_and_plain_runs(method: str, tmp_path, tiny_tokenizer, train_file, ca
     ours = run("native")
     banner = capsys.readouterr().out
     assert "compiling" not in banner and "attention: zhtune's CPU kernels" in banner
+    assert "native kernels (C++, AVX-512 bf16): the loss, RMSNorm, SwiGLU, rotary embedding" in banner
     with monkeypatch.context() as off:
         off.setattr(native, "_loaded", {"cpu_ops": False, "cpu_attention": False})
         plain = run("plain")
-    assert "compiling" in capsys.readouterr().out
+    banner = capsys.readouterr().out
+    assert "compiling" in banner and "native kernels" not in banner
     assert ours == pytest.approx(plain, rel=2e-2) and ours[-1] < ours[0]
     return ours, plain
 

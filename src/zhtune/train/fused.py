@@ -51,7 +51,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from zhtune.train import native
 from zhtune.train.lora import lora_forward, stacked_lora
 from zhtune.train.loss import compute_dtype
 
@@ -129,12 +128,6 @@ class NativeRMSNorm(torch.autograd.Function):
         x, rstd, weight = ctx.saved_tensors
         dx, dw = torch.ops.zhtune_cpu_ops.rms_norm_backward(grad, x, rstd, weight, ctx.needs_input_grad[1])
         return dx, dw if ctx.needs_input_grad[1] else None, None
-
-
-def native_ops(device_type: str, precision: str) -> bool:
-    """Whether the native elementwise kernels (``csrc/cpu_ops.cpp``) serve a run on
-    ``device_type`` in ``precision``: bf16 on a CPU where they are built and loaded."""
-    return device_type == "cpu" and precision == "bf16" and native.load("cpu_ops")
 
 
 def _rmsnorm_native_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -688,7 +681,7 @@ def fuse_for_training(
     ``recompute_mlp`` off under gradient checkpointing, which computes the whole block
     again) and ``linear`` (trained plain ``nn.Linear`` layers: through :class:`CastLinear` under
     autocast with wider weights, else their own computation). ``native_kernels``
-    (:func:`native_ops`): the norms (``native_rmsnorm``, not counted in ``rmsnorm``) run
+    (:func:`zhtune.train.native.elementwise`): the norms (``native_rmsnorm``, not counted in ``rmsnorm``) run
     :class:`NativeRMSNorm` (bf16) or :class:`NarrowRMSNorm` with the native kernels (fp32 handing
     bf16 on), and the MLPs' activation (stacked or recomputed) the native kernels, compiled or
     not."""

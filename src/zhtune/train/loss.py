@@ -100,7 +100,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grads = torch.empty(group, weight.shape[0], dtype=dtype, device=hidden.device)
             hs = torch.empty(group, weight.shape[1], dtype=dtype, device=hidden.device)
-        fused_ce = dtype == torch.bfloat16 and hidden.device.type == "cpu" and native.load("cpu_ops")
+        fused_ce = native.elementwise(hidden.device.type, dtype == torch.bfloat16)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 t = targets[start : start + rows]

@@ -91,6 +91,13 @@ def _install(torch: object) -> str:
     return hashlib.sha256(str(Path(torch.__file__).parent.resolve()).encode()).hexdigest()[:8]
 
 
+def elementwise(device_type: str, bf16: bool) -> bool:
+    """Whether the elementwise kernels (``csrc/cpu_ops.cpp``) serve bf16 work on ``device_type``:
+    bf16 on a CPU where they are built and loaded (the loss per call, the norms, activation and
+    rotation per run)."""
+    return device_type == "cpu" and bf16 and load("cpu_ops")
+
+
 def load(name: str) -> bool:
     """Build (once per machine) and load the library ``name``, registering its ops under
     ``torch.ops.zhtune_<name>``; False, with a warning the first time, where it cannot be had."""

@@ -177,7 +177,7 @@ def is_llama_attention(module: Any) -> bool:
 def swap_attention(model: Any, compiled: bool, fixed_shapes: bool = False, native_kernels: bool = False) -> int:
     """Swap :func:`_attention_forward` into ``model``'s LLaMA attention modules in place
     (parameters and names untouched), the rotation by the native kernels with ``native_kernels``
-    (:func:`zhtune.train.fused.native_ops`; :class:`NativeRotary`), else compiled when
+    (:func:`zhtune.train.native.elementwise`; :class:`NativeRotary`), else compiled when
     ``compiled``, for one batch shape when ``fixed_shapes`` (:func:`_kernels`); returns how many."""
     n = 0
     for module in model.modules():

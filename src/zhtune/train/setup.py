@@ -94,6 +94,9 @@ class Setup:
     cpu_attention: str
     """Which of :mod:`zhtune.train.attention`'s kernels attention runs: ``native`` (C++), ``compiled``
     (the backward compiled; rows of fixed length), or ``""`` (transformers' own)."""
+    native_ops: bool
+    """Whether the norms, the MLP activation and the rotation run zhtune's native elementwise
+    kernels (:func:`zhtune.train.native.elementwise`; the loss runs them wherever that holds)."""
     n_trainable: int
     n_total: int
     n_batches: int
@@ -131,7 +134,7 @@ def setup(cfg: TrainConfig) -> Setup:
     method = METHODS[cfg.method]
     engine = accelerator.distributed_type.value  # FSDP and DeepSpeed shard the weights
     sharded = engine in ("FSDP", "DEEPSPEED")
-    model, compiled, n_compiled, cpu_attention = build_model(
+    model, compiled, n_compiled, cpu_attention, native_ops = build_model(
         cfg, src, tokenizer, n_added, method, total_steps, sharded, accelerator.device.type
     )
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -149,7 +152,7 @@ def setup(cfg: TrainConfig) -> Setup:
     fused = output_layer(accelerator.unwrap_model(model)) if fuse and has_plain_head(model_type) else None
     return Setup(
         cfg, accelerator, out, src, tokenizer, template, why, model_type, data, method, model, optimizer,
-        scheduler, fused, compiled, n_compiled, cpu_attention, n_trainable, n_total, n_batches, steps_per_epoch, total_steps, warmup,
+        scheduler, fused, compiled, n_compiled, cpu_attention, native_ops, n_trainable, n_total, n_batches, steps_per_epoch, total_steps, warmup,
     )  # fmt: skip
 
 
@@ -321,18 +324,19 @@ def build_model(
     total_steps: int,
     sharded: bool = False,
     device_type: str = "cpu",
-) -> tuple[Any, CompileMode, int, str]:
+) -> tuple[Any, CompileMode, int, str, bool]:
     """The base model with the method applied (or an adapter continued), its LoRA layers and
     RMSNorms fused unless ``sharded`` (FSDP, DeepSpeed) or configured off, and compiled as
     ``compile`` resolves for ``device_type`` and this run's length; ``(model, what is compiled,
-    how many decoder blocks or RMSNorms, whether attention runs zhtune's CPU kernel)``. The
-    kernel (:mod:`zhtune.train.attention`) comes with compiling, on a CPU in bf16: compiled once
-    for packed rows (or pre-training blocks), which the loop pads to ``cutoff_len``, and once per
-    tile count (128 tokens) met for unpacked rows."""
+    how many decoder blocks or RMSNorms, which CPU attention kernels run (:attr:`Setup.cpu_attention`),
+    whether the native elementwise kernels run (:attr:`Setup.native_ops`))``. On a CPU in bf16
+    attention runs the native kernels where they are built, else, when the run compiles, a
+    backward compiled once for packed rows (or pre-training blocks), which the loop pads to
+    ``cutoff_len``, and once per tile count (128 tokens) met for unpacked rows."""
     import torch
 
     from zhtune.train.attention import use_cpu_attention
-    from zhtune.train.fused import fuse_for_training, native_ops
+    from zhtune.train.fused import fuse_for_training
     from zhtune.train.loss import frozen_to
     from zhtune.train.rope import swap_attention
 
@@ -360,22 +364,22 @@ def build_model(
     compiled = compile_mode(cfg.compile, device_type, fused, long_run)
     if compiled != "off" and device_type == "cpu":
         trust_probed_vec_isa()  # Inductor's per-process probe, once per machine
-    native = fused and compiled != "blocks" and native_ops(device_type, cfg.precision)  # (blocks compile these)
-    n_kernels = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing, native)["rmsnorm"] if fused else 0
+    native_ops = fused and compiled != "blocks" and native.elementwise(device_type, cfg.precision == "bf16")  # (blocks compile these)
+    n_kernels = fuse_for_training(model, compiled == "kernels", not cfg.gradient_checkpointing, native_ops)["rmsnorm"] if fused else 0
     attention = (
         use_cpu_attention(model, one_batch_shape(cfg, compiled), compiled=compiled != "off")
         if fused and device_type == "cpu" and cfg.precision == "bf16"
         else ""
     )
     if fused and compiled != "blocks":  # q/k/v stacked; the rotation compiled, for one shape if so
-        n_attention = swap_attention(model, compiled == "kernels", one_batch_shape(cfg, compiled), native)
-        n_kernels += n_attention if compiled == "kernels" and not native else 0
+        n_attention = swap_attention(model, compiled == "kernels", one_batch_shape(cfg, compiled), native_ops)
+        n_kernels += n_attention if compiled == "kernels" and not native_ops else 0
     if compiled == "blocks":
         dynamic_rows = packs_batches(cfg, model.config.model_type, method)
-        return model, compiled, compile_blocks(model, dynamic_rows), attention
+        return model, compiled, compile_blocks(model, dynamic_rows), attention, native_ops
     if compiled == "kernels" and (n_kernels or attention == "compiled"):
-        return model, compiled, n_kernels, attention
-    return model, "off", 0, attention  # (kernels: a family without LLaMA's RMSNorm has none to compile)
+        return model, compiled, n_kernels, attention, native_ops
+    return model, "off", 0, attention, native_ops  # (kernels: a family without LLaMA's RMSNorm has none to compile)
 
 
 def packs_batches(cfg: TrainConfig, model_type: str, method: Method) -> bool:
@@ -513,6 +517,8 @@ def banner(s: Setup) -> str:
         lines.append(f"  compiling {what} (torch.compile, compile={cfg.compile}; the first step waits for it)")
     if s.cpu_attention == "native":
         lines.append("  attention: zhtune's CPU kernels (C++, bf16 on AMX; ZHTUNE_NATIVE=0 for SDPA)")
-    if cfg.precision == "bf16" and s.accelerator.device.type == "cpu" and native.load("cpu_ops"):
-        lines.append("  native kernels (C++, AVX-512 bf16): loss, RMSNorm, SwiGLU, rotary embedding where bf16")
+    native_loss = s.fused is not None and native.elementwise(s.accelerator.device.type, cfg.precision == "bf16")
+    parts = ["the loss"] * native_loss + ["RMSNorm, SwiGLU, rotary embedding"] * s.native_ops
+    if parts:
+        lines.append(f"  native kernels (C++, AVX-512 bf16): {', '.join(parts)}")
     return "\n".join(lines)

@@ -5,8 +5,9 @@
 The zhtune job of ``bench/train_real.py`` (SmolLM2-135M-Instruct, the first ``--records`` records
 of alpaca_zh_demo.json, packing, bf16, batch 4, cutoff 512, LoRA r8 on every linear layer): set
 up and batched as ``zhtune train`` does, ``--warmup`` steps run, then ``--steps`` steps under the profiler
-(with the default ``compile: auto``, which for these 30 steps compiles the kernels: RMSNorm and
-attention's backward; ``compile=false`` groups all-eager ops). Each op's self time is put in one group:
+(on a CPU with AMX zhtune's native kernels run attention, the loss, RMSNorm, SwiGLU and the
+rotation, and nothing is compiled; elsewhere the default ``compile: auto`` compiles the kernels
+for these 30 steps: RMSNorm and attention's backward; ``compile=false`` groups all-eager ops). Each op's self time is put in one group:
 
 * forward: by the innermost module it runs in (forward hooks open a profiler range per module):
   LoRA's linear layers as zhtune's fused kernels run them (frozen matmul and A/B together, q/k/v

@@ -56,6 +56,54 @@ def test_one_stacked_product_gives_the_three_layers_values_and_gradients(bias, a
         assert (got[2][key] - b).abs().max() <= tol * b.abs().max(), key
 
 
+def _stacked_step(layers, x):
+    """One stacked forward and backward with the layers' per-layer outputs as the reference."""
+    got = _outputs_and_grads(layers, x, lambda x: lora.stacked_projections(x, layers))
+    want = _outputs_and_grads(layers, x, lambda x: [m(x) for m in layers])
+    for a, b in [*zip(got[0], want[0]), (got[1], want[1]), *((got[2][k], want[2][k]) for k in want[2])]:
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_the_frozen_weights_are_stacked_once_and_again_only_when_they_change():
+    """The stack of frozen weights is kept between steps (only B's columns are written again), and
+    built anew when a frozen weight changes in place or is replaced; every step's values and
+    gradients are the separate layers' either way."""
+    layers = _layers(False)
+    x = torch.randn(4, 32)
+    _stacked_step(layers, x)
+    stack = vars(layers[0])["_zhtune_weight_stack"]
+    first = stack._stack
+    with torch.no_grad():
+        for m in layers:  # an optimizer step on the adapters
+            m.lora_B["default"].weight.add_(0.1)
+    _stacked_step(layers, x)
+    assert stack._stack is first  # the same tensor: B's columns rewritten, W not copied again
+    with torch.no_grad():
+        layers[1].base_layer.weight.mul_(2.0)  # a frozen weight changed in place
+    _stacked_step(layers, x)
+    assert stack._stack is not first
+    second = stack._stack
+    layers[2].base_layer.weight = torch.nn.Parameter(torch.randn(16, 32), requires_grad=False)  # replaced
+    _stacked_step(layers, x)
+    assert stack._stack is not second
+
+
+def test_two_forward_passes_before_one_backward_keep_their_own_gradients():
+    """Two forward passes (a preference loss's chosen and rejected halves) before one backward:
+    the second rewrites the stack's B columns in place, which must neither trip autograd's check
+    of saved tensors nor change the first pass's gradients."""
+    layers = _layers(False)
+    x1, x2 = torch.randn(4, 32), torch.randn(4, 32)
+
+    def run(x):
+        return [*lora.stacked_projections(x1, layers), *lora.stacked_projections(x, layers)]
+
+    got = _outputs_and_grads(layers, x2, run)
+    want = _outputs_and_grads(layers, x2, lambda x: [*(m(x1) for m in layers), *(m(x) for m in layers)])
+    for a, b in [*zip(got[0], want[0]), (got[1], want[1]), *((got[2][k], want[2][k]) for k in want[2])]:
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
 def test_anything_the_fused_layer_would_not_run_goes_one_layer_at_a_time():
     layers = _layers(False, dropout=0.1)  # dropout: peft's own forward
     assert lora.stacked_projections(torch.randn(2, 32), layers) is None

@@ -105,6 +105,36 @@ def lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     )
 
 
+class WeightStack:
+    """Frozen weights ``W_1..W_k`` ``(out_i, in)`` stacked once, ``[W_1; ...; W_k | B]`` ``(sum
+    out_i, in + c)``, with a ``(sum out_i, c)`` block ``B`` that :meth:`get` writes into its last
+    columns at every call.
+
+    Restacking the frozen weights at every forward pass read all of them from memory and wrote a
+    copy (for SmolLM2's q/k/v and gate/up, 139 MB a step: ~3% of a LoRA step). The stack is
+    built again only when the weights are other tensors, or changed in place (their version), or
+    of another dtype or device; a new stack is a new tensor, so a backward pass still holding
+    the old one's frozen part is never affected. It costs the memory the per-step copies took
+    at the step's peak anyway (each layer saved its stack for backward), for as long as the
+    model lives."""
+
+    def __init__(self) -> None:
+        self._weights: tuple[torch.Tensor, ...] = ()  # (held, so their ids are never reused)
+        self._key: tuple[Any, ...] = ()
+        self._stack: torch.Tensor | None = None
+
+    def get(self, weights: tuple[torch.Tensor, ...], b: torch.Tensor) -> torch.Tensor:
+        """``[W_1; ...; W_k | b]`` in ``b``'s dtype, for ``b`` ``(sum out_i, c)``."""
+        key = (*((w.data_ptr(), w._version, w.dtype) for w in weights), b.dtype, b.device, b.shape[1])
+        same = len(weights) == len(self._weights) and all(w is v for w, v in zip(weights, self._weights))
+        if self._stack is None or not same or key != self._key:
+            self._stack = torch.cat([torch.cat([w.to(b.dtype) for w in weights]), b], dim=1)
+            self._weights, self._key = weights, key
+        else:
+            self._stack[:, -b.shape[1] :] = b
+        return self._stack
+
+
 class StackedLora(torch.autograd.Function):
     """``x [W_1; ...; W_k]^T + [b] + (x [A_1; ...; A_k]^T) diag(s_i B_i)^T`` for ``x`` ``(n, in)``
     (computed as ``[x, x A^T] [W, diag(s_i B_i)]^T``);
@@ -112,7 +142,9 @@ class StackedLora(torch.autograd.Function):
     ``lora_b``: tuples of the k layers' tensors; ``scales``: their scalings."""
 
     @staticmethod
-    def forward(ctx: Any, x2: torch.Tensor, n: int, scales: tuple[float, ...], *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, x2: torch.Tensor, n: int, scales: tuple[float, ...], stack: WeightStack, *tensors: torch.Tensor
+    ) -> torch.Tensor:
         weights, biases, lora_a, lora_b = (tensors[i * n : (i + 1) * n] for i in range(4))
         dtype = compute_dtype(x2)
         with torch.autocast(x2.device.type, enabled=False):
@@ -124,11 +156,14 @@ class StackedLora(torch.autograd.Function):
             # place of adding (x A^T) B^T into the (n, sum out) output afterwards (a read and a
             # write of it: on SmolLM2's gate/up 3.1 -> 2.2 ms a layer).
             xe = torch.cat([x2, x2 @ a.T], dim=1)  # (n, in + k r)
-            we = torch.cat([torch.cat([t.to(dtype) for t in weights]), b], dim=1)  # (sum out, in + k r)
+            we = stack.get(weights, b)  # (sum out, in + k r)
             y = xe @ we.T
             if biases[0] is not None:
                 y += torch.cat([t.to(dtype) for t in biases])
-        ctx.save_for_backward(xe, we, a, b)
+        # (the stacked frozen part as a plain attribute: the next forward rewrites the B columns
+        # in place, which a saved tensor's version check would take for a change of W)
+        ctx.save_for_backward(xe, a, b)
+        ctx.w = we[:, : a.shape[1]]
         ctx.n, ctx.scales = n, scales
         ctx.a_dtypes, ctx.b_dtypes = [t.dtype for t in lora_a], [t.dtype for t in lora_b]
         ctx.rows = [t.shape[0] for t in lora_a], [t.shape[0] for t in weights]
@@ -136,10 +171,9 @@ class StackedLora(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        xe, we, a, b = ctx.saved_tensors
+        xe, a, b = ctx.saved_tensors
         ranks, outs = ctx.rows
-        d = a.shape[1]
-        x2, xa, w = xe[:, :d], xe[:, d:], we[:, :d]
+        x2, xa, w = xe[:, : a.shape[1]], xe[:, a.shape[1] :], ctx.w
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.to(w.dtype)
             gb = g @ b  # (n, k r): each layer's s_i g_i B_i
@@ -154,7 +188,7 @@ class StackedLora(torch.autograd.Function):
             r0, o0 = r0 + r, o0 + o
         grad_a = [t.to(dt) for t, dt in zip(grad_a, ctx.a_dtypes)]
         n = ctx.n
-        return grad_x, None, None, *([None] * (2 * n)), *grad_a, *grad_b
+        return grad_x, None, None, None, *([None] * (2 * n)), *grad_a, *grad_b
 
 
 def stacked_lora(x: torch.Tensor, layers: list[Any]) -> torch.Tensor | None:
@@ -174,7 +208,8 @@ def stacked_lora(x: torch.Tensor, layers: list[Any]) -> torch.Tensor | None:
         + [m.lora_B[name].weight for m, name in zip(layers, names)]
     )
     scales = tuple(m.scaling[name] for m, name in zip(layers, names))
-    y = StackedLora.apply(x.reshape(-1, x.shape[-1]), len(layers), scales, *tensors)
+    stack = vars(layers[0]).setdefault("_zhtune_weight_stack", WeightStack())
+    y = StackedLora.apply(x.reshape(-1, x.shape[-1]), len(layers), scales, stack, *tensors)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -53,6 +53,15 @@ def test_the_cache_key_follows_the_source(monkeypatch, tmp_path):
     assert native.library("cpu_attention") != before
 
 
+def test_the_cache_key_follows_the_shared_header(monkeypatch, tmp_path):
+    before = native.library("cpu_ops")
+    for source in native.SOURCES.iterdir():
+        (tmp_path / source.name).write_text(source.read_text())
+    (tmp_path / "vnni.h").write_text((native.SOURCES / "vnni.h").read_text() + "\n// changed\n")
+    monkeypatch.setattr(native, "SOURCES", tmp_path)
+    assert native.library("cpu_ops") != before
+
+
 @needs_native
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "d", "rows"),
@@ -258,3 +267,32 @@ def test_a_new_build_replaces_older_ones_but_not_builds_in_progress(fresh, monke
     assert native.load("cpu_ops") is True
     assert built.read_bytes() == b"so" and not old.exists()
     assert other.exists() and in_progress.exists() and other_env.exists()
+
+
+@needs_ops
+def test_the_transpose_kernel_is_the_transpose_and_takes_over_large_weight_gradients(monkeypatch):
+    """``transpose`` equals ``x.T.contiguous()`` bit for bit (strided rows too) and rejects shapes
+    its blocks do not cover; a full fine-tuning weight gradient at least
+    ``TRANSPOSED_WEIGHT_GRAD`` large is computed through it (the same product), smaller ones
+    and other dtypes as ``grad^T @ x``."""
+    from zhtune.train import fused
+
+    x = torch.randn(96, 80).to(torch.bfloat16)
+    for t in (x, x[:, 16:64], x[32:]):
+        assert torch.equal(torch.ops.zhtune_cpu_ops.transpose(t), t.T.contiguous())
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.zhtune_cpu_ops.transpose(x[:40])
+    calls = []
+    transpose = torch.ops.zhtune_cpu_ops.transpose
+    monkeypatch.setattr(fused, "TRANSPOSED_WEIGHT_GRAD", 48 * 32)
+    monkeypatch.setattr(fused.torch.ops.zhtune_cpu_ops, "transpose", lambda t: calls.append(t.shape) or transpose(t))
+    g, h = torch.randn(64, 48).to(torch.bfloat16), torch.randn(64, 32).to(torch.bfloat16)
+    want = (g.float().T @ h.float())
+    got = fused._weight_grad(g, h)
+    assert calls == [(64, 48)] and got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
+    assert torch.equal(got, g.T @ h)  # (oneDNN's product of the transposed copy: the same bits here)
+    fused._weight_grad(g[:, :32], h[:, :16])  # smaller than the threshold
+    fused._weight_grad(g.float(), h.float())  # fp32
+    fused._weight_grad(g[:40], h[:40])  # rows the kernel does not take
+    assert calls == [(64, 48)]

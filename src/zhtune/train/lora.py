@@ -105,6 +105,12 @@ def lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     )
 
 
+def stack_weights(weights: tuple[torch.Tensor, ...], b: torch.Tensor) -> torch.Tensor:
+    """``[W_1; ...; W_k | b]`` ``(sum out_i, in + c)`` in ``b``'s dtype for ``W_i`` ``(out_i, in)``
+    and ``b`` ``(sum out_i, c)``, a new tensor."""
+    return torch.cat([torch.cat([w.to(b.dtype) for w in weights]), b], dim=1)
+
+
 class WeightStack:
     """Frozen weights ``W_1..W_k`` ``(out_i, in)`` stacked once, ``[W_1; ...; W_k | B]`` ``(sum
     out_i, in + c)``, with a ``(sum out_i, c)`` block ``B`` that :meth:`get` writes into its last
@@ -128,7 +134,7 @@ class WeightStack:
         key = (*((w.data_ptr(), w._version, w.dtype) for w in weights), b.dtype, b.device, b.shape[1])
         same = len(weights) == len(self._weights) and all(w is v for w, v in zip(weights, self._weights))
         if self._stack is None or not same or key != self._key:
-            self._stack = torch.cat([torch.cat([w.to(b.dtype) for w in weights]), b], dim=1)
+            self._stack = stack_weights(weights, b)
             self._weights, self._key = weights, key
         else:
             self._stack[:, -b.shape[1] :] = b
@@ -156,14 +162,21 @@ class StackedLora(torch.autograd.Function):
             # place of adding (x A^T) B^T into the (n, sum out) output afterwards (a read and a
             # write of it: on SmolLM2's gate/up 3.1 -> 2.2 ms a layer).
             xe = torch.cat([x2, x2 @ a.T], dim=1)  # (n, in + k r)
-            we = stack.get(weights, b)  # (sum out, in + k r)
+            # (sum out, in + k r). Traced by Dynamo (compiled decoder blocks), stacked afresh and
+            # saved: a stack kept between calls is a side effect it cannot capture. Eager, the kept
+            # stack, its frozen part handed to backward as a plain attribute: the next forward
+            # rewrites the B columns in place, which a saved tensor's version check would take
+            # for a change of W.
+            compiling = torch.compiler.is_compiling()
+            we = stack_weights(weights, b) if compiling else stack.get(weights, b)
             y = xe @ we.T
             if biases[0] is not None:
                 y += torch.cat([t.to(dtype) for t in biases])
-        # (the stacked frozen part as a plain attribute: the next forward rewrites the B columns
-        # in place, which a saved tensor's version check would take for a change of W)
-        ctx.save_for_backward(xe, a, b)
-        ctx.w = we[:, : a.shape[1]]
+        if compiling:
+            ctx.save_for_backward(xe, a, b, we)
+        else:
+            ctx.save_for_backward(xe, a, b)
+            ctx.w = we[:, : a.shape[1]]
         ctx.n, ctx.scales = n, scales
         ctx.a_dtypes, ctx.b_dtypes = [t.dtype for t in lora_a], [t.dtype for t in lora_b]
         ctx.rows = [t.shape[0] for t in lora_a], [t.shape[0] for t in weights]
@@ -171,9 +184,10 @@ class StackedLora(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        xe, a, b = ctx.saved_tensors
+        xe, a, b, *we = ctx.saved_tensors
         ranks, outs = ctx.rows
-        x2, xa, w = xe[:, : a.shape[1]], xe[:, a.shape[1] :], ctx.w
+        x2, xa = xe[:, : a.shape[1]], xe[:, a.shape[1] :]
+        w = we[0][:, : a.shape[1]] if we else ctx.w
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.to(w.dtype)
             gb = g @ b  # (n, k r): each layer's s_i g_i B_i

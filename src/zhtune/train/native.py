@@ -3,10 +3,11 @@
 Two libraries: ``csrc/cpu_attention.cpp``, attention's forward and backward for bf16 training on
 a CPU with AMX (see :mod:`zhtune.train.attention`), and ``csrc/cpu_ops.cpp``, the elementwise
 kernels of bf16 training (AVX-512 with bf16): the loss's cross-entropy (:mod:`zhtune.train.loss`),
-RMSNorm and SwiGLU (:mod:`zhtune.train.fused`), the rotary embedding (:mod:`zhtune.train.rope`).
+RMSNorm, SwiGLU and a transpose (:mod:`zhtune.train.fused`), the rotary embedding
+(:mod:`zhtune.train.rope`); both include ``csrc/vnni.h``.
 Each is built with the C++ compiler (``$CXX``, else g++), against the installed torch's headers
 and libraries (~7 s on two cores), into
-``<cache>/native/<name>-<environment>-<key>.so``, the key covering the source, torch's version, the compiler
+``<cache>/native/<name>-<environment>-<key>.so``, the key covering the source (and the headers), torch's version, the compiler
 and the flags: later processes load it at once. The build is written atomically (processes of one
 run may build at once) and replaces the older builds of the same torch installation (each
 environment keeps its own). Where it cannot be built or loaded (no compiler, another CPU, another
@@ -81,7 +82,8 @@ def library(name: str) -> Path:
     compiler = shutil.which(_compiler()) or _compiler()
     stamp = os.stat(compiler).st_mtime_ns if os.path.exists(compiler) else 0
     command = _command(name, Path("source.cpp"), Path("target.so"))
-    key = hashlib.sha256(json.dumps([source.read_text(), torch.__version__, compiler, stamp, command]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(SOURCES.glob("*.h"))]  # (what the sources include)
+    key = hashlib.sha256(json.dumps([source.read_text(), headers, torch.__version__, compiler, stamp, command]).encode()).hexdigest()[:16]
     return cache_root() / "native" / f"{name}-{_install(torch)}-{key}.so"
 
 

@@ -8,7 +8,8 @@
 // * swiglu / swiglu_backward: silu(gate) * up of LoRA's stacked gate|up rows and its gradient as
 //   one stacked tensor (zhtune.train.fused.StackedSwiGLU);
 // * rotary / rotary_backward: LLaMA's rotary embedding of bf16 queries or keys
-//   (zhtune.train.rope).
+//   (zhtune.train.rope);
+// * transpose: a bf16 matrix transposed, for a weight gradient's matmul (zhtune.train.fused).
 //
 // The cross-entropy:
 // For each row r < n of logits (rows, vocab): lse = log(sum(exp(x))), the loss adds lse - x[t],
@@ -25,6 +26,9 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
+
+#include "vnni.h"
 
 namespace {
 
@@ -340,6 +344,28 @@ at::Tensor rotary_impl(const at::Tensor& x, const at::Tensor& cos_, const at::Te
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) { return rotary_impl<false>(x, cos, sin); }
 at::Tensor rotary_backward(const at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin) { return rotary_impl<true>(g, cos, sin); }
 
+// x (n, c) bf16 with contiguous rows -> x^T (c, n) contiguous; n a multiple of 32, c of 16. Each
+// block of 32 rows is interleaved in pairs (16 rows of 32-bit pairs, in the thread's cache) and
+// transposed as 32-bit elements: column j of the pairs is row j of x^T. PyTorch's strided copy
+// (x.T.contiguous()) takes ~6 ms for SmolLM2's (2048, 3072) gradient; this ~0.8 ms.
+at::Tensor transpose(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x must be 2-D bf16 with contiguous rows");
+  const int64_t n = x.size(0), c = x.size(1), ld = x.stride(0);
+  TORCH_CHECK(n % 32 == 0 && c % 16 == 0, "x's rows must be a multiple of 32 and its columns of 16");
+  auto out = at::empty({c, n}, x.options());
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<BFloat16>());
+  at::parallel_for(0, n / 32, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<BFloat16> pairs;
+    pairs.resize(32 * c);
+    for (int64_t b = begin; b < end; ++b) {
+      zhtune_vnni::interleave_rows(xp + b * 32 * ld, ld, 32, 32, c, pairs.data());
+      zhtune_vnni::transpose32(reinterpret_cast<const uint32_t*>(pairs.data()), c, 16, 16, c, op + b * 16, n / 2);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(zhtune_cpu_ops, m) {
@@ -354,4 +380,5 @@ TORCH_LIBRARY(zhtune_cpu_ops, m) {
   m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor", &swiglu_backward);
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor", &rotary);
   m.def("rotary_backward(Tensor grad, Tensor cos, Tensor sin) -> Tensor", &rotary_backward);
+  m.def("transpose(Tensor x) -> Tensor", &transpose);
 }

@@ -65,9 +65,10 @@ def _stacked_step(layers, x):
 
 
 def test_the_frozen_weights_are_stacked_once_and_again_only_when_they_change():
-    """The stack of frozen weights is kept between steps (only B's columns are written again), and
-    built anew when a frozen weight changes in place or is replaced; every step's values and
-    gradients are the separate layers' either way."""
+    """The stack of frozen weights is kept between steps (only B's columns are written again),
+    built anew when a frozen weight changes in place, and no longer kept once the weights keep
+    changing (a second rebuild); every step's values and gradients are the separate layers'
+    either way."""
     layers = _layers(False)
     x = torch.randn(4, 32)
     _stacked_step(layers, x)
@@ -83,9 +84,13 @@ def test_the_frozen_weights_are_stacked_once_and_again_only_when_they_change():
     _stacked_step(layers, x)
     assert stack._stack is not first
     second = stack._stack
+    with torch.no_grad():
+        layers[0].base_layer.weight.add_(1.0)  # changed again: weights that keep changing (FSDP's gathers)
+    _stacked_step(layers, x)
+    assert stack.rebuilds == 2 and stack._stack is None  # no longer kept: stacked afresh at every call
     layers[2].base_layer.weight = torch.nn.Parameter(torch.randn(16, 32), requires_grad=False)  # replaced
     _stacked_step(layers, x)
-    assert stack._stack is not second
+    assert stack._stack is None and second is not None
 
 
 def test_two_forward_passes_before_one_backward_keep_their_own_gradients():

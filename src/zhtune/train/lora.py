@@ -122,22 +122,35 @@ class WeightStack:
     of another dtype or device; a new stack is a new tensor, so a backward pass still holding
     the old one's frozen part is never affected. It costs the memory the per-step copies took
     at the step's peak anyway (each layer saved its stack for backward), for as long as the
-    model lives."""
+    model lives. Weights that keep changing (FSDP gathers each layer's weights again at every
+    forward pass, freeing them after) would make a kept stack an unsharded copy that outlives
+    the step: after :data:`MAX_REBUILDS` rebuilds the stack is no longer kept, and every call
+    stacks afresh as before."""
+
+    MAX_REBUILDS = 2
 
     def __init__(self) -> None:
         self._weights: tuple[torch.Tensor, ...] = ()  # (held, so their ids are never reused)
         self._key: tuple[Any, ...] = ()
         self._stack: torch.Tensor | None = None
+        self.rebuilds = 0
 
     def get(self, weights: tuple[torch.Tensor, ...], b: torch.Tensor) -> torch.Tensor:
         """``[W_1; ...; W_k | b]`` in ``b``'s dtype, for ``b`` ``(sum out_i, c)``."""
+        if self.rebuilds >= self.MAX_REBUILDS:
+            return stack_weights(weights, b)
         key = (*((w.data_ptr(), w._version, w.dtype) for w in weights), b.dtype, b.device, b.shape[1])
         same = len(weights) == len(self._weights) and all(w is v for w, v in zip(weights, self._weights))
-        if self._stack is None or not same or key != self._key:
-            self._stack = stack_weights(weights, b)
-            self._weights, self._key = weights, key
-        else:
+        if self._stack is not None and same and key == self._key:
             self._stack[:, -b.shape[1] :] = b
+            return self._stack
+        if self._stack is not None:
+            self.rebuilds += 1
+            if self.rebuilds >= self.MAX_REBUILDS:  # (weights that keep changing: kept no more)
+                self._weights, self._key, self._stack = (), (), None
+                return stack_weights(weights, b)
+        self._stack = stack_weights(weights, b)
+        self._weights, self._key = weights, key
         return self._stack
 
 

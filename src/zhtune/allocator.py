@@ -31,7 +31,8 @@ M_MMAP_THRESHOLD = -3
 #: Blocks up to this size come from the heap (larger ones are still mapped on their own). 128 MiB
 #: (64 before) covers a small model's fp32 output-layer gradient, SmolLM2's (49152, 576) of 113
 #: MB, which full fine-tuning allocates twice a step: mapped fresh, 55-83k page faults a step;
-#: from the heap ~1-4k, the step 2.6% faster (bench/ab_steps.py, 3 pairs), peak RSS +0.02 GiB.
+#: from the heap ~1-4k, the step 2.6% faster (bench/ab_steps.py, 3 pairs), peak RSS +0.02 GiB
+#: there and ~0.1 GiB in bench/train_real.py's full fine-tuning run (3.30-3.36 -> 3.44 GiB).
 MMAP_THRESHOLD = 128 << 20
 #: Free memory at the top of the heap handed back to the kernel only above this.
 TRIM_THRESHOLD = (1 << 31) - 1

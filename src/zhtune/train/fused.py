@@ -371,11 +371,7 @@ class MlpKernels(NamedTuple):
 
 
 _EAGER_MLP = MlpKernels(_swiglu, _swiglu_keeping_silu, _swiglu_backward_stacked)
-_NATIVE_MLP = MlpKernels(
-    lambda gate, up: _native_swiglu(gate, up),
-    lambda gate, up: (_native_swiglu(gate, up), None),
-    lambda grad, gate, up, act: _native_swiglu_backward(grad, gate, up, act),
-)
+_NATIVE_MLP = MlpKernels(_native_swiglu, lambda gate, up: (_native_swiglu(gate, up), None), _native_swiglu_backward)
 """The native kernels (bf16 on a CPU: ``swiglu``, ``swiglu_backward`` of the stacked product the
 two halves are views of; :func:`_stacked`), the eager ones for anything else."""
 

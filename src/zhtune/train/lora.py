@@ -123,10 +123,10 @@ class WeightStack:
     the old one's frozen part is never affected. The per-step copies were alive at the step's
     peak anyway (each layer saved its stack for backward); kept for as long as the model lives,
     the peak RSS measured ~0.08 GiB more on SmolLM2 (2.28-2.29 -> 2.36-2.38 GiB,
-    ``bench/ab_steps.py``), the heap laid out around them. Weights that keep changing (FSDP gathers each layer's weights again at every
-    forward pass, freeing them after) would make a kept stack an unsharded copy that outlives
-    the step: after :data:`MAX_REBUILDS` rebuilds the stack is no longer kept, and every call
-    stacks afresh as before."""
+    ``bench/ab_steps.py``), the heap laid out around them. Weights that keep changing (FSDP
+    gathers each layer's weights again at every forward pass, freeing them after) would make a
+    kept stack an unsharded copy that outlives the step: after :data:`MAX_REBUILDS` rebuilds the
+    stack is no longer kept, and every call stacks afresh as before."""
 
     MAX_REBUILDS = 2
 
@@ -138,21 +138,17 @@ class WeightStack:
 
     def get(self, weights: tuple[torch.Tensor, ...], b: torch.Tensor) -> torch.Tensor:
         """``[W_1; ...; W_k | b]`` in ``b``'s dtype, for ``b`` ``(sum out_i, c)``."""
-        if self.rebuilds >= self.MAX_REBUILDS:
-            return stack_weights(weights, b)
-        key = (*((w.data_ptr(), w._version, w.dtype) for w in weights), b.dtype, b.device, b.shape[1])
-        same = len(weights) == len(self._weights) and all(w is v for w, v in zip(weights, self._weights))
-        if self._stack is not None and same and key == self._key:
-            self._stack[:, -b.shape[1] :] = b
-            return self._stack
-        if self._stack is not None:
-            self.rebuilds += 1
-            if self.rebuilds >= self.MAX_REBUILDS:  # (weights that keep changing: kept no more)
-                self._weights, self._key, self._stack = (), (), None
-                return stack_weights(weights, b)
-        self._stack = stack_weights(weights, b)
-        self._weights, self._key = weights, key
-        return self._stack
+        if self.rebuilds < self.MAX_REBUILDS:
+            key = (*((w.data_ptr(), w._version, w.dtype) for w in weights), b.dtype, b.device, b.shape[1])
+            same = len(weights) == len(self._weights) and all(w is v for w, v in zip(weights, self._weights))
+            if self._stack is not None and same and key == self._key:
+                self._stack[:, -b.shape[1] :] = b
+                return self._stack
+            self.rebuilds += self._stack is not None
+        fresh = stack_weights(weights, b)
+        keep = self.rebuilds < self.MAX_REBUILDS  # (weights that keep changing: kept no more)
+        self._weights, self._key, self._stack = (weights, key, fresh) if keep else ((), (), None)
+        return fresh
 
 
 class StackedLora(torch.autograd.Function):

@@ -54,7 +54,7 @@ import shutil
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -64,6 +64,8 @@ sys.path.insert(0, str(ROOT))
 
 from train_throughput import peak_gflops, run_child, zhtune_log_seconds  # noqa: E402
 
+LORA_RANK = 8
+"""LoRA's rank (alpha twice it) in every system's job."""
 LR = {"lora": 2e-4, "full": 1e-5}
 #: final loss: mean of the last LAST_STEPS logged step losses
 LAST_STEPS = 10
@@ -118,7 +120,7 @@ def zhtune_settings(b: Bench, method: str, out: Path) -> list[str]:
         "overwrite=true",
     ]  # fmt: skip
     if method == "lora":  # zhtune's defaults, said here
-        settings += ["lora_rank=8", "lora_alpha=16", "lora_dropout=0", "lora_target=all"]
+        settings += [f"lora_rank={LORA_RANK}", f"lora_alpha={2 * LORA_RANK}", "lora_dropout=0", "lora_target=all"]
     return settings
 
 
@@ -166,7 +168,7 @@ def lf_config(b: Bench, method: str, out: Path) -> dict:
         "seed": 42,
     }
     if method == "lora":
-        config |= {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target": "all"}
+        config |= {"lora_rank": LORA_RANK, "lora_alpha": 2 * LORA_RANK, "lora_dropout": 0.0, "lora_target": "all"}
     return config
 
 
@@ -224,10 +226,38 @@ SYSTEMS = [
 ]
 
 
-def prepare(data: Path, records: int, cutoff: int, workdir: Path) -> tuple[Path, Path, int, int, int]:
-    """The model directory, the first ``records`` records as canonical messages, and counted once:
-    the trained tokens (each record rendered by the model's chat template, cut at ``cutoff``), how
-    many records were cut, and the model's parameters (tied weights once)."""
+@dataclass(frozen=True)
+class Work:
+    """An epoch's work, counted once for every system: the trained tokens (each record rendered by
+    the model's chat template, cut at the cutoff), how many records were cut, the model's
+    parameters (tied weights once), LoRA's adapter parameters (rank :data:`LORA_RANK` on every
+    linear layer of the decoder blocks), and attention's query-key pairs summed over the records
+    (a record of ``L`` tokens: ``L (L + 1) / 2``, its causal pairs; packing's block-diagonal mask
+    attends exactly these) times layers x query heads x head dim."""
+
+    tokens: int
+    cut: int
+    params: int
+    adapter_params: int
+    attention: int
+
+    def flops(self, method: str, with_attention: bool) -> float:
+        """The epoch's matmul FLOPs, 2 per multiply-add. Without attention (the issue's headline
+        count): 4 x params x tokens for LoRA (forward, and the backward through the frozen weights:
+        no weight gradients), 6 x for full fine-tuning. With it, the rest of the model's matmuls
+        too: LoRA's adapters (6 x their parameters x tokens: forward, input and weight gradients)
+        and attention's products (4 per pair and head dim forward, ``QK^T`` and ``PV``; 8 backward,
+        ``dV``, ``dP``, ``dQ``, ``dK``), never the backward's recomputation of the scores."""
+        dense = (4 if method == "lora" else 6) * self.params * self.tokens
+        if not with_attention:
+            return dense
+        adapters = 6 * self.adapter_params * self.tokens if method == "lora" else 0
+        return dense + adapters + 12 * self.attention
+
+
+def prepare(data: Path, records: int, cutoff: int, workdir: Path) -> tuple[Path, Path, Work]:
+    """The model directory, the first ``records`` records as canonical messages, and the epoch's
+    :class:`Work`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -245,12 +275,20 @@ def prepare(data: Path, records: int, cutoff: int, workdir: Path) -> tuple[Path,
     for line in messages.read_text(encoding="utf-8").splitlines():
         text = tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
         lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    config = AutoConfig.from_pretrained(model)
     with torch.device("meta"):
-        params = sum(
-            p.numel()
-            for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters()
-        )
-    return model, messages, sum(min(n, cutoff) for n in lengths), sum(n > cutoff for n in lengths), params
+        net = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in net.parameters())
+    linear = [m for m in net.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    pairs = sum(min(n, cutoff) * (min(n, cutoff) + 1) // 2 for n in lengths)
+    return model, messages, Work(
+        tokens=sum(min(n, cutoff) for n in lengths),
+        cut=sum(n > cutoff for n in lengths),
+        params=params,
+        adapter_params=LORA_RANK * sum(m.in_features + m.out_features for m in linear),
+        attention=pairs * config.num_hidden_layers * config.num_attention_heads * head_dim,
+    )
 
 
 def bf16_copy(source: Path, dest: Path) -> Path:
@@ -286,27 +324,28 @@ def baseline_key(r: dict) -> tuple[str, str, int]:
     return r.get("baseline", "llamafactory"), r["method"], r.get("round", 0)
 
 
-def table(rows: list[dict], tokens: int, params: int, peak: float) -> list[str]:
+def table(rows: list[dict], work: Work, peak: float) -> list[str]:
     """The markdown table of the finished (or failed) jobs."""
     lines = [
-        "| system | steps | train loop s | wall s | tokens/s | vs LLaMA-Factory | % of bf16 roofline "
-        "| peak RSS GiB | epoch mean loss | final loss |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| system | steps | train loop s | wall s | tokens/s | vs LLaMA-Factory | % of bf16 roofline, 4N / 6N "
+        "| % of bf16 roofline, all matmuls | peak RSS GiB | epoch mean loss | final loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     baselines = {s.baseline for s in SYSTEMS}
+    tokens = work.tokens
     lf = {(r["key"], r["method"], r.get("round", 0)): tokens / r["loop_s"] for r in rows if r["key"] in baselines and "loop_s" in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | | |")
             continue
         tps = tokens / r["loop_s"]
-        flops = (4 if r["method"] == "lora" else 6) * params * tokens
         base = baseline_key(r)
         ratio = f"{tps / lf[base]:.2f}x" if base in lf else "-"
         mean, last = (_mean(r["losses"]), _mean(r["losses"][-LAST_STEPS:]))
+        roof = [work.flops(r["method"], full) / (r["loop_s"] * peak * 1e9) for full in (False, True)]
         lines.append(
             f"| {r['label']} | {r['steps']} | {r['loop_s']:.1f} | {r['wall_s']:.1f} | {tps:,.0f} | {ratio} "
-            f"| {flops / (r['loop_s'] * peak * 1e9):.1%} | {r['peak_rss_mb'] / 1024:.2f} | {mean:.4f} | {last:.4f} |"
+            f"| {roof[0]:.1%} | {roof[1]:.1%} | {r['peak_rss_mb'] / 1024:.2f} | {mean:.4f} | {last:.4f} |"
         )
     return lines
 
@@ -358,7 +397,9 @@ def main() -> None:
     a = p.parse_args()
     if a.table_from:
         done = json.loads(Path(a.table_from).read_text())
-        print("\n".join(table(done["rows"], done["tokens"], done["params"], done["peak_gflops"])))
+        if "work" not in done:
+            p.error(f"--table-from: {a.table_from} is from an older version of this script (no 'work'); run it again")
+        print("\n".join(table(done["rows"], Work(**done["work"]), done["peak_gflops"])))
         if len({r.get("round", 0) for r in done["rows"]}) > 1:
             print("\n" + "\n".join(rounds_table(done["rows"])))
         return
@@ -376,7 +417,7 @@ def main() -> None:
         )
         systems = [s for s in systems if not s.key.startswith("llamafactory")]
     workdir = Path(a.workdir)
-    model, messages, tokens, cut, params = prepare(Path(a.data), a.records, a.cutoff, workdir)
+    model, messages, work = prepare(Path(a.data), a.records, a.cutoff, workdir)
     b = Bench(model, Path(a.data), messages, a.records, a.batch, a.cutoff, workdir, a.lf_python)
     peak = peak_gflops("bf16", a.peak_seconds)
     rows = []
@@ -396,16 +437,16 @@ def main() -> None:
                     print(f"  {label} failed (log: {out.with_suffix('.log')}):\n{e}", file=sys.stderr)
                 rows.append(row)
     (workdir / "results.json").write_text(
-        json.dumps({"tokens": tokens, "params": params, "peak_gflops": peak, "rows": rows}, indent=1)
+        json.dumps({"work": asdict(work), "peak_gflops": peak, "rows": rows}, indent=1)
     )
 
     print(
-        f"\nSmolLM2-135M-Instruct ({params / 1e6:.1f}M params), first {a.records} records of {Path(a.data).name}: "
-        f"{tokens:,} trained tokens under its chat template ({cut} records cut at {a.cutoff}), 1 epoch, batch "
+        f"\nSmolLM2-135M-Instruct ({work.params / 1e6:.1f}M params), first {a.records} records of {Path(a.data).name}: "
+        f"{work.tokens:,} trained tokens under its chat template ({work.cut} records cut at {a.cutoff}), 1 epoch, batch "
         f"{a.batch}, bf16; LoRA r8/alpha 16/all linear lr {LR['lora']}, full lr {LR['full']}; "
         f"bf16 matmul peak measured in this run {peak:,.0f} GFLOP/s\n"
     )
-    print("\n".join(table(rows, tokens, params, peak)))
+    print("\n".join(table(rows, work, peak)))
     if a.rounds > 1:
         print(f"\nOver {a.rounds} rounds (odd rounds in the given order, even rounds reversed):\n")
         print("\n".join(rounds_table(rows)))

@@ -4,8 +4,9 @@ backward pass of batched bf16 matmuls compiled by Inductor.
 On a CPU with AMX, :class:`CpuAttention` runs the C++ kernels of ``csrc/cpu_attention.cpp``
 (built once per machine by :mod:`zhtune.train.native`): forward and backward over each block of
 32 queries' own key range (the query heads of a key/value head stacked), so a packed row's
-documents cost what they cost apart (see that file). Elsewhere, when the run compiles, it runs what follows; the mask handling, the cases handed
-to transformers' SDPA and the autocast casts are the same for both.
+documents cost what they cost apart (see that file). Elsewhere, when the run compiles, it runs
+what follows; the mask handling, the cases handed to transformers' SDPA and the autocast casts
+are the same for both.
 
 PyTorch's CPU flash-attention backward is about a third of a SmolLM2 LoRA step (23-25 ms per
 layer for 4 packed rows of 512 bf16 tokens, against 4-5 ms forward). It works one (row, head)

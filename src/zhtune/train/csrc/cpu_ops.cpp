@@ -300,33 +300,28 @@ at::Tensor swiglu_backward(const at::Tensor& grad_, const at::Tensor& gate_up_) 
 // d; cos, sin (b, t, d) bf16 or fp32. The result is laid out (b, t, heads, d) (the projections'
 // layout), returned as the (b, heads, t, d) view.
 
-template <bool Backward>
-at::Tensor rotary_impl(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_) {
-  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 32 == 0, "rotary: (b, heads, t, d), d a multiple of 32");
-  TORCH_CHECK(cos_.dim() == 3 && cos_.size(0) == x.size(0) && cos_.size(1) == x.size(2) && cos_.size(2) == x.size(3),
-              "rotary: cos and sin (b, t, d)");
-  auto xb = x.to(at::kBFloat16);
-  auto cos = cos_.to(at::kFloat).contiguous();
-  auto sin = sin_.to(at::kFloat).contiguous();
-  const int64_t b = x.size(0), heads = x.size(1), t = x.size(2), d = x.size(3), half = d / 2;
-  auto out = at::empty({b, t, heads, d}, xb.options());
+// 16 table values as fp32: a bf16 table's widened exactly (what .to(float) would give).
+inline __m512 load_table(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_table(const BFloat16* p) { return load(p, 0xFFFF); }
+
+template <bool Backward, typename T>
+void rotary_rows(const at::Tensor& xb, const T* cp, const T* sp, at::Tensor& out) {
+  const int64_t b = xb.size(0), heads = xb.size(1), t = xb.size(2), d = xb.size(3), half = d / 2;
   const BFloat16* xp = xb.data_ptr<BFloat16>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
   BFloat16* op = out.data_ptr<BFloat16>();
   const int64_t sb = xb.stride(0), sh = xb.stride(1), st = xb.stride(2);
   at::parallel_for(0, b * t, 16, [&](int64_t begin, int64_t end) {
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t bi = bt / t, ti = bt % t;
-      const float* cr = cp + bt * d;
-      const float* sr = sp + bt * d;
+      const T* cr = cp + bt * d;
+      const T* sr = sp + bt * d;
       for (int64_t hi = 0; hi < heads; ++hi) {
         const BFloat16* xr = xp + bi * sb + hi * sh + ti * st;
         BFloat16* orow = op + (bt * heads + hi) * d;
         for (int64_t c = 0; c < half; c += 16) {
           const __m512 a = load(xr + c, 0xFFFF), z = load(xr + half + c, 0xFFFF);
-          const __m512 ca = _mm512_loadu_ps(cr + c), cz = _mm512_loadu_ps(cr + half + c);
-          const __m512 sa = _mm512_loadu_ps(sr + c), sz = _mm512_loadu_ps(sr + half + c);
+          const __m512 ca = load_table(cr + c), cz = load_table(cr + half + c);
+          const __m512 sa = load_table(sr + c), sz = load_table(sr + half + c);
           if constexpr (!Backward) {  // [a, z] -> [a cos - z sin, z cos + a sin]
             store16(orow + c, _mm512_fnmadd_ps(z, sa, _mm512_mul_ps(a, ca)), 0xFFFF);
             store16(orow + half + c, _mm512_fmadd_ps(a, sz, _mm512_mul_ps(z, cz)), 0xFFFF);
@@ -338,6 +333,24 @@ at::Tensor rotary_impl(const at::Tensor& x, const at::Tensor& cos_, const at::Te
       }
     }
   });
+}
+
+// The tables are read in their own dtype (transformers hands bf16 ones to a bf16 model): a
+// conversion to fp32 per call was 8 copies a layer, ~1% of a SmolLM2 LoRA step.
+template <bool Backward>
+at::Tensor rotary_impl(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 32 == 0, "rotary: (b, heads, t, d), d a multiple of 32");
+  TORCH_CHECK(cos_.dim() == 3 && cos_.size(0) == x.size(0) && cos_.size(1) == x.size(2) && cos_.size(2) == x.size(3),
+              "rotary: cos and sin (b, t, d)");
+  auto xb = x.to(at::kBFloat16);
+  auto out = at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, xb.options());
+  if (cos_.scalar_type() == at::kBFloat16 && sin_.scalar_type() == at::kBFloat16) {
+    auto cos = cos_.contiguous(), sin = sin_.contiguous();
+    rotary_rows<Backward>(xb, cos.data_ptr<BFloat16>(), sin.data_ptr<BFloat16>(), out);
+  } else {
+    auto cos = cos_.to(at::kFloat).contiguous(), sin = sin_.to(at::kFloat).contiguous();
+    rotary_rows<Backward>(xb, cos.data_ptr<float>(), sin.data_ptr<float>(), out);
+  }
   return out.transpose(1, 2);
 }
 

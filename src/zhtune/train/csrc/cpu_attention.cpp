@@ -46,6 +46,7 @@
 #include <numeric>
 #include <vector>
 
+#include "vec_math.h"
 #include "vnni.h"
 
 namespace {
@@ -128,17 +129,9 @@ inline __mmask16 lanes_in(int64_t c, int64_t lo, int64_t hi) {
   return static_cast<__mmask16>(((1u << b) - 1) & ~((1u << a) - 1));
 }
 
-// exp(x * scale - shift): 2^n 2^f for x log2(e) = n + f, n an integer, |f| <= 1/2, 2^f by its
-// Taylor polynomial of degree 6 (relative error ~1e-7, as ATen's exp_u20 in half its
-// instructions), 2^n by scalef (which gives 0 below fp32's range and inf above it).
+// exp(x * scale - shift).
 inline __m512 exp_scaled(__m512 x, float scale, float shift) {
-  const __m512 t = _mm512_mul_ps(_mm512_fmsub_ps(x, _mm512_set1_ps(scale), _mm512_set1_ps(shift)), _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530e-4f);  // (ln 2)^k / k!, k = 6 .. 0
-  for (float c : {1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f, 6.9314718e-1f, 1.0f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
+  return zhtune_vec::exp(_mm512_fmsub_ps(x, _mm512_set1_ps(scale), _mm512_set1_ps(shift)));
 }
 
 // The columns [c0, c1) of a row of n (multiples of 16) that hold its interval [lo, hi): whole

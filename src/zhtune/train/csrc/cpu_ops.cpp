@@ -28,6 +28,7 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
 #include "vnni.h"
 
 namespace {
@@ -41,8 +42,10 @@ inline __m512 load(const BFloat16* x, __mmask16 m) {
   return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, x));
 }
 
-// The row's loss lse - x[target]; the row becomes softmax - one_hot in bf16.
-float row_cross_entropy(BFloat16* x, int64_t vocab, int64_t target) {
+// The row's loss lse - x[target]; the row becomes softmax - one_hot in bf16. e = exp(x - max) is
+// kept in fp32 in `e` (vocab values, the thread's: in the core's cache) between the sum and the
+// gradient e / sum, one exponential per value instead of exp(x - lse) computed again.
+float row_cross_entropy(BFloat16* x, int64_t vocab, int64_t target, float* e) {
   __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < vocab; c += 16) {
     const __mmask16 m = tail_mask(vocab - c);
@@ -53,17 +56,17 @@ float row_cross_entropy(BFloat16* x, int64_t vocab, int64_t target) {
   const __m512 shift = _mm512_set1_ps(top);
   for (int64_t c = 0; c < vocab; c += 16) {
     const __mmask16 m = tail_mask(vocab - c);
-    const __m512 e = static_cast<__m512>(Vec(_mm512_sub_ps(load(x + c, m), shift)).exp_u20());
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    const __m512 ec = _mm512_maskz_mov_ps(m, zhtune_vec::exp(_mm512_sub_ps(load(x + c, m), shift)));
+    _mm512_mask_storeu_ps(e + c, m, ec);
+    sum = _mm512_add_ps(sum, ec);
   }
-  const float lse = top + std::log(_mm512_reduce_add_ps(sum));
-  const float loss = lse - static_cast<float>(x[target]);
-  const float p_target = std::exp(static_cast<float>(x[target]) - lse);
-  const __m512 vlse = _mm512_set1_ps(lse);
+  const float total = _mm512_reduce_add_ps(sum);
+  const float loss = top + std::log(total) - static_cast<float>(x[target]);
+  const float p_target = e[target] / total;
+  const __m512 inv = _mm512_set1_ps(1.f / total);
   for (int64_t c = 0; c < vocab; c += 16) {
     const __mmask16 m = tail_mask(vocab - c);
-    const __m512 p = static_cast<__m512>(Vec(_mm512_sub_ps(load(x + c, m), vlse)).exp_u20());
-    _mm256_mask_storeu_epi16(x + c, m, (__m256i)_mm512_cvtneps_pbh(p));
+    _mm256_mask_storeu_epi16(x + c, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, e + c), inv)));
   }
   x[target] = static_cast<BFloat16>(p_target - 1.f);
   return loss;
@@ -81,9 +84,11 @@ at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t
   BFloat16* x = logits.data_ptr<BFloat16>();
   std::vector<float> losses(rows, 0.f);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> e;
+    e.resize(vocab);
     for (int64_t r = begin; r < end; ++r) {
       if (r < n) {
-        losses[r] = row_cross_entropy(x + r * vocab, vocab, tp[r]);
+        losses[r] = row_cross_entropy(x + r * vocab, vocab, tp[r], e.data());
       } else {
         std::fill(x + r * vocab, x + (r + 1) * vocab, BFloat16(0.f));
       }
@@ -247,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> narrow_rms_norm_backward(const at::Tensor& gr
 // ---- SwiGLU of stacked rows gate|up (n, 2 inter): silu(gate) * up, and its stacked gradient.
 
 inline __m512 sigmoid(__m512 g) {
-  const __m512 e = static_cast<__m512>(Vec(_mm512_sub_ps(_mm512_setzero_ps(), g)).exp_u20());
+  const __m512 e = zhtune_vec::exp(_mm512_sub_ps(_mm512_setzero_ps(), g));
   return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }
 

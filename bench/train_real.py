@@ -33,11 +33,11 @@ Columns: the training loop's seconds as the tool reports it (zhtune: ``trainer_l
 logged step's tokens over its tokens/s; HF Trainer: ``train_runtime``), the whole command's wall
 time (start-up, tokenization and saving included), tokens/s = trained tokens / loop seconds with
 the trained tokens counted once here for every system (the records rendered by the chat template,
-each cut at the cutoff), the ratio to LLaMA-Factory's row of the same method, this machine's bf16
-matmul peak measured next to the job (``train_throughput.peak_gflops`` just before and just after
-it, their mean: a shared host's speed drifts by 10-30% within minutes, and a peak measured once
-at the start made later rows look better or worse than they were), the epoch's model FLOPs over
-the loop time and that peak, counted two ways (:meth:`Work.flops`): 4 x params x tokens for LoRA
+each cut at the cutoff), the ratio to LLaMA-Factory's row of the same method, the epoch's model
+FLOPs over the loop time and this machine's bf16 matmul peak, the highest of the run's
+measurements (``train_throughput.peak_gflops`` before the first job and after each: on a shared
+host they spread by 20-40% within minutes, and a low one would flatter the rows next to it; the
+highest can only understate a row's share), counted two ways (:meth:`Work.flops`): 4 x params x tokens for LoRA
 (forward, and the backward through the frozen weights; no weight gradients) and 6 x params x
 tokens for full fine-tuning, params = every parameter with the tied embedding counted once (it is
 the LM head's matmul); and with the rest of the model's matmuls, LoRA's adapters and attention's
@@ -327,29 +327,28 @@ def baseline_key(r: dict) -> tuple[str, str, int]:
     return r.get("baseline", "llamafactory"), r["method"], r.get("round", 0)
 
 
-def table(rows: list[dict], work: Work) -> list[str]:
-    """The markdown table of the finished (or failed) jobs."""
+def table(rows: list[dict], work: Work, peak: float) -> list[str]:
+    """The markdown table of the finished (or failed) jobs, their roofline against ``peak``."""
     lines = [
-        "| system | steps | train loop s | wall s | tokens/s | vs LLaMA-Factory | bf16 peak GFLOP/s "
+        "| system | steps | train loop s | wall s | tokens/s | vs LLaMA-Factory "
         "| % of bf16 roofline, 4N / 6N | % of bf16 roofline, all matmuls | peak RSS GiB | epoch mean loss | final loss |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     baselines = {s.baseline for s in SYSTEMS}
     tokens = work.tokens
     lf = {(r["key"], r["method"], r.get("round", 0)): tokens / r["loop_s"] for r in rows if r["key"] in baselines and "loop_s" in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | | |")
             continue
         tps = tokens / r["loop_s"]
         base = baseline_key(r)
         ratio = f"{tps / lf[base]:.2f}x" if base in lf else "-"
         mean, last = (_mean(r["losses"]), _mean(r["losses"][-LAST_STEPS:]))
-        peak = r["peak_gflops"]
         roof = [work.flops(r["method"], full) / (r["loop_s"] * peak * 1e9) for full in (False, True)]
         lines.append(
             f"| {r['label']} | {r['steps']} | {r['loop_s']:.1f} | {r['wall_s']:.1f} | {tps:,.0f} | {ratio} "
-            f"| {peak:,.0f} | {roof[0]:.1%} | {roof[1]:.1%} | {r['peak_rss_mb'] / 1024:.2f} | {mean:.4f} | {last:.4f} |"
+            f"| {roof[0]:.1%} | {roof[1]:.1%} | {r['peak_rss_mb'] / 1024:.2f} | {mean:.4f} | {last:.4f} |"
         )
     return lines
 
@@ -403,7 +402,7 @@ def main() -> None:
         done = json.loads(Path(a.table_from).read_text())
         if "work" not in done:
             p.error(f"--table-from: {a.table_from} is from an older version of this script (no 'work'); run it again")
-        print("\n".join(table(done["rows"], Work(**done["work"]))))
+        print("\n".join(table(done["rows"], Work(**done["work"]), max(done["peaks"]))))
         if len({r.get("round", 0) for r in done["rows"]}) > 1:
             print("\n" + "\n".join(rounds_table(done["rows"])))
         return
@@ -423,7 +422,7 @@ def main() -> None:
     workdir = Path(a.workdir)
     model, messages, work = prepare(Path(a.data), a.records, a.cutoff, workdir)
     b = Bench(model, Path(a.data), messages, a.records, a.batch, a.cutoff, workdir, a.lf_python)
-    peak = peak_gflops("bf16", a.peak_seconds)  # (before the first job; each job's after it)
+    peaks = [peak_gflops("bf16", a.peak_seconds)]  # (and after each job)
     rows = []
     for method in a.methods.split(","):
         for rnd in range(a.rounds):
@@ -435,11 +434,10 @@ def main() -> None:
                 row = {"key": s.key, "label": label, "method": method, "baseline": s.baseline, "round": rnd}
                 try:
                     row |= s.run(b, method, out)
-                    after = peak_gflops("bf16", a.peak_seconds)
-                    row["peak_gflops"], peak = (peak + after) / 2, after
+                    peaks.append(peak_gflops("bf16", a.peak_seconds))
                     print(
-                        f"  {label}: {row['loop_s']:.1f} s loop, {row['wall_s']:.1f} s wall, "
-                        f"peak {row['peak_gflops']:,.0f} GFLOP/s",
+                        f"  {label}: {row['loop_s']:.1f} s loop, {row['wall_s']:.1f} s wall; "
+                        f"bf16 peak after it {peaks[-1]:,.0f} GFLOP/s",
                         file=sys.stderr,
                     )
                 except Exception as e:  # a failed job is reported in its row; the others still run
@@ -447,7 +445,7 @@ def main() -> None:
                     print(f"  {label} failed (log: {out.with_suffix('.log')}):\n{e}", file=sys.stderr)
                 rows.append(row)
     (workdir / "results.json").write_text(
-        json.dumps({"work": asdict(work), "rows": rows}, indent=1)
+        json.dumps({"work": asdict(work), "peaks": peaks, "rows": rows}, indent=1)
     )
 
     print(
@@ -455,9 +453,10 @@ def main() -> None:
         f"{work.tokens:,} trained tokens under its chat template ({work.cut} records cut at {a.cutoff}), 1 epoch, batch "
         f"{a.batch}, bf16; LoRA r8/alpha 16/all linear lr {LR['lora']}, full lr {LR['full']}; "
         f"model FLOPs 4N / 6N {work.flops('lora', False):.3g} / {work.flops('full', False):.3g}, "
-        f"all matmuls {work.flops('lora', True):.3g} / {work.flops('full', True):.3g}\n"
+        f"all matmuls {work.flops('lora', True):.3g} / {work.flops('full', True):.3g}; bf16 matmul peak "
+        f"{max(peaks):,.0f} GFLOP/s, the highest of {len(peaks)} measurements in this run (lowest {min(peaks):,.0f})\n"
     )
-    print("\n".join(table(rows, work)))
+    print("\n".join(table(rows, work, max(peaks))))
     if a.rounds > 1:
         print(f"\nOver {a.rounds} rounds (odd rounds in the given order, even rounds reversed):\n")
         print("\n".join(rounds_table(rows)))

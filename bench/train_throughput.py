@@ -12,7 +12,7 @@ TRL ``SFTTrainer`` padded and packed, fp32 (pick with ``--systems``). Reported p
 repeats): non-pad tokens/s over the whole training loop, the same without its first 5 steps
 (zhtune only: warm-up, and compiling with ``compile=true``), wall time of the whole command
 (start-up included), the time outside the training loop, peak RSS, and MFU against this
-machine's matmul peak for the dtype used (the faster of 1024^2 and 2048^2 square matmuls),
+machine's matmul peak for the dtype used (the fastest of 1024^2, 2048^2 and 3072^2 square matmuls),
 measured in the same run (model FLOPs = 6 x params x tokens, the usual convention, which overstates
 LoRA's work). Ratios are against TRL padded.
 """
@@ -53,9 +53,10 @@ def matmul_peak_gflops(dtype: str = "fp32", seconds: float = 2.0, n: int = 1024)
 
 
 def peak_gflops(dtype: str, seconds: float = 1.5) -> float:
-    """This machine's matmul peak in ``dtype``: the best of two sizes, ``seconds`` each (AMX bf16
-    runs ~1.2 TFLOP/s at 1024^2 but ~2 at 2048^2; fp32: same)."""
-    return max(matmul_peak_gflops(dtype, seconds, n) for n in (1024, 2048))
+    """This machine's matmul peak in ``dtype``: the best of three sizes, ``seconds`` each (AMX bf16
+    runs ~1.3 TFLOP/s at 1024^2 but ~2.3-2.5 at 2048^2 and 3072^2, and less again at 4096^2:
+    measured twice each on 2026-12-07; fp32: similar)."""
+    return max(matmul_peak_gflops(dtype, seconds, n) for n in (1024, 2048, 3072))
 
 
 def prepare(data: str, workdir: Path, models: list[str]) -> tuple[Path, dict[str, Path], dict[str, int]]:

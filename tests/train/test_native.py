@@ -64,15 +64,16 @@ def test_the_cache_key_follows_the_shared_header(monkeypatch, tmp_path):
 
 @needs_native
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "d", "rows"),
+    ("heads", "kv_heads", "d", "rows", "sharp"),
     [
-        (6, 2, 64, [[1, 63, 64, 73], [201]]),  # odd length: a tail block of 9 queries
-        (9, 3, 64, [[301, 200, 199], [700], [1] * 700]),  # past 512 tokens; 700 one-token samples
-        (4, 4, 16, [[70, 58], [128]]),  # a head dim of 16 (the tiny test models')
+        (6, 2, 64, [[1, 63, 64, 73], [201]], 1.0),  # odd length: a tail block of 9 queries
+        (9, 3, 64, [[301, 200, 199], [700], [1] * 700], 1.0),  # past 512 tokens; 700 one-token samples
+        (4, 4, 16, [[70, 58], [128]], 1.0),  # a head dim of 16 (the tiny test models')
+        (9, 3, 64, [[301, 211]], 24.0),  # scaled scores of std ~18: a row spans >100, exponentials underflow
     ],
-    ids=["odd-201", "long-700", "head-dim-16"],
+    ids=["odd-201", "long-700", "head-dim-16", "sharp-softmax"],
 )
-def test_native_attention_on_the_shapes_blocks_must_get_right(heads, kv_heads, d, rows):
+def test_native_attention_on_the_shapes_blocks_must_get_right(heads, kv_heads, d, rows, sharp):
     """Output and gradients against an fp32 SDPA reference: errors like bf16 SDPA's own."""
     from zhtune.train import attention as attn
 
@@ -80,7 +81,7 @@ def test_native_attention_on_the_shapes_blocks_must_get_right(heads, kv_heads, d
     torch.manual_seed(0)
     t = sum(rows[0])
     mask = packed_mask(rows)
-    q = torch.randn(len(rows), heads, t, d, dtype=torch.bfloat16)
+    q = (torch.randn(len(rows), heads, t, d) * sharp).bfloat16()
     k, v = (torch.randn(len(rows), kv_heads, t, d, dtype=torch.bfloat16) for _ in range(2))
     g = torch.randn(len(rows), t, heads, d)
     ref = _grads(_sdpa(mask), q.float(), k.float(), v.float(), g)
@@ -118,6 +119,29 @@ def test_rms_norm_kernels_against_fp32_autograd():
     (wr * (xr * torch.rsqrt(xr.square().mean(-1, keepdim=True) + 1e-6))).backward(g)
     dx, dw = torch.ops.zhtune_cpu_ops.rms_norm_backward(g.bfloat16(), x, rstd, w, True)
     assert _rel(dx, xr.grad) < 1e-2 and _rel(dw, wr.grad) < 1e-2
+
+
+@needs_ops
+def test_cross_entropy_kernel_over_extreme_logits():
+    """The loss kernel's exponential (``vec_math.h``: a polynomial and ``scalef``) over logits
+    spread across +-100, a target 200 below the row's top (its probability underflows to 0) and a
+    tail of 7 lanes: the loss to fp32 rounding of PyTorch's fp32 cross-entropy, every gradient
+    ``softmax - one_hot`` within bf16 rounding, nothing infinite or NaN, padding rows zeroed."""
+    torch.manual_seed(0)
+    vocab = 1031
+    logits = torch.randn(6, vocab) * 30
+    logits[0, :] = torch.linspace(-100, 100, vocab)
+    logits[1, 5] = 100.0
+    logits = logits.bfloat16()
+    targets = torch.tensor([0, 5, 17, 1030, 3, 3])
+    ref = logits[:4].float().requires_grad_()
+    want = torch.nn.functional.cross_entropy(ref, targets[:4], reduction="sum")
+    want.backward()
+    grad = logits.clone()
+    loss = torch.ops.zhtune_cpu_ops.cross_entropy_(grad, targets, 4)
+    assert torch.isfinite(grad.float()).all() and loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert want.item() > 200  # (row 0's target is 200 below its top)
+    assert (grad[:4].float() - ref.grad).abs().max().item() < 4e-3 and not grad[4:].float().any()
 
 
 @needs_ops

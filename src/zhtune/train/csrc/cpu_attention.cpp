@@ -238,30 +238,35 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
     float* s = s_buf.data();
     stack_heads(qp + bi * q.stride(0) + hk * g * q.stride(1) + i0 * q.stride(2), q.stride(1), q.stride(2), g, rows, d, qs.data());
     cpublas::brgemm(m, n, d, d, padded, n, false, qs.data(), ktp + ((bi * kv + hk) * (d / 2) * padded + n0) * 2, s);
-    for (int64_t row = 0; row < m; ++row) {
+    for (int64_t row = 0; row < m; row += 2) {  // two rows at a time (of one head: BQ is even)
       const int64_t r = row % BQ;
-      BFloat16* p = p_buf.data() + row * n;
-      if (r >= rows) {  // (a tail block's missing queries: zero weights)
-        std::memset(p, 0, n * sizeof(BFloat16));
-        maxes[row] = 0.f;
-        sums[row] = 1.f;
-        continue;
+      int64_t lo[2] = {0, 0}, hi_[2] = {0, 0}, c0 = n, c1 = 0;
+      float mx[2] = {0.f, 0.f};
+      for (int64_t e = 0; e < 2 && r + e < rows; ++e) {  // (a tail block's missing queries: zero weights)
+        lo[e] = mask.lo(bi, i0 + r + e) - n0;
+        hi_[e] = mask.hi(bi, i0 + r + e) - n0 + 1;
+        mx[e] = max_interval(s + (row + e) * n, lo[e], hi_[e]) * scale;
+        c0 = std::min(c0, vectors_of(lo[e], hi_[e]).first);
+        c1 = std::max(c1, vectors_of(lo[e], hi_[e]).second);
       }
-      const float* srow = s + row * n;
-      const int64_t lo = mask.lo(bi, i0 + r) - n0, hi_ = mask.hi(bi, i0 + r) - n0 + 1;
-      const auto [c0, c1] = vectors_of(lo, hi_);
-      const float mx = max_interval(srow, lo, hi_) * scale;
-      __m512 acc = _mm512_setzero_ps();
-      std::memset(p, 0, c0 * sizeof(BFloat16));
-#pragma GCC unroll 4
+      c0 = std::min(c0, c1);
+      __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t e = 0; e < 2; ++e) {
+        std::memset(p_buf.data() + (row + e) * n, 0, c0 * sizeof(BFloat16));
+        std::memset(p_buf.data() + (row + e) * n + c1, 0, (n - c1) * sizeof(BFloat16));
+      }
       for (int64_t c = c0; c < c1; c += 16) {
-        const __m512 e = inside(exp_scaled(_mm512_loadu_ps(srow + c), scale, mx), c, lo, hi_);
-        acc = _mm512_add_ps(acc, e);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), to_bf16(e));
+        for (int64_t e = 0; e < 2; ++e) {
+          const __m512 v = inside(exp_scaled(_mm512_loadu_ps(s + (row + e) * n + c), scale, mx[e]), c, lo[e], hi_[e]);
+          acc[e] = _mm512_add_ps(acc[e], v);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_buf.data() + (row + e) * n + c), to_bf16(v));
+        }
       }
-      std::memset(p + c1, 0, (n - c1) * sizeof(BFloat16));
-      maxes[row] = mx;
-      sums[row] = _mm512_reduce_add_ps(acc);
+      for (int64_t e = 0; e < 2; ++e) {
+        const bool valid = r + e < rows;
+        maxes[row + e] = valid ? mx[e] : 0.f;
+        sums[row + e] = valid ? _mm512_reduce_add_ps(acc[e]) : 1.f;
+      }
     }
     for (int64_t row = 0; row < m; row += 16) {  // lse = max + log(sum), 16 rows at a time
       const Vec l = Vec::loadu(maxes.data() + row) + Vec::loadu(sums.data() + row).log();

@@ -4,7 +4,7 @@ Two libraries: ``csrc/cpu_attention.cpp``, attention's forward and backward for 
 a CPU with AMX (see :mod:`zhtune.train.attention`), and ``csrc/cpu_ops.cpp``, the elementwise
 kernels of bf16 training (AVX-512 with bf16): the loss's cross-entropy (:mod:`zhtune.train.loss`),
 RMSNorm, SwiGLU and a transpose (:mod:`zhtune.train.fused`), the rotary embedding
-(:mod:`zhtune.train.rope`); both include ``csrc/vnni.h``.
+(:mod:`zhtune.train.rope`); both include ``csrc/vnni.h`` and ``csrc/vec_math.h``.
 Each is built with the C++ compiler (``$CXX``, else g++), against the installed torch's headers
 and libraries (~7 s on two cores), into
 ``<cache>/native/<name>-<environment>-<key>.so``, the key covering the source (and the headers), torch's version, the compiler

@@ -143,6 +143,29 @@ inline __m512 inside(__m512 e, int64_t c, int64_t lo, int64_t hi) {
   return c < lo || c + 16 > hi ? _mm512_maskz_mov_ps(lanes_in(c, lo, hi), e) : e;
 }
 
+// Rows r and r + 1 of the query block at i0 (r even; rows from `rows` on are a tail block's
+// missing queries, whose interval is empty): each row's interval [lo, hi) relative to the
+// block's first key n0, and the whole vectors [c0, c1) either interval touches (c0 = c1 = 0
+// when neither row has one). Zeros go on both sides of [c0, c1).
+struct RowPair {
+  int64_t lo[2] = {0, 0}, hi[2] = {0, 0}, c0 = 0, c1 = 0;
+  bool valid(int64_t e) const { return hi[e] > lo[e]; }
+};
+
+inline RowPair row_pair(const Intervals& mask, int64_t b, int64_t i0, int64_t r, int64_t rows, int64_t n0, int64_t n) {
+  RowPair p;
+  int64_t c0 = n, c1 = 0;
+  for (int64_t e = 0; e < 2 && r + e < rows; ++e) {
+    p.lo[e] = mask.lo(b, i0 + r + e) - n0;
+    p.hi[e] = mask.hi(b, i0 + r + e) - n0 + 1;
+    c0 = std::min(c0, vectors_of(p.lo[e], p.hi[e]).first);
+    c1 = std::max(c1, vectors_of(p.lo[e], p.hi[e]).second);
+  }
+  p.c0 = std::min(c0, c1);
+  p.c1 = c1;
+  return p;
+}
+
 inline float max_interval(const float* x, int64_t lo, int64_t hi) {
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t c = lo;
@@ -239,33 +262,25 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
     stack_heads(qp + bi * q.stride(0) + hk * g * q.stride(1) + i0 * q.stride(2), q.stride(1), q.stride(2), g, rows, d, qs.data());
     cpublas::brgemm(m, n, d, d, padded, n, false, qs.data(), ktp + ((bi * kv + hk) * (d / 2) * padded + n0) * 2, s);
     for (int64_t row = 0; row < m; row += 2) {  // two rows at a time (of one head: BQ is even)
-      const int64_t r = row % BQ;
-      int64_t lo[2] = {0, 0}, hi_[2] = {0, 0}, c0 = n, c1 = 0;
-      float mx[2] = {0.f, 0.f};
-      for (int64_t e = 0; e < 2 && r + e < rows; ++e) {  // (a tail block's missing queries: zero weights)
-        lo[e] = mask.lo(bi, i0 + r + e) - n0;
-        hi_[e] = mask.hi(bi, i0 + r + e) - n0 + 1;
-        mx[e] = max_interval(s + (row + e) * n, lo[e], hi_[e]) * scale;
-        c0 = std::min(c0, vectors_of(lo[e], hi_[e]).first);
-        c1 = std::max(c1, vectors_of(lo[e], hi_[e]).second);
-      }
-      c0 = std::min(c0, c1);
+      const RowPair pr = row_pair(mask, bi, i0, row % BQ, rows, n0, n);
+      float mx[2] = {0.f, 0.f};  // (a tail block's missing queries: zero weights)
+      for (int64_t e = 0; e < 2; ++e)
+        if (pr.valid(e)) mx[e] = max_interval(s + (row + e) * n, pr.lo[e], pr.hi[e]) * scale;
       __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
       for (int64_t e = 0; e < 2; ++e) {
-        std::memset(p_buf.data() + (row + e) * n, 0, c0 * sizeof(BFloat16));
-        std::memset(p_buf.data() + (row + e) * n + c1, 0, (n - c1) * sizeof(BFloat16));
+        std::memset(p_buf.data() + (row + e) * n, 0, pr.c0 * sizeof(BFloat16));
+        std::memset(p_buf.data() + (row + e) * n + pr.c1, 0, (n - pr.c1) * sizeof(BFloat16));
       }
-      for (int64_t c = c0; c < c1; c += 16) {
+      for (int64_t c = pr.c0; c < pr.c1; c += 16) {
         for (int64_t e = 0; e < 2; ++e) {
-          const __m512 v = inside(exp_scaled(_mm512_loadu_ps(s + (row + e) * n + c), scale, mx[e]), c, lo[e], hi_[e]);
+          const __m512 v = inside(exp_scaled(_mm512_loadu_ps(s + (row + e) * n + c), scale, mx[e]), c, pr.lo[e], pr.hi[e]);
           acc[e] = _mm512_add_ps(acc[e], v);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_buf.data() + (row + e) * n + c), to_bf16(v));
         }
       }
       for (int64_t e = 0; e < 2; ++e) {
-        const bool valid = r + e < rows;
-        maxes[row + e] = valid ? mx[e] : 0.f;
-        sums[row + e] = valid ? _mm512_reduce_add_ps(acc[e]) : 1.f;
+        maxes[row + e] = mx[e];
+        sums[row + e] = pr.valid(e) ? _mm512_reduce_add_ps(acc[e]) : 1.f;
       }
     }
     for (int64_t row = 0; row < m; row += 16) {  // lse = max + log(sum), 16 rows at a time
@@ -362,19 +377,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
       // (Pairs never straddle two heads: BQ is even. A tail block's missing queries: zeros.)
       for (int64_t row = 0; row < m; row += 2) {
         const int64_t j = row / BQ, r = row % BQ;
-        int64_t lo[2] = {0, 0}, hi_[2] = {0, 0};
+        const RowPair pr = row_pair(mask, bi, i0, r, rows, n0, n);
         float lse_r[2] = {0.f, 0.f}, delta[2] = {0.f, 0.f};
-        for (int64_t e = 0; e < 2 && r + e < rows; ++e) {
-          const int64_t i = i0 + r + e;
-          lo[e] = mask.lo(bi, i) - n0;
-          hi_[e] = mask.hi(bi, i) - n0 + 1;
-          lse_r[e] = lp[(bi * h + hk * g + j) * t + i];
-          delta[e] = deltas[j * t + i];
-        }
-        // The columns either row's interval touches (whole vectors); zeros on both sides.
-        const bool empty1 = hi_[1] <= lo[1];  // (a tail block's missing query)
-        const int64_t c0 = std::min(vectors_of(lo[0], hi_[0]).first, empty1 ? n : vectors_of(lo[1], hi_[1]).first);
-        const int64_t c1 = std::max(vectors_of(lo[0], hi_[0]).second, empty1 ? 0 : vectors_of(lo[1], hi_[1]).second);
+        for (int64_t e = 0; e < 2; ++e)
+          if (pr.valid(e)) {
+            lse_r[e] = lp[(bi * h + hk * g + j) * t + i0 + r + e];
+            delta[e] = deltas[j * t + i0 + r + e];
+          }
+        const int64_t c0 = pr.c0, c1 = pr.c1;
         for (auto* buf : {&p_vnni, &ds_vnni}) {
           std::memset(buf->data() + row * n, 0, 2 * c0 * sizeof(BFloat16));
           std::memset(buf->data() + row * n + 2 * c1, 0, 2 * (n - c1) * sizeof(BFloat16));
@@ -387,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
         for (int64_t c = c0; c < c1; c += 16) {
           __m512 pv[2], dv[2];
           for (int e = 0; e < 2; ++e) {
-            pv[e] = inside(exp_scaled(_mm512_loadu_ps(s + (row + e) * n + c), scale, lse_r[e]), c, lo[e], hi_[e]);
+            pv[e] = inside(exp_scaled(_mm512_loadu_ps(s + (row + e) * n + c), scale, lse_r[e]), c, pr.lo[e], pr.hi[e]);
             dv[e] = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(dp + (row + e) * n + c), _mm512_set1_ps(delta[e])), pv[e]), _mm512_set1_ps(scale));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds_rows.data() + (row + e) * n + c), to_bf16(dv[e]));
           }

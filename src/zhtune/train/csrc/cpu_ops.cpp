@@ -20,7 +20,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -34,7 +33,6 @@
 namespace {
 
 using at::BFloat16;
-using Vec = at::vec::Vectorized<float>;
 
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
 

@@ -36,7 +36,7 @@ the trained tokens counted once here for every system (the records rendered by t
 each cut at the cutoff), the ratio to LLaMA-Factory's row of the same method, the epoch's model
 FLOPs over the loop time and this machine's bf16 matmul peak, the highest of the run's
 measurements (``train_throughput.peak_gflops`` before the first job and after each: on a shared
-host they spread by 20-40% within minutes, and a low one would flatter the rows next to it; the
+host they spread by 20-35% within minutes, and a low one would flatter the rows next to it; the
 highest can only understate a row's share), counted two ways (:meth:`Work.flops`): 4 x params x tokens for LoRA
 (forward, and the backward through the frozen weights; no weight gradients) and 6 x params x
 tokens for full fine-tuning, params = every parameter with the tied embedding counted once (it is
@@ -245,8 +245,8 @@ class Work:
     attention: int
 
     def flops(self, method: str, with_attention: bool) -> float:
-        """The epoch's matmul FLOPs, 2 per multiply-add. Without attention (the issue's headline
-        count): 4 x params x tokens for LoRA (forward, and the backward through the frozen weights:
+        """The epoch's matmul FLOPs, 2 per multiply-add. Without attention (the count this
+        benchmark printed before it had both): 4 x params x tokens for LoRA (forward, and the backward through the frozen weights:
         no weight gradients), 6 x for full fine-tuning. With it, the rest of the model's matmuls
         too: LoRA's adapters (6 x their parameters x tokens: forward, input and weight gradients)
         and attention's products (4 per pair and head dim forward, ``QK^T`` and ``PV``; 8 backward,
@@ -451,7 +451,7 @@ def main() -> None:
     print(
         f"\nSmolLM2-135M-Instruct ({work.params / 1e6:.1f}M params), first {a.records} records of {Path(a.data).name}: "
         f"{work.tokens:,} trained tokens under its chat template ({work.cut} records cut at {a.cutoff}), 1 epoch, batch "
-        f"{a.batch}, bf16; LoRA r8/alpha 16/all linear lr {LR['lora']}, full lr {LR['full']}; "
+        f"{a.batch}, bf16; LoRA r{LORA_RANK}/alpha {2 * LORA_RANK}/all linear lr {LR['lora']}, full lr {LR['full']}; "
         f"model FLOPs 4N / 6N {work.flops('lora', False):.3g} / {work.flops('full', False):.3g}, "
         f"all matmuls {work.flops('lora', True):.3g} / {work.flops('full', True):.3g}; bf16 matmul peak "
         f"{max(peaks):,.0f} GFLOP/s, the highest of {len(peaks)} measurements in this run (lowest {min(peaks):,.0f})\n"

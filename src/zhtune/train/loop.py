@@ -133,6 +133,19 @@ def save_checkpoint(accelerator: Any, out: Path, position: Position, keep: int) 
     accelerator.wait_for_everyone()
 
 
+def _clipped(s: Setup) -> Any:
+    """The parameters whose gradients are clipped: on one process or under DDP the optimizer's (the
+    same gradients as the whole model's, whose frozen ones have none, without walking its module
+    tree: ~2.5 ms a step on SmolLM2's 692 tensors); under FSDP, DeepSpeed or XLA the model's own,
+    as Accelerate expects them there (it runs FSDP's sharded clipping only when handed exactly
+    those)."""
+    from accelerate.utils import DistributedType
+
+    if s.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        return [p for group in s.optimizer.param_groups for p in group["params"]]
+    return s.model.parameters()
+
+
 def optimizer_step(s: Setup, group: list[dict[str, Any]], step: int) -> tuple[float, int, int, Any]:
     """Optimizer step ``step + 1`` over the micro-batches of ``group``; ``(step loss, labelled tokens
     of the step, input tokens seen, grad norm or None)``, all processes together."""
@@ -159,7 +172,7 @@ def optimizer_step(s: Setup, group: list[dict[str, Any]], step: int) -> tuple[fl
         local[0] += loss.item()
         local[1] += int(batch["attention_mask"].sum())
     step_loss, seen = acc.reduce(local.to(acc.device), "sum").tolist()
-    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    grad_norm = acc.clip_grad_norm_(_clipped(s), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     s.optimizer.step()
     if s.method.after_step is not None:
         s.method.after_step(acc.unwrap_model(model), step)

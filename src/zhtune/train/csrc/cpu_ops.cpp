@@ -44,12 +44,16 @@ inline __m512 load(const BFloat16* x, __mmask16 m) {
 // kept in fp32 in `e` (vocab values, the thread's: in the core's cache) between the sum and the
 // gradient e / sum, one exponential per value instead of exp(x - lse) computed again.
 float row_cross_entropy(BFloat16* x, int64_t vocab, int64_t target, float* e) {
-  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t c = 0; c < vocab; c += 16) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 mx[4] = {ninf, ninf, ninf, ninf};  // (four independent running maxima: one would wait out each max's latency)
+  int64_t c = 0;
+  for (; c + 64 <= vocab; c += 64)
+    for (int j = 0; j < 4; ++j) mx[j] = _mm512_max_ps(mx[j], load(x + c + 16 * j, 0xFFFF));
+  for (; c < vocab; c += 16) {
     const __mmask16 m = tail_mask(vocab - c);
-    mx = _mm512_mask_max_ps(mx, m, mx, load(x + c, m));
+    mx[0] = _mm512_mask_max_ps(mx[0], m, mx[0], load(x + c, m));
   }
-  const float top = _mm512_reduce_max_ps(mx);
+  const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])));
   __m512 sum = _mm512_setzero_ps();
   const __m512 shift = _mm512_set1_ps(top);
   for (int64_t c = 0; c < vocab; c += 16) {

@@ -19,7 +19,11 @@ import time
 
 
 def run_zhtune(argv: list[str]) -> dict:
+    from zhtune.allocator import use_huge_pages
     from zhtune.cli import main
+
+    if argv[:1] == ["train"]:
+        use_huge_pages()  # as the `zhtune train` command does before anything else (runs this file again)
 
     code = main(argv)
     if code:

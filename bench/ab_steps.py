@@ -11,7 +11,9 @@ two sides run in processes alternated ``--pairs`` times (base first, then this t
 other way round), so the machine's drift through a run falls on both. Printed: each process's
 sum of the steps after ``--warmup``, the last step's loss and grad norm (a change of numerics
 shows there), its minor page faults a step and its peak RSS, then the mean of each side and their
-ratio. The native kernels each side builds are cached apart, so neither evicts the other's.
+ratio. The native kernels each side builds are cached apart, so neither evicts the other's. Both
+sides run with malloc on transparent huge pages where ``zhtune train`` uses them
+(:func:`zhtune.allocator.use_huge_pages`).
 
 Why this and not a micro-benchmark: on this 2-core CPU isolated timings mislead both ways (a
 prepacked output-layer weight was 30% faster alone and nothing in the step; a widened LoRA
@@ -77,10 +79,21 @@ def child(src: str, cache: str, method: str, steps: int, records: int, settings:
     shutil.rmtree(out.parent, ignore_errors=True)
 
 
+def side_environment() -> dict[str, str]:
+    """Both sides' environment: malloc on transparent huge pages where ``zhtune train`` puts it
+    there (:func:`zhtune.allocator.use_huge_pages`), so that the steps run as they run in
+    training; the same for both, whatever each revision's own command does."""
+    import os
+
+    from zhtune.allocator import glibc_version, huge_pages_environment, thp_mode
+
+    return huge_pages_environment(os.environ, glibc_version(), thp_mode()) or dict(os.environ)
+
+
 def run_side(src: Path, cache: Path, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", str(src), str(cache), "--method", a.method, "--steps", str(a.steps),
            "--records", str(a.records), *a.settings]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=side_environment())
     if done.returncode != 0:
         sys.exit(f"a side failed ({src}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -27,7 +27,8 @@ for these 30 steps: RMSNorm and attention's backward; ``compile=false`` groups a
 Prints the groups (ms per step, forward / backward, share of the profiled step) and the top ops.
 The profiler's own overhead makes a profiled step slower than an unprofiled one (both printed).
 
-``--timers``: no profiler; a clock (``time.perf_counter``; CPU ops return when done) around the
+Like ``zhtune train``, it runs with malloc on transparent huge pages where they apply
+(:func:`zhtune.allocator.use_huge_pages`). ``--timers``: no profiler; a clock (``time.perf_counter``; CPU ops return when done) around the
 forward and backward of each of zhtune's fused functions (:data:`TIMED`), summed over ``--steps``
 unprofiled steps; the rest of the step (embeddings, residual adds, the autograd engine, Python,
 the optimizer, the data) is what they leave. The profiler slows some products far more than
@@ -256,6 +257,9 @@ def main() -> None:
     p.add_argument("settings", nargs="*", help="more key=value training settings (fused_kernels=false, ...)")
     a = p.parse_args()
 
+    from zhtune.allocator import use_huge_pages
+
+    use_huge_pages()  # (as `zhtune train` does: this script runs again, malloc on huge pages)
     import torch
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile

@@ -1,13 +1,21 @@
-"""keep_freed_memory: a tensor allocated again after being freed costs no page faults."""
+"""keep_freed_memory: a tensor allocated again after being freed costs no page faults;
+use_huge_pages: the process runs again with malloc on transparent huge pages."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from zhtune.allocator import keep_freed_memory
+from zhtune.allocator import (
+    HUGE_PAGES_TUNABLE,
+    glibc_version,
+    huge_pages_environment,
+    keep_freed_memory,
+    thp_mode,
+)
 
 CHURN = """
 import resource, sys, torch
@@ -42,3 +50,59 @@ def test_freed_tensor_memory_is_reused_without_page_faults():
 def test_idempotent():
     first = keep_freed_memory()
     assert keep_freed_memory() == first
+
+
+RERUN = """
+import os
+from zhtune.allocator import use_huge_pages
+print("start", os.getpid(), flush=True)
+use_huge_pages()
+block = bytearray(64 << 20)  # a malloc'd block, touched page by page
+for i in range(0, len(block), 4096):
+    block[i] = 1
+huge = next(line.split()[1] for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages"))
+print("ran", os.getpid(), os.environ.get("GLIBC_TUNABLES", "-"), huge, flush=True)
+"""
+
+
+def test_use_huge_pages_runs_the_process_again_on_huge_pages():
+    """The same process (PID) starts over once, with the tunable set, and its malloc'd memory then
+    sits in huge pages; started again with the tunable already there, it goes straight on."""
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "ZHTUNE_HUGE_PAGES")}
+    if huge_pages_environment(base, glibc_version(), thp_mode()) is None:
+        pytest.skip(f"no transparent huge pages for malloc here (glibc {glibc_version()}, THP {thp_mode()})")
+    def run(env: dict[str, str]) -> list[list[str]]:
+        done = subprocess.run([sys.executable, "-c", RERUN], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return [line.split() for line in done.stdout.splitlines()]
+
+    lines = run(base)
+    assert [line[0] for line in lines] == ["start", "start", "ran"]  # printed before the exec and after it
+    assert lines[0][1] == lines[1][1] == lines[2][1]  # one process throughout
+    assert lines[2][2] == f"{HUGE_PAGES_TUNABLE}=1" and int(lines[2][3]) > 0
+    lines = run({**base, "ZHTUNE_HUGE_PAGES": "0"})
+    assert [line[0] for line in lines] == ["start", "ran"] and lines[1][2] == "-"
+
+
+@pytest.mark.parametrize(
+    ("environ", "glibc", "mode", "tunables"),
+    [
+        ({}, (2, 36), "madvise", f"{HUGE_PAGES_TUNABLE}=1"),
+        ({}, (2, 35), "always", f"{HUGE_PAGES_TUNABLE}=1"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 36), "madvise", f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}=1"),
+        ({"GLIBC_TUNABLES": f"{HUGE_PAGES_TUNABLE}=0"}, (2, 36), "madvise", None),  # the user's own setting
+        ({"ZHTUNE_HUGE_PAGES": "0"}, (2, 36), "madvise", None),
+        ({}, (2, 34), "madvise", None),  # (no such tunable before 2.35)
+        ({}, (), "madvise", None),  # not glibc
+        ({}, (2, 36), "never", None),
+    ],
+)
+def test_huge_pages_environment(environ, glibc, mode, tunables):
+    env = huge_pages_environment(environ, glibc, mode)
+    assert (env if env is None else env["GLIBC_TUNABLES"]) == tunables
+
+
+def test_thp_mode_reads_the_bracketed_word(tmp_path):
+    (tmp_path / "enabled").write_text("always [madvise] never\n")
+    assert thp_mode(tmp_path / "enabled") == "madvise"
+    assert thp_mode(tmp_path / "missing") == "never"

@@ -15,13 +15,27 @@ advice for PyTorch on CPUs), without preloading a library. The resident size doe
 between steps. Meant for the allocate-free-repeat pattern of training and generation on a CPU
 (``zhtune train`` and everything that loads a run for inference call it; batched generation
 gets about 5% faster); glibc only (elsewhere it does nothing).
+
+:func:`use_huge_pages` backs malloc's memory with transparent huge pages (2 MiB instead of 4 KiB:
+far fewer TLB misses over a step's gigabytes of activations and weights, and 512x fewer page
+faults while the heap first grows). glibc does that only when told so as the process starts
+(the ``glibc.malloc.hugetlb`` tunable, read from ``GLIBC_TUNABLES``), so ``zhtune train`` started
+from its own command line runs itself again, same arguments and PID, with the tunable added. On
+SmolLM2's LoRA step (4 x 512 tokens, this 2-core CPU; 5 pairs of processes alternated) the
+median step went 0.975-1.03 -> 0.94-0.97 s (-3 to -6%, every pair) and the first step 1.32-1.55
+-> 1.16-1.25 s; full fine-tuning within the noise; peak RSS unchanged (2.26, 3.24 GiB).
+``ZHTUNE_HUGE_PAGES=0`` turns it off; nothing happens where glibc is older than 2.35 or the kernel's
+transparent huge pages are ``never``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 #: glibc's mallopt parameters (malloc.h)
@@ -79,3 +93,58 @@ def hand_back_memory() -> bool:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return bool(trim(0))
+
+
+#: glibc's malloc tunable (glibc 2.35 and later) backing its heap and mapped blocks with
+#: transparent huge pages (``madvise(MADV_HUGEPAGE)``); read only when a process starts.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+#: Where the kernel says whether transparent huge pages are used: ``always [madvise] never``.
+THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def glibc_version() -> tuple[int, ...]:
+    """This process's glibc version, ``(2, 36)``; ``()`` off glibc."""
+    try:
+        name, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").split()
+    except (ValueError, OSError, AttributeError):
+        return ()
+    return tuple(int(part) for part in version.split(".")) if name == "glibc" else ()
+
+
+def thp_mode(path: Path = THP_MODE_FILE) -> str:
+    """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``); ``never``
+    where it cannot be read."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return "never"
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else "never"
+
+
+def huge_pages_environment(
+    environ: Mapping[str, str], glibc: tuple[int, ...], mode: str
+) -> dict[str, str] | None:
+    """``environ`` with :data:`HUGE_PAGES_TUNABLE` added to ``GLIBC_TUNABLES`` (after any tunables
+    already there), or None where it does not apply: ``glibc`` older than 2.35 or none, the
+    kernel's ``mode`` ``never``, the tunable already set (by the user, or by the run itself), or
+    ``ZHTUNE_HUGE_PAGES=0``."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if (
+        environ.get("ZHTUNE_HUGE_PAGES", "1") == "0" or HUGE_PAGES_TUNABLE in tunables
+        or glibc < (2, 35) or mode not in ("always", "madvise")
+    ):  # fmt: skip
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{HUGE_PAGES_TUNABLE}=1"]))}
+
+
+def use_huge_pages() -> None:
+    """Run this process again (the same interpreter and command line, the same PID: ``execve``)
+    with malloc on transparent huge pages (:func:`huge_pages_environment`); returns, doing
+    nothing, where that does not apply. Only for a process's own entry point (the ``zhtune``
+    command): whatever it ran before is started over."""
+    env = huge_pages_environment(os.environ, glibc_version(), thp_mode())
+    if env is None or not sys.orig_argv:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, list(sys.orig_argv), env)

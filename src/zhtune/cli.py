@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from zhtune import __version__
+from zhtune.allocator import use_huge_pages
 from zhtune.data import commands as data_commands
 from zhtune.errors import ZhtuneError
 from zhtune.eval import commands as eval_commands
@@ -47,8 +48,11 @@ def build_parser(full_help_for: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zhtune`` console script; returns the exit status."""
+    entry = argv is None  # (the process's own command line, not a caller's list)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    if entry and command == "train":
+        use_huge_pages()  # (runs this command again with malloc on huge pages: zhtune.allocator)
     parser = build_parser(full_help_for=command)
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also follow flags (`zhtune train c.yaml --no-progress lr=1e-4`)

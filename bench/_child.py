@@ -31,6 +31,16 @@ def run_zhtune(argv: list[str]) -> dict:
     return {}
 
 
+def huge_pages_mb() -> float:
+    """This process's anonymous memory in transparent huge pages now (``AnonHugePages``; 0 where
+    it cannot be read): whether the job ran on them (its heap keeps what it grew to)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("AnonHugePages")), 0.0)
+    except OSError:
+        return 0.0
+
+
 def run_cmd(argv: list[str]) -> dict:
     import subprocess
 
@@ -148,4 +158,5 @@ if __name__ == "__main__":
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     info["peak_rss_mb"] = max(own, children) / 1024
     info["peak_children_rss_mb"] = children / 1024
+    info["huge_pages_mb"] = huge_pages_mb()
     print(json.dumps(info))

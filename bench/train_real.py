@@ -110,6 +110,7 @@ def result(info: dict, loop_s: float, steps: int, losses: list[float], own_token
         "losses": losses,
         "own_tokens": own_tokens,
         "peak_rss_mb": info["tree_peak_rss_mb"],
+        "huge_pages_mb": info.get("huge_pages_mb", 0.0),
         **{k: info[k] for k in ("hidden", "trainable_dtype") if k in info},
     }
 
@@ -436,7 +437,8 @@ def main() -> None:
                     row |= s.run(b, method, out)
                     peaks.append(peak_gflops("bf16", a.peak_seconds))
                     print(
-                        f"  {label}: {row['loop_s']:.1f} s loop, {row['wall_s']:.1f} s wall; "
+                        f"  {label}: {row['loop_s']:.1f} s loop, {row['wall_s']:.1f} s wall, "
+                        f"{row['huge_pages_mb'] / 1024:.2f} GiB in huge pages at its end; "
                         f"bf16 peak after it {peaks[-1]:,.0f} GFLOP/s",
                         file=sys.stderr,
                     )

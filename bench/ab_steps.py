@@ -85,9 +85,9 @@ def side_environment() -> dict[str, str]:
     training; the same for both, whatever each revision's own command does."""
     import os
 
-    from zhtune.allocator import glibc_version, huge_pages_environment, thp_mode
+    from zhtune.allocator import huge_pages_here
 
-    return huge_pages_environment(os.environ, glibc_version(), thp_mode()) or dict(os.environ)
+    return huge_pages_here() or dict(os.environ)
 
 
 def run_side(src: Path, cache: Path, a: argparse.Namespace) -> dict:

@@ -65,12 +65,10 @@ def peak_gflops(dtype: str, seconds: float = 1.5) -> float:
     (:func:`zhtune.allocator.use_huge_pages`; where they apply). Huge pages raise the measured
     peak too (2,891-3,154 -> 3,329-3,541 GFLOP/s at 2048^2 and 3072^2, twice each on 2026-12-07),
     and a roofline against the lower one would flatter a job that runs on them."""
-    import os
-
-    from zhtune.allocator import glibc_version, huge_pages_environment, thp_mode
+    from zhtune.allocator import huge_pages_here
 
     here = peak_gflops_here(dtype, seconds)
-    env = huge_pages_environment(os.environ, glibc_version(), thp_mode())
+    env = huge_pages_here()
     if env is None:
         return here
     code = f"import sys; sys.path.insert(0, {str(HERE)!r}); from train_throughput import peak_gflops_here; print(peak_gflops_here({dtype!r}, {seconds!r}))"

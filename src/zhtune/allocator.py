@@ -22,7 +22,7 @@ faults while the heap first grows). glibc does that only when told so as the pro
 (the ``glibc.malloc.hugetlb`` tunable, read from ``GLIBC_TUNABLES``), so ``zhtune train`` started
 from its own command line runs itself again, same arguments and PID, with the tunable added. On
 SmolLM2's LoRA step (4 x 512 tokens, this 2-core CPU; 5 pairs of processes alternated) the
-median step went 0.975-1.03 -> 0.94-0.97 s (-3 to -6%, every pair) and the first step 1.32-1.55
+median step went 0.975-1.03 -> 0.91-0.97 s (-3 to -6%, every pair) and the first step 1.32-1.55
 -> 1.16-1.25 s; full fine-tuning within the noise; peak RSS unchanged (2.26, 3.24 GiB).
 ``ZHTUNE_HUGE_PAGES=0`` turns it off; nothing happens where glibc is older than 2.35 or the kernel's
 transparent huge pages are ``never``.
@@ -137,12 +137,18 @@ def huge_pages_environment(
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{HUGE_PAGES_TUNABLE}=1"]))}
 
 
+def huge_pages_here() -> dict[str, str] | None:
+    """:func:`huge_pages_environment` of this process's environment, glibc and kernel: the
+    environment a process started from here needs to run on huge pages, or None."""
+    return huge_pages_environment(os.environ, glibc_version(), thp_mode())
+
+
 def use_huge_pages() -> None:
     """Run this process again (the same interpreter and command line, the same PID: ``execve``)
-    with malloc on transparent huge pages (:func:`huge_pages_environment`); returns, doing
-    nothing, where that does not apply. Only for a process's own entry point (the ``zhtune``
-    command): whatever it ran before is started over."""
-    env = huge_pages_environment(os.environ, glibc_version(), thp_mode())
+    with malloc on transparent huge pages (:func:`huge_pages_here`); returns, doing nothing,
+    where that does not apply. Only for a process's own entry point (the ``zhtune`` command):
+    whatever it ran before is started over."""
+    env = huge_pages_here()
     if env is None or not sys.orig_argv:
         return
     sys.stdout.flush()

@@ -186,3 +186,31 @@ def test_chat_runs_on_the_device_asked_for(device, tiny_model_dir, monkeypatch):
     assert seen["param"].device.type == "cpu" and seen["param"].dtype == torch.float32
     assert "zhtune chat (template chatml; cpu, fp32)" in seen["stdout"]
     assert seen["stdout"].count("助手 Assistant>") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "reruns"),
+    [
+        (["train", "--help"], True),
+        (["quickstart", "--help"], True),
+        (["experiment", "--help"], True),
+        (["predict", "--help"], False),
+        (["eval", "exam", "--help"], False),
+        (["--version"], False),
+    ],
+)
+def test_commands_that_train_start_over_on_huge_pages(argv, reruns, monkeypatch):
+    """Started from the command line, the commands that train in their own process run again on
+    huge pages (zhtune.allocator.use_huge_pages); the others, and main([...]) called from Python,
+    go straight on."""
+    import zhtune.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "use_huge_pages", lambda: calls.append(argv[0]))
+    monkeypatch.setattr(sys, "argv", ["zhtune", *argv])
+    with pytest.raises(SystemExit):  # (--help and --version exit)
+        cli.main()
+    assert calls == ([argv[0]] if reruns else [])
+    with pytest.raises(SystemExit):
+        cli.main(argv)  # (a caller's own list: never)
+    assert calls == ([argv[0]] if reruns else [])

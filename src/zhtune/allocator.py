@@ -19,8 +19,9 @@ gets about 5% faster); glibc only (elsewhere it does nothing).
 :func:`use_huge_pages` backs malloc's memory with transparent huge pages (2 MiB instead of 4 KiB:
 far fewer TLB misses over a step's gigabytes of activations and weights, and 512x fewer page
 faults while the heap first grows). glibc does that only when told so as the process starts
-(the ``glibc.malloc.hugetlb`` tunable, read from ``GLIBC_TUNABLES``), so ``zhtune train`` started
-from its own command line runs itself again, same arguments and PID, with the tunable added. On
+(the ``glibc.malloc.hugetlb`` tunable, read from ``GLIBC_TUNABLES``), so the commands that train
+(``zhtune train``, ``quickstart``, ``experiment``: :data:`zhtune.cli.TRAINING_COMMANDS`) started
+from their own command line run themselves again, same arguments and PID, with the tunable added. On
 SmolLM2's LoRA step (4 x 512 tokens, this 2-core CPU; 5 pairs of processes alternated) the
 median step went 0.975-1.03 -> 0.91-0.97 s (-3 to -6%, every pair) and the first step 1.32-1.55
 -> 1.16-1.25 s; full fine-tuning within the noise; peak RSS unchanged (2.26, 3.24 GiB).

@@ -20,10 +20,10 @@ import time
 
 def run_zhtune(argv: list[str]) -> dict:
     from zhtune.allocator import use_huge_pages
-    from zhtune.cli import main
+    from zhtune.cli import TRAINING_COMMANDS, main
 
-    if argv[:1] == ["train"]:
-        use_huge_pages()  # as the `zhtune train` command does before anything else (runs this file again)
+    if argv[:1] and argv[0] in TRAINING_COMMANDS:
+        use_huge_pages()  # as the `zhtune` command does for them before anything else (runs this file again)
 
     code = main(argv)
     if code:

@@ -86,6 +86,24 @@ def test_small_chunks_and_bf16_autocast(tiny_tokenizer, monkeypatch):
         assert (got_grads[name] - grad).abs().max() <= 0.02 * grad.abs().max(), name
 
 
+def test_the_transposed_weight_is_kept_while_the_weight_is_unchanged():
+    """A frozen weight's transpose is made once and kept; an in-place change, another tensor or
+    another dtype makes it again; a trained weight's is made at every call, never kept."""
+    weight = torch.randn(64, 48)
+    kept = fused.KeptTranspose()
+    first = kept.get(weight, torch.float32)
+    assert torch.equal(first, weight.T) and first.is_contiguous() and kept.get(weight, torch.float32) is first
+    weight.mul_(2)  # (its version moves)
+    again = kept.get(weight, torch.float32)
+    assert again is not first and torch.equal(again, weight.T)
+    assert kept.get(weight, torch.bfloat16).dtype == torch.bfloat16
+    other = weight.clone()
+    assert torch.equal(kept.get(other, torch.float32), other.T)
+    trained = torch.randn(64, 48, requires_grad=True)
+    one, two = kept.get(trained, torch.float32), kept.get(trained, torch.float32)
+    assert one is not two and torch.equal(one, trained.detach().T) and not one.requires_grad
+
+
 def test_output_layer_is_none_for_an_adapted_head(tiny_tokenizer):
     """A LoRA on the output layer (or any wrapper) leaves the model's own loss in charge."""
     from peft import LoraConfig, get_peft_model

@@ -27,9 +27,9 @@ CHUNK_ELEMENTS = 1 << 19
 #: large vocabulary (Qwen's 152k x 896 is 272 MB in bf16) must not be read per handful of rows.
 #: (SmolLM2's 49k: LoRA and full fine-tuning steps ~1% faster at 256 rows than at 128.)
 MIN_CHUNK_ROWS = 256
-#: A trained output layer's weight gradient is one product per this many chunks' logit gradients
-#: (kept in bf16 until then: 50 MB for 2 x 256 rows of SmolLM2's 49k vocabulary): a product over
-#: each chunk's 128 rows alone was a thin matmul, ~1.3 s of a full fine-tuning step.
+#: A trained output layer's weight gradient is one addition into its fp32 gradient per this many
+#: chunks (their products summed in the compute dtype first): each addition reads and writes the
+#: whole fp32 ``(vocab, h)`` gradient, 113 MB each way for SmolLM2, ~2/3 of a product's time.
 WEIGHT_GRAD_CHUNKS = 2
 
 
@@ -50,76 +50,122 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
-def _add_weight_grad(
-    total: torch.Tensor | None, grads: torch.Tensor, hs: torch.Tensor, rows: int = 4096
-) -> torch.Tensor:
-    """``total + grads^T @ hs`` in fp32, in place (``total`` None: a new fp32 zero tensor first),
-    for logit gradients ``grads`` ``(n, vocab)`` and hidden rows ``hs`` ``(n, h)`` in the compute
-    dtype: ``rows`` vocabulary rows at a time. Whole, the bf16 product ``(vocab, h)`` (57 MB for
-    SmolLM2's output layer) and the fp32 copy the addition converts it into (113 MB) would both
-    exist at the step's peak of memory; a block at a time, they are ``rows`` rows."""
+def transposed(weight: torch.Tensor) -> torch.Tensor:
+    """``weight.T`` ``(h, vocab)`` contiguous, for ``weight`` ``(vocab, h)``: by zhtune's bf16
+    transpose kernel where it applies (SmolLM2's 49k x 576: ~19 against ~41 ms strided)."""
+    if (
+        native.elementwise(weight.device.type, weight.dtype == torch.bfloat16)
+        and weight.shape[0] % 32 == 0
+        and weight.shape[1] % 16 == 0
+    ):
+        return torch.ops.zhtune_cpu_ops.transpose(weight)
+    return weight.T.contiguous()
+
+
+class KeptTranspose:
+    """A frozen output layer's weight transposed and cast once, ``(h, vocab)`` in the compute
+    dtype, kept while the weight is the same unchanged tensor (its identity, version and dtype):
+    made afresh at every step it cost as much as it saves (~19 ms for SmolLM2). A trained weight's
+    is made afresh at every call and not kept (it changes at every step)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] = ()
+        self._weight: torch.Tensor | None = None  # (held, so its id is never reused)
+        self._value: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if weight.requires_grad:
+            return transposed(weight.detach().to(dtype))
+        key = (weight.data_ptr(), weight._version, weight.dtype, dtype)
+        if self._value is None or self._weight is not weight or key != self._key:
+            self._weight, self._key, self._value = weight, key, transposed(weight.detach().to(dtype))
+        return self._value
+
+
+def _add_weight_grad(total: torch.Tensor | None, grads: torch.Tensor, hs: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """``total + sum_i grads[i] @ hs[i]`` in fp32, in place (``total`` None: a new fp32 zero
+    tensor first), for chunks' logit gradients ``grads`` ``(k, vocab, n)`` and hidden rows ``hs``
+    ``(k, n, h)`` in the compute dtype: ``rows`` vocabulary rows at a time, the chunks' products
+    summed in the compute dtype and added once. Whole, the product ``(vocab, h)`` (57 MB in bf16
+    for SmolLM2's output layer) and the fp32 copy the addition converts it into (113 MB) would
+    both exist at the step's peak of memory; a block at a time, they are ``rows`` rows."""
     if total is None:
-        total = torch.zeros(grads.shape[1], hs.shape[1], dtype=torch.float32, device=hs.device)
+        total = torch.zeros(grads.shape[1], hs.shape[2], dtype=torch.float32, device=hs.device)
     for start in range(0, grads.shape[1], rows):
-        total[start : start + rows] += grads[:, start : start + rows].T @ hs
+        part = grads[0, start : start + rows] @ hs[0]
+        for g, h in zip(grads[1:], hs[1:]):
+            part.addmm_(g[start : start + rows], h)
+        total[start : start + rows] += part
     return total
 
 
 def _chunk_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """The gradient ``softmax - one_hot`` (fp32, ``(rows, vocab)``) of a chunk's logits, whose
-    first ``len(targets)`` rows are labelled (the rest padding: zero gradient); their loss is added
-    to ``loss`` in place. (log_softmax is one vectorised kernel; logsumexp and a subtraction take
-    3x longer; its dtype argument reads the bf16 logits as fp32 without a copy: 4.4 against 6.1 ms
-    a 128 x 49k chunk.)"""
+    """The gradient ``softmax - one_hot`` (fp32, ``(vocab, rows)``, a transposed view) of a
+    chunk's logits ``(vocab, rows)``, whose first ``len(targets)`` columns are labelled (the rest
+    padding: zero gradient); their loss is added to ``loss`` in place. (log_softmax is one
+    vectorised kernel; logsumexp and a subtraction take 3x longer; its dtype argument reads the
+    bf16 logits as fp32 without a copy: 4.4 against 6.1 ms a 128 x 49k chunk.)"""
     n = len(targets)
-    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    logp = torch.log_softmax(logits.T, dim=-1, dtype=torch.float32)  # (rows, vocab)
     loss -= logp[:n].gather(1, targets[:, None]).sum()
     grad = logp.exp_()  # the softmax, in place
     grad[torch.arange(n, device=targets.device), targets] -= 1.0
     grad[n:] = 0.0  # the padding rows
-    return grad
+    return grad.T
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """``sum(cross_entropy(hidden @ weight.T, targets))`` (a scalar), chunk by chunk.
 
-    ``hidden`` is ``(n, h)``, ``weight`` ``(vocab, h)``, ``targets`` ``(n,)`` (every row counts).
-    The forward pass computes each chunk's logits in the compute dtype, its log-softmax and loss
-    in fp32, and the gradient ``softmax - one_hot`` straight away, turning it into the gradients
-    of ``hidden`` (and of ``weight`` when it is trained); backward scales them.
+    ``hidden`` is ``(n, h)``, ``weight`` ``(vocab, h)``, ``targets`` ``(n,)`` (every row counts);
+    ``weight_t``: ``weight.T`` contiguous in the compute dtype (:class:`KeptTranspose`), or None
+    to make it here. The forward pass computes each chunk's logits transposed, ``(vocab, rows)
+    = W h^T``, in the compute dtype (the product with the wide weight as its left operand, which
+    oneDNN reads as it lies; as ``h W^T`` it repacked the weight at every chunk: SmolLM2's 256 x
+    49k logits 5.2 against 10.1 ms, the hidden gradient ``W^T G`` 7.0 against 8.2 ms), their
+    log-softmax and loss in fp32, and the gradient ``softmax - one_hot`` straight away, turning it
+    into the gradients of ``hidden`` (and of ``weight`` when it is trained); backward scales them.
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        weight_t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         dtype = compute_dtype(hidden)
         w = weight.to(dtype)
-        rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // weight.shape[0])
+        wt = transposed(w) if weight_t is None else weight_t
+        vocab = weight.shape[0]
+        rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = None
-        group = rows * WEIGHT_GRAD_CHUNKS  # chunks' logit gradients and rows, for the weight's gradient
-        if ctx.needs_input_grad[1]:
-            grads = torch.empty(group, weight.shape[0], dtype=dtype, device=hidden.device)
-            hs = torch.empty(group, weight.shape[1], dtype=dtype, device=hidden.device)
+        trained = ctx.needs_input_grad[1]
+        group = WEIGHT_GRAD_CHUNKS if trained else 1  # chunks whose logit gradients the weight's gradient takes at once
+        grads = torch.empty(group, vocab, rows, dtype=dtype, device=hidden.device)
+        hs = torch.empty(group, rows, weight.shape[1], dtype=dtype, device=hidden.device) if trained else None
         fused_ce = native.elementwise(hidden.device.type, dtype == torch.bfloat16)
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], rows):
+            for i, start in enumerate(range(0, hidden.shape[0], rows)):
                 t = targets[start : start + rows]
                 n = len(t)
                 h = _pad_rows(hidden[start : start + rows].to(dtype), rows - n)
-                at = start % group
-                if ctx.needs_input_grad[1]:  # into the group's buffers, multiplied once the group is full (or last)
-                    hs[at : at + rows] = h
+                at = i % group
+                logits = torch.mm(w, h.T, out=grads[at])  # (vocab, rows)
                 if fused_ce:  # the loss and the gradient in place of the bf16 logits (csrc/cpu_ops.cpp)
-                    grad = torch.mm(h, w.T, out=grads[at : at + rows]) if ctx.needs_input_grad[1] else h @ w.T
-                    loss += torch.ops.zhtune_cpu_ops.cross_entropy_(grad, t, n)
+                    loss += torch.ops.zhtune_cpu_ops.cross_entropy_columns_(logits, t, n)
+                    grad = logits
                 else:
-                    grad = _chunk_cross_entropy(h @ w.T, t, loss)
-                    grad = grads[at : at + rows].copy_(grad) if ctx.needs_input_grad[1] else grad.to(dtype)
-                grad_hidden[start : start + n] = (grad @ w)[:n]
-                if ctx.needs_input_grad[1] and (at + rows == group or start + rows >= hidden.shape[0]):
-                    grad_weight = _add_weight_grad(grad_weight, grads[: at + rows], hs[: at + rows])
-        if ctx.needs_input_grad[1] and grad_weight is None:  # (no labelled row)
+                    grad = grads[at].copy_(_chunk_cross_entropy(logits, t, loss))
+                grad_hidden[start : start + n] = (wt @ grad)[:, :n].T
+                if trained:  # the weight's gradient once the group is full (or last)
+                    hs[at] = h
+                    if at + 1 == group or start + rows >= hidden.shape[0]:
+                        grad_weight = _add_weight_grad(grad_weight, grads[: at + 1], hs[: at + 1])
+        if trained and grad_weight is None:  # (no labelled row)
             grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
         ctx.weight_dtype = weight.dtype
@@ -129,7 +175,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_w = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_w, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_w, None, None
 
 
 def output_layer(model: Any) -> Any:
@@ -161,7 +207,9 @@ def fused_causal_lm_loss(model: Any, head: Any, inputs: dict[str, Any], num_item
     out = model(**features, output_hidden_states=True, logits_to_keep=none, use_cache=False)
     targets = labels[:, 1:]
     labelled = targets != -100
-    loss = LinearCrossEntropy.apply(out.hidden_states[-1][:, :-1][labelled], head.weight, targets[labelled])
+    hidden = out.hidden_states[-1][:, :-1][labelled]
+    weight_t = vars(head).setdefault("_zhtune_transposed", KeptTranspose()).get(head.weight, compute_dtype(hidden))
+    loss = LinearCrossEntropy.apply(hidden, head.weight, targets[labelled], weight_t)
     return loss / num_items
 
 

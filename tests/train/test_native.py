@@ -127,9 +127,9 @@ def test_cross_entropy_kernel_over_extreme_logits(layout):
     """The loss kernels' exponential (``vec_math.h``: a polynomial and ``scalef``) over logits
     spread across +-100, a target 200 below the row's top (its probability underflows to 0) and a
     tail of 7 lanes: the loss to fp32 rounding of PyTorch's fp32 cross-entropy, every gradient
-    ``softmax - one_hot`` within bf16 rounding, nothing infinite or NaN, padding rows zeroed. The
-    ``columns`` kernel takes the logits transposed, ``(vocab, positions)``, and its online
-    maxima must survive a maximum that rises block after block (row 0's linear ramp)."""
+    ``softmax - one_hot`` within bf16 rounding, nothing infinite or NaN, padding zeroed. The
+    ``columns`` kernel takes the logits transposed, ``(vocab, positions)``, and leaves each
+    column's gradient times its sum of exponentials, with the sum's inverse returned."""
     torch.manual_seed(0)
     vocab = 1031
     logits = torch.randn(6, vocab) * 30
@@ -145,8 +145,9 @@ def test_cross_entropy_kernel_over_extreme_logits(layout):
         loss = torch.ops.zhtune_cpu_ops.cross_entropy_(grad, targets, 4)
     else:
         grad_t = logits.T.contiguous()
-        loss = torch.ops.zhtune_cpu_ops.cross_entropy_columns_(grad_t, targets, 4)
-        grad = grad_t.T
+        loss, inv_sum = torch.ops.zhtune_cpu_ops.cross_entropy_columns_(grad_t, targets, 4)
+        assert not inv_sum[4:].any()
+        grad = grad_t.T.float() * inv_sum[:, None]
     assert torch.isfinite(grad.float()).all() and loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert want.item() > 200  # (row 0's target is 200 below its top)
     assert (grad[:4].float() - ref.grad).abs().max().item() < 4e-3 and not grad[4:].float().any()
@@ -155,20 +156,26 @@ def test_cross_entropy_kernel_over_extreme_logits(layout):
 @needs_ops
 def test_column_cross_entropy_against_fp64():
     """SmolLM2's vocabulary and a chunk of 70 positions (a tail of 6 lanes), 50 labelled: the
-    transposed kernel's loss within 1e-7 of PyTorch's fp64 cross-entropy (its running sums are
-    fp64; the row kernel's fp32 lanes: 2e-7 here) and every gradient ``softmax - one_hot``
-    rounded once to bf16 (within half a bf16 step of fp64's, and a hair for the exponential)."""
+    transposed kernel's loss within 1e-7 of PyTorch's fp64 cross-entropy (its sums are fp64; the
+    row kernel's fp32 lanes: 2e-7 here), each column left as ``s (softmax - one_hot)`` for its
+    sum of exponentials ``s`` (``1/s`` returned), every value rounded once to bf16 (within half a
+    bf16 step of fp64's, and a hair for the exponential): the target's ``s (p - 1)`` too, so
+    a confident token's small gradient is not a difference of rounded numbers."""
     torch.manual_seed(0)
     logits = (torch.randn(70, 49152) * 4).bfloat16()
+    logits[0, 7] = 26.0  # (a confident position: p close to 1 at its target)
     targets = torch.randint(0, 49152, (70,))
+    targets[0] = 7
     ref = logits[:50].double().requires_grad_()
     want = torch.nn.functional.cross_entropy(ref, targets[:50], reduction="sum")
     want.backward()
     columns = logits.T.contiguous()
-    got = torch.ops.zhtune_cpu_ops.cross_entropy_columns_(columns, targets, 50)
+    got, inv_sum = torch.ops.zhtune_cpu_ops.cross_entropy_columns_(columns, targets, 50)
     assert got.item() == pytest.approx(want.item(), rel=1e-7)
-    grad = columns.T.double()
-    assert ((grad[:50] - ref.grad).abs() <= ref.grad.abs() * 2.0**-8 * 1.01 + 1e-30).all() and not grad[50:].any()
+    exact = ref.grad / inv_sum[:50, None].double()  # s (softmax - one_hot)
+    scaled = columns.T.double()
+    assert ((scaled[:50] - exact).abs() <= exact.abs() * 2.0**-8 * 1.01 + 1e-30).all() and not scaled[50:].any()
+    assert -0.05 < ref.grad[0, 7] < 0 and not inv_sum[50:].any()
     with pytest.raises(RuntimeError, match="out of the vocabulary"):
         torch.ops.zhtune_cpu_ops.cross_entropy_columns_(columns, torch.full((70,), 49152), 1)
 

@@ -114,6 +114,11 @@ def _chunk_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss: torc
     return grad.T
 
 
+def _scale_rows(t: torch.Tensor, scale: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``t`` ``(n, h)`` with row ``i`` times ``scale[i]`` (fp32; None: ``t`` as it is)."""
+    return t if scale is None else t * scale[:n, None]
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """``sum(cross_entropy(hidden @ weight.T, targets))`` (a scalar), chunk by chunk.
 
@@ -155,14 +160,15 @@ class LinearCrossEntropy(torch.autograd.Function):
                 h = _pad_rows(hidden[start : start + rows].to(dtype), rows - n)
                 at = i % group
                 logits = torch.mm(w, h.T, out=grads[at])  # (vocab, rows)
-                if fused_ce:  # the loss and the gradient in place of the bf16 logits (csrc/cpu_ops.cpp)
-                    loss += torch.ops.zhtune_cpu_ops.cross_entropy_columns_(logits, t, n)
-                    grad = logits
+                if fused_ce:  # the loss, and the gradient times each column's sum in place of the bf16 logits
+                    chunk_loss, inv_sum = torch.ops.zhtune_cpu_ops.cross_entropy_columns_(logits, t, n)
+                    loss += chunk_loss
+                    grad = logits  # (csrc/cpu_ops.cpp; its products are scaled by inv_sum: (rows,))
                 else:
-                    grad = grads[at].copy_(_chunk_cross_entropy(logits, t, loss))
-                grad_hidden[start : start + n] = (wt @ grad)[:, :n].T
+                    grad, inv_sum = grads[at].copy_(_chunk_cross_entropy(logits, t, loss)), None
+                grad_hidden[start : start + n] = _scale_rows((wt @ grad)[:, :n].T, inv_sum, n)
                 if trained:  # the weight's gradient once the group is full (or last)
-                    hs[at] = h
+                    hs[at] = _scale_rows(h, inv_sum, rows)
                     if at + 1 == group or start + rows >= hidden.shape[0]:
                         grad_weight = _add_weight_grad(grad_weight, grads[: at + 1], hs[: at + 1])
         if trained and grad_weight is None:  # (no labelled row)

@@ -101,53 +101,32 @@ at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t
   return at::scalar_tensor(total, logits.options().dtype(at::kFloat));
 }
 
-// The same loss and gradient for logits laid out the other way, (vocab, cols): column j < n is a
-// labelled position's logits, columns from n on are padding (zeroed). The output layer's product
-// is ~2x faster computed as W h^T than as h W^T (oneDNN need not repack the 56 MB weight into its
-// blocked layout for every chunk: SmolLM2's 256 x 49k logits 5.2 against 10.1 ms). Each thread
-// takes a contiguous range of vocabulary rows (memory read in order: a thread walking columns
-// down the rows was ~2.5x slower) and keeps each column's running maximum and sum of
-// exponentials, a block of rows at a time in its core's cache (an online softmax: the block's
-// maxima, the sum rescaled when they rise, then the block's exponentials); the threads' maxima
-// and sums are combined, and a second pass writes exp(x - max) / sum.
+// The loss for logits laid out the other way, (vocab, cols): column j < n holds a labelled
+// position's logits, columns from n on are padding. The output layer's product is ~2x faster
+// computed as W h^T than as h W^T (oneDNN need not repack the 56 MB weight into its blocked
+// layout for every chunk: SmolLM2's 256 x 49k logits 5.2 against 10.1 ms).
+//
+// Column j is overwritten with its gradient times its sum of exponentials s_j, s_j (softmax -
+// one_hot) = exp(x - max) with s_j subtracted at the target (rounded to bf16 once, from fp64),
+// and 1/s_j is returned for the caller to scale the small products of the gradient with (the
+// hidden rows' gradient, (cols, h)). Scaled in place, the gradient would need the sum before a
+// second pass of exponentials: one exponential per logit here, where that took two (3.4 against
+// ~2 ms for 256 x 49k). Subtracting s_j at the target keeps the one-hot inside the product's
+// fp32 accumulation, so a confident token's small gradient (p_t close to 1) is not the
+// difference of two rounded numbers.
+//
+// Each thread takes a contiguous range of vocabulary rows (memory read in order: threads walking
+// columns down the rows were ~2.5x slower): a pass for each column's maximum over its rows, the
+// threads' maxima combined, then a pass writing exp(x - max) and summing it (fp32 over a block
+// of rows, then fp64: one column's sum takes ~25k terms a thread, one at a time; fp32 throughout
+// drifted ~2e-6 from the fp64 loss, 10x the row kernel's error).
 constexpr int64_t kColumnBlock = 32;  // vocabulary rows a block: 16 KB of 256 columns, in L1
 
 inline __m256 half(__m512 v, int i) {
   return i == 0 ? _mm512_castps512_ps256(v) : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
 }
 
-// Column vectors [k0, k0 + nk) (nk <= 4) of rows [v0, v1): running maxima mx (16 lanes each) and
-// sums of exponentials (fp64: one column's sum takes ~25k terms a thread, one at a time; in fp32
-// the loss drifted ~2e-6 from the fp64 reference, 10x the row kernel's) updated. The block's
-// exponentials are summed in fp32 against the block's new maximum, then added to the running sum
-// rescaled to it.
-inline void column_block_stats(const BFloat16* x, int64_t cols, int64_t v0, int64_t v1, int64_t k0, int nk,
-                               const __mmask16* lanes, float* mx, double* sum) {
-  __m512 top[4], acc[4], old[4];
-  for (int k = 0; k < nk; ++k) {
-    old[k] = top[k] = _mm512_loadu_ps(mx + 16 * (k0 + k));
-    acc[k] = _mm512_setzero_ps();
-  }
-  for (int64_t v = v0; v < v1; ++v)
-    for (int k = 0; k < nk; ++k)
-      top[k] = _mm512_mask_max_ps(top[k], lanes[k0 + k], top[k], load(x + v * cols + 16 * (k0 + k), lanes[k0 + k]));
-  for (int64_t v = v0; v < v1; ++v)
-    for (int k = 0; k < nk; ++k)
-      acc[k] = _mm512_add_ps(acc[k], _mm512_maskz_mov_ps(lanes[k0 + k], zhtune_vec::exp(_mm512_sub_ps(load(x + v * cols + 16 * (k0 + k), lanes[k0 + k]), top[k]))));
-  for (int k = 0; k < nk; ++k) {
-    // exp(old - top) rescales the sum; where nothing was seen yet (old = -inf, the sum 0) the
-    // difference is masked to 0 (exp(-inf - -inf) would be NaN).
-    const __mmask16 seen = _mm512_cmp_ps_mask(old[k], _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_GT_OQ);
-    const __m512 scale = zhtune_vec::exp(_mm512_maskz_sub_ps(seen, old[k], top[k]));
-    for (int i = 0; i < 2; ++i) {
-      double* s = sum + 16 * (k0 + k) + 8 * i;
-      _mm512_storeu_pd(s, _mm512_fmadd_pd(_mm512_loadu_pd(s), _mm512_cvtps_pd(half(scale, i)), _mm512_cvtps_pd(half(acc[k], i))));
-    }
-    _mm512_storeu_ps(mx + 16 * (k0 + k), top[k]);
-  }
-}
-
-at::Tensor cross_entropy_columns_(at::Tensor& logits, const at::Tensor& targets, int64_t n) {
+at::Tensor cross_entropy_columns_impl(at::Tensor& logits, const at::Tensor& targets, int64_t n, at::Tensor& inv_sum) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kBFloat16 && logits.is_contiguous(),
               "logits must be contiguous bf16 (vocab, cols)");
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) >= n && n <= logits.size(1),
@@ -158,50 +137,76 @@ at::Tensor cross_entropy_columns_(at::Tensor& logits, const at::Tensor& targets,
   for (int64_t j = 0; j < n; ++j) TORCH_CHECK(tp[j] >= 0 && tp[j] < vocab, "target ", tp[j], " out of the vocabulary");
   BFloat16* x = logits.data_ptr<BFloat16>();
   const int vecs = static_cast<int>((cols + 15) / 16);
+  const int64_t width = 16 * vecs;
   std::vector<__mmask16> lanes(vecs), labelled(vecs);
   for (int k = 0; k < vecs; ++k) {
     lanes[k] = tail_mask(cols - 16 * k);
     labelled[k] = 16 * k < n ? static_cast<__mmask16>(lanes[k] & tail_mask(n - 16 * k)) : 0;
   }
-  // Each part's maxima and sums, (parts, 16 vecs) floats: the parts are contiguous row ranges.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (vocab + kColumnBlock - 1) / kColumnBlock));
-  const int64_t rows = (vocab + parts - 1) / parts, width = 16 * vecs;
-  std::vector<float> mx(parts * width, -std::numeric_limits<float>::infinity());
-  std::vector<double> sum(parts * width, 0.0);
+  const int64_t rows = (vocab + parts - 1) / parts;
+  // Each part's rows, in blocks, groups of four column vectors a block: body(v0, v1, k0, nk).
+  auto blocks = [&](int64_t p, auto&& body) {
+    const int64_t end = std::min(vocab, (p + 1) * rows);
+    for (int64_t v0 = p * rows; v0 < end; v0 += kColumnBlock)
+      for (int k0 = 0; k0 < vecs; k0 += 4) body(v0, std::min(end, v0 + kColumnBlock), k0, std::min(4, vecs - k0));
+  };
+  const float ninf = -std::numeric_limits<float>::infinity();
+  std::vector<float> mx(parts * width, ninf), top(width, ninf);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
-      for (int64_t v0 = p * rows; v0 < std::min(vocab, (p + 1) * rows); v0 += kColumnBlock)
-        for (int k0 = 0; k0 < vecs; k0 += 4)
-          column_block_stats(x, cols, v0, std::min({vocab, (p + 1) * rows, v0 + kColumnBlock}), k0, std::min(4, vecs - k0),
-                             lanes.data(), mx.data() + p * width, sum.data() + p * width);
+      blocks(p, [&](int64_t v0, int64_t v1, int k0, int nk) {
+        float* m = mx.data() + p * width + 16 * k0;
+        __m512 acc[4];
+        for (int k = 0; k < nk; ++k) acc[k] = _mm512_loadu_ps(m + 16 * k);
+        for (int64_t v = v0; v < v1; ++v)
+          for (int k = 0; k < nk; ++k)
+            acc[k] = _mm512_mask_max_ps(acc[k], lanes[k0 + k], acc[k], load(x + v * cols + 16 * (k0 + k), lanes[k0 + k]));
+        for (int k = 0; k < nk; ++k) _mm512_storeu_ps(m + 16 * k, acc[k]);
+      });
   });
-  std::vector<float> top(width), inv(width), p_target(width, 0.f);
+  for (int64_t p = 0; p < parts; ++p)
+    for (int64_t j = 0; j < cols; ++j) top[j] = std::max(top[j], mx[p * width + j]);
+  std::vector<float> target_logit(n);
+  for (int64_t j = 0; j < n; ++j) target_logit[j] = static_cast<float>(x[tp[j] * cols + j]);
+  std::vector<double> sums(parts * width, 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      blocks(p, [&](int64_t v0, int64_t v1, int k0, int nk) {
+        __m512 acc[4], m[4];
+        for (int k = 0; k < nk; ++k) acc[k] = _mm512_setzero_ps(), m[k] = _mm512_loadu_ps(top.data() + 16 * (k0 + k));
+        for (int64_t v = v0; v < v1; ++v)
+          for (int k = 0; k < nk; ++k) {
+            BFloat16* q = x + v * cols + 16 * (k0 + k);
+            const __m512 e = _mm512_maskz_mov_ps(labelled[k0 + k], zhtune_vec::exp(_mm512_sub_ps(load(q, lanes[k0 + k]), m[k])));
+            _mm256_mask_storeu_epi16(q, lanes[k0 + k], (__m256i)_mm512_cvtneps_pbh(e));
+            acc[k] = _mm512_add_ps(acc[k], e);
+          }
+        for (int k = 0; k < nk; ++k)
+          for (int i = 0; i < 2; ++i) {
+            double* s = sums.data() + p * width + 16 * (k0 + k) + 8 * i;
+            _mm512_storeu_pd(s, _mm512_add_pd(_mm512_loadu_pd(s), _mm512_cvtps_pd(half(acc[k], i))));
+          }
+      });
+  });
+  float* inv = inv_sum.data_ptr<float>();
   double loss = 0.0;
   for (int64_t j = 0; j < cols; ++j) {
-    float m = -std::numeric_limits<float>::infinity();
     double s = 0.0;
-    for (int64_t p = 0; p < parts; ++p) m = std::max(m, mx[p * width + j]);
-    for (int64_t p = 0; p < parts; ++p)
-      if (sum[p * width + j] > 0.0) s += sum[p * width + j] * std::exp(static_cast<double>(mx[p * width + j]) - m);
-    top[j] = m;
-    inv[j] = static_cast<float>(1.0 / s);
+    for (int64_t p = 0; p < parts; ++p) s += sums[p * width + j];
+    inv[j] = j < n ? static_cast<float>(1.0 / s) : 0.f;
     if (j < n) {
-      const float xt = static_cast<float>(x[tp[j] * cols + j]);
-      loss += m + std::log(s) - xt;
-      p_target[j] = static_cast<float>(std::exp(static_cast<double>(xt) - m) / s);
+      loss += top[j] + std::log(s) - target_logit[j];
+      x[tp[j] * cols + j] = static_cast<BFloat16>(static_cast<float>(std::exp(static_cast<double>(target_logit[j]) - top[j]) - s));
     }
   }
-  at::parallel_for(0, vocab, kColumnBlock, [&](int64_t begin, int64_t end) {
-    for (int64_t v = begin; v < end; ++v)
-      for (int k = 0; k < vecs; ++k) {
-        BFloat16* p = x + v * cols + 16 * k;
-        const __m512 e = zhtune_vec::exp(_mm512_sub_ps(load(p, lanes[k]), _mm512_loadu_ps(top.data() + 16 * k)));
-        const __m512 g = _mm512_maskz_mul_ps(labelled[k], e, _mm512_loadu_ps(inv.data() + 16 * k));
-        _mm256_mask_storeu_epi16(p, lanes[k], (__m256i)_mm512_cvtneps_pbh(g));
-      }
-  });
-  for (int64_t j = 0; j < n; ++j) x[tp[j] * cols + j] = static_cast<BFloat16>(p_target[j] - 1.f);
   return at::scalar_tensor(loss, logits.options().dtype(at::kFloat));
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_columns_(at::Tensor& logits, const at::Tensor& targets, int64_t n) {
+  auto inv_sum = at::empty({logits.size(1)}, logits.options().dtype(at::kFloat));
+  auto loss = cross_entropy_columns_impl(logits, targets, n, inv_sum);
+  return {loss, inv_sum};
 }
 
 // ---- RMSNorm: y = w * bf16(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps), per row of h values.
@@ -493,7 +498,7 @@ at::Tensor transpose(const at::Tensor& x) {
 
 TORCH_LIBRARY(zhtune_cpu_ops, m) {
   m.def("cross_entropy_(Tensor(a!) logits, Tensor targets, int n) -> Tensor", &cross_entropy_);
-  m.def("cross_entropy_columns_(Tensor(a!) logits, Tensor targets, int n) -> Tensor", &cross_entropy_columns_);
+  m.def("cross_entropy_columns_(Tensor(a!) logits, Tensor targets, int n) -> (Tensor, Tensor)", &cross_entropy_columns_);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)", &rms_norm);
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor)",
         &rms_norm_backward);

@@ -264,9 +264,20 @@ def test_lora_bf16_training_runs_native_kernels_without_compiling(tmp_path, tiny
         return found
 
     monkeypatch.setattr(fused, "_stacked", native_swiglu)
+    from zhtune.train import lora
+
+    widened = lora.widened
+
+    def counted_widened(x2, extra):  # (counts the stacked inputs the norms wrote in place)
+        found = widened(x2, extra)
+        calls["widened"] = calls.get("widened", 0) + (found is not None)
+        return found
+
+    monkeypatch.setattr(lora, "widened", counted_widened)
     _native_and_plain_runs("lora", tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch)
-    # per step: 2 norms a layer + the final; q and k a layer; the activation forward and backward a layer
-    assert calls == {"norm": 6 * 5, "rotary": 6 * 2 * 2, "swiglu": 6 * 2 * 2}
+    # per step: 2 norms a layer + the final; q and k a layer; the activation forward and backward
+    # a layer; both stacked products of a layer read their norm's widened output (no copy)
+    assert calls == {"norm": 6 * 5, "rotary": 6 * 2 * 2, "swiglu": 6 * 2 * 2, "widened": 6 * 2 * 2}
 
 
 @needs_ops
@@ -356,3 +367,35 @@ def test_the_transpose_kernel_is_the_transpose_and_takes_over_large_weight_gradi
     fused._weight_grad(g.float(), h.float())  # fp32
     fused._weight_grad(g[:40], h[:40])  # rows the kernel does not take
     assert calls == [(64, 48)]
+
+
+@needs_ops
+def test_a_norm_writes_the_stacked_lora_input_in_place():
+    """``NativeRMSNorm`` with extra columns gives the same output, as the first columns of a wider
+    tensor; ``StackedLora`` fills the rest with ``x A^T`` instead of copying its input, with the
+    same outputs and gradients (input, A and B) as from the narrow output."""
+    from zhtune.train import fused, lora
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 20, 64).bfloat16()
+    weight = (torch.rand(64) + 0.5).bfloat16()
+    outs, ranks = (64, 32, 32), (8, 8, 8)
+    frozen = [torch.randn(o, 64).bfloat16() for o in outs]
+
+    def run(extra: int):
+        xi = x.clone().requires_grad_()
+        a = [torch.randn(r, 64, generator=torch.Generator().manual_seed(r + i)).requires_grad_() for i, r in enumerate(ranks)]
+        b = [torch.randn(o, r, generator=torch.Generator().manual_seed(o + i)).requires_grad_() for i, (o, r) in enumerate(zip(outs, ranks))]
+        y = fused.NativeRMSNorm.apply(xi, weight, 1e-6, extra)
+        in_place = lora.widened(y.reshape(-1, 64), sum(ranks)) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lora.StackedLora.apply(y.reshape(-1, 64), 3, (2.0, 2.0, 2.0), lora.WeightStack(), *frozen, None, None, None, *a, *b)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).bfloat16())
+        return y, in_place, out, [xi.grad, *(t.grad for t in a + b)]
+
+    wide, narrow = run(sum(ranks)), run(0)
+    assert wide[1] and not narrow[1]
+    assert torch.equal(wide[0], narrow[0]) and wide[0]._base.shape == (2, 20, 64 + sum(ranks))
+    assert torch.equal(wide[2], narrow[2])
+    for got, want in zip(wide[3], narrow[3]):
+        assert torch.equal(got, want)

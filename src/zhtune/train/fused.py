@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 import torch
 
 from zhtune.train import native
-from zhtune.train.lora import lora_forward, stacked_lora
+from zhtune.train.lora import lora_forward, stacked_lora, stacked_rank
 from zhtune.train.loss import compute_dtype
 
 
@@ -116,19 +116,23 @@ class NativeRMSNorm(torch.autograd.Function):
     """:func:`llama_rms_norm` of bf16 ``x`` ``(..., h)`` with a bf16 ``weight``, by the native
     kernels (``rms_norm``: fp32 statistics, ``x * rstd`` rounded to bf16 as the module rounds
     it, the weight's product rounded once); keeps ``x`` and the fp32 ``rstd`` for the closed-form
-    backward (the weight's gradient only when it is trained)."""
+    backward (the weight's gradient only when it is trained).
+
+    ``extra`` > 0: the output is the first ``h`` columns of an ``(..., h + extra)`` tensor, a
+    view whose last columns :class:`zhtune.train.lora.StackedLora` fills with its input's
+    low-rank projection, so its widened input needs no copy (:func:`zhtune.train.lora.widened`)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        y, rstd = torch.ops.zhtune_cpu_ops.rms_norm(x, weight, eps)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int = 0) -> torch.Tensor:
+        y, rstd = torch.ops.zhtune_cpu_ops.rms_norm(x, weight, eps, extra)
         ctx.save_for_backward(x, rstd, weight)
-        return y
+        return y[..., : x.shape[-1]] if extra else y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         x, rstd, weight = ctx.saved_tensors
         dx, dw = torch.ops.zhtune_cpu_ops.rms_norm_backward(grad, x, rstd, weight, ctx.needs_input_grad[1])
-        return dx, dw if ctx.needs_input_grad[1] else None, None
+        return dx, dw if ctx.needs_input_grad[1] else None, None, None
 
 
 def _rmsnorm_native_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -140,7 +144,8 @@ def _rmsnorm_native_forward(self: Any, hidden_states: torch.Tensor) -> torch.Ten
     if x.device.type == "cpu" and out_dtype is not None and torch.is_grad_enabled():
         return NarrowRMSNorm.apply(x, weight, self.variance_epsilon, out_dtype, _NATIVE_NARROW)
     if x.device.type == "cpu" and out_dtype is None and x.dtype == weight.dtype == torch.bfloat16:
-        return NativeRMSNorm.apply(x, weight, self.variance_epsilon)
+        extra = getattr(self, "_zhtune_widen", 0) if torch.is_grad_enabled() else 0
+        return NativeRMSNorm.apply(x, weight, self.variance_epsilon, extra)
     return _rmsnorm_forward(self, x)
 
 
@@ -684,6 +689,13 @@ def _llama_layer_norms(module: Any) -> list[Any]:
     return [module.input_layernorm, module.post_attention_layernorm]
 
 
+def _norm_readers(module: Any) -> list[list[Any]]:
+    """The layers that read each of :func:`_llama_layer_norms`'s norms: attention's q, k and v;
+    the MLP's gate and up."""
+    attn, mlp = module.self_attn, module.mlp
+    return [[attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]]
+
+
 def fuse_for_training(
     model: Any, compiled: bool = False, recompute_mlp: bool = True, native_kernels: bool = False
 ) -> dict[str, int]:
@@ -708,8 +720,10 @@ def fuse_for_training(
     norm_forward = _rmsnorm_compiled_forward if compiled else _rmsnorm_forward
     counts = {"lora": 0, "rmsnorm": 0, "native_rmsnorm": 0, "mlp": 0, "linear": 0}
     for module in model.modules():
-        for norm in _llama_layer_norms(module):
+        norms = _llama_layer_norms(module)
+        for norm, readers in zip(norms, _norm_readers(module) if norms else []):
             norm._zhtune_feeds_linears = True
+            norm._zhtune_widen = stacked_rank(readers)
         if type(module) is lora_layer.Linear and not module.fan_in_fan_out:
             if type(module.base_layer) is torch.nn.Linear:
                 module.forward = types.MethodType(lora_forward, module)

@@ -151,6 +151,27 @@ class WeightStack:
         return fresh
 
 
+def widened(x2: torch.Tensor, extra: int) -> torch.Tensor | None:
+    """The ``(n, in + extra)`` tensor whose first ``in`` columns ``x2`` ``(n, in)`` is, when it
+    is one (:class:`zhtune.train.fused.NativeRMSNorm` writes its output so for the stacked layers
+    it feeds: their widened input ``[x, x A^T]`` then needs no copy, ~1% of a SmolLM2 LoRA step),
+    else None."""
+    base = x2._base
+    width = x2.shape[1] + extra
+    if base is None or extra <= 0 or base.shape[-1] != width or not base.is_contiguous():
+        return None
+    if x2.data_ptr() != base.data_ptr() or x2.stride() != (width, 1) or base.numel() != x2.shape[0] * width:
+        return None
+    return base.view(-1, width)
+
+
+def stacked_rank(layers: list[Any]) -> int:
+    """The summed rank of ``layers``' one active LoRA adapter each (the extra columns of
+    :class:`StackedLora`'s widened input), or 0 where any is not a plain peft LoRA layer."""
+    ranks = [getattr(m, "r", {}).get(m.active_adapters[0], 0) if hasattr(m, "active_adapters") else 0 for m in layers]
+    return sum(ranks) if all(ranks) else 0
+
+
 class StackedLora(torch.autograd.Function):
     """``x [W_1; ...; W_k]^T + [b] + (x [A_1; ...; A_k]^T) diag(s_i B_i)^T`` for ``x`` ``(n, in)``
     (computed as ``[x, x A^T] [W, diag(s_i B_i)]^T``);
@@ -171,13 +192,18 @@ class StackedLora(torch.autograd.Function):
             # widened by k r columns (reduction depth 576 -> 592..600 costs oneDNN nothing) in
             # place of adding (x A^T) B^T into the (n, sum out) output afterwards (a read and a
             # write of it: on SmolLM2's gate/up 3.1 -> 2.2 ms a layer).
-            xe = torch.cat([x2, x2 @ a.T], dim=1)  # (n, in + k r)
+            compiling = torch.compiler.is_compiling()
+            wide = None if compiling else widened(x2, a.shape[0])
+            if wide is None:
+                xe = torch.cat([x2, x2 @ a.T], dim=1)  # (n, in + k r)
+            else:  # (the norm before it wrote x2 into the first columns: no copy)
+                wide[:, x2.shape[1] :] = x2 @ a.T
+                xe = wide
             # (sum out, in + k r). Traced by Dynamo (compiled decoder blocks), stacked afresh and
             # saved: a stack kept between calls is a side effect it cannot capture. Eager, the kept
             # stack, its frozen part handed to backward as a plain attribute: the next forward
             # rewrites the B columns in place, which a saved tensor's version check would take
             # for a change of W.
-            compiling = torch.compiler.is_compiling()
             we = stack_weights(weights, b) if compiling else stack.get(weights, b)
             y = xe @ we.T
             if biases[0] is not None:

@@ -222,13 +222,19 @@ inline float row_rstd(const BFloat16* x, int64_t h, double eps) {
   return 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(h) + static_cast<float>(eps));
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+// `extra` > 0: y is allocated `extra` columns wider, (..., h + extra), its first h columns written
+// and the rest left for the caller (zhtune.train.lora.StackedLora writes the LoRA input
+// projection x A^T there: the widened input [y, y A^T] of its one product without a copy).
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps, int64_t extra) {
   TORCH_CHECK(x_.scalar_type() == at::kBFloat16 && w_.scalar_type() == at::kBFloat16 && w_.dim() == 1 &&
                   x_.size(-1) == w_.size(0), "rms_norm: bf16 rows and a bf16 weight of their width");
+  TORCH_CHECK(extra >= 0, "rms_norm: extra columns must be >= 0");
   auto x = x_.contiguous();
   auto w = w_.contiguous();
-  const int64_t h = x.size(-1), n = x.numel() / h;
-  auto y = at::empty_like(x);
+  const int64_t h = x.size(-1), n = x.numel() / h, ld = h + extra;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = ld;
+  auto y = at::empty(shape, x.options());
   auto rstd = at::empty({n}, x.options().dtype(at::kFloat));
   const BFloat16* xp = x.data_ptr<BFloat16>();
   const BFloat16* wp = w.data_ptr<BFloat16>();
@@ -242,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_, const at::Tens
       for (int64_t c = 0; c < h; c += 16) {
         const __mmask16 m = tail_mask(h - c);
         const __m512 normed = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_mul_ps(load(xr + c, m), _mm512_set1_ps(s))));
-        store16(yp + r * h + c, _mm512_mul_ps(normed, load(wp + c, m)), m);
+        store16(yp + r * ld + c, _mm512_mul_ps(normed, load(wp + c, m)), m);
       }
     }
   });
@@ -499,7 +505,7 @@ at::Tensor transpose(const at::Tensor& x) {
 TORCH_LIBRARY(zhtune_cpu_ops, m) {
   m.def("cross_entropy_(Tensor(a!) logits, Tensor targets, int n) -> Tensor", &cross_entropy_);
   m.def("cross_entropy_columns_(Tensor(a!) logits, Tensor targets, int n) -> (Tensor, Tensor)", &cross_entropy_columns_);
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)", &rms_norm);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, int extra=0) -> (Tensor, Tensor)", &rms_norm);
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor)",
         &rms_norm_backward);
   m.def("narrow_rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)", &narrow_rms_norm);

@@ -65,8 +65,11 @@ def transposed(weight: torch.Tensor) -> torch.Tensor:
 class KeptTranspose:
     """A frozen output layer's weight transposed and cast once, ``(h, vocab)`` in the compute
     dtype, kept while the weight is the same unchanged tensor (its identity, version and dtype):
-    made afresh at every step it cost as much as it saves (~19 ms for SmolLM2). A trained weight
-    changes at every step: None, and :class:`LinearCrossEntropy` transposes the copy it casts."""
+    made afresh at every step it cost as much as it saves (~19 ms for SmolLM2). Only for bf16 on
+    a CPU with zhtune's kernels, where oneDNN's ``W^T G`` from a transposed view is ~50% slower
+    (13.0 against 8.7 ms a 256-row chunk); elsewhere (fp32: 6%; GPUs) None, and
+    :class:`LinearCrossEntropy` uses the view, so no copy is held. A trained weight changes at
+    every step: None, and the loss transposes the copy it casts."""
 
     def __init__(self) -> None:
         self._key: tuple[Any, ...] = ()
@@ -74,7 +77,7 @@ class KeptTranspose:
         self._value: torch.Tensor | None = None
 
     def get(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        if weight.requires_grad:
+        if weight.requires_grad or not native.elementwise(weight.device.type, dtype == torch.bfloat16):
             return None
         key = (weight.data_ptr(), weight._version, weight.dtype, dtype)
         if self._value is None or self._weight is not weight or key != self._key:
@@ -124,7 +127,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     ``hidden`` is ``(n, h)``, ``weight`` ``(vocab, h)``, ``targets`` ``(n,)`` (every row counts);
     ``weight_t``: ``weight.T`` contiguous in the compute dtype (:class:`KeptTranspose`), or None
-    to make it here. The forward pass computes each chunk's logits transposed, ``(vocab, rows)
+    to make it here (bf16 with zhtune's kernels; elsewhere the transposed view serves). The forward pass computes each chunk's logits transposed, ``(vocab, rows)
     = W h^T``, in the compute dtype (the product with the wide weight as its left operand, which
     oneDNN reads as it lies; as ``h W^T`` it repacked the weight at every chunk: SmolLM2's 256 x
     49k logits 5.2 against 10.1 ms, the hidden gradient ``W^T G`` 7.0 against 8.2 ms), their
@@ -142,7 +145,6 @@ class LinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = compute_dtype(hidden)
         w = weight.to(dtype)
-        wt = transposed(w) if weight_t is None else weight_t
         vocab = weight.shape[0]
         rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -153,6 +155,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grads = torch.empty(group, vocab, rows, dtype=dtype, device=hidden.device)
         hs = torch.empty(group, rows, weight.shape[1], dtype=dtype, device=hidden.device) if trained else None
         fused_ce = native.elementwise(hidden.device.type, dtype == torch.bfloat16)
+        wt = weight_t if weight_t is not None else transposed(w) if fused_ce else w.T
         with torch.autocast(hidden.device.type, enabled=False):
             for i, start in enumerate(range(0, hidden.shape[0], rows)):
                 t = targets[start : start + rows]

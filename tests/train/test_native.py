@@ -122,14 +122,13 @@ def test_rms_norm_kernels_against_fp32_autograd():
 
 
 @needs_ops
-@pytest.mark.parametrize("layout", ["rows", "columns"])
-def test_cross_entropy_kernel_over_extreme_logits(layout):
-    """The loss kernels' exponential (``vec_math.h``: a polynomial and ``scalef``) over logits
-    spread across +-100, a target 200 below the row's top (its probability underflows to 0) and a
-    tail of 7 lanes: the loss to fp32 rounding of PyTorch's fp32 cross-entropy, every gradient
+def test_cross_entropy_kernel_over_extreme_logits():
+    """The loss kernel's exponential (``vec_math.h``: a polynomial and ``scalef``) over logits
+    spread across +-100, a target 200 below the top (its probability underflows to 0) and a tail
+    of 7 lanes: the loss to fp32 rounding of PyTorch's fp32 cross-entropy, every gradient
     ``softmax - one_hot`` within bf16 rounding, nothing infinite or NaN, padding zeroed. The
-    ``columns`` kernel takes the logits transposed, ``(vocab, positions)``, and leaves each
-    column's gradient times its sum of exponentials, with the sum's inverse returned."""
+    kernel takes the logits transposed, ``(vocab, positions)``, and leaves each column's
+    gradient times its sum of exponentials, with the sum's inverse returned."""
     torch.manual_seed(0)
     vocab = 1031
     logits = torch.randn(6, vocab) * 30
@@ -140,24 +139,20 @@ def test_cross_entropy_kernel_over_extreme_logits(layout):
     ref = logits[:4].float().requires_grad_()
     want = torch.nn.functional.cross_entropy(ref, targets[:4], reduction="sum")
     want.backward()
-    if layout == "rows":
-        grad = logits.clone()
-        loss = torch.ops.zhtune_cpu_ops.cross_entropy_(grad, targets, 4)
-    else:
-        grad_t = logits.T.contiguous()
-        loss, inv_sum = torch.ops.zhtune_cpu_ops.cross_entropy_columns_(grad_t, targets, 4)
-        assert not inv_sum[4:].any()
-        grad = grad_t.T.float() * inv_sum[:, None]
-    assert torch.isfinite(grad.float()).all() and loss.item() == pytest.approx(want.item(), rel=1e-5)
+    grad_t = logits.T.contiguous()
+    loss, inv_sum = torch.ops.zhtune_cpu_ops.cross_entropy_columns_(grad_t, targets, 4)
+    assert not inv_sum[4:].any()
+    grad = grad_t.T.float() * inv_sum[:, None]
+    assert torch.isfinite(grad).all() and loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert want.item() > 200  # (row 0's target is 200 below its top)
-    assert (grad[:4].float() - ref.grad).abs().max().item() < 4e-3 and not grad[4:].float().any()
+    assert (grad[:4] - ref.grad).abs().max().item() < 4e-3 and not grad[4:].any()
 
 
 @needs_ops
 def test_column_cross_entropy_against_fp64():
     """SmolLM2's vocabulary and a chunk of 70 positions (a tail of 6 lanes), 50 labelled: the
     transposed kernel's loss within 1e-7 of PyTorch's fp64 cross-entropy (its sums are fp64; the
-    row kernel's fp32 lanes: 2e-7 here), each column left as ``s (softmax - one_hot)`` for its
+    row-layout kernel it replaced, with fp32 lanes: 2e-7 here), each column left as ``s (softmax - one_hot)`` for its
     sum of exponentials ``s`` (``1/s`` returned), every value rounded once to bf16 (within half a
     bf16 step of fp64's, and a hair for the exponential): the target's ``s (p - 1)`` too, so
     a confident token's small gradient is not a difference of rounded numbers."""

@@ -2,7 +2,8 @@
 // rounded once, where PyTorch's eager ops write and read intermediates and torch.compile costs
 // Dynamo's tracing in every process:
 //
-// * cross_entropy_: a chunk of bf16 logits' loss and gradient in place (zhtune.train.loss);
+// * cross_entropy_columns_: a chunk of transposed bf16 logits' loss and (scaled) gradient in
+//   place (zhtune.train.loss);
 // * rms_norm / rms_norm_backward: LLaMA's RMSNorm of bf16 rows with a bf16 weight, and
 //   narrow_rms_norm / narrow_rms_norm_backward: of fp32 rows handing bf16 on (zhtune.train.fused);
 // * swiglu / swiglu_backward: silu(gate) * up of LoRA's stacked gate|up rows and its gradient as
@@ -10,13 +11,6 @@
 // * rotary / rotary_backward: LLaMA's rotary embedding of bf16 queries or keys
 //   (zhtune.train.rope);
 // * transpose: a bf16 matrix transposed, for a weight gradient's matmul (zhtune.train.fused).
-//
-// The cross-entropy:
-// For each row r < n of logits (rows, vocab): lse = log(sum(exp(x))), the loss adds lse - x[t],
-// and the row is overwritten with its gradient softmax(x) - one_hot(t), computed in fp32 and
-// rounded to bf16 once; rows from n on (a chunk's padding) become zeros. Three passes over a row
-// in the core's cache (max, sum of exponentials, gradient) where the PyTorch ops wrote and read
-// fp32 copies of the whole chunk (log-softmax, exp, the one-hot subtraction, the cast to bf16).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,68 +34,7 @@ inline __m512 load(const BFloat16* x, __mmask16 m) {
   return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, x));
 }
 
-// The row's loss lse - x[target]; the row becomes softmax - one_hot in bf16. e = exp(x - max) is
-// kept in fp32 in `e` (vocab values, the thread's: in the core's cache) between the sum and the
-// gradient e / sum, one exponential per value instead of exp(x - lse) computed again.
-float row_cross_entropy(BFloat16* x, int64_t vocab, int64_t target, float* e) {
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 mx[4] = {ninf, ninf, ninf, ninf};  // (four independent running maxima: one would wait out each max's latency)
-  int64_t c = 0;
-  for (; c + 64 <= vocab; c += 64)
-    for (int j = 0; j < 4; ++j) mx[j] = _mm512_max_ps(mx[j], load(x + c + 16 * j, 0xFFFF));
-  for (; c < vocab; c += 16) {
-    const __mmask16 m = tail_mask(vocab - c);
-    mx[0] = _mm512_mask_max_ps(mx[0], m, mx[0], load(x + c, m));
-  }
-  const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])));
-  __m512 sum = _mm512_setzero_ps();
-  const __m512 shift = _mm512_set1_ps(top);
-  for (int64_t c = 0; c < vocab; c += 16) {
-    const __mmask16 m = tail_mask(vocab - c);
-    const __m512 ec = _mm512_maskz_mov_ps(m, zhtune_vec::exp(_mm512_sub_ps(load(x + c, m), shift)));
-    _mm512_mask_storeu_ps(e + c, m, ec);
-    sum = _mm512_add_ps(sum, ec);
-  }
-  const float total = _mm512_reduce_add_ps(sum);
-  const float loss = top + std::log(total) - static_cast<float>(x[target]);
-  const float p_target = e[target] / total;
-  const __m512 inv = _mm512_set1_ps(1.f / total);
-  for (int64_t c = 0; c < vocab; c += 16) {
-    const __mmask16 m = tail_mask(vocab - c);
-    _mm256_mask_storeu_epi16(x + c, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, e + c), inv)));
-  }
-  x[target] = static_cast<BFloat16>(p_target - 1.f);
-  return loss;
-}
-
-at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t n) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kBFloat16 && logits.is_contiguous(),
-              "logits must be contiguous bf16 (rows, vocab)");
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) >= n && n <= logits.size(0),
-              "targets must be int64 with a target for each of the first n rows");
-  const int64_t rows = logits.size(0), vocab = logits.size(1);
-  auto t = targets.contiguous();
-  const int64_t* tp = t.data_ptr<int64_t>();
-  for (int64_t r = 0; r < n; ++r) TORCH_CHECK(tp[r] >= 0 && tp[r] < vocab, "target ", tp[r], " out of the vocabulary");
-  BFloat16* x = logits.data_ptr<BFloat16>();
-  std::vector<float> losses(rows, 0.f);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> e;
-    e.resize(vocab);
-    for (int64_t r = begin; r < end; ++r) {
-      if (r < n) {
-        losses[r] = row_cross_entropy(x + r * vocab, vocab, tp[r], e.data());
-      } else {
-        std::fill(x + r * vocab, x + (r + 1) * vocab, BFloat16(0.f));
-      }
-    }
-  });
-  double total = 0.0;
-  for (int64_t r = 0; r < n; ++r) total += losses[r];
-  return at::scalar_tensor(total, logits.options().dtype(at::kFloat));
-}
-
-// The loss for logits laid out the other way, (vocab, cols): column j < n holds a labelled
+// The cross-entropy of logits laid out (vocab, cols): column j < n holds a labelled
 // position's logits, columns from n on are padding. The output layer's product is ~2x faster
 // computed as W h^T than as h W^T (oneDNN need not repack the 56 MB weight into its blocked
 // layout for every chunk: SmolLM2's 256 x 49k logits 5.2 against 10.1 ms).
@@ -119,14 +52,16 @@ at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t
 // columns down the rows were ~2.5x slower): a pass for each column's maximum over its rows, the
 // threads' maxima combined, then a pass writing exp(x - max) and summing it (fp32 over a block
 // of rows, then fp64: one column's sum takes ~25k terms a thread, one at a time; fp32 throughout
-// drifted ~2e-6 from the fp64 loss, 10x the row kernel's error).
+// drifted ~2e-6 from the fp64 loss, 10x the error of the row-layout kernel this replaced). Where
+// PyTorch's ops would write and read fp32 copies of the whole chunk (log-softmax, exp, the
+// one-hot subtraction, the cast to bf16), two passes over the bf16 logits.
 constexpr int64_t kColumnBlock = 32;  // vocabulary rows a block: 16 KB of 256 columns, in L1
 
 inline __m256 half(__m512 v, int i) {
   return i == 0 ? _mm512_castps512_ps256(v) : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
 }
 
-at::Tensor cross_entropy_columns_impl(at::Tensor& logits, const at::Tensor& targets, int64_t n, at::Tensor& inv_sum) {
+std::tuple<at::Tensor, at::Tensor> cross_entropy_columns_(at::Tensor& logits, const at::Tensor& targets, int64_t n) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kBFloat16 && logits.is_contiguous(),
               "logits must be contiguous bf16 (vocab, cols)");
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) >= n && n <= logits.size(1),
@@ -189,6 +124,7 @@ at::Tensor cross_entropy_columns_impl(at::Tensor& logits, const at::Tensor& targ
           }
       });
   });
+  auto inv_sum = at::empty({cols}, logits.options().dtype(at::kFloat));
   float* inv = inv_sum.data_ptr<float>();
   double loss = 0.0;
   for (int64_t j = 0; j < cols; ++j) {
@@ -200,13 +136,7 @@ at::Tensor cross_entropy_columns_impl(at::Tensor& logits, const at::Tensor& targ
       x[tp[j] * cols + j] = static_cast<BFloat16>(static_cast<float>(std::exp(static_cast<double>(target_logit[j]) - top[j]) - s));
     }
   }
-  return at::scalar_tensor(loss, logits.options().dtype(at::kFloat));
-}
-
-std::tuple<at::Tensor, at::Tensor> cross_entropy_columns_(at::Tensor& logits, const at::Tensor& targets, int64_t n) {
-  auto inv_sum = at::empty({logits.size(1)}, logits.options().dtype(at::kFloat));
-  auto loss = cross_entropy_columns_impl(logits, targets, n, inv_sum);
-  return {loss, inv_sum};
+  return {at::scalar_tensor(loss, logits.options().dtype(at::kFloat)), inv_sum};
 }
 
 // ---- RMSNorm: y = w * bf16(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps), per row of h values.
@@ -503,7 +433,6 @@ at::Tensor transpose(const at::Tensor& x) {
 }  // namespace
 
 TORCH_LIBRARY(zhtune_cpu_ops, m) {
-  m.def("cross_entropy_(Tensor(a!) logits, Tensor targets, int n) -> Tensor", &cross_entropy_);
   m.def("cross_entropy_columns_(Tensor(a!) logits, Tensor targets, int n) -> (Tensor, Tensor)", &cross_entropy_columns_);
   m.def("rms_norm(Tensor x, Tensor weight, float eps, int extra=0) -> (Tensor, Tensor)", &rms_norm);
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor)",

@@ -394,3 +394,36 @@ def test_a_norm_writes_the_stacked_lora_input_in_place():
     assert torch.equal(wide[2], narrow[2])
     for got, want in zip(wide[3], narrow[3]):
         assert torch.equal(got, want)
+
+
+@needs_ops
+@needs_native
+def test_gradient_checkpointing_with_the_norms_writing_the_stacked_input(tmp_path, tiny_tokenizer, train_file, monkeypatch):
+    """bf16 LoRA with the native kernels and gradient checkpointing (each block's forward run
+    again in backward: the norms allocate and StackedLora fills a new widened input each time):
+    the same losses as without checkpointing, the stacked products reading their norms' output
+    in place in both runs."""
+    from tests.train.test_packing import cfg, losses
+    from zhtune.models.tiny import build_tiny_llama
+    from zhtune.train import lora
+    from zhtune.train.sft import train
+
+    in_place, widened = [], lora.widened
+    monkeypatch.setattr(lora, "widened", lambda x2, extra: in_place.append(widened(x2, extra) is not None) or widened(x2, extra))
+
+    model_dir = tmp_path / "llama-d32"
+    build_tiny_llama(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=40, seed=0).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    runs = {
+        flag: losses(
+            train(
+                cfg(model_dir, train_file, tmp_path / str(flag), method="lora", packing=True, cutoff_len=128, batch_size=4,
+                    max_steps=4, logging_steps=1, lr=1e-3, precision="bf16", gradient_checkpointing=flag),
+                progress=False,
+            )
+        )
+        for flag in (False, True)
+    }  # fmt: skip
+    assert runs[True] == pytest.approx(runs[False], rel=1e-3) and len(runs[True]) == 4
+    # 4 steps x 2 layers x 2 stacked products, and the checkpointed run's forward again in backward
+    assert in_place.count(True) == 4 * 2 * 2 + 4 * 2 * 2 * 2 and all(in_place)

@@ -127,12 +127,16 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     ``hidden`` is ``(n, h)``, ``weight`` ``(vocab, h)``, ``targets`` ``(n,)`` (every row counts);
     ``weight_t``: ``weight.T`` contiguous in the compute dtype (:class:`KeptTranspose`), or None
-    to make it here (bf16 with zhtune's kernels; elsewhere the transposed view serves). The forward pass computes each chunk's logits transposed, ``(vocab, rows)
-    = W h^T``, in the compute dtype (the product with the wide weight as its left operand, which
-    oneDNN reads as it lies; as ``h W^T`` it repacked the weight at every chunk: SmolLM2's 256 x
-    49k logits 5.2 against 10.1 ms, the hidden gradient ``W^T G`` 7.0 against 8.2 ms), their
-    log-softmax and loss in fp32, and the gradient ``softmax - one_hot`` straight away, turning it
-    into the gradients of ``hidden`` (and of ``weight`` when it is trained); backward scales them.
+    to make it here (bf16 with zhtune's kernels; elsewhere the transposed view serves).
+
+    The forward pass computes each chunk's logits transposed, ``(vocab, rows) = W h^T``, in the
+    compute dtype: the product with the wide weight as its left operand, which oneDNN reads as it
+    lies (as ``h W^T`` it repacked the weight at every chunk: SmolLM2's 256 x 49k logits 5.2
+    against 10.1 ms, the hidden gradient ``W^T G`` 7.0 against 8.2 ms). Then their log-softmax
+    and loss in fp32 and the gradient ``softmax - one_hot`` straight away (bf16 on a CPU: the
+    native kernel leaves it times each position's sum of exponentials, and the products are
+    scaled back), turned into the gradients of ``hidden`` (and of ``weight`` when it is
+    trained); backward scales them by the loss's gradient.
     """
 
     @staticmethod

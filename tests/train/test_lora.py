@@ -163,3 +163,17 @@ def test_the_stacked_activation_gives_swiglu_and_its_gradient_as_one_tensor(comp
     assert x.grad.shape == x.shape and x.grad.dtype == torch.bfloat16
     assert (x.grad.float() - ref.grad).abs().max() <= 2e-2 * ref.grad.abs().max()
     assert torch.equal(kept, grad)
+
+
+def test_the_stacked_rank_a_norm_widens_its_output_by():
+    """The extra columns a norm writes for the stacked product after it: the summed rank of peft
+    LoRA layers' active adapters, 0 where any layer is not one (or missing)."""
+    from peft import LoraConfig, get_peft_model
+
+    from zhtune.train.lora import stacked_rank
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 4))
+    model = get_peft_model(net, LoraConfig(r=3, target_modules=["0", "1"]))
+    layers = [model.base_model.model[i] for i in range(3)]
+    assert stacked_rank(layers[:2]) == 6
+    assert stacked_rank(layers) == 0 and stacked_rank([layers[0], None]) == 0

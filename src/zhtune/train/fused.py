@@ -691,9 +691,12 @@ def _llama_layer_norms(module: Any) -> list[Any]:
 
 def _norm_readers(module: Any) -> list[list[Any]]:
     """The layers that read each of :func:`_llama_layer_norms`'s norms: attention's q, k and v;
-    the MLP's gate and up."""
-    attn, mlp = module.self_attn, module.mlp
-    return [[attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]]
+    the MLP's gate and up (None where a module has none: a LLaMA-code layer around another MLP)."""
+    attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
+    return [
+        [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")],
+        [getattr(mlp, name, None) for name in ("gate_proj", "up_proj")],
+    ]
 
 
 def fuse_for_training(

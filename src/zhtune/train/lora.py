@@ -167,8 +167,12 @@ def widened(x2: torch.Tensor, extra: int) -> torch.Tensor | None:
 
 def stacked_rank(layers: list[Any]) -> int:
     """The summed rank of ``layers``' one active LoRA adapter each (the extra columns of
-    :class:`StackedLora`'s widened input), or 0 where any is not a plain peft LoRA layer."""
-    ranks = [getattr(m, "r", {}).get(m.active_adapters[0], 0) if hasattr(m, "active_adapters") else 0 for m in layers]
+    :class:`StackedLora`'s widened input), or 0 where any is not a peft LoRA layer (or None). A
+    wrong guess costs nothing but speed: :func:`widened` checks the width the product needs."""
+    ranks = [
+        m.r.get(next(iter(m.active_adapters), None), 0) if isinstance(getattr(m, "r", None), dict) else 0
+        for m in layers
+    ]
     return sum(ranks) if all(ranks) else 0
 
 

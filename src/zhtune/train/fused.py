@@ -51,9 +51,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from zhtune.train import native
 from zhtune.train.lora import lora_forward, stacked_lora, stacked_rank
-from zhtune.train.loss import compute_dtype
+from zhtune.train.loss import compute_dtype, native_transposes
 
 
 def _same_code(f: Any, g: Any) -> bool:
@@ -232,11 +231,7 @@ TRANSPOSED_WEIGHT_GRAD = 3 << 18
 def _weight_grad(grad2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """``grad2^T @ x2``, ``(out, in)`` in their dtype, for ``grad2`` ``(n, out)`` and ``x2`` ``(n, in)``
     (see :data:`TRANSPOSED_WEIGHT_GRAD`)."""
-    n, out = grad2.shape
-    if (
-        out * x2.shape[1] >= TRANSPOSED_WEIGHT_GRAD and n % 32 == 0 and out % 16 == 0 and grad2.stride(1) == 1
-        and native.elementwise(grad2.device.type, grad2.dtype == torch.bfloat16)
-    ):  # fmt: skip
+    if grad2.shape[1] * x2.shape[1] >= TRANSPOSED_WEIGHT_GRAD and native_transposes(grad2):
         return torch.ops.zhtune_cpu_ops.transpose(grad2) @ x2
     return grad2.T @ x2
 

@@ -50,16 +50,20 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
+def native_transposes(t: torch.Tensor) -> bool:
+    """Whether zhtune's bf16 transpose kernel (``transpose`` in ``csrc/cpu_ops.cpp``) takes the
+    2-D ``t``: bf16 on a CPU where the kernels are loaded, contiguous rows, rows a multiple of 32
+    and columns of 16."""
+    return (
+        t.stride(1) == 1 and t.shape[0] % 32 == 0 and t.shape[1] % 16 == 0
+        and native.elementwise(t.device.type, t.dtype == torch.bfloat16)
+    )  # fmt: skip
+
+
 def transposed(weight: torch.Tensor) -> torch.Tensor:
     """``weight.T`` ``(h, vocab)`` contiguous, for ``weight`` ``(vocab, h)``: by zhtune's bf16
     transpose kernel where it applies (SmolLM2's 49k x 576: ~19 against ~41 ms strided)."""
-    if (
-        native.elementwise(weight.device.type, weight.dtype == torch.bfloat16)
-        and weight.shape[0] % 32 == 0
-        and weight.shape[1] % 16 == 0
-    ):
-        return torch.ops.zhtune_cpu_ops.transpose(weight)
-    return weight.T.contiguous()
+    return torch.ops.zhtune_cpu_ops.transpose(weight) if native_transposes(weight) else weight.T.contiguous()
 
 
 class KeptTranspose:

@@ -130,11 +130,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_columns_(at::Tensor& logits, co
   for (int64_t j = 0; j < cols; ++j) {
     double s = 0.0;
     for (int64_t p = 0; p < parts; ++p) s += sums[p * width + j];
-    inv[j] = j < n ? static_cast<float>(1.0 / s) : 0.f;
-    if (j < n) {
-      loss += top[j] + std::log(s) - target_logit[j];
-      x[tp[j] * cols + j] = static_cast<BFloat16>(static_cast<float>(std::exp(static_cast<double>(target_logit[j]) - top[j]) - s));
+    if (j >= n) {  // (padding: its column was written as zeros)
+      inv[j] = 0.f;
+      continue;
     }
+    inv[j] = static_cast<float>(1.0 / s);
+    loss += top[j] + std::log(s) - target_logit[j];
+    x[tp[j] * cols + j] = static_cast<BFloat16>(static_cast<float>(std::exp(static_cast<double>(target_logit[j]) - top[j]) - s));
   }
   return {at::scalar_tensor(loss, logits.options().dtype(at::kFloat)), inv_sum};
 }

@@ -74,6 +74,8 @@ def test_the_frozen_weights_are_stacked_once_and_again_only_when_they_change():
     _stacked_step(layers, x)
     stack = vars(layers[0])["_zhtune_weight_stack"]
     first = stack._stack
+    # [W | B | 0]: 32 inputs and 3 ranks of 4, padded to a width of 64 (backward multiplies by all of it)
+    assert first.shape[1] == lora.STACK_ALIGN * 2 and not first[:, 32 + 12 :].any()
     with torch.no_grad():
         for m in layers:  # an optimizer step on the adapters
             m.lora_B["default"].weight.add_(0.1)

@@ -119,6 +119,15 @@ def test_rms_norm_kernels_against_fp32_autograd():
     (wr * (xr * torch.rsqrt(xr.square().mean(-1, keepdim=True) + 1e-6))).backward(g)
     dx, dw = torch.ops.zhtune_cpu_ops.rms_norm_backward(g.bfloat16(), x, rstd, w, True)
     assert _rel(dx, xr.grad) < 1e-2 and _rel(dw, wr.grad) < 1e-2
+    # the gradient as the first columns of a wider buffer (StackedLora's input gradient), read in
+    # place, and with columns not contiguous (copied): the same values bit for bit
+    wide = torch.zeros(7, 10, 96, dtype=torch.bfloat16)
+    wide[..., :72] = g.bfloat16().view(7, 10, 72)
+    strided = torch.zeros(72, 70, dtype=torch.bfloat16)
+    strided.copy_(g.bfloat16().T)
+    for other in (wide[..., :72], strided.T):
+        got = torch.ops.zhtune_cpu_ops.rms_norm_backward(other, x.view(7, 10, 72), rstd, w, True)
+        assert torch.equal(got[0].view(70, 72), dx) and torch.equal(got[1], dw)
 
 
 @needs_ops

@@ -105,16 +105,28 @@ def lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     )
 
 
+STACK_ALIGN = 32
+"""The kept stack's columns are padded with zeros to a multiple of this: the input gradient's
+product ``g [W | B | 0]`` (``(n, sum out) @ (sum out, in + k r)``) runs as fast as ``g W`` alone
+at 608 output columns but ~35% slower at 592 (oneDNN, AMX; SmolLM2's gate/up), and the forward
+product through the padded stack's ``(sum out, in + k r)`` view costs what it did."""
+
+
 def stack_weights(weights: tuple[torch.Tensor, ...], b: torch.Tensor) -> torch.Tensor:
-    """``[W_1; ...; W_k | b]`` ``(sum out_i, in + c)`` in ``b``'s dtype for ``W_i`` ``(out_i, in)``
-    and ``b`` ``(sum out_i, c)``, a new tensor."""
-    return torch.cat([torch.cat([w.to(b.dtype) for w in weights]), b], dim=1)
+    """``[W_1; ...; W_k | b | 0]`` ``(sum out_i, in + c`` rounded up to :data:`STACK_ALIGN`) in
+    ``b``'s dtype for ``W_i`` ``(out_i, in)`` and ``b`` ``(sum out_i, c)``, a new tensor (zeros in
+    the padding columns)."""
+    width = weights[0].shape[1] + b.shape[1]
+    out = b.new_zeros(b.shape[0], -(-width // STACK_ALIGN) * STACK_ALIGN)
+    out[:, : weights[0].shape[1]] = torch.cat([w.to(b.dtype) for w in weights])
+    out[:, weights[0].shape[1] : width] = b
+    return out
 
 
 class WeightStack:
-    """Frozen weights ``W_1..W_k`` ``(out_i, in)`` stacked once, ``[W_1; ...; W_k | B]`` ``(sum
-    out_i, in + c)``, with a ``(sum out_i, c)`` block ``B`` that :meth:`get` writes into its last
-    columns at every call.
+    """Frozen weights ``W_1..W_k`` ``(out_i, in)`` stacked once, ``[W_1; ...; W_k | B | 0]``
+    (:func:`stack_weights`), with a ``(sum out_i, c)`` block ``B`` that :meth:`get` writes into
+    its columns ``in..in + c`` at every call.
 
     Restacking the frozen weights at every forward pass read all of them from memory and wrote a
     copy (for SmolLM2's q/k/v and gate/up, 139 MB a step: ~3% of a LoRA step). The stack is
@@ -137,12 +149,12 @@ class WeightStack:
         self.rebuilds = 0
 
     def get(self, weights: tuple[torch.Tensor, ...], b: torch.Tensor) -> torch.Tensor:
-        """``[W_1; ...; W_k | b]`` in ``b``'s dtype, for ``b`` ``(sum out_i, c)``."""
+        """``[W_1; ...; W_k | b | 0]`` in ``b``'s dtype, for ``b`` ``(sum out_i, c)``."""
         if self.rebuilds < self.MAX_REBUILDS:
             key = (*((w.data_ptr(), w._version, w.dtype) for w in weights), b.dtype, b.device, b.shape[1])
             same = len(weights) == len(self._weights) and all(w is v for w, v in zip(weights, self._weights))
             if self._stack is not None and same and key == self._key:
-                self._stack[:, -b.shape[1] :] = b
+                self._stack[:, weights[0].shape[1] : weights[0].shape[1] + b.shape[1]] = b
                 return self._stack
             self.rebuilds += self._stack is not None
         fresh = stack_weights(weights, b)
@@ -203,20 +215,20 @@ class StackedLora(torch.autograd.Function):
             else:  # (the norm before it wrote x2 into the first columns: no copy)
                 wide[:, x2.shape[1] :] = x2 @ a.T
                 xe = wide
-            # (sum out, in + k r). Traced by Dynamo (compiled decoder blocks), stacked afresh and
-            # saved: a stack kept between calls is a side effect it cannot capture. Eager, the kept
-            # stack, its frozen part handed to backward as a plain attribute: the next forward
+            # (sum out, in + k r, padded). Traced by Dynamo (compiled decoder blocks), stacked
+            # afresh and saved: a stack kept between calls is a side effect it cannot capture.
+            # Eager, the kept stack, handed to backward as a plain attribute: the next forward
             # rewrites the B columns in place, which a saved tensor's version check would take
-            # for a change of W.
+            # for a change of W (B itself changes only at the optimizer's step, after backward).
             we = stack_weights(weights, b) if compiling else stack.get(weights, b)
-            y = xe @ we.T
+            y = xe @ we[:, : xe.shape[1]].T
             if biases[0] is not None:
                 y += torch.cat([t.to(dtype) for t in biases])
         if compiling:
             ctx.save_for_backward(xe, a, b, we)
         else:
             ctx.save_for_backward(xe, a, b)
-            ctx.w = we[:, : a.shape[1]]
+            ctx.we = we
         ctx.n, ctx.scales = n, scales
         ctx.a_dtypes, ctx.b_dtypes = [t.dtype for t in lora_a], [t.dtype for t in lora_b]
         ctx.rows = [t.shape[0] for t in lora_a], [t.shape[0] for t in weights]
@@ -224,18 +236,24 @@ class StackedLora(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        xe, a, b, *we = ctx.saved_tensors
+        xe, a, b, *saved = ctx.saved_tensors
+        we = saved[0] if saved else ctx.we
         ranks, outs = ctx.rows
-        x2, xa = xe[:, : a.shape[1]], xe[:, a.shape[1] :]
-        w = we[0][:, : a.shape[1]] if we else ctx.w
+        width, rank = a.shape[1], a.shape[0]
+        x2, xa = xe[:, :width], xe[:, width:]
         with torch.autocast(grad.device.type, enabled=False):
-            g = grad.to(w.dtype)
-            gb = g @ b  # (n, k r): each layer's s_i g_i B_i
-            grad_a = torch.mm(gb.T, x2).split(ranks)
-            grad_b_all = torch.mm(xa.T, g)  # (k r, sum out); the diagonal blocks are the layers'
+            g = grad.to(we.dtype)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = (g @ w).addmm_(gb, a)
+                # [g W | g B | 0] in one product, one pass over g (for gate/up, (n, 3,072)): the
+                # frozen part of the input's gradient and each layer's s_i g_i B_i, (n, k r)
+                full = g @ we
+                gb = full[:, width : width + rank]
+                grad_x = full[:, :width].addmm_(gb, a)  # (a view: the norm before reads its rows in place)
+            else:
+                gb = g @ b
+            grad_a = torch.mm(gb.T, x2).split(ranks)
+            grad_b_all = torch.mm(xa.T, g)  # (k r, sum out); the diagonal blocks are the layers'
         grad_b, r0, o0 = [], 0, 0
         for r, o, s, dt in zip(ranks, outs, ctx.scales, ctx.b_dtypes):
             grad_b.append(grad_b_all[r0 : r0 + r, o0 : o0 + o].T.mul(s).to(dt))

@@ -196,15 +196,16 @@ inline void store_any(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p
 // mean(g * xhat)), g = grad * w, where xhat(r, c, m) is row r's normalised input (fp32) at columns
 // c..c+15; and, when weight_grad, the weight's gradient: the sum over rows of grad * bf16(xhat)
 // (fp32, h; per-thread partial sums added at the end), else an undefined tensor.
+// The gradient's rows lie gld apart (h, or a wider buffer's row: see bf16_rows).
 template <typename W, typename D, typename XHat>
-at::Tensor rms_norm_rows_backward(int64_t n, int64_t h, const BFloat16* gp, const W* wp, const float* rp, D* dp,
-                                  bool weight_grad, const at::TensorOptions& options, const XHat& xhat) {
+at::Tensor rms_norm_rows_backward(int64_t n, int64_t h, const BFloat16* gp, int64_t gld, const W* wp, const float* rp,
+                                  D* dp, bool weight_grad, const at::TensorOptions& options, const XHat& xhat) {
   auto partial = at::zeros({weight_grad ? at::get_num_threads() : 0, h}, options.dtype(at::kFloat));
   float* pp = partial.data_ptr<float>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     float* dw = weight_grad ? pp + at::get_thread_num() * h : nullptr;
     for (int64_t r = begin; r < end; ++r) {
-      const BFloat16* gr = gp + r * h;
+      const BFloat16* gr = gp + r * gld;
       __m512 acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < h; c += 16) {
         const __mmask16 m = tail_mask(h - c);
@@ -226,10 +227,23 @@ at::Tensor rms_norm_rows_backward(int64_t n, int64_t h, const BFloat16* gp, cons
   return weight_grad ? partial.sum(0) : at::Tensor();
 }
 
+// t (..., h) in bf16 as rows of h values ld apart: t itself where its rows are evenly spaced with
+// unit column stride, as a view of the first h columns of a wider buffer is (the input gradient
+// that zhtune.train.lora.StackedLora computes in one product with its low-rank part), else a
+// contiguous copy.
+std::pair<at::Tensor, int64_t> bf16_rows(const at::Tensor& t) {
+  auto x = t.to(at::kBFloat16);
+  const int64_t d = x.dim(), h = x.size(-1);
+  bool even = d >= 2 && x.stride(d - 1) == 1 && x.stride(d - 2) >= h;
+  for (int64_t i = 0; even && i + 2 < d; ++i) even = x.stride(i) == x.stride(i + 1) * x.size(i + 1);
+  if (!even) x = x.contiguous();
+  return {x, even ? x.stride(d - 2) : h};
+}
+
 // The bf16 norm's backward: xhat = x * rstd in fp32, dx bf16, dw in the weight's dtype.
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_, const at::Tensor& x_,
                                                      const at::Tensor& rstd, const at::Tensor& w_, bool weight_grad) {
-  auto grad = grad_.to(at::kBFloat16).contiguous();
+  auto [grad, gld] = bf16_rows(grad_);
   auto x = x_.contiguous();
   auto w = w_.contiguous();
   const int64_t h = x.size(-1), n = x.numel() / h;
@@ -237,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_, co
   const BFloat16* xp = x.data_ptr<BFloat16>();
   const float* rp = rstd.data_ptr<float>();
   auto dw = rms_norm_rows_backward(
-      n, h, grad.data_ptr<BFloat16>(), w.data_ptr<BFloat16>(), rp, dx.data_ptr<BFloat16>(), weight_grad, x.options(),
+      n, h, grad.data_ptr<BFloat16>(), gld, w.data_ptr<BFloat16>(), rp, dx.data_ptr<BFloat16>(), weight_grad, x.options(),
       [&](int64_t r, int64_t c, __mmask16 m) { return _mm512_mul_ps(load(xp + r * h + c, m), _mm512_set1_ps(rp[r])); });
   return {dx, weight_grad ? dw.to(w.scalar_type()) : dw};
 }
@@ -292,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor> narrow_rms_norm_backward(const at::Tensor& gr
   auto dx = at::empty({n, h}, w.options());
   const BFloat16* hp = xhat.data_ptr<BFloat16>();
   auto dw = rms_norm_rows_backward(
-      n, h, grad.data_ptr<BFloat16>(), w.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr<float>(), weight_grad,
+      n, h, grad.data_ptr<BFloat16>(), h, w.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr<float>(), weight_grad,
       w.options(), [&](int64_t r, int64_t c, __mmask16 m) { return load(hp + r * h + c, m); });
   return {dx, dw};
 }

@@ -12,8 +12,10 @@
   its layer's scaling), so the low-rank products of one layer never meet another's. Forward is one
   product of the input widened by its low-rank projection, ``[x, x A^T] [W, B]^T``, so the frozen
   and the low-rank parts add up inside the matmul instead of in a pass over the wide output; the
-  input's gradient is one matmul instead of one a layer, added up by autograd. Backward splits the
-  gradients of ``A`` and ``B`` back out.
+  input's gradient is one matmul instead of one a layer, added up by autograd. Backward reads the
+  output gradient once for the frozen part of the input's gradient and the low-rank ``g B``
+  (one product over the kept stack ``[W | B | 0]``) and splits the gradients of ``A`` and ``B``
+  back out.
 
 A layer runs here only when :func:`lora_plain` says it computes what peft's forward would
 (adapters enabled and not merged, one active adapter, no dropout, no DoRA or other variant, no

@@ -179,3 +179,32 @@ def test_the_stacked_rank_a_norm_widens_its_output_by():
     layers = [model.base_model.model[i] for i in range(3)]
     assert stacked_rank(layers[:2]) == 6
     assert stacked_rank(layers) == 0 and stacked_rank([layers[0], None]) == 0
+
+
+def test_another_adapter_through_the_kept_stack_before_backward_keeps_each_passs_gradients():
+    """Two forward passes through one kept stack with different ``B`` (two adapters of the same
+    layers, say) before one backward: the second overwrites the stack's ``B`` columns, and the
+    first pass's backward must still use its own ``B`` (the one product over the stack is taken
+    only while it holds them): every gradient equals that of two separate stacks."""
+    torch.manual_seed(0)
+    outs, ranks = (48, 16, 16), (4, 4, 4)
+    ws = [torch.randn(o, 32) for o in outs]
+
+    def run(shared: bool):
+        x = torch.randn(6, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        params = []
+        for seed in (2, 3):
+            gen = torch.Generator().manual_seed(seed)
+            a = [torch.randn(r, 32, generator=gen).requires_grad_() for r in ranks]
+            b = [torch.randn(o, r, generator=gen).requires_grad_() for o, r in zip(outs, ranks)]
+            params.append((a, b))
+        stacks = [lora.WeightStack()] * 2 if shared else [lora.WeightStack(), lora.WeightStack()]
+        ys = [
+            lora.StackedLora.apply(x, 3, (2.0,) * 3, stack, *ws, None, None, None, *a, *b)
+            for stack, (a, b) in zip(stacks, params)
+        ]
+        (ys[0] * 1.5 + ys[1]).sum().backward()
+        return [x.grad, *(t.grad for a, b in params for t in a + b)]
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -246,12 +246,18 @@ class StackedLora(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.to(we.dtype)
             grad_x = None
-            if ctx.needs_input_grad[0]:
-                # [g W | g B | 0] in one product, one pass over g (for gate/up, (n, 3,072)): the
-                # frozen part of the input's gradient and each layer's s_i g_i B_i, (n, k r)
+            # [g W | g B | 0] in one product, one pass over g (for gate/up, (n, 3,072)): the
+            # frozen part of the input's gradient and each layer's s_i g_i B_i, (n, k r); unless
+            # another forward pass through the kept stack wrote other B columns since (another
+            # adapter's, before this backward: then g W and g B apart, with this pass's B; a
+            # stack traced by Dynamo is this pass's own)
+            if ctx.needs_input_grad[0] and (saved or torch.equal(we[:, width : width + rank], b)):
                 full = g @ we
                 gb = full[:, width : width + rank]
                 grad_x = full[:, :width].addmm_(gb, a)  # (a view: the norm before reads its rows in place)
+            elif ctx.needs_input_grad[0]:
+                gb = g @ b
+                grad_x = (g @ we[:, :width]).addmm_(gb, a)
             else:
                 gb = g @ b
             grad_a = torch.mm(gb.T, x2).split(ranks)

@@ -129,9 +129,9 @@ inline __mmask16 lanes_in(int64_t c, int64_t lo, int64_t hi) {
   return static_cast<__mmask16>(((1u << b) - 1) & ~((1u << a) - 1));
 }
 
-// exp(x * scale - shift).
+// exp(x * scale - shift), to 2.7e-6 (the probabilities are rounded to bf16 next).
 inline __m512 exp_scaled(__m512 x, float scale, float shift) {
-  return zhtune_vec::exp(_mm512_fmsub_ps(x, _mm512_set1_ps(scale), _mm512_set1_ps(shift)));
+  return zhtune_vec::exp_bf16(_mm512_fmsub_ps(x, _mm512_set1_ps(scale), _mm512_set1_ps(shift)));
 }
 
 // The columns [c0, c1) of a row of n (multiples of 16) that hold its interval [lo, hi): whole

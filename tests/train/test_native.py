@@ -216,6 +216,36 @@ def test_rotary_kernels_are_the_reference_bit_for_bit(table_dtype):
     assert torch.equal(torch.ops.zhtune_cpu_ops.rotary_backward(g, cos, sin), rotate_backward(g, cos, sin))
 
 
+@needs_ops
+def test_qkv_from_the_stacked_product_rotate_and_hand_back_one_gradient():
+    """NativeQKVRotary on a stacked q/k/v product (3 query heads, 1 key/value head): q and k the
+    native rotation of the product's columns and v a view of them, bit for bit; the product's
+    gradient written as one tensor equals autograd's concatenation of the three (split views,
+    NativeRotary) bit for bit, through the grouped heads' wider and narrower column ranges."""
+    from zhtune.train.rope import NativeQKVRotary, NativeRotary
+
+    torch.manual_seed(0)
+    b, t, d, heads, kv = 2, 7, 64, 3, 1
+    cos, sin = (torch.randn(b, t, d).bfloat16() for _ in range(2))
+    grads = [torch.randn(b, n, t, d).bfloat16() for n in (heads, kv, kv)]
+
+    def run(fused: bool):
+        y = torch.randn(b, t, (heads + 2 * kv) * d, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_()
+        if fused:
+            outs = NativeQKVRotary.apply(y, cos, sin, heads, kv)
+        else:
+            q, k, v = (p.view(b, t, -1, d).transpose(1, 2) for p in y.split([heads * d, kv * d, kv * d], dim=-1))
+            outs = NativeRotary.apply(q, cos, sin), NativeRotary.apply(k, cos, sin), v
+        sum((o.float() * g.float()).sum() for o, g in zip(outs, grads)).backward()
+        return outs, y.grad
+
+    (fused, g_fused), (plain, g_plain) = run(True), run(False)
+    for a, want in zip(fused, plain):
+        assert a.shape == want.shape and torch.equal(a, want)
+    assert fused[2]._base is not None  # v: a view of the product, not a copy
+    assert torch.equal(g_fused, g_plain)
+
+
 def _native_and_plain_runs(method: str, tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch) -> tuple:
     """Losses of 6 bf16 steps of ``method`` on a tiny LLaMA with head dim 32 (the rotation
     kernel's smallest) with the native kernels, and without them (compile=auto then compiles the
@@ -257,7 +287,7 @@ def test_lora_bf16_training_runs_native_kernels_without_compiling(tmp_path, tiny
     from zhtune.train import fused, rope
 
     calls: dict[str, int] = {}
-    for cls, name in ((fused.NativeRMSNorm, "norm"), (rope.NativeRotary, "rotary")):
+    for cls, name in ((fused.NativeRMSNorm, "norm"), (rope.NativeRotary, "rotary"), (rope.NativeQKVRotary, "qkv")):
         apply = cls.apply
         monkeypatch.setattr(cls, "apply", lambda *a, apply=apply, name=name: calls.__setitem__(name, calls.get(name, 0) + 1) or apply(*a))
     stacked = fused._stacked
@@ -279,9 +309,10 @@ def test_lora_bf16_training_runs_native_kernels_without_compiling(tmp_path, tiny
 
     monkeypatch.setattr(lora, "widened", counted_widened)
     _native_and_plain_runs("lora", tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch)
-    # per step: 2 norms a layer + the final; q and k a layer; the activation forward and backward
-    # a layer; both stacked products of a layer read their norm's widened output (no copy)
-    assert calls == {"norm": 6 * 5, "rotary": 6 * 2 * 2, "swiglu": 6 * 2 * 2, "widened": 6 * 2 * 2}
+    # per step: 2 norms a layer + the final; q, k and v from the stacked product a layer (q and k
+    # rotated in it, none apart); the activation forward and backward a layer; both stacked
+    # products of a layer read their norm's widened output (no copy)
+    assert calls == {"norm": 6 * 5, "qkv": 6 * 2, "swiglu": 6 * 2 * 2, "widened": 6 * 2 * 2}
 
 
 @needs_ops

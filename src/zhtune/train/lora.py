@@ -293,7 +293,12 @@ def stacked_lora(x: torch.Tensor, layers: list[Any]) -> torch.Tensor | None:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def split_by_layer(y: torch.Tensor, layers: list[Any]) -> list[torch.Tensor]:
+    """:func:`stacked_lora`'s result ``y`` split into each layer's ``(..., out_i)`` (views)."""
+    return list(y.split([m.base_layer.weight.shape[0] for m in layers], dim=-1))
+
+
 def stacked_projections(x: torch.Tensor, layers: list[Any]) -> list[torch.Tensor] | None:
     """:func:`stacked_lora`'s result split into each layer's ``(..., out_i)`` (views), or None."""
     y = stacked_lora(x, layers)
-    return None if y is None else list(y.split([m.base_layer.weight.shape[0] for m in layers], dim=-1))
+    return None if y is None else split_by_layer(y, layers)

@@ -365,17 +365,19 @@ at::Tensor swiglu_backward(const at::Tensor& grad_, const at::Tensor& gate_up_) 
 // ---- Rotary embedding: x * cos + rotate_half(x) * sin over the head dim, per (row, head, token);
 // backward: g * cos + rotate_half^T(g * sin). x (b, heads, t, d) in any strides with a contiguous
 // d; cos, sin (b, t, d) bf16 or fp32. The result is laid out (b, t, heads, d) (the projections'
-// layout), returned as the (b, heads, t, d) view.
+// layout), returned as the (b, heads, t, d) view; rotary_backward_into writes the gradient into
+// given (b, t, heads, d) columns of a wider (b, t, width) tensor instead (the stacked q/k/v
+// product's gradient, zhtune.train.rope.NativeQKVRotary: no concatenation of q's, k's and v's).
 
 // 16 table values as fp32: a bf16 table's widened exactly (what .to(float) would give).
 inline __m512 load_table(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load_table(const BFloat16* p) { return load(p, 0xFFFF); }
 
+// Token (bi, ti)'s head hi written at op + (bi t + ti) out_token + hi d.
 template <bool Backward, typename T>
-void rotary_rows(const at::Tensor& xb, const T* cp, const T* sp, at::Tensor& out) {
+void rotary_rows(const at::Tensor& xb, const T* cp, const T* sp, BFloat16* op, int64_t out_token) {
   const int64_t b = xb.size(0), heads = xb.size(1), t = xb.size(2), d = xb.size(3), half = d / 2;
   const BFloat16* xp = xb.data_ptr<BFloat16>();
-  BFloat16* op = out.data_ptr<BFloat16>();
   const int64_t sb = xb.stride(0), sh = xb.stride(1), st = xb.stride(2);
   at::parallel_for(0, b * t, 16, [&](int64_t begin, int64_t end) {
     for (int64_t bt = begin; bt < end; ++bt) {
@@ -384,7 +386,7 @@ void rotary_rows(const at::Tensor& xb, const T* cp, const T* sp, at::Tensor& out
       const T* sr = sp + bt * d;
       for (int64_t hi = 0; hi < heads; ++hi) {
         const BFloat16* xr = xp + bi * sb + hi * sh + ti * st;
-        BFloat16* orow = op + (bt * heads + hi) * d;
+        BFloat16* orow = op + bt * out_token + hi * d;
         for (int64_t c = 0; c < half; c += 16) {
           const __m512 a = load(xr + c, 0xFFFF), z = load(xr + half + c, 0xFFFF);
           const __m512 ca = load_table(cr + c), cz = load_table(cr + half + c);
@@ -405,24 +407,38 @@ void rotary_rows(const at::Tensor& xb, const T* cp, const T* sp, at::Tensor& out
 // The tables are read in their own dtype (transformers hands bf16 ones to a bf16 model): a
 // conversion to fp32 per call was 8 copies a layer, ~1% of a SmolLM2 LoRA step.
 template <bool Backward>
-at::Tensor rotary_impl(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_) {
+void rotary_to(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_, BFloat16* op, int64_t out_token) {
   TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 32 == 0, "rotary: (b, heads, t, d), d a multiple of 32");
   TORCH_CHECK(cos_.dim() == 3 && cos_.size(0) == x.size(0) && cos_.size(1) == x.size(2) && cos_.size(2) == x.size(3),
               "rotary: cos and sin (b, t, d)");
   auto xb = x.to(at::kBFloat16);
-  auto out = at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, xb.options());
   if (cos_.scalar_type() == at::kBFloat16 && sin_.scalar_type() == at::kBFloat16) {
     auto cos = cos_.contiguous(), sin = sin_.contiguous();
-    rotary_rows<Backward>(xb, cos.data_ptr<BFloat16>(), sin.data_ptr<BFloat16>(), out);
+    rotary_rows<Backward>(xb, cos.data_ptr<BFloat16>(), sin.data_ptr<BFloat16>(), op, out_token);
   } else {
     auto cos = cos_.to(at::kFloat).contiguous(), sin = sin_.to(at::kFloat).contiguous();
-    rotary_rows<Backward>(xb, cos.data_ptr<float>(), sin.data_ptr<float>(), out);
+    rotary_rows<Backward>(xb, cos.data_ptr<float>(), sin.data_ptr<float>(), op, out_token);
   }
+}
+
+template <bool Backward>
+at::Tensor rotary_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  auto out = at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options().dtype(at::kBFloat16));
+  rotary_to<Backward>(x, cos, sin, out.data_ptr<BFloat16>(), x.size(1) * x.size(3));
   return out.transpose(1, 2);
 }
 
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) { return rotary_impl<false>(x, cos, sin); }
 at::Tensor rotary_backward(const at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin) { return rotary_impl<true>(g, cos, sin); }
+
+// out: (b, t, heads, d) bf16 columns of a (b, t, width) tensor, d contiguous, tokens evenly spaced.
+void rotary_backward_into(const at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.dim() == 4 && g.dim() == 4 && out.size(0) == g.size(0) &&
+                  out.size(1) == g.size(2) && out.size(2) == g.size(1) && out.size(3) == g.size(3) &&
+                  out.stride(3) == 1 && out.stride(2) == out.size(3) && out.stride(0) == out.size(1) * out.stride(1),
+              "rotary_backward_into: out must be bf16 (b, t, heads, d) columns of evenly spaced tokens");
+  rotary_to<true>(g, cos, sin, out.data_ptr<BFloat16>(), out.stride(1));
+}
 
 // x (n, c) bf16 with contiguous rows -> x^T (c, n) contiguous; n a multiple of 32, c of 16. Each
 // block of 32 rows is interleaved in pairs (16 rows of 32-bit pairs, in the thread's cache) and
@@ -460,5 +476,6 @@ TORCH_LIBRARY(zhtune_cpu_ops, m) {
   m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor", &swiglu_backward);
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor", &rotary);
   m.def("rotary_backward(Tensor grad, Tensor cos, Tensor sin) -> Tensor", &rotary_backward);
+  m.def("rotary_backward_into(Tensor grad, Tensor cos, Tensor sin, Tensor(a!) out) -> ()", &rotary_backward_into);
   m.def("transpose(Tensor x) -> Tensor", &transpose);
 }

@@ -131,6 +131,35 @@ def test_rms_norm_kernels_against_fp32_autograd():
 
 
 @needs_ops
+@pytest.mark.parametrize("extra", [0, 24])
+def test_the_residual_stream_through_the_norm_is_the_add_the_norm_and_autograds_sum(extra):
+    """ResidualRMSNorm (a decoder layer's stream: h = x + delta, y = norm(h), h read again by the
+    residual connection) against the add, NativeRMSNorm and autograd adding h's two gradients:
+    values and gradients bit for bit, with and without the add, with a widened output."""
+    from zhtune.train.fused import NativeRMSNorm, ResidualRMSNorm
+
+    torch.manual_seed(0)
+    w = (torch.rand(72) + 0.5).bfloat16()
+    grads = [torch.randn(3, 5, 72).bfloat16() for _ in range(2)]
+
+    def run(fused: bool, add: bool):
+        x, d = ((torch.randn(3, 5, 72, generator=torch.Generator().manual_seed(i)) * 3).bfloat16().requires_grad_() for i in (1, 2))
+        if fused:
+            h, y = ResidualRMSNorm.apply(x, d if add else None, w, 1e-6, extra)
+        else:
+            h = x + d if add else x
+            y = NativeRMSNorm.apply(h, w, 1e-6, extra)
+        ((h * 2).float() * grads[0]).sum().add(((y + 1).float() * grads[1]).sum()).backward()  # h read again
+        return h, y, x.grad, d.grad
+
+    for add in (False, True):
+        got, want = run(True, add), run(False, add)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+        assert (got[1]._base is not None) == bool(extra)
+
+
+@needs_ops
 def test_cross_entropy_kernel_over_extreme_logits():
     """The loss kernel's exponential (``vec_math.h``: a polynomial and ``scalef``) over logits
     spread across +-100, a target 200 below the top (its probability underflows to 0) and a tail
@@ -287,7 +316,8 @@ def test_lora_bf16_training_runs_native_kernels_without_compiling(tmp_path, tiny
     from zhtune.train import fused, rope
 
     calls: dict[str, int] = {}
-    for cls, name in ((fused.NativeRMSNorm, "norm"), (rope.NativeRotary, "rotary"), (rope.NativeQKVRotary, "qkv")):
+    kinds = ((fused.NativeRMSNorm, "norm"), (fused.ResidualRMSNorm, "residual"), (rope.NativeRotary, "rotary"), (rope.NativeQKVRotary, "qkv"))
+    for cls, name in kinds:
         apply = cls.apply
         monkeypatch.setattr(cls, "apply", lambda *a, apply=apply, name=name: calls.__setitem__(name, calls.get(name, 0) + 1) or apply(*a))
     stacked = fused._stacked
@@ -309,10 +339,11 @@ def test_lora_bf16_training_runs_native_kernels_without_compiling(tmp_path, tiny
 
     monkeypatch.setattr(lora, "widened", counted_widened)
     _native_and_plain_runs("lora", tmp_path, tiny_tokenizer, train_file, capsys, monkeypatch)
-    # per step: 2 norms a layer + the final; q, k and v from the stacked product a layer (q and k
-    # rotated in it, none apart); the activation forward and backward a layer; both stacked
-    # products of a layer read their norm's widened output (no copy)
-    assert calls == {"norm": 6 * 5, "qkv": 6 * 2, "swiglu": 6 * 2 * 2, "widened": 6 * 2 * 2}
+    # per step: 2 norms a layer with the residual stream (ResidualRMSNorm) + the final alone; q, k
+    # and v from the stacked product a layer (q and k rotated in it, none apart); the activation
+    # forward and backward a layer; both stacked products of a layer read their norm's widened
+    # output (no copy)
+    assert calls == {"norm": 6, "residual": 6 * 4, "qkv": 6 * 2, "swiglu": 6 * 2 * 2, "widened": 6 * 2 * 2}
 
 
 @needs_ops

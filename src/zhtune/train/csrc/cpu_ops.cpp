@@ -4,7 +4,8 @@
 //
 // * cross_entropy_columns_: a chunk of transposed bf16 logits' loss and (scaled) gradient in
 //   place (zhtune.train.loss);
-// * rms_norm / rms_norm_backward: LLaMA's RMSNorm of bf16 rows with a bf16 weight, and
+// * rms_norm / rms_norm_backward: LLaMA's RMSNorm of bf16 rows with a bf16 weight (add_rms_norm:
+//   the residual add before it in the same pass), and
 //   narrow_rms_norm / narrow_rms_norm_backward: of fp32 rows handing bf16 on (zhtune.train.fused);
 // * swiglu / swiglu_backward: silu(gate) * up of LoRA's stacked gate|up rows and its gradient as
 //   one stacked tensor (zhtune.train.fused.StackedSwiGLU);
@@ -154,6 +155,17 @@ inline float row_rstd(const BFloat16* x, int64_t h, double eps) {
   return 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(h) + static_cast<float>(eps));
 }
 
+// One row: y = w * bf16(x * rstd), each product rounded once; returns rstd.
+inline float normalize_row(const BFloat16* xr, const BFloat16* wp, int64_t h, double eps, BFloat16* yr) {
+  const float s = row_rstd(xr, h, eps);
+  for (int64_t c = 0; c < h; c += 16) {
+    const __mmask16 m = tail_mask(h - c);
+    const __m512 normed = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_mul_ps(load(xr + c, m), _mm512_set1_ps(s))));
+    store16(yr + c, _mm512_mul_ps(normed, load(wp + c, m)), m);
+  }
+  return s;
+}
+
 // `extra` > 0: y is allocated `extra` columns wider, (..., h + extra), its first h columns written
 // and the rest left for the caller (zhtune.train.lora.StackedLora writes the LoRA input
 // projection x A^T there: the widened input [y, y A^T] of its one product without a copy).
@@ -173,18 +185,44 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_, const at::Tens
   BFloat16* yp = y.data_ptr<BFloat16>();
   float* rp = rstd.data_ptr<float>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const BFloat16* xr = xp + r * h;
-      const float s = row_rstd(xr, h, eps);
-      rp[r] = s;
-      for (int64_t c = 0; c < h; c += 16) {
-        const __mmask16 m = tail_mask(h - c);
-        const __m512 normed = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_mul_ps(load(xr + c, m), _mm512_set1_ps(s))));
-        store16(yp + r * ld + c, _mm512_mul_ps(normed, load(wp + c, m)), m);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) rp[r] = normalize_row(xp + r * h, wp, h, eps, yp + r * ld);
   });
   return {y, rstd};
+}
+
+// The residual stream's add and the norm after it in one pass (zhtune.train.fused.ResidualRMSNorm):
+// h = bf16(x + delta), as PyTorch's bf16 add rounds it, then rms_norm of h (the row just written,
+// read back from the core's cache), y extra columns wider as there. Returns (h, y, rstd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_, const at::Tensor& delta_,
+                                                            const at::Tensor& w_, double eps, int64_t extra) {
+  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 && delta_.scalar_type() == at::kBFloat16 && w_.scalar_type() == at::kBFloat16 &&
+                  x_.sizes() == delta_.sizes() && w_.dim() == 1 && x_.size(-1) == w_.size(0) && extra >= 0,
+              "add_rms_norm: two bf16 tensors of one shape, a bf16 weight of their width");
+  auto x = x_.contiguous();
+  auto delta = delta_.contiguous();
+  auto w = w_.contiguous();
+  const int64_t h = x.size(-1), n = x.numel() / h, ld = h + extra;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = ld;
+  auto sum = at::empty_like(x);
+  auto y = at::empty(shape, x.options());
+  auto rstd = at::empty({n}, x.options().dtype(at::kFloat));
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  const BFloat16* dp = delta.data_ptr<BFloat16>();
+  const BFloat16* wp = w.data_ptr<BFloat16>();
+  BFloat16* hp = sum.data_ptr<BFloat16>();
+  BFloat16* yp = y.data_ptr<BFloat16>();
+  float* rp = rstd.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t c = 0; c < h; c += 16) {
+        const __mmask16 m = tail_mask(h - c);
+        store16(hp + r * h + c, _mm512_add_ps(load(xp + r * h + c, m), load(dp + r * h + c, m)), m);
+      }
+      rp[r] = normalize_row(hp + r * h, wp, h, eps, yp + r * ld);
+    }
+  });
+  return {sum, y, rstd};
 }
 
 inline __m512 load_any(const BFloat16* p, __mmask16 m) { return load(p, m); }
@@ -196,10 +234,13 @@ inline void store_any(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p
 // mean(g * xhat)), g = grad * w, where xhat(r, c, m) is row r's normalised input (fp32) at columns
 // c..c+15; and, when weight_grad, the weight's gradient: the sum over rows of grad * bf16(xhat)
 // (fp32, h; per-thread partial sums added at the end), else an undefined tensor.
-// The gradient's rows lie gld apart (h, or a wider buffer's row: see bf16_rows).
+// The gradient's rows lie gld apart (h, or a wider buffer's row: see bf16_rows). rg (rows rld
+// apart), when not null: a second gradient of x (from the residual connection that also reads
+// it), added to the norm's as autograd would add the two: dx = bf16(bf16(dx_norm) + rg).
 template <typename W, typename D, typename XHat>
 at::Tensor rms_norm_rows_backward(int64_t n, int64_t h, const BFloat16* gp, int64_t gld, const W* wp, const float* rp,
-                                  D* dp, bool weight_grad, const at::TensorOptions& options, const XHat& xhat) {
+                                  D* dp, bool weight_grad, const at::TensorOptions& options, const XHat& xhat,
+                                  const BFloat16* rg = nullptr, int64_t rld = 0) {
   auto partial = at::zeros({weight_grad ? at::get_num_threads() : 0, h}, options.dtype(at::kFloat));
   float* pp = partial.data_ptr<float>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
@@ -216,7 +257,9 @@ at::Tensor rms_norm_rows_backward(int64_t n, int64_t h, const BFloat16* gp, int6
       for (int64_t c = 0; c < h; c += 16) {
         const __mmask16 m = tail_mask(h - c);
         const __m512 xh = xhat(r, c, m), gv = load(gr + c, m);
-        store_any(dp + r * h + c, _mm512_mul_ps(s, _mm512_fnmadd_ps(xh, mean, _mm512_mul_ps(gv, load_any(wp + c, m)))), m);
+        __m512 dx = _mm512_mul_ps(s, _mm512_fnmadd_ps(xh, mean, _mm512_mul_ps(gv, load_any(wp + c, m))));
+        if (rg) dx = _mm512_add_ps(_mm512_cvtpbh_ps(_mm512_cvtneps_pbh(dx)), load(rg + r * rld + c, m));
+        store_any(dp + r * h + c, dx, m);
         if (dw) {
           const __m512 rounded = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(xh));
           _mm512_mask_storeu_ps(dw + c, m, _mm512_fmadd_ps(gv, rounded, _mm512_maskz_loadu_ps(m, dw + c)));
@@ -241,9 +284,17 @@ std::pair<at::Tensor, int64_t> bf16_rows(const at::Tensor& t) {
 }
 
 // The bf16 norm's backward: xhat = x * rstd in fp32, dx bf16, dw in the weight's dtype.
+// residual: x's gradient from its other reader (zhtune.train.fused.ResidualRMSNorm), added in.
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_, const at::Tensor& x_,
-                                                     const at::Tensor& rstd, const at::Tensor& w_, bool weight_grad) {
+                                                     const at::Tensor& rstd, const at::Tensor& w_, bool weight_grad,
+                                                     const c10::optional<at::Tensor>& residual_) {
   auto [grad, gld] = bf16_rows(grad_);
+  at::Tensor residual;
+  int64_t rld = 0;
+  if (residual_.has_value() && residual_->defined()) {
+    TORCH_CHECK(residual_->sizes() == x_.sizes(), "rms_norm_backward: the residual gradient must be x's shape");
+    std::tie(residual, rld) = bf16_rows(*residual_);
+  }
   auto x = x_.contiguous();
   auto w = w_.contiguous();
   const int64_t h = x.size(-1), n = x.numel() / h;
@@ -252,7 +303,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_, co
   const float* rp = rstd.data_ptr<float>();
   auto dw = rms_norm_rows_backward(
       n, h, grad.data_ptr<BFloat16>(), gld, w.data_ptr<BFloat16>(), rp, dx.data_ptr<BFloat16>(), weight_grad, x.options(),
-      [&](int64_t r, int64_t c, __mmask16 m) { return _mm512_mul_ps(load(xp + r * h + c, m), _mm512_set1_ps(rp[r])); });
+      [&](int64_t r, int64_t c, __mmask16 m) { return _mm512_mul_ps(load(xp + r * h + c, m), _mm512_set1_ps(rp[r])); },
+      residual.defined() ? residual.data_ptr<BFloat16>() : nullptr, rld);
   return {dx, weight_grad ? dw.to(w.scalar_type()) : dw};
 }
 
@@ -467,7 +519,8 @@ at::Tensor transpose(const at::Tensor& x) {
 TORCH_LIBRARY(zhtune_cpu_ops, m) {
   m.def("cross_entropy_columns_(Tensor(a!) logits, Tensor targets, int n) -> (Tensor, Tensor)", &cross_entropy_columns_);
   m.def("rms_norm(Tensor x, Tensor weight, float eps, int extra=0) -> (Tensor, Tensor)", &rms_norm);
-  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor)",
+  m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps, int extra=0) -> (Tensor, Tensor, Tensor)", &add_rms_norm);
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor rstd, Tensor weight, bool weight_grad, Tensor? residual=None) -> (Tensor, Tensor)",
         &rms_norm_backward);
   m.def("narrow_rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)", &narrow_rms_norm);
   m.def("narrow_rms_norm_backward(Tensor grad, Tensor xhat, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor)",

@@ -199,7 +199,7 @@ TIMED = (
     ("attention", "CpuAttention", "attention kernels"),
     ("rope", "NativeRotary", "rotation (native)"),
     ("fused", "NativeRMSNorm", "RMSNorm (native)"),
-    ("fused", "ResidualRMSNorm", "RMSNorm with the residual add (native)"),
+    ("residual", "ResidualRMSNorm", "RMSNorm with the residual add (native)"),
     ("fused", "NarrowRMSNorm", "RMSNorm, fp32 input (full fine-tuning)"),
     ("fused", "StackedSwiGLU", "SwiGLU of the stacked gate/up"),
     ("fused", "RecomputedMLP", "MLP recomputed in backward (full fine-tuning)"),

@@ -136,7 +136,8 @@ def test_the_residual_stream_through_the_norm_is_the_add_the_norm_and_autograds_
     """ResidualRMSNorm (a decoder layer's stream: h = x + delta, y = norm(h), h read again by the
     residual connection) against the add, NativeRMSNorm and autograd adding h's two gradients:
     values and gradients bit for bit, with and without the add, with a widened output."""
-    from zhtune.train.fused import NativeRMSNorm, ResidualRMSNorm
+    from zhtune.train.fused import NativeRMSNorm
+    from zhtune.train.residual import ResidualRMSNorm
 
     torch.manual_seed(0)
     w = (torch.rand(72) + 0.5).bfloat16()
@@ -313,10 +314,10 @@ def test_lora_bf16_training_runs_native_kernels_without_compiling(tmp_path, tiny
     attention and the loss run natively, nothing is compiled (compile=auto's kernels mode has
     nothing left: no Dynamo), and the losses follow the same run without native kernels within
     bf16's noise."""
-    from zhtune.train import fused, rope
+    from zhtune.train import fused, residual, rope
 
     calls: dict[str, int] = {}
-    kinds = ((fused.NativeRMSNorm, "norm"), (fused.ResidualRMSNorm, "residual"), (rope.NativeRotary, "rotary"), (rope.NativeQKVRotary, "qkv"))
+    kinds = ((fused.NativeRMSNorm, "norm"), (residual.ResidualRMSNorm, "residual"), (rope.NativeRotary, "rotary"), (rope.NativeQKVRotary, "qkv"))
     for cls, name in kinds:
         apply = cls.apply
         monkeypatch.setattr(cls, "apply", lambda *a, apply=apply, name=name: calls.__setitem__(name, calls.get(name, 0) + 1) or apply(*a))

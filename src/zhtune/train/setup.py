@@ -338,6 +338,7 @@ def build_model(
     from zhtune.train.attention import use_cpu_attention
     from zhtune.train.fused import fuse_for_training
     from zhtune.train.loss import frozen_to
+    from zhtune.train.residual import swap_decoder_layers
     from zhtune.train.rope import swap_attention
 
     quant = quantization_config(cfg.quantization_bits, cfg.precision) if method.quantized else None
@@ -371,6 +372,8 @@ def build_model(
         if fused and device_type == "cpu" and cfg.precision == "bf16"
         else ""
     )
+    if native_ops:  # (the residual stream through the native norms)
+        swap_decoder_layers(model)
     if fused and compiled != "blocks":  # q/k/v stacked; the rotation compiled, for one shape if so
         n_attention = swap_attention(model, compiled == "kernels", one_batch_shape(cfg, compiled), native_ops)
         n_kernels += n_attention if compiled == "kernels" and not native_ops else 0

@@ -198,6 +198,7 @@ TIMED = (
     ("lora", "LoraLinear", "LoRA o and down (frozen matmul + A/B)"),
     ("attention", "CpuAttention", "attention kernels"),
     ("rope", "NativeRotary", "rotation (native)"),
+    ("rope", "NativeQKVRotary", "q, k, v from the stacked product, rotated (native)"),
     ("fused", "NativeRMSNorm", "RMSNorm (native)"),
     ("residual", "ResidualRMSNorm", "RMSNorm with the residual add (native)"),
     ("fused", "NarrowRMSNorm", "RMSNorm, fp32 input (full fine-tuning)"),

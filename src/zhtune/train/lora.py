@@ -53,11 +53,17 @@ class LoraLinear(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
             xa = x2 @ a.T  # (n, r)
-            y = torch.addmm(bias.to(dtype), x2, w.T) if bias is not None else x2 @ w.T
+            # (written into a tensor of the output's own shape: the view of a tensor made here
+            # would be an output autograd guards against in-place changes, and Dynamo tracing a
+            # Qwen3 layer, whose q/k norms take views of the projections, stopped on that guard:
+            # `compile: true` failed for Qwen3 LoRA; tests/train/test_compile.py, marked slow)
+            out = torch.empty(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)
+            y = out.view(-1, w.shape[0])
+            torch.addmm(bias.to(dtype), x2, w.T, out=y) if bias is not None else torch.mm(x2, w.T, out=y)
             y.addmm_(xa, b.T, alpha=scale)
         ctx.save_for_backward(x2, xa, w, a, b)
         ctx.scale, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scale, x.dtype, lora_a.dtype, lora_b.dtype
-        return y.view(*x.shape[:-1], w.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:

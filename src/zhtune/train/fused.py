@@ -139,6 +139,12 @@ def _widen(norm: Any) -> int:
     return getattr(norm, "_zhtune_widen", 0)
 
 
+def native_bf16_norm(norm: Any, x: torch.Tensor) -> bool:
+    """Whether ``norm`` (a LLaMA RMSNorm module) runs :class:`NativeRMSNorm` on ``x``: on a CPU,
+    a bf16 input and weight, its output in their dtype (:func:`_norm_out_dtype`)."""
+    return x.device.type == "cpu" and x.dtype == norm.weight.dtype == torch.bfloat16 and _norm_out_dtype(norm, x) is None
+
+
 def _rmsnorm_native_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     """On a CPU: :class:`NativeRMSNorm` for a bf16 input and weight; for an fp32 input handing
     bf16 on (full fine-tuning), :class:`NarrowRMSNorm` with the native kernels
@@ -147,7 +153,7 @@ def _rmsnorm_native_forward(self: Any, hidden_states: torch.Tensor) -> torch.Ten
     out_dtype = _norm_out_dtype(self, x)
     if x.device.type == "cpu" and out_dtype is not None and torch.is_grad_enabled():
         return NarrowRMSNorm.apply(x, weight, self.variance_epsilon, out_dtype, _NATIVE_NARROW)
-    if x.device.type == "cpu" and out_dtype is None and x.dtype == weight.dtype == torch.bfloat16:
+    if native_bf16_norm(self, x):
         extra = _widen(self) if torch.is_grad_enabled() else 0
         return NativeRMSNorm.apply(x, weight, self.variance_epsilon, extra)
     return _rmsnorm_forward(self, x)

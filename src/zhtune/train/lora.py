@@ -261,11 +261,10 @@ class StackedLora(torch.autograd.Function):
                 full = g @ we
                 gb = full[:, width : width + rank]
                 grad_x = full[:, :width].addmm_(gb, a)  # (a view: the norm before reads its rows in place)
-            elif ctx.needs_input_grad[0]:
-                gb = g @ b
-                grad_x = (g @ we[:, :width]).addmm_(gb, a)
             else:
                 gb = g @ b
+                if ctx.needs_input_grad[0]:
+                    grad_x = (g @ we[:, :width]).addmm_(gb, a)
             grad_a = torch.mm(gb.T, x2).split(ranks)
             grad_b_all = torch.mm(xa.T, g)  # (k r, sum out); the diagonal blocks are the layers'
         grad_b, r0, o0 = [], 0, 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from zhtune.train.fused import _llama_layer_norms, _norm_out_dtype, _rmsnorm_native_forward, _widen
+from zhtune.train.fused import _llama_layer_norms, _rmsnorm_native_forward, _widen, native_bf16_norm
 
 
 class ResidualRMSNorm(torch.autograd.Function):
@@ -49,13 +49,12 @@ class ResidualRMSNorm(torch.autograd.Function):
 
 def _residual_norms(layer: Any, x: torch.Tensor) -> bool:
     """Whether :func:`_decoder_forward` fuses ``layer``'s residual adds into its norms for ``x``:
-    both norms run :class:`zhtune.train.fused.NativeRMSNorm` (native kernels, bf16 input and weights, gradients on:
-    LoRA's frozen bf16 model), and the layer is not checkpointed (transformers checkpoints the
+    both norms run :class:`zhtune.train.fused.NativeRMSNorm` (native kernels, bf16 input and
+    weights, gradients on: LoRA's frozen bf16 model), and the layer is not checkpointed (transformers checkpoints the
     class's ``forward``, which the layer's own then runs)."""
     checkpointed = getattr(layer, "gradient_checkpointing", False) and layer.training
-    return torch.is_grad_enabled() and not checkpointed and x.device.type == "cpu" and all(
-        getattr(vars(norm).get("forward"), "__func__", None) is _rmsnorm_native_forward
-        and x.dtype == norm.weight.dtype == torch.bfloat16 and _norm_out_dtype(norm, x) is None
+    return torch.is_grad_enabled() and not checkpointed and all(
+        getattr(vars(norm).get("forward"), "__func__", None) is _rmsnorm_native_forward and native_bf16_norm(norm, x)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm)
     )
 

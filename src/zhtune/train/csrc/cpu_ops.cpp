@@ -166,6 +166,13 @@ inline float normalize_row(const BFloat16* xr, const BFloat16* wp, int64_t h, do
   return s;
 }
 
+// The norm's outputs for rows x (..., h): y (..., h + extra) bf16 and rstd (n) fp32.
+std::pair<at::Tensor, at::Tensor> norm_outputs(const at::Tensor& x, int64_t extra) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() += extra;
+  return {at::empty(shape, x.options()), at::empty({x.numel() / x.size(-1)}, x.options().dtype(at::kFloat))};
+}
+
 // `extra` > 0: y is allocated `extra` columns wider, (..., h + extra), its first h columns written
 // and the rest left for the caller (zhtune.train.lora.StackedLora writes the LoRA input
 // projection x A^T there: the widened input [y, y A^T] of its one product without a copy).
@@ -176,10 +183,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_, const at::Tens
   auto x = x_.contiguous();
   auto w = w_.contiguous();
   const int64_t h = x.size(-1), n = x.numel() / h, ld = h + extra;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = ld;
-  auto y = at::empty(shape, x.options());
-  auto rstd = at::empty({n}, x.options().dtype(at::kFloat));
+  auto [y, rstd] = norm_outputs(x, extra);
   const BFloat16* xp = x.data_ptr<BFloat16>();
   const BFloat16* wp = w.data_ptr<BFloat16>();
   BFloat16* yp = y.data_ptr<BFloat16>();
@@ -190,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_, const at::Tens
   return {y, rstd};
 }
 
-// The residual stream's add and the norm after it in one pass (zhtune.train.fused.ResidualRMSNorm):
+// The residual stream's add and the norm after it in one pass (zhtune.train.residual.ResidualRMSNorm):
 // h = bf16(x + delta), as PyTorch's bf16 add rounds it, then rms_norm of h (the row just written,
 // read back from the core's cache), y extra columns wider as there. Returns (h, y, rstd).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_, const at::Tensor& delta_,
@@ -202,11 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_
   auto delta = delta_.contiguous();
   auto w = w_.contiguous();
   const int64_t h = x.size(-1), n = x.numel() / h, ld = h + extra;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = ld;
   auto sum = at::empty_like(x);
-  auto y = at::empty(shape, x.options());
-  auto rstd = at::empty({n}, x.options().dtype(at::kFloat));
+  auto [y, rstd] = norm_outputs(x, extra);
   const BFloat16* xp = x.data_ptr<BFloat16>();
   const BFloat16* dp = delta.data_ptr<BFloat16>();
   const BFloat16* wp = w.data_ptr<BFloat16>();
@@ -284,7 +285,7 @@ std::pair<at::Tensor, int64_t> bf16_rows(const at::Tensor& t) {
 }
 
 // The bf16 norm's backward: xhat = x * rstd in fp32, dx bf16, dw in the weight's dtype.
-// residual: x's gradient from its other reader (zhtune.train.fused.ResidualRMSNorm), added in.
+// residual: x's gradient from its other reader (zhtune.train.residual.ResidualRMSNorm), added in.
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_, const at::Tensor& x_,
                                                      const at::Tensor& rstd, const at::Tensor& w_, bool weight_grad,
                                                      const c10::optional<at::Tensor>& residual_) {
